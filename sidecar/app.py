@@ -1,0 +1,119 @@
+"""Assembly: the services a process shares, the data-plane app, and a runtime that starts and
+stops them in order (graceful drain on SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from sidecar import db, sweeper
+from sidecar.auth import Authenticator
+from sidecar.balances import Balances
+from sidecar.config import Config
+from sidecar.control.admin import build_control_app
+from sidecar.ledger.flusher import Flusher
+from sidecar.observability.metrics import Metrics
+from sidecar.ops import build_ops_app
+from sidecar.proxy import handler
+from sidecar.proxy.upstream import Upstreams
+from sidecar.services import Services
+from sidecar.state.store import State
+
+log = logging.getLogger("sidecar.app")
+
+
+async def open_services(config: Config, env: dict[str, str] | None = None) -> Services:
+    if not config.redis_url or not config.database_url:
+        raise SystemExit("redis_url and database_url are required (config file or SIDECAR_REDIS_URL / "
+                         "SIDECAR_DATABASE_URL); `sidecar dev` starts both for you")
+    client = aioredis.Redis.from_url(
+        config.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10,
+        max_connections=max(64, config.upstream.pool_size),
+    )
+    state = State(client)
+    pool = await db.create_pool(config.database_url)
+    balances = Balances(state, pool)
+    metrics = Metrics()
+    flusher = Flusher(client, pool, balances, config.ledger, on_batch=metrics.on_flush,
+                      on_failure=metrics.flush_failures.inc)
+    upstreams = Upstreams(config, env)
+    await upstreams.start()
+    try:
+        await state.load_scripts()
+    except Exception:
+        log.warning("could not load Lua scripts at start; they load on first use")
+    return Services(config=config, state=state, pool=pool, balances=balances,
+                    auth=Authenticator(pool, config.auth.cache_ttl_ms), upstreams=upstreams, metrics=metrics,
+                    flusher=flusher)
+
+
+async def close_services(svc: Services) -> None:
+    await svc.upstreams.close()
+    await svc.pool.close()
+    await svc.state.redis.aclose()
+
+
+def build_data_app(svc: Services) -> web.Application:
+    app = web.Application(client_max_size=svc.config.server.max_body_bytes)
+    app[handler.SERVICES] = svc
+    app.router.add_post(handler.ROUTE_CHAT, handler.chat_completions)
+    app.router.add_get("/v1/models", handler.list_models)
+    return app
+
+
+class Runtime:
+    """Runs a process's apps and background tasks; stops them in the safe order:
+    stop accepting -> drain in-flight calls -> settle them -> flush the ledger -> close."""
+
+    def __init__(self, svc: Services, data_plane: bool, control_plane: bool) -> None:
+        self.svc = svc
+        self.data_plane, self.control_plane = data_plane, control_plane
+        self.stop = asyncio.Event()
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self, host: str, port: int, ops_port: int, control_port: int | None = None) -> None:
+        svc = self.svc
+        if self.data_plane:
+            await self._serve(build_data_app(svc), host, port)
+            self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
+            self._tasks.append(asyncio.create_task(
+                sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop)))
+        if self.control_plane:
+            await self._serve(build_control_app(svc), host, control_port if control_port is not None else port)
+        await self._serve(build_ops_app(svc), host, ops_port)
+
+    async def _serve(self, app: web.Application, host: str, port: int) -> None:
+        runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                               shutdown_timeout=self.svc.config.server.drain_timeout_ms / 1000)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        self._runners.append(runner)
+        log.info("listening", extra={"url": f"http://{host}:{port}"})
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+
+    async def shutdown(self) -> None:
+        svc = self.svc
+        svc.draining = True
+        self.stop.set()
+        # AppRunner.cleanup closes the listeners, then waits up to shutdown_timeout for in-flight
+        # handlers (streams included) before cancelling what is left.
+        for runner in self._runners:
+            await runner.cleanup()
+        if svc.settling:
+            await asyncio.wait(list(svc.settling), timeout=10)
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.data_plane:
+            await svc.flusher.drain(timeout_s=10)
+        await close_services(svc)

@@ -1,0 +1,91 @@
+"""The one CLI: `sidecar serve | control | dev | migrate | mock-provider`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from sidecar.config import Config, ConfigError, load_config
+from sidecar.observability.logging import setup_logging
+
+DEFAULT_CONFIG = os.environ.get("SIDECAR_CONFIG", "config/sidecar.yaml")
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"sidecar: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is a dependency; this only guards odd platforms
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _run(config: Config, data_plane: bool, control_plane: bool, port: int, control_port: int | None) -> None:
+    from sidecar.app import Runtime, open_services
+
+    svc = await open_services(config)
+    runtime = Runtime(svc, data_plane=data_plane, control_plane=control_plane)
+    runtime.install_signal_handlers()
+    await runtime.start(config.server.host, port, config.server.ops_port, control_port)
+    await runtime.stop.wait()
+    await runtime.shutdown()
+
+
+async def _migrate(config: Config) -> None:
+    from sidecar.ledger.migrate import migrate_url
+
+    applied = await migrate_url(config.database_url)
+    print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sidecar", description="Metering sidecar for AI agents")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("serve", "data plane: proxy routes, ledger flusher, hold sweeper"),
+        ("control", "control plane: the admin API"),
+        ("migrate", "apply the Postgres schema migrations"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file (env SIDECAR_CONFIG)")
+        cmd.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "INFO"))
+    dev = sub.add_parser("dev", help="everything on one machine, with embedded Redis/Postgres and a mock provider")
+    dev.add_argument("--data-dir", default=".sidecar-dev", help="where embedded Redis/Postgres keep their data")
+    dev.add_argument("--port", type=int, default=8080)
+    dev.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "WARNING"))
+    sub.add_parser("mock-provider", help="the deterministic OpenAI-compatible provider", add_help=False)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "mock-provider":
+        from sidecar import mock_provider
+
+        return mock_provider.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    setup_logging(args.log_level)
+    _event_loop_policy()
+    if args.command == "dev":
+        from sidecar import dev as dev_mode
+
+        return dev_mode.main(args)
+    config = _load(args.config)
+    if args.command == "migrate":
+        asyncio.run(_migrate(config))
+    elif args.command == "serve":
+        asyncio.run(_run(config, True, False, config.server.port, None))
+    elif args.command == "control":
+        asyncio.run(_run(config, False, True, config.server.port, None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

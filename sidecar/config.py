@@ -1,0 +1,333 @@
+"""Configuration: one YAML file, a pricing file beside it, and environment overrides.
+
+A wrong config fails at start with a ConfigError naming the key and the problem. Durations are in
+milliseconds and sizes in bytes, and every name says so.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.money import MoneyError, parse_credits, parse_price_per_million
+from sidecar.pricing import CostProfile, ModelPrice, TokenPrices
+
+PROTOCOLS = ("openai",)  # wire protocols a provider can speak; more come with their own modules
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    ops_port: int = 9090
+    max_body_bytes: int = 8 * 1024 * 1024
+    drain_timeout_ms: int = 30_000
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    cache_ttl_ms: int = 2_000
+    default_rpm: int = 40
+    rate_window_ms: int = 60_000
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    connect_timeout_ms: int = 5_000
+    first_byte_timeout_ms: int = 120_000
+    idle_timeout_ms: int = 120_000
+    total_timeout_ms: int = 600_000
+    pool_size: int = 512
+
+
+@dataclass(frozen=True)
+class HoldConfig:
+    ttl_ms: int = 900_000
+    sweep_interval_ms: int = 5_000
+    sweep_batch_max: int = 200
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    batch_max_rows: int = 500
+    batch_max_age_ms: int = 200
+    claim_idle_ms: int = 30_000
+    retry_backoff_max_ms: int = 5_000
+    workspace_refresh_ms: int = 5_000
+
+
+@dataclass(frozen=True)
+class BillingConfig:
+    bill_observed_on_upstream_failure: bool = False
+    idempotency_ttl_ms: int = 86_400_000
+    idempotency_max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    protocol: str
+    base_url: str
+    api_key_env: str | None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    provider: str
+    upstream_model: str
+    default_max_output_tokens: int
+    context_window_tokens: int | None
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    redis_url: str
+    database_url: str
+    admin_token: str | None
+    server: ServerConfig
+    auth: AuthConfig
+    upstream: UpstreamConfig
+    holds: HoldConfig
+    ledger: LedgerConfig
+    billing: BillingConfig
+    providers: dict[str, ProviderConfig]
+    models: dict[str, ModelConfig]  # public name and every alias -> model
+    pricing: CostProfile
+    source: str = field(default="<defaults>", compare=False)
+
+    def model(self, public_name: str) -> ModelConfig | None:
+        return self.models.get(public_name)
+
+    def catalog(self) -> list[ModelConfig]:
+        """Each model once, by its public name."""
+        return sorted({m.name: m for m in self.models.values()}.values(), key=lambda m: m.name)
+
+
+# --- parsing helpers: each names the key path in its error ---------------------------------------
+
+
+def _section(raw: dict, key: str, path: str) -> dict:
+    value = raw.get(key, {}) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}{key}: must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _build(cls: type, raw: dict, path: str) -> Any:
+    known = {f for f in cls.__dataclass_fields__}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    defaults = cls()
+    values = {}
+    for name in known:
+        default = getattr(defaults, name)
+        value = raw.get(name, default)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}{name}: must be true or false, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{path}{name}: must be a non-negative integer, got {value!r}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{path}{name}: must be a string, got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def _require_str(raw: dict, key: str, path: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}{key}: required, must be a non-empty string")
+    return value
+
+
+def _parse_providers(items: Any) -> dict[str, ProviderConfig]:
+    if not isinstance(items, list) or not items:
+        raise ConfigError("providers: must be a non-empty list")
+    providers: dict[str, ProviderConfig] = {}
+    for i, raw in enumerate(items):
+        path = f"providers[{i}]."
+        if not isinstance(raw, dict):
+            raise ConfigError(f"providers[{i}]: must be a mapping")
+        name = _require_str(raw, "name", path)
+        protocol = _require_str(raw, "protocol", path)
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"{path}protocol: unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
+        base_url = _require_str(raw, "base_url", path).rstrip("/")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{path}base_url: must start with http:// or https://, got {base_url!r}")
+        if name in providers:
+            raise ConfigError(f"{path}name: duplicate provider {name!r}")
+        providers[name] = ProviderConfig(name, protocol, base_url, raw.get("api_key_env"))
+    return providers
+
+
+def _parse_models(items: Any, providers: dict[str, ProviderConfig]) -> dict[str, ModelConfig]:
+    if not isinstance(items, list) or not items:
+        raise ConfigError("models: must be a non-empty list")
+    models: dict[str, ModelConfig] = {}
+    for i, raw in enumerate(items):
+        path = f"models[{i}]."
+        if not isinstance(raw, dict):
+            raise ConfigError(f"models[{i}]: must be a mapping")
+        name = _require_str(raw, "name", path)
+        provider = _require_str(raw, "provider", path)
+        if provider not in providers:
+            raise ConfigError(f"{path}provider: unknown provider {provider!r}")
+        cap = raw.get("default_max_output_tokens")
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
+            raise ConfigError(f"{path}default_max_output_tokens: required, must be a positive integer")
+        window = raw.get("context_window_tokens")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+            raise ConfigError(f"{path}context_window_tokens: must be a positive integer")
+        aliases = raw.get("aliases") or []
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            raise ConfigError(f"{path}aliases: must be a list of names")
+        model = ModelConfig(
+            name=name,
+            provider=provider,
+            upstream_model=raw.get("upstream_model") or name,
+            default_max_output_tokens=cap,
+            context_window_tokens=window,
+            aliases=tuple(aliases),
+        )
+        for public in (name, *aliases):
+            if public in models:
+                raise ConfigError(f"{path}name: model name or alias {public!r} is defined twice")
+            models[public] = model
+    return models
+
+
+_PRICE_CLASSES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+
+
+def _parse_prices(raw: Any, path: str) -> TokenPrices:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of token class to price per 1M tokens")
+    unknown = sorted(set(raw) - set(_PRICE_CLASSES))
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}: unknown token class (known: {', '.join(_PRICE_CLASSES)})")
+    for required in ("input", "output"):
+        if required not in raw:
+            raise ConfigError(f"{path}.{required}: required")
+    scaled = {}
+    for cls in _PRICE_CLASSES:
+        # An unpriced cache class costs what plain input costs: never less than the provider charges us.
+        text = raw.get(cls, raw["input"])
+        try:
+            scaled[cls] = parse_price_per_million(text)
+        except MoneyError as exc:
+            raise ConfigError(f"{path}.{cls}: {exc}") from None
+    return TokenPrices(**scaled)
+
+
+def parse_pricing(raw: Any, source: str) -> CostProfile:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a mapping")
+    try:
+        minimum = parse_credits(str(raw.get("minimum_charge", "0")))
+    except MoneyError as exc:
+        raise ConfigError(f"{source}: minimum_charge: {exc}") from None
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, dict) or not models_raw:
+        raise ConfigError(f"{source}: models: must be a non-empty mapping of model name to prices")
+    models = {}
+    for name, entry in models_raw.items():
+        path = f"{source}: models.{name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: must be a mapping")
+        sell = _parse_prices({k: v for k, v in entry.items() if k != "upstream"}, path)
+        upstream = _parse_prices(entry["upstream"], f"{path}.upstream") if "upstream" in entry else sell
+        models[name] = ModelPrice(model=name, sell=sell, upstream=upstream)
+    return CostProfile(
+        name=str(raw.get("profile", "default")),
+        currency=str(raw.get("currency", "USD")),
+        minimum_charge_micro=minimum,
+        models=models,
+    )
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str = "<dict>") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a mapping")
+    known = {
+        "redis_url", "database_url", "server", "auth", "upstream", "holds", "ledger", "billing",
+        "providers", "models", "pricing_file",
+    }
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    providers = _parse_providers(raw.get("providers"))
+    models = _parse_models(raw.get("models"), providers)
+    pricing = parse_pricing(pricing_raw, "pricing")
+    for model in {m.name: m for m in models.values()}.values():
+        if model.name not in pricing.models:
+            raise ConfigError(f"pricing: models.{model.name}: missing, every model needs a price")
+    config = Config(
+        redis_url=env.get("SIDECAR_REDIS_URL") or raw.get("redis_url") or "",
+        database_url=env.get("SIDECAR_DATABASE_URL") or raw.get("database_url") or "",
+        admin_token=env.get("SIDECAR_ADMIN_TOKEN") or None,
+        server=_build(ServerConfig, _section(raw, "server", ""), "server."),
+        auth=_build(AuthConfig, _section(raw, "auth", ""), "auth."),
+        upstream=_build(UpstreamConfig, _section(raw, "upstream", ""), "upstream."),
+        holds=_build(HoldConfig, _section(raw, "holds", ""), "holds."),
+        ledger=_build(LedgerConfig, _section(raw, "ledger", ""), "ledger."),
+        billing=_build(BillingConfig, _section(raw, "billing", ""), "billing."),
+        providers=providers,
+        models=models,
+        pricing=pricing,
+        source=source,
+    )
+    _check_limits(config)
+    return config
+
+
+def _check_limits(config: Config) -> None:
+    if config.auth.cache_ttl_ms > 5_000:
+        raise ConfigError("auth.cache_ttl_ms: must be at most 5000, so a revoked key stops working within 5 s")
+    if config.auth.default_rpm < 1 or config.auth.rate_window_ms < 1_000:
+        raise ConfigError("auth.default_rpm / auth.rate_window_ms: must be >= 1 and >= 1000")
+    # A hold must outlive the longest call it covers, or the sweeper would void a live call's hold.
+    longest_call_ms = config.upstream.total_timeout_ms + config.server.drain_timeout_ms
+    if config.holds.ttl_ms <= longest_call_ms:
+        raise ConfigError(
+            f"holds.ttl_ms: must exceed upstream.total_timeout_ms + server.drain_timeout_ms ({longest_call_ms})"
+        )
+    if not 1 <= config.ledger.batch_max_rows <= 10_000:
+        raise ConfigError("ledger.batch_max_rows: must be between 1 and 10000")
+    if config.server.max_body_bytes < 1024:
+        raise ConfigError("server.max_body_bytes: must be at least 1024")
+
+
+def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ) if env is None else env
+    config_path = Path(path)
+    raw = _read_yaml(config_path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: must be a mapping")
+    pricing_path = config_path.parent / str(raw.get("pricing_file", "pricing.yaml"))
+    pricing_raw = _read_yaml(pricing_path)
+    try:
+        return parse_config(raw, pricing_raw, env, source=str(config_path))
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None

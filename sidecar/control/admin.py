@@ -1,0 +1,209 @@
+"""Minimal admin API under /admin/v1: workspaces, offices, API keys, credit grants, balances.
+
+Every route needs `Authorization: Bearer <admin token>`. A created API key is returned once and
+never again; lists show its last 4 characters only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import secrets
+
+import orjson
+from aiohttp import web
+
+from sidecar import db
+from sidecar.auth import hash_key, new_key
+from sidecar.money import MoneyError, format_micro, parse_credits
+from sidecar.services import Services
+
+SERVICES = web.AppKey("control_services", Services)
+_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_GRANT_MICRO = 10**15  # one billion credits: a typo guard, far above any real grant
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+@web.middleware
+async def _admin_guard(request: web.Request, handler):
+    svc = request.app[SERVICES]
+    try:
+        token = svc.config.admin_token
+        sent = request.headers.get("Authorization", "")
+        if not token or not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            raise AdminError(401, "missing or invalid admin token", "invalid_admin_token")
+        return await handler(request)
+    except AdminError as error:
+        body = {"error": {"message": error.message, "type": "admin_error", "code": error.code}}
+        return _json(body, error.status)
+
+
+async def _body(request: web.Request) -> dict:
+    try:
+        payload = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError:
+        raise AdminError(400, "request body is not valid JSON", "invalid_json") from None
+    if not isinstance(payload, dict):
+        raise AdminError(400, "request body must be a JSON object", "invalid_json")
+    return payload
+
+
+def _id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise AdminError(400, f"{what} must be 1-64 characters of letters, digits, '_', '.', '-'", "invalid_id")
+    return value
+
+
+async def _workspace(request: web.Request) -> str:
+    ws = _id(request.match_info["ws"], "workspace id")
+    async with request.app[SERVICES].pool.acquire() as conn:
+        if not await db.workspace_exists(conn, ws):
+            raise AdminError(404, f"workspace {ws!r} does not exist", "workspace_not_found")
+    return ws
+
+
+async def create_workspace(request: web.Request) -> web.Response:
+    payload = await _body(request)
+    ws = _id(payload.get("id") or f"ws_{secrets.token_hex(6)}", "id")
+    name = str(payload.get("name") or ws)[:200]
+    async with request.app[SERVICES].pool.acquire() as conn:
+        created = await db.create_workspace(conn, ws, name)
+    return _json({"id": ws, "name": name, "created": created}, 201 if created else 200)
+
+
+async def create_office(request: web.Request) -> web.Response:
+    ws = await _workspace(request)
+    payload = await _body(request)
+    office = _id(payload.get("id") or f"of_{secrets.token_hex(6)}", "id")
+    async with request.app[SERVICES].pool.acquire() as conn:
+        owner = await db.office_workspace(conn, office)
+        if owner is not None and owner != ws:
+            raise AdminError(409, f"office {office!r} belongs to another workspace", "office_conflict")
+        created = await db.create_office(conn, office, ws, str(payload.get("name") or office)[:200])
+    return _json({"id": office, "workspace_id": ws, "created": created}, 201 if created else 200)
+
+
+def _key_view(record: db.ApiKeyRecord) -> dict:
+    return {
+        "id": record.id,
+        "workspace_id": record.workspace_id,
+        "office_id": record.office_id,
+        "name": record.name,
+        "last4": record.last4,
+        "rate_limit_rpm": record.rate_limit_rpm,
+        "created_at": record.created_at.isoformat() if record.created_at else None,
+        "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
+    }
+
+
+async def create_key(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    ws = await _workspace(request)
+    payload = await _body(request)
+    rpm = payload.get("rate_limit_rpm", svc.config.auth.default_rpm)
+    if isinstance(rpm, bool) or not isinstance(rpm, int) or not 1 <= rpm <= 1_000_000:
+        raise AdminError(400, "rate_limit_rpm must be an integer from 1 to 1000000", "invalid_rate_limit")
+    office = payload.get("office_id")
+    async with svc.pool.acquire() as conn:
+        if office is not None and await db.office_workspace(conn, _id(office, "office_id")) != ws:
+            raise AdminError(404, f"office {office!r} does not exist in this workspace", "office_not_found")
+        raw = new_key()
+        record = db.ApiKeyRecord(
+            id=f"key_{secrets.token_hex(8)}", workspace_id=ws, office_id=office,
+            name=str(payload.get("name") or "default")[:200], key_hash=hash_key(raw), last4=raw[-4:],
+            rate_limit_rpm=rpm, created_at=None, revoked_at=None,
+        )
+        await db.insert_api_key(conn, record)
+    return _json({**_key_view(record), "key": raw}, 201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    ws = await _workspace(request)
+    async with request.app[SERVICES].pool.acquire() as conn:
+        records = await db.list_api_keys(conn, ws)
+    return _json({"data": [_key_view(r) for r in records]})
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    ws = await _workspace(request)
+    async with request.app[SERVICES].pool.acquire() as conn:
+        record = await db.revoke_api_key(conn, ws, request.match_info["key_id"])
+    if record is None:
+        raise AdminError(404, "no such key in this workspace", "key_not_found")
+    return _json(_key_view(record))
+
+
+def _amount_micro(payload: dict) -> int:
+    if "amount_micro" in payload:
+        amount = payload["amount_micro"]
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise AdminError(400, "amount_micro must be an integer", "invalid_amount")
+    else:
+        try:
+            amount = parse_credits(payload.get("amount"))
+        except MoneyError as exc:
+            raise AdminError(400, f"amount (credits, a decimal string) {exc}", "invalid_amount") from None
+    if not 0 < amount <= MAX_GRANT_MICRO:
+        raise AdminError(400, f"amount must be positive and at most {format_micro(MAX_GRANT_MICRO)}", "invalid_amount")
+    return amount
+
+
+async def grant(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    ws = await _workspace(request)
+    payload = await _body(request)
+    grant_id = _id(payload.get("grant_id"), "grant_id")
+    kind = payload.get("kind", "grant")
+    if kind not in ("grant", "topup"):
+        raise AdminError(400, "kind must be 'grant' or 'topup'", "invalid_kind")
+    amount = _amount_micro(payload)
+    try:
+        result = await svc.balances.grant(ws, grant_id, kind, amount)
+    except db.GrantConflict:
+        raise AdminError(409, "this grant_id was already used with a different amount or kind", "grant_conflict") \
+            from None
+    body = {"grant_id": grant_id, "event_id": str(result.event_id), "kind": kind, "amount_micro": amount,
+            "amount": format_micro(amount), "created": result.created}
+    return _json(body, 201 if result.created else 200)
+
+
+async def balance(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    ws = await _workspace(request)
+    await svc.balances.ensure_loaded(ws)
+    account = await svc.state.account(ws)
+    async with svc.pool.acquire() as conn:
+        settled_micro, _ = await db.account_snapshot(conn, ws)
+    return _json({
+        "workspace_id": ws,
+        "balance_micro": account.balance_micro,
+        "held_micro": account.held_micro,
+        "available_micro": account.available_micro,
+        "balance": format_micro(account.balance_micro),
+        "available": format_micro(account.available_micro),
+        "ledger_balance_micro": settled_micro,  # what Postgres has flushed so far
+    })
+
+
+def build_control_app(svc: Services) -> web.Application:
+    app = web.Application(middlewares=[_admin_guard], client_max_size=1024 * 1024)
+    app[SERVICES] = svc
+    prefix = "/admin/v1/workspaces"
+    app.router.add_post(prefix, create_workspace)
+    app.router.add_post(prefix + "/{ws}/offices", create_office)
+    app.router.add_post(prefix + "/{ws}/keys", create_key)
+    app.router.add_get(prefix + "/{ws}/keys", list_keys)
+    app.router.add_post(prefix + "/{ws}/keys/{key_id}/revoke", revoke_key)
+    app.router.add_delete(prefix + "/{ws}/keys/{key_id}", revoke_key)
+    app.router.add_post(prefix + "/{ws}/grants", grant)
+    app.router.add_get(prefix + "/{ws}/balance", balance)
+    return app

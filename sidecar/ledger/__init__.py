@@ -1,0 +1,1 @@
+"""The ledger: event schema, the stream-to-Postgres flusher, and migrations."""

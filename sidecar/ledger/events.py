@@ -1,0 +1,74 @@
+"""The ledger event: what the request handler records at admission and settlement, and how a
+Redis stream entry becomes a Postgres row.
+
+The handler builds the descriptive part (who, what, tokens, timings) as JSON; the settle script
+adds the money part (cost, balance impact, balance after) and the time, atomically with the debit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import orjson
+
+COLUMNS = (
+    "event_id", "created_at", "kind", "status", "workspace_id", "office_id", "key_id", "request_id",
+    "idempotency_key", "session_id", "provider", "model", "upstream_model",
+    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
+    "reasoning_tokens", "cost_micro", "upstream_cost_micro", "hold_micro", "balance_impact_micro",
+    "balance_after_micro", "byok", "estimated", "hold_lost", "error", "started_at", "first_byte_at", "ended_at",
+)
+
+STATUSES = ("completed", "failed", "cancelled", "expired")
+_TOKEN_FIELDS = (
+    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
+    "reasoning_tokens",
+)
+_TEXT_FIELDS = (
+    "office_id", "key_id", "request_id", "idempotency_key", "session_id", "provider", "model", "upstream_model",
+    "error",
+)
+
+
+def _time(ms: object) -> datetime | None:
+    return datetime.fromtimestamp(ms / 1000, UTC) if isinstance(ms, int) else None
+
+
+def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
+    """A stream entry (as written by settle.lua or sweep.lua) -> a ledger row in COLUMNS order."""
+    event = orjson.loads(fields[b"e"])
+    status = fields.get(b"status", b"").decode() or event["status"]
+    assert status in STATUSES, status
+    after = fields.get(b"after", b"")
+    text = {name: event.get(name) for name in _TEXT_FIELDS}
+    tokens = {name: int(event.get(name, 0)) for name in _TOKEN_FIELDS}
+    if status == "expired":  # the call never settled: nothing observed, nothing charged
+        tokens = dict.fromkeys(_TOKEN_FIELDS, 0)
+        text["error"] = "sidecar stopped before the call settled; hold voided at its deadline"
+    return (
+        uuid.UUID(event["event_id"]),
+        _time(int(fields[b"at"])),
+        "usage",
+        status,
+        event["workspace_id"],
+        text["office_id"], text["key_id"], text["request_id"], text["idempotency_key"], text["session_id"],
+        text["provider"], text["model"], text["upstream_model"],
+        *tokens.values(),
+        int(fields[b"cost"]),
+        int(event.get("upstream_cost_micro", 0)) if status != "expired" else 0,
+        int(event.get("hold_micro", 0)),
+        int(fields[b"impact"]),
+        int(after) if after else None,
+        bool(event.get("byok", False)),
+        bool(event.get("estimated", False)) and status != "expired",
+        fields.get(b"lost", b"0") == b"1",
+        text["error"],
+        _time(event.get("started_at")),
+        _time(event.get("first_byte_at")) if status != "expired" else None,
+        _time(event.get("ended_at")),
+    )
+
+
+def generation(fields: dict[bytes, bytes]) -> str:
+    return fields.get(b"gen", b"").decode()

@@ -1,0 +1,55 @@
+"""Prometheus metrics. One registry per process (tests build several apps in one process).
+
+Labels are bounded sets (route, configured model names, status codes, outcome names): never a key,
+a workspace-supplied string or anything secret.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sidecar_requests", "Calls by route, model and HTTP status", ["route", "model", "status"], registry=r
+        )
+        self.upstream_latency = Histogram(
+            "sidecar_upstream_latency_seconds", "Upstream call duration", ["provider"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_ttfb = Histogram(
+            "sidecar_upstream_ttfb_seconds", "Upstream time to first byte", ["provider"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.overhead = Histogram(
+            "sidecar_overhead_seconds", "Time spent in the sidecar before forwarding (auth, admission)",
+            buckets=_OVERHEAD_BUCKETS, registry=r,
+        )
+        self.tokens = Counter("sidecar_tokens", "Tokens billed, by model and class", ["model", "token_class"], registry=r)
+        self.debited = Counter("sidecar_credits_debited_micro", "Micro-credits debited", ["model"], registry=r)
+        self.holds_active = Gauge("sidecar_holds_active", "Holds taken by this process and not yet settled", registry=r)
+        self.payment_required = Counter("sidecar_payment_required", "402 answers", ["route"], registry=r)
+        self.rate_limited = Counter("sidecar_rate_limited", "429 answers from the sidecar's limiter", ["route"], registry=r)
+        self.settlements = Counter("sidecar_settlements", "Settled calls by outcome", ["status"], registry=r)
+        self.ledger_lag = Gauge("sidecar_ledger_stream_lag", "Ledger events in Redis not yet in Postgres", registry=r)
+        self.flush_batch_rows = Histogram(
+            "sidecar_ledger_flush_batch_rows", "Rows inserted per flush batch",
+            buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 5000), registry=r,
+        )
+        self.flush_duration = Histogram(
+            "sidecar_ledger_flush_duration_seconds", "Flush batch duration", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.flush_failures = Counter("sidecar_ledger_flush_failures", "Failed flush attempts", registry=r)
+        self.holds_expired = Counter("sidecar_holds_expired", "Holds voided by the sweeper", registry=r)
+        self.dependency_errors = Counter(
+            "sidecar_dependency_errors", "Redis or Postgres errors on the request path", ["dependency"], registry=r
+        )
+
+    def on_flush(self, rows: int, seconds: float, entries: int) -> None:
+        self.flush_batch_rows.observe(rows)
+        self.flush_duration.observe(seconds)

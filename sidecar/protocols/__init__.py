@@ -1,0 +1,1 @@
+"""Wire protocols: pure functions from bytes to facts and back. No I/O here."""

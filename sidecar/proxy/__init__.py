@@ -1,0 +1,1 @@
+"""The data plane: upstream sessions, forwarding, and the request lifecycle."""

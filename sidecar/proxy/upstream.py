@@ -1,0 +1,72 @@
+"""Upstream sessions: one pooled, keep-alive aiohttp client session per provider.
+
+Client headers are not forwarded wholesale: only a short allow-list crosses, so client credentials,
+cookies and hop-by-hop headers never leave the sidecar. The platform key is injected here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import aiohttp
+
+from sidecar.config import Config, ProviderConfig
+
+log = logging.getLogger("sidecar.upstream")
+
+FORWARDED_HEADERS = ("accept", "user-agent", "openai-beta", "x-stainless-lang", "x-stainless-package-version")
+
+
+class Upstreams:
+    def __init__(self, config: Config, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        env = dict(os.environ) if env is None else env
+        self._keys: dict[str, str | None] = {
+            name: (env.get(p.api_key_env) if p.api_key_env else None) for name, p in config.providers.items()
+        }
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    async def start(self) -> None:
+        timeouts = self.config.upstream
+        for name in self.config.providers:
+            connector = aiohttp.TCPConnector(
+                limit=timeouts.pool_size, keepalive_timeout=30, enable_cleanup_closed=True, ttl_dns_cache=300
+            )
+            self._sessions[name] = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=timeouts.connect_timeout_ms / 1000,
+                    sock_read=timeouts.idle_timeout_ms / 1000,
+                ),
+                auto_decompress=True,
+                skip_auto_headers=("User-Agent",),
+            )
+            if self.config.providers[name].api_key_env and not self._keys[name]:
+                log.warning(
+                    "platform key for provider is not set; its calls will be refused",
+                    extra={"provider": name, "error": f"${self.config.providers[name].api_key_env} is empty"},
+                )
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+    def session(self, provider: str) -> aiohttp.ClientSession:
+        return self._sessions[provider]
+
+    def has_credentials(self, provider: str) -> bool:
+        return not self.config.providers[provider].api_key_env or bool(self._keys[provider])
+
+    def url(self, provider: ProviderConfig, path: str) -> str:
+        return provider.base_url + path
+
+    def headers(self, provider: str, client_headers) -> dict[str, str]:
+        out = {name: client_headers[name] for name in FORWARDED_HEADERS if name in client_headers}
+        out["Content-Type"] = "application/json"
+        key = self._keys[provider]
+        if key:
+            out["Authorization"] = f"Bearer {key}"
+        return out

@@ -1,0 +1,32 @@
+"""The long-lived objects one process shares between its handlers and background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from sidecar.auth import Authenticator
+from sidecar.balances import Balances
+from sidecar.config import Config
+from sidecar.ledger.flusher import Flusher
+from sidecar.observability.metrics import Metrics
+from sidecar.proxy.upstream import Upstreams
+from sidecar.state.store import State
+
+
+@dataclass
+class Services:
+    config: Config
+    state: State
+    pool: asyncpg.Pool
+    balances: Balances
+    auth: Authenticator
+    upstreams: Upstreams
+    metrics: Metrics
+    flusher: Flusher
+    # Settlements run as their own tasks, so a client that disconnects cannot cancel one half-way;
+    # shutdown waits for them.
+    settling: set[asyncio.Task] = field(default_factory=set)
+    draining: bool = False

@@ -1,0 +1,70 @@
+-- Admission: rate limit, idempotency and the hold of the price ceiling, all or nothing.
+-- Every check happens before the first write, so a refused call leaves no trace.
+--
+-- KEYS: 1 acct (hash: balance, held, gen, pgv)   2 holds (hash id -> amount)
+--       3 hold_dl (zset id -> deadline ms)       4 hold_meta (hash id -> event template)
+--       5 rl (zset of admitted calls, score = µs) 6 idem (hash)   7 stream (ledger stream)
+-- ARGV: 1 hold_id  2 ceiling_micro  3 rate_limit  4 window_ms  5 hold_ttl_ms  6 idem_fingerprint ('' = none)
+--       7 idem_ttl_ms  8 meta  9 max_unflushed (ledger backlog bound)
+-- Returns: {0 admitted, remaining, reset_ms, balance, held, gen, now_ms}
+--          {1 rate_limited, retry_after_ms, reset_ms}
+--          {2 insufficient, available}
+--          {3 duplicate, status, content_type, body}     {4 in_progress}   {5 idem_conflict}
+--          {6 need_load}   {7 backlog, stream_length}
+
+local hold_id = ARGV[1]
+local ceiling = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local window_ms = tonumber(ARGV[4])
+local fingerprint = ARGV[6]
+
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_ms = math.floor(now_us / 1000)
+local window_start_us = now_us - window_ms * 1000
+
+if fingerprint ~= '' then
+  local prior = redis.call('HMGET', KEYS[6], 'fp', 'state', 'status', 'ctype', 'body')
+  if prior[1] then
+    if prior[1] ~= fingerprint then return {5} end
+    if prior[2] ~= 'done' then return {4} end
+    return {3, tonumber(prior[3]), prior[4] or '', prior[5] or ''}
+  end
+end
+
+local admitted = redis.call('ZCOUNT', KEYS[5], '(' .. window_start_us, '+inf')
+if admitted >= limit then
+  local oldest = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. window_start_us, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local frees_at_ms = math.floor(tonumber(oldest[2]) / 1000) + window_ms
+  return {1, math.max(frees_at_ms - now_ms, 1), frees_at_ms}
+end
+
+local backlog = redis.call('XLEN', KEYS[7])
+if backlog >= tonumber(ARGV[9]) then return {7, backlog} end
+
+local balance, held, gen = 0, 0, ''
+if ceiling > 0 then
+  local acct = redis.call('HMGET', KEYS[1], 'balance', 'held', 'gen')
+  if not acct[1] then return {6} end
+  balance, held, gen = tonumber(acct[1]), tonumber(acct[2]), acct[3]
+  if ceiling > balance - held then return {2, balance - held} end
+end
+
+-- Writes. From here on the call is admitted.
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', window_start_us)
+redis.call('ZADD', KEYS[5], now_us, hold_id)
+redis.call('PEXPIRE', KEYS[5], window_ms + 1000)
+if ceiling > 0 then
+  held = redis.call('HINCRBY', KEYS[1], 'held', ceiling)
+end
+redis.call('HSET', KEYS[2], hold_id, ceiling)
+redis.call('ZADD', KEYS[3], now_ms + tonumber(ARGV[5]), hold_id)
+redis.call('HSET', KEYS[4], hold_id, ARGV[8])
+if fingerprint ~= '' then
+  redis.call('HSET', KEYS[6], 'fp', fingerprint, 'state', 'pending', 'hold', hold_id)
+  redis.call('PEXPIRE', KEYS[6], tonumber(ARGV[7]))
+end
+
+local oldest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+local reset_ms = math.floor(tonumber(oldest[2]) / 1000) + window_ms
+return {0, limit - admitted - 1, reset_ms, balance, held, gen, now_ms}

@@ -1,0 +1,59 @@
+-- Settlement: resolve a hold exactly once, debit the balance, append the ledger event, and record
+-- the outcome under the idempotency key. A second settle of the same hold changes nothing.
+--
+-- KEYS: 1 acct  2 holds  3 hold_dl  4 hold_meta  5 settled (zset id -> resolved ms)  6 stream  7 idem
+-- ARGV: 1 hold_id  2 cost_micro (actual cost, before the cap)  3 billed ('1' debits the balance, '0' BYOK
+--       or failed: records only)  4 event (opaque JSON, relayed to the ledger)  5 idem ('' none, 'keep', 'drop')
+--       6 status  7 content_type  8 body  9 idem_ttl_ms  10 settled_retention_ms
+-- Returns: {0 settled, charged, balance_after ('' if not loaded), hold_micro, lost_hold (0/1), now_ms}
+--          {1 already_resolved}   {2 need_load}
+
+local hold_id = ARGV[1]
+if redis.call('ZSCORE', KEYS[5], hold_id) then return {1} end
+
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cost = tonumber(ARGV[2])
+local billed = ARGV[3] == '1'
+
+local hold = redis.call('HGET', KEYS[2], hold_id)
+local lost = 0
+local charged
+if hold then
+  hold = tonumber(hold)
+  charged = math.min(cost, hold)
+else
+  -- Neither resolved nor held: Redis lost the hold (restarted empty) while the call ran. The call
+  -- still happened, so it is still recorded once; it is charged only what the balance has free.
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {2} end
+  lost, hold = 1, 0
+  local acct = redis.call('HMGET', KEYS[1], 'balance', 'held')
+  charged = math.min(cost, math.max(tonumber(acct[1]) - tonumber(acct[2]), 0))
+end
+local debit = 0
+if billed then debit = charged end
+
+if hold > 0 then redis.call('HINCRBY', KEYS[1], 'held', -hold) end
+local balance_after = ''
+if debit > 0 then
+  balance_after = redis.call('HINCRBY', KEYS[1], 'balance', -debit)
+else
+  balance_after = redis.call('HGET', KEYS[1], 'balance') or ''
+end
+local gen = redis.call('HGET', KEYS[1], 'gen') or ''
+
+redis.call('HDEL', KEYS[2], hold_id)
+redis.call('ZREM', KEYS[3], hold_id)
+redis.call('HDEL', KEYS[4], hold_id)
+redis.call('ZADD', KEYS[5], now_ms, hold_id)
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now_ms - tonumber(ARGV[10]))
+redis.call('XADD', KEYS[6], '*', 'e', ARGV[4], 'cost', charged, 'impact', -debit, 'after', balance_after,
+  'at', now_ms, 'gen', gen, 'lost', lost, 'status', '')
+
+if ARGV[5] == 'keep' then
+  redis.call('HSET', KEYS[7], 'state', 'done', 'status', ARGV[6], 'ctype', ARGV[7], 'body', ARGV[8])
+  redis.call('PEXPIRE', KEYS[7], tonumber(ARGV[9]))
+elseif ARGV[5] == 'drop' then
+  redis.call('DEL', KEYS[7])
+end
+return {0, charged, balance_after, hold, lost, now_ms}

@@ -1,0 +1,209 @@
+"""Typed calls to the Lua scripts. Knows Redis, nothing of HTTP."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from enum import IntEnum
+from importlib import resources
+
+import redis.asyncio as aioredis
+
+from sidecar.state import keys
+
+SETTLED_RETENTION_MS = 3_600_000  # how long "this hold is resolved" is remembered: far past any retry
+APPLIED_RETENTION_MS = 7 * 86_400_000
+
+
+class Admission(IntEnum):
+    ADMITTED = 0
+    RATE_LIMITED = 1
+    INSUFFICIENT = 2
+    DUPLICATE = 3
+    IN_PROGRESS = 4
+    IDEMPOTENCY_CONFLICT = 5
+    NEED_LOAD = 6
+    BACKLOG = 7
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitResult:
+    outcome: Admission
+    remaining: int = 0
+    reset_ms: int = 0
+    retry_after_ms: int = 0
+    available_micro: int = 0
+    now_ms: int = 0
+    replay_status: int = 0
+    replay_content_type: str = ""
+    replay_body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    resolved_now: bool  # False: this hold was already resolved, nothing changed
+    charged_micro: int = 0
+    balance_after_micro: int | None = None
+    hold_micro: int = 0
+    hold_lost: bool = False
+
+
+class NeedLoad(Exception):
+    """The workspace's balance is not in Redis: load it from Postgres, then retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    balance_micro: int
+    held_micro: int
+
+    @property
+    def available_micro(self) -> int:
+        return self.balance_micro - self.held_micro
+
+
+def _script_source(name: str) -> str:
+    return (resources.files("sidecar.state") / "lua" / f"{name}.lua").read_text()
+
+
+def _int_or_none(value: bytes | str | int) -> int | None:
+    return None if value in (b"", "") else int(value)
+
+
+class State:
+    """One instance per process; wraps a redis.asyncio client and the registered scripts.
+
+    Scripts run by EVALSHA; redis-py reloads a script on NOSCRIPT (after a Redis restart) by itself.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self._admit = client.register_script(_script_source("admit"))
+        self._settle = client.register_script(_script_source("settle"))
+        self._sweep = client.register_script(_script_source("sweep"))
+        self._load = client.register_script(_script_source("load"))
+        self._apply = client.register_script(_script_source("apply"))
+        self._all = (self._admit, self._settle, self._sweep, self._load, self._apply)
+
+    async def load_scripts(self) -> None:
+        for script in self._all:
+            script.sha = await self.redis.script_load(script.script)
+
+    async def scripts_loaded(self) -> bool:
+        return all(await self.redis.script_exists(*[s.sha for s in self._all]))
+
+    async def admit(
+        self,
+        ws: str,
+        key_id: str,
+        hold_id: str,
+        ceiling_micro: int,
+        rate_limit: int,
+        window_ms: int,
+        hold_ttl_ms: int,
+        idempotency_key: str | None,
+        fingerprint: str,
+        idempotency_ttl_ms: int,
+        meta: bytes,
+        max_unflushed: int,
+    ) -> AdmitResult:
+        assert ceiling_micro >= 0 and rate_limit > 0
+        idem_key = keys.idempotency(ws, key_id, idempotency_key) if idempotency_key else keys.idempotency(ws, key_id, "")
+        reply = await self._admit(
+            keys=[
+                keys.acct(ws), keys.holds(ws), keys.hold_deadlines(ws), keys.hold_meta(ws),
+                keys.rate(ws, key_id), idem_key, keys.stream(ws),
+            ],
+            args=[
+                hold_id, ceiling_micro, rate_limit, window_ms, hold_ttl_ms,
+                fingerprint if idempotency_key else "", idempotency_ttl_ms, meta, max_unflushed,
+            ],
+        )
+        outcome = Admission(int(reply[0]))
+        if outcome is Admission.ADMITTED:
+            return AdmitResult(outcome, remaining=int(reply[1]), reset_ms=int(reply[2]), now_ms=int(reply[6]))
+        if outcome is Admission.RATE_LIMITED:
+            return AdmitResult(outcome, retry_after_ms=int(reply[1]), reset_ms=int(reply[2]))
+        if outcome is Admission.INSUFFICIENT:
+            return AdmitResult(outcome, available_micro=int(reply[1]))
+        if outcome is Admission.DUPLICATE:
+            return AdmitResult(
+                outcome, replay_status=int(reply[1]), replay_content_type=reply[2].decode(), replay_body=reply[3]
+            )
+        return AdmitResult(outcome)
+
+    async def settle(
+        self,
+        ws: str,
+        key_id: str,
+        hold_id: str,
+        cost_micro: int,
+        billed: bool,
+        event: bytes,
+        idempotency_key: str | None,
+        keep_outcome: bool,
+        status: int,
+        content_type: str,
+        body: bytes,
+        idempotency_ttl_ms: int,
+    ) -> SettleResult:
+        """Raises NeedLoad when Redis lost the workspace (restarted empty) during the call."""
+        assert cost_micro >= 0
+        idem_mode = ("keep" if keep_outcome else "drop") if idempotency_key else ""
+        reply = await self._settle(
+            keys=[
+                keys.acct(ws), keys.holds(ws), keys.hold_deadlines(ws), keys.hold_meta(ws),
+                keys.settled(ws), keys.stream(ws), keys.idempotency(ws, key_id, idempotency_key or ""),
+            ],
+            args=[
+                hold_id, cost_micro, "1" if billed else "0", event, idem_mode,
+                status, content_type, body, idempotency_ttl_ms, SETTLED_RETENTION_MS,
+            ],
+        )
+        if int(reply[0]) == 2:
+            raise NeedLoad(ws)
+        if int(reply[0]) == 1:
+            return SettleResult(resolved_now=False)
+        return SettleResult(
+            resolved_now=True,
+            charged_micro=int(reply[1]),
+            balance_after_micro=_int_or_none(reply[2]),
+            hold_micro=int(reply[3]),
+            hold_lost=int(reply[4]) == 1,
+        )
+
+    async def sweep(self, ws: str, batch_max: int) -> int:
+        return int(
+            await self._sweep(
+                keys=[
+                    keys.acct(ws), keys.holds(ws), keys.hold_deadlines(ws), keys.hold_meta(ws),
+                    keys.settled(ws), keys.stream(ws),
+                ],
+                args=[batch_max, SETTLED_RETENTION_MS],
+            )
+        )
+
+    async def load(self, ws: str, balance_micro: int, pg_version: int) -> bool:
+        """Set the balance if Redis has none. Only the first of concurrent loaders wins."""
+        return int(await self._load(keys=[keys.acct(ws)], args=[balance_micro, pg_version, secrets.token_hex(8)])) == 1
+
+    async def apply(self, ws: str, pg_version: int, delta_micro: int, token: str) -> int:
+        """1 applied, 0 already included, -1 not loaded."""
+        return int(
+            await self._apply(
+                keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token, APPLIED_RETENTION_MS]
+            )
+        )
+
+    async def account(self, ws: str) -> Account | None:
+        balance, held = await self.redis.hmget(keys.acct(ws), "balance", "held")
+        if balance is None:
+            return None
+        return Account(int(balance), int(held or 0))
+
+    async def generation(self, ws: str) -> str | None:
+        gen = await self.redis.hget(keys.acct(ws), "gen")
+        return gen.decode() if gen is not None else None
+
+    async def active_holds(self, ws: str) -> int:
+        return int(await self.redis.hlen(keys.holds(ws)))

@@ -1,0 +1,44 @@
+"""The hold sweeper: voids holds whose deadline passed and records those calls as `expired`.
+
+A hold outlives the longest call it covers (config enforces ttl > total timeout + drain), so a hold
+past its deadline belongs to a sidecar that died mid-call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+from redis.exceptions import RedisError
+
+from sidecar import db
+from sidecar.config import HoldConfig
+from sidecar.observability.metrics import Metrics
+from sidecar.state.store import State
+
+log = logging.getLogger("sidecar.sweeper")
+
+
+async def sweep_all(state: State, pool: asyncpg.Pool, config: HoldConfig) -> int:
+    async with pool.acquire() as conn:
+        workspaces = await db.workspace_ids(conn)
+    voided = 0
+    for ws in workspaces:
+        voided += await state.sweep(ws, config.sweep_batch_max)
+    return voided
+
+
+async def run(state: State, pool: asyncpg.Pool, config: HoldConfig, metrics: Metrics, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            voided = await sweep_all(state, pool, config)
+            if voided:
+                metrics.holds_expired.inc(voided)
+                log.warning("voided expired holds", extra={"holds": voided})
+        except (RedisError, OSError, asyncpg.PostgresError) as exc:
+            log.warning("hold sweep failed; will retry", extra={"error": type(exc).__name__})
+        try:
+            await asyncio.wait_for(stop.wait(), config.sweep_interval_ms / 1000)
+        except TimeoutError:
+            pass
