@@ -95,10 +95,13 @@ BEGIN
     RAISE EXCEPTION 'the ledger is append-only: % is refused', TG_OP USING ERRCODE = 'insufficient_privilege';
 END $$;
 
+-- Row triggers on the partitioned table are cloned onto every partition; TRUNCATE triggers are not,
+-- so each partition gets its own (a partition can be truncated directly).
+CREATE TRIGGER ledger_no_update_delete BEFORE UPDATE OR DELETE ON ledger
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
+
 CREATE FUNCTION ledger_protect(partition regclass) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('CREATE TRIGGER ledger_no_update_delete BEFORE UPDATE OR DELETE ON %s
-                    FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change()', partition);
     EXECUTE format('CREATE TRIGGER ledger_no_truncate BEFORE TRUNCATE ON %s
                     FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_change()', partition);
 END $$;

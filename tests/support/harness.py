@@ -1,0 +1,234 @@
+"""A whole sidecar in the test's event loop: real Redis, real Postgres, the in-tree mock provider,
+and the data-plane and admin apps on real ports. Tests drive it over HTTP like a client would."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+from aiohttp.test_utils import TestServer
+
+from sidecar import db, mock_provider
+from sidecar.app import build_data_app, close_services, open_services
+from sidecar.config import Config, parse_config
+from sidecar.control.admin import build_control_app
+from sidecar.services import Services
+from sidecar.state import keys
+
+ADMIN_TOKEN = "test-admin-token"
+PLATFORM_KEY = "sk-platform-test-0000"
+
+PRICING = {
+    "minimum_charge": "0",
+    "models": {
+        # 5.00 / 25.00 per 1M: 10,000 input + 2,000 output costs exactly 0.100000 credits.
+        "gpt-4o-mini": {
+            "input": "5.00",
+            "output": "25.00",
+            "cache_read": "0.50",
+            "upstream": {"input": "4.00", "output": "20.00"},
+        },
+        "mock-free": {"input": "0", "output": "0"},
+    },
+}
+
+
+def base_config(provider_url: str, **overrides: Any) -> dict:
+    raw = {
+        "server": {"max_body_bytes": 64 * 1024, "drain_timeout_ms": 2000},
+        "auth": {"cache_ttl_ms": 200},
+        "upstream": {
+            "connect_timeout_ms": 1000,
+            "first_byte_timeout_ms": 5000,
+            "idle_timeout_ms": 5000,
+            "total_timeout_ms": 20000,
+        },
+        "holds": {"ttl_ms": 30000, "sweep_interval_ms": 200},
+        "ledger": {"batch_max_rows": 500, "batch_max_age_ms": 20, "claim_idle_ms": 1000, "workspace_refresh_ms": 60000},
+        "providers": [
+            {"name": "mock", "protocol": "openai", "base_url": provider_url, "api_key_env": "MOCK_PLATFORM_KEY"}
+        ],
+        "models": [
+            {
+                "name": "gpt-4o-mini",
+                "aliases": ["mini"],
+                "provider": "mock",
+                "default_max_output_tokens": 100,
+                "context_window_tokens": 128000,
+            },
+            {"name": "mock-free", "provider": "mock", "upstream_model": "mock-model", "default_max_output_tokens": 50},
+        ],
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **values}
+        else:
+            raw[section] = values
+    return raw
+
+
+def build_config(redis_url: str, database_url: str, provider_url: str, **overrides: Any) -> Config:
+    env = {"SIDECAR_REDIS_URL": redis_url, "SIDECAR_DATABASE_URL": database_url, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN}
+    return parse_config(base_config(provider_url, **overrides), PRICING, env, source="tests")
+
+
+@dataclass
+class Workspace:
+    id: str
+    key: str
+    key_id: str
+
+
+@dataclass
+class Sidecar:
+    svc: Services
+    data: TestServer
+    control: TestServer
+    provider: TestServer
+    http: aiohttp.ClientSession
+    extra: list = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return str(self.data.make_url("/v1"))
+
+    @property
+    def recorded(self):
+        return self.provider.app[mock_provider.RECORDED]
+
+    async def admin(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        url = self.control.make_url("/admin/v1" + path)
+        async with self.http.request(
+            method, url, json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        ) as resp:
+            return resp.status, await resp.json()
+
+    async def workspace(self, credits_micro: int = 0, rpm: int = 1000, office: str | None = None) -> Workspace:
+        ws = f"ws_{secrets.token_hex(6)}"
+        status, _ = await self.admin("POST", "/workspaces", {"id": ws, "name": "test"})
+        assert status == 201
+        if office:
+            status, _ = await self.admin("POST", f"/workspaces/{ws}/offices", {"id": office})
+            assert status == 201
+        if credits_micro:
+            await self.grant(ws, credits_micro)
+        status, created = await self.admin(
+            "POST", f"/workspaces/{ws}/keys", {"name": "t", "rate_limit_rpm": rpm, "office_id": office}
+        )
+        assert status == 201, created
+        return Workspace(ws, created["key"], created["id"])
+
+    async def grant(self, ws: str, amount_micro: int, grant_id: str | None = None) -> dict:
+        status, body = await self.admin(
+            "POST",
+            f"/workspaces/{ws}/grants",
+            {"grant_id": grant_id or secrets.token_hex(8), "amount_micro": amount_micro},
+        )
+        assert status in (200, 201), body
+        return body
+
+    async def chat(
+        self, ws: Workspace, body: dict | None = None, headers: dict | None = None, raw: bytes | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        payload = raw if raw is not None else orjson.dumps(body or chat_body())
+        async with self.http.post(
+            self.data.make_url("/v1/chat/completions"),
+            data=payload,
+            headers={"Authorization": f"Bearer {ws.key}", "Content-Type": "application/json", **(headers or {})},
+        ) as resp:
+            return resp.status, dict(resp.headers), await resp.read()
+
+    async def flush(self) -> None:
+        """Drain every ledger stream into Postgres."""
+        for ws in await self.workspace_ids():
+            self.svc.flusher.note_workspace(ws)
+        for _ in range(200):
+            await self.svc.flusher.flush_once()
+            if await self.svc.flusher.backlog() == 0:
+                return
+        raise AssertionError("ledger did not drain")
+
+    async def workspace_ids(self) -> list[str]:
+        async with self.svc.pool.acquire() as conn:
+            return await db.workspace_ids(conn)
+
+    async def ledger(self, ws: str, kind: str = "usage") -> list[asyncpg.Record]:
+        async with self.svc.pool.acquire() as conn:
+            return await conn.fetch(
+                "SELECT * FROM ledger WHERE workspace_id = $1 AND kind = $2 ORDER BY created_at", ws, kind
+            )
+
+    async def redis_account(self, ws: str) -> tuple[int, int]:
+        account = await self.svc.state.account(ws)
+        assert account is not None
+        return account.balance_micro, account.held_micro
+
+    async def assert_identity(self, ws: str) -> dict[str, int]:
+        """DESIGN.md §6: balance = grants + top-ups - debits, in Redis and in Postgres, from the ledger alone."""
+        await self.flush()
+        async with self.svc.pool.acquire() as conn:
+            identity = await db.ledger_identity(conn, ws)
+        expected = identity["grants"] + identity["topups"] - identity["debits"]
+        assert identity["account_balance"] == expected, identity
+        balance, held = await self.redis_account(ws)
+        assert balance == expected, (balance, identity)
+        assert held == 0, f"holds left: {held}"
+        assert balance >= 0
+        assert await self.svc.state.active_holds(ws) == 0
+        return identity
+
+    async def rows_per_request(self, ws: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in await self.ledger(ws):
+            counts[row["request_id"]] = counts.get(row["request_id"], 0) + 1
+        return counts
+
+
+def chat_body(content: str = "hello there, how are you today?", **extra: Any) -> dict:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def start_sidecar(
+    redis_url: str, database_url: str, provider_options: mock_provider.MockOptions | None = None, **overrides: Any
+) -> Sidecar:
+    provider = TestServer(mock_provider.build_app(provider_options or mock_provider.MockOptions()))
+    await provider.start_server()
+    config = build_config(redis_url, database_url, str(provider.make_url("/v1")), **overrides)
+    svc = await open_services(config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY})
+    data = TestServer(build_data_app(svc))
+    control = TestServer(build_control_app(svc))
+    await data.start_server()
+    await control.start_server()
+    http = aiohttp.ClientSession()
+    return Sidecar(svc, data, control, provider, http)
+
+
+async def stop_sidecar(sidecar: Sidecar) -> None:
+    await sidecar.http.close()
+    if sidecar.svc.settling:
+        await asyncio.wait(list(sidecar.svc.settling), timeout=5)
+    await sidecar.data.close()
+    await sidecar.control.close()
+    await sidecar.provider.close()
+    await close_services(sidecar.svc)
+
+
+async def migrated(database_url: str) -> None:
+    from sidecar.ledger.migrate import migrate_url
+
+    await migrate_url(database_url)
+
+
+def stream_key(ws: str) -> str:
+    return keys.stream(ws)
+
+
+def run_migrations_once(database_url: str) -> None:
+    from support.services import run_sync
+
+    run_sync(lambda: migrated(database_url))
