@@ -29,27 +29,40 @@ log = logging.getLogger("sidecar.app")
 
 async def open_services(config: Config, env: dict[str, str] | None = None) -> Services:
     if not config.redis_url or not config.database_url:
-        raise SystemExit("redis_url and database_url are required (config file or SIDECAR_REDIS_URL / "
-                         "SIDECAR_DATABASE_URL); `sidecar dev` starts both for you")
+        raise SystemExit(
+            "redis_url and database_url are required (config file or SIDECAR_REDIS_URL / "
+            "SIDECAR_DATABASE_URL); `sidecar dev` starts both for you"
+        )
     client = aioredis.Redis.from_url(
-        config.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10,
+        config.redis_url,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=10,
         max_connections=max(64, config.upstream.pool_size),
     )
     state = State(client)
     pool = await db.create_pool(config.database_url)
     balances = Balances(state, pool)
     metrics = Metrics()
-    flusher = Flusher(client, pool, balances, config.ledger, on_batch=metrics.on_flush,
-                      on_failure=metrics.flush_failures.inc)
+    flusher = Flusher(
+        client, pool, balances, config.ledger, on_batch=metrics.on_flush, on_failure=metrics.flush_failures.inc
+    )
     upstreams = Upstreams(config, env)
     await upstreams.start()
     try:
         await state.load_scripts()
     except Exception:
         log.warning("could not load Lua scripts at start; they load on first use")
-    return Services(config=config, state=state, pool=pool, balances=balances,
-                    auth=Authenticator(pool, config.auth.cache_ttl_ms), upstreams=upstreams, metrics=metrics,
-                    flusher=flusher)
+    return Services(
+        config=config,
+        state=state,
+        pool=pool,
+        balances=balances,
+        auth=Authenticator(pool, config.auth.cache_ttl_ms),
+        upstreams=upstreams,
+        metrics=metrics,
+        flusher=flusher,
+    )
 
 
 async def close_services(svc: Services) -> None:
@@ -82,15 +95,17 @@ class Runtime:
         if self.data_plane:
             await self._serve(build_data_app(svc), host, port)
             self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
-            self._tasks.append(asyncio.create_task(
-                sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop)))
+            self._tasks.append(
+                asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop))
+            )
         if self.control_plane:
             await self._serve(build_control_app(svc), host, control_port if control_port is not None else port)
         await self._serve(build_ops_app(svc), host, ops_port)
 
     async def _serve(self, app: web.Application, host: str, port: int) -> None:
-        runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                               shutdown_timeout=self.svc.config.server.drain_timeout_ms / 1000)
+        runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=self.svc.config.server.drain_timeout_ms / 1000
+        )
         await runner.setup()
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         self._runners.append(runner)

@@ -19,6 +19,23 @@ from sidecar.pricing import CostProfile, ModelPrice, TokenPrices
 PROTOCOLS = ("openai",)  # wire protocols a provider can speak; more come with their own modules
 
 
+_NEVER_FORWARDED = {
+    "authorization",
+    "x-api-key",
+    "cookie",
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-connection",
+}
+
+
 class ConfigError(ValueError):
     pass
 
@@ -77,6 +94,7 @@ class ProviderConfig:
     protocol: str
     base_url: str
     api_key_env: str | None
+    forward_headers: tuple[str, ...] = ()  # client headers passed upstream beyond the built-in allow-list
 
 
 @dataclass(frozen=True)
@@ -169,7 +187,14 @@ def _parse_providers(items: Any) -> dict[str, ProviderConfig]:
             raise ConfigError(f"{path}base_url: must start with http:// or https://, got {base_url!r}")
         if name in providers:
             raise ConfigError(f"{path}name: duplicate provider {name!r}")
-        providers[name] = ProviderConfig(name, protocol, base_url, raw.get("api_key_env"))
+        forward = raw.get("forward_headers") or []
+        if not isinstance(forward, list) or not all(isinstance(h, str) and h.strip() for h in forward):
+            raise ConfigError(f"{path}forward_headers: must be a list of header names")
+        if {h.lower() for h in forward} & _NEVER_FORWARDED:
+            raise ConfigError(f"{path}forward_headers: credentials and hop-by-hop headers are never forwarded")
+        providers[name] = ProviderConfig(
+            name, protocol, base_url, raw.get("api_key_env"), tuple(h.lower() for h in forward)
+        )
     return providers
 
 
@@ -271,8 +296,17 @@ def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str =
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: must be a mapping")
     known = {
-        "redis_url", "database_url", "server", "auth", "upstream", "holds", "ledger", "billing",
-        "providers", "models", "pricing_file",
+        "redis_url",
+        "database_url",
+        "server",
+        "auth",
+        "upstream",
+        "holds",
+        "ledger",
+        "billing",
+        "providers",
+        "models",
+        "pricing_file",
     }
     unknown = sorted(set(raw) - known)
     if unknown:

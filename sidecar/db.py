@@ -59,7 +59,9 @@ async def workspace_ids(conn: asyncpg.Connection) -> list[str]:
 async def create_office(conn: asyncpg.Connection, office_id: str, workspace_id: str, name: str) -> bool:
     status = await conn.execute(
         "INSERT INTO offices (id, workspace_id, name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        office_id, workspace_id, name,
+        office_id,
+        workspace_id,
+        name,
     )
     return status.endswith(" 1")
 
@@ -75,7 +77,12 @@ async def insert_api_key(conn: asyncpg.Connection, record: ApiKeyRecord) -> None
     await conn.execute(
         "INSERT INTO api_keys (id, workspace_id, office_id, name, key_hash, last4, rate_limit_rpm) "
         "VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        record.id, record.workspace_id, record.office_id, record.name, record.key_hash, record.last4,
+        record.id,
+        record.workspace_id,
+        record.office_id,
+        record.name,
+        record.key_hash,
+        record.last4,
         record.rate_limit_rpm,
     )
 
@@ -96,7 +103,8 @@ async def revoke_api_key(conn: asyncpg.Connection, workspace_id: str, key_id: st
     row = await conn.fetchrow(
         f"UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 AND workspace_id = $2 "
         f"RETURNING {_KEY_COLUMNS}",
-        key_id, workspace_id,
+        key_id,
+        workspace_id,
     )
     return ApiKeyRecord(**row) if row else None
 
@@ -117,12 +125,17 @@ async def grant(
         inserted = await conn.fetchval(
             "INSERT INTO grants (workspace_id, grant_id, kind, amount_micro, event_id) VALUES ($1, $2, $3, $4, $5) "
             "ON CONFLICT DO NOTHING RETURNING created_at",
-            workspace_id, grant_id, kind, amount_micro, event_id,
+            workspace_id,
+            grant_id,
+            kind,
+            amount_micro,
+            event_id,
         )
         if inserted is None:
             prior = await conn.fetchrow(
                 "SELECT kind, amount_micro, event_id, pg_version FROM grants WHERE workspace_id = $1 AND grant_id = $2",
-                workspace_id, grant_id,
+                workspace_id,
+                grant_id,
             )
             if prior["amount_micro"] != amount_micro or prior["kind"] != kind:
                 raise GrantConflict(grant_id)
@@ -131,16 +144,24 @@ async def grant(
             "INSERT INTO accounts AS a (workspace_id, balance_micro, version) VALUES ($1, $2, 1) "
             "ON CONFLICT (workspace_id) DO UPDATE SET balance_micro = a.balance_micro + EXCLUDED.balance_micro, "
             "version = a.version + 1, updated_at = now() RETURNING balance_micro, version",
-            workspace_id, amount_micro,
+            workspace_id,
+            amount_micro,
         )
         await conn.execute(
             "INSERT INTO ledger (event_id, created_at, kind, status, workspace_id, cost_micro, "
             "balance_impact_micro, balance_after_micro) VALUES ($1, $2, $3, 'completed', $4, 0, $5, $6)",
-            event_id, inserted, kind, workspace_id, amount_micro, account["balance_micro"],
+            event_id,
+            inserted,
+            kind,
+            workspace_id,
+            amount_micro,
+            account["balance_micro"],
         )
         await conn.execute(
             "UPDATE grants SET pg_version = $3 WHERE workspace_id = $1 AND grant_id = $2",
-            workspace_id, grant_id, account["version"],
+            workspace_id,
+            grant_id,
+            account["version"],
         )
         return GrantResult(grant_id, event_id, amount_micro, kind, created=True, pg_version=account["version"])
 

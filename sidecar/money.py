@@ -24,7 +24,7 @@ class MoneyError(ValueError):
 def parse_decimal_scaled(text: str, decimals: int) -> int:
     """Parse a non-negative decimal string exactly into an integer scaled by 10**decimals."""
     if not isinstance(text, str):
-        raise MoneyError(f"must be a decimal string like \"2.50\", got {type(text).__name__} {text!r}")
+        raise MoneyError(f'must be a decimal string like "2.50", got {type(text).__name__} {text!r}')
     match = _DECIMAL_RE.match(text.strip())
     if match is None:
         raise MoneyError(f"must be a non-negative decimal string with at most {decimals} decimals, got {text!r}")

@@ -118,9 +118,15 @@ async def create_key(request: web.Request) -> web.Response:
             raise AdminError(404, f"office {office!r} does not exist in this workspace", "office_not_found")
         raw = new_key()
         record = db.ApiKeyRecord(
-            id=f"key_{secrets.token_hex(8)}", workspace_id=ws, office_id=office,
-            name=str(payload.get("name") or "default")[:200], key_hash=hash_key(raw), last4=raw[-4:],
-            rate_limit_rpm=rpm, created_at=None, revoked_at=None,
+            id=f"key_{secrets.token_hex(8)}",
+            workspace_id=ws,
+            office_id=office,
+            name=str(payload.get("name") or "default")[:200],
+            key_hash=hash_key(raw),
+            last4=raw[-4:],
+            rate_limit_rpm=rpm,
+            created_at=None,
+            revoked_at=None,
         )
         await db.insert_api_key(conn, record)
     return _json({**_key_view(record), "key": raw}, 201)
@@ -169,10 +175,17 @@ async def grant(request: web.Request) -> web.Response:
     try:
         result = await svc.balances.grant(ws, grant_id, kind, amount)
     except db.GrantConflict:
-        raise AdminError(409, "this grant_id was already used with a different amount or kind", "grant_conflict") \
-            from None
-    body = {"grant_id": grant_id, "event_id": str(result.event_id), "kind": kind, "amount_micro": amount,
-            "amount": format_micro(amount), "created": result.created}
+        raise AdminError(
+            409, "this grant_id was already used with a different amount or kind", "grant_conflict"
+        ) from None
+    body = {
+        "grant_id": grant_id,
+        "event_id": str(result.event_id),
+        "kind": kind,
+        "amount_micro": amount,
+        "amount": format_micro(amount),
+        "created": result.created,
+    }
     return _json(body, 201 if result.created else 200)
 
 
@@ -183,15 +196,17 @@ async def balance(request: web.Request) -> web.Response:
     account = await svc.state.account(ws)
     async with svc.pool.acquire() as conn:
         settled_micro, _ = await db.account_snapshot(conn, ws)
-    return _json({
-        "workspace_id": ws,
-        "balance_micro": account.balance_micro,
-        "held_micro": account.held_micro,
-        "available_micro": account.available_micro,
-        "balance": format_micro(account.balance_micro),
-        "available": format_micro(account.available_micro),
-        "ledger_balance_micro": settled_micro,  # what Postgres has flushed so far
-    })
+    return _json(
+        {
+            "workspace_id": ws,
+            "balance_micro": account.balance_micro,
+            "held_micro": account.held_micro,
+            "available_micro": account.available_micro,
+            "balance": format_micro(account.balance_micro),
+            "available": format_micro(account.available_micro),
+            "ledger_balance_micro": settled_micro,  # what Postgres has flushed so far
+        }
+    )
 
 
 def build_control_app(svc: Services) -> web.Application:

@@ -16,8 +16,22 @@ import orjson
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 _FIELDS = (
-    "workspace_id", "key_id", "model", "provider", "status", "http_status", "cost_micro", "duration_ms",
-    "migration", "pg_version", "error", "outcome", "rows", "holds", "port", "url",
+    "workspace_id",
+    "key_id",
+    "model",
+    "provider",
+    "status",
+    "http_status",
+    "cost_micro",
+    "duration_ms",
+    "migration",
+    "pg_version",
+    "error",
+    "outcome",
+    "rows",
+    "holds",
+    "port",
+    "url",
 )
 
 

@@ -19,27 +19,41 @@ class Metrics:
             "sidecar_requests", "Calls by route, model and HTTP status", ["route", "model", "status"], registry=r
         )
         self.upstream_latency = Histogram(
-            "sidecar_upstream_latency_seconds", "Upstream call duration", ["provider"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "sidecar_upstream_latency_seconds",
+            "Upstream call duration",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.upstream_ttfb = Histogram(
-            "sidecar_upstream_ttfb_seconds", "Upstream time to first byte", ["provider"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "sidecar_upstream_ttfb_seconds",
+            "Upstream time to first byte",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.overhead = Histogram(
-            "sidecar_overhead_seconds", "Time spent in the sidecar before forwarding (auth, admission)",
-            buckets=_OVERHEAD_BUCKETS, registry=r,
+            "sidecar_overhead_seconds",
+            "Time spent in the sidecar before forwarding (auth, admission)",
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
         )
-        self.tokens = Counter("sidecar_tokens", "Tokens billed, by model and class", ["model", "token_class"], registry=r)
+        self.tokens = Counter(
+            "sidecar_tokens", "Tokens billed, by model and class", ["model", "token_class"], registry=r
+        )
         self.debited = Counter("sidecar_credits_debited_micro", "Micro-credits debited", ["model"], registry=r)
         self.holds_active = Gauge("sidecar_holds_active", "Holds taken by this process and not yet settled", registry=r)
         self.payment_required = Counter("sidecar_payment_required", "402 answers", ["route"], registry=r)
-        self.rate_limited = Counter("sidecar_rate_limited", "429 answers from the sidecar's limiter", ["route"], registry=r)
+        self.rate_limited = Counter(
+            "sidecar_rate_limited", "429 answers from the sidecar's limiter", ["route"], registry=r
+        )
         self.settlements = Counter("sidecar_settlements", "Settled calls by outcome", ["status"], registry=r)
         self.ledger_lag = Gauge("sidecar_ledger_stream_lag", "Ledger events in Redis not yet in Postgres", registry=r)
         self.flush_batch_rows = Histogram(
-            "sidecar_ledger_flush_batch_rows", "Rows inserted per flush batch",
-            buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 5000), registry=r,
+            "sidecar_ledger_flush_batch_rows",
+            "Rows inserted per flush batch",
+            buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 5000),
+            registry=r,
         )
         self.flush_duration = Histogram(
             "sidecar_ledger_flush_duration_seconds", "Flush batch duration", buckets=_LATENCY_BUCKETS, registry=r

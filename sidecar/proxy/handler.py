@@ -205,8 +205,12 @@ def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitRes
         headers = _rate_headers(limit, 0, result.reset_ms)
         headers["Retry-After"] = str(-(-result.retry_after_ms // 1000))
         headers["retry-after-ms"] = str(result.retry_after_ms)
-        raise SidecarError("rate_limited", f"rate limit of {limit} requests per minute reached",
-                           code="rate_limit_exceeded", headers=headers)
+        raise SidecarError(
+            "rate_limited",
+            f"rate limit of {limit} requests per minute reached",
+            code="rate_limit_exceeded",
+            headers=headers,
+        )
     if outcome is Admission.INSUFFICIENT:
         svc.metrics.payment_required.labels(ROUTE_CHAT).inc()
         error = payment_required()
@@ -215,11 +219,13 @@ def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitRes
     if outcome is Admission.DUPLICATE:
         return result
     if outcome is Admission.IN_PROGRESS:
-        raise SidecarError("conflict", "a request with this Idempotency-Key is still in progress",
-                           code="idempotency_key_in_use")
+        raise SidecarError(
+            "conflict", "a request with this Idempotency-Key is still in progress", code="idempotency_key_in_use"
+        )
     if outcome is Admission.IDEMPOTENCY_CONFLICT:
-        raise SidecarError("conflict", "this Idempotency-Key was used with a different request body",
-                           code="idempotency_key_reused")
+        raise SidecarError(
+            "conflict", "this Idempotency-Key was used with a different request body", code="idempotency_key_reused"
+        )
     assert outcome is Admission.BACKLOG, outcome
     raise SidecarError("unavailable", "the ledger is behind; retry shortly", code="ledger_backlog")
 
@@ -234,11 +240,18 @@ def _rate_headers(limit: int, remaining: int, reset_ms: int) -> dict[str, str]:
 
 def _replay(result: AdmitResult, call: Call) -> web.Response:
     if result.replay_status == 0:
-        raise SidecarError("conflict", "this Idempotency-Key already completed; its response was too large to replay",
-                           code="idempotency_key_used")
+        raise SidecarError(
+            "conflict",
+            "this Idempotency-Key already completed; its response was too large to replay",
+            code="idempotency_key_used",
+        )
     headers = {"x-request-id": call.request_id, "Idempotent-Replayed": "true"}
-    return web.Response(status=result.replay_status, body=result.replay_body,
-                        content_type=result.replay_content_type or "application/json", headers=headers)
+    return web.Response(
+        status=result.replay_status,
+        body=result.replay_body,
+        content_type=result.replay_content_type or "application/json",
+        headers=headers,
+    )
 
 
 # --- forward and relay ------------------------------------------------------------------------------
@@ -248,8 +261,9 @@ class ClientGone(Exception):
     """The client closed its connection while the response was relayed."""
 
 
-async def _forward(request: web.Request, svc: Services, call: Call, parsed: chat.ChatRequest,
-                   upstream_body: bytes) -> web.StreamResponse:
+async def _forward(
+    request: web.Request, svc: Services, call: Call, parsed: chat.ChatRequest, upstream_body: bytes
+) -> web.StreamResponse:
     provider = svc.config.providers[call.model.provider]
     session = svc.upstreams.session(provider.name)
     if call.idempotency_key:
@@ -266,8 +280,9 @@ async def _forward(request: web.Request, svc: Services, call: Call, parsed: chat
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         await _settle(svc, call, "failed", None, error=f"upstream unreachable: {type(exc).__name__}")
         kind = "timeout" if isinstance(exc, TimeoutError) else "upstream"
-        raise SidecarError(kind, "the provider did not answer; nothing was charged", code="upstream_unavailable") \
-            from None
+        raise SidecarError(
+            kind, "the provider did not answer; nothing was charged", code="upstream_unavailable"
+        ) from None
     svc.metrics.upstream_ttfb.labels(provider.name).observe(time.perf_counter() - sent_at)
     try:
         if upstream.status >= 400:
@@ -287,8 +302,11 @@ async def _relay_upstream_error(svc: Services, call: Call, upstream: aiohttp.Cli
     if upstream.status in (401, 403):
         # The platform's own credentials were refused. The provider's message may quote part of
         # the key, and the client's key is fine: say so in our words.
-        raise SidecarError("upstream", "the provider refused the platform credentials; nothing was charged",
-                           code="upstream_auth_failed")
+        raise SidecarError(
+            "upstream",
+            "the provider refused the platform credentials; nothing was charged",
+            code="upstream_auth_failed",
+        )
     headers = {**call.rate_headers, "x-request-id": call.request_id}
     for name in ("retry-after", "retry-after-ms"):
         if name in upstream.headers:
@@ -301,13 +319,16 @@ async def _relay_body(svc: Services, call: Call, upstream: aiohttp.ClientRespons
         body = await _read_bounded(upstream, svc.config.upstream.total_timeout_ms / 1000)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         await _settle(svc, call, "failed", None, error=f"upstream broke: {type(exc).__name__}")
-        raise SidecarError("upstream", "the provider's answer broke off; nothing was charged",
-                           code="upstream_error") from None
+        raise SidecarError(
+            "upstream", "the provider's answer broke off; nothing was charged", code="upstream_error"
+        ) from None
     usage = chat.usage_from_body(body)
     estimated = usage is None
     if usage is None:  # a provider that sent no usage: estimate, flag, and still cap at the hold
         usage = _estimate(call, output_chars=len(body))
-    settled = await _settle(svc, call, "completed", usage, estimated=estimated, response=(200, "application/json", body))
+    settled = await _settle(
+        svc, call, "completed", usage, estimated=estimated, response=(200, "application/json", body)
+    )
     headers = {**call.rate_headers, "x-request-id": call.request_id}
     if settled is not None:
         headers["x-sidecar-cost-micro"] = str(settled.charged_micro)
@@ -328,8 +349,9 @@ async def _read_bounded(upstream: aiohttp.ClientResponse, timeout_s: float) -> b
     return b"".join(parts)
 
 
-async def _relay_stream(request: web.Request, svc: Services, call: Call, parsed: chat.ChatRequest,
-                        upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _relay_stream(
+    request: web.Request, svc: Services, call: Call, parsed: chat.ChatRequest, upstream: aiohttp.ClientResponse
+) -> web.StreamResponse:
     response = web.StreamResponse(
         status=200,
         headers={
@@ -364,8 +386,9 @@ async def _relay_stream(request: web.Request, svc: Services, call: Call, parsed:
     return response
 
 
-async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse, stream: chat.StreamState,
-                call: Call) -> None:
+async def _pump(
+    upstream: aiohttp.ClientResponse, response: web.StreamResponse, stream: chat.StreamState, call: Call
+) -> None:
     framer = SSEFramer()
     async for chunk in upstream.content.iter_any():
         events = framer.feed(chunk)
@@ -388,8 +411,11 @@ def body_of(call: Call) -> bytes | None:
 
 
 def _stream_error_event(message: str) -> bytes:
-    return b"data: " + orjson.dumps({"error": {"message": message, "type": "api_error", "param": None,
-                                               "code": "upstream_error"}}) + b"\n\n"
+    return (
+        b"data: "
+        + orjson.dumps({"error": {"message": message, "type": "api_error", "param": None, "code": "upstream_error"}})
+        + b"\n\n"
+    )
 
 
 async def _try_write(response: web.StreamResponse, data: bytes) -> None:
@@ -406,26 +432,35 @@ async def _try_write_eof(response: web.StreamResponse) -> None:
         pass
 
 
-async def _settle_stream(svc: Services, call: Call, stream: chat.StreamState, status: str, error: str | None,
-                         relayed: bytes | None) -> None:
+async def _settle_stream(
+    svc: Services, call: Call, stream: chat.StreamState, status: str, error: str | None, relayed: bytes | None
+) -> None:
     usage, estimated = stream.usage, False
     if usage is None and (status == "cancelled" or svc.config.billing.bill_observed_on_upstream_failure):
         # No usage chunk: estimate what was observed (input from the request, output from the text
         # relayed), and flag the row as estimated.
         usage, estimated = _estimate(call, output_chars=stream.content_chars), True
-    await _settle(svc, call, status, usage, estimated=estimated, error=error,
-                  response=(200, "text/event-stream", relayed) if relayed is not None else None)
+    await _settle(
+        svc,
+        call,
+        status,
+        usage,
+        estimated=estimated,
+        error=error,
+        response=(200, "text/event-stream", relayed) if relayed is not None else None,
+    )
 
 
 def _estimate(call: Call, output_chars: int) -> Usage:
-    return Usage(input_tokens=chat.estimate_tokens(call.request_bytes), output_tokens=chat.estimate_tokens(output_chars))
+    return Usage(
+        input_tokens=chat.estimate_tokens(call.request_bytes), output_tokens=chat.estimate_tokens(output_chars)
+    )
 
 
 # --- settlement -------------------------------------------------------------------------------------
 
 
-def _event(call: Call, status: str, usage: Usage, upstream_cost_micro: int, estimated: bool,
-           error: str | None) -> dict:
+def _event(call: Call, status: str, usage: Usage, upstream_cost_micro: int, estimated: bool, error: str | None) -> dict:
     caller, model = call.caller, call.model
     return {
         "event_id": str(uuid.UUID(call.request_id)),
@@ -456,8 +491,15 @@ def _event(call: Call, status: str, usage: Usage, upstream_cost_micro: int, esti
     }
 
 
-async def _settle(svc: Services, call: Call, status: str, usage: Usage | None, estimated: bool = False,
-                  error: str | None = None, response: tuple[int, str, bytes] | None = None) -> SettleResult | None:
+async def _settle(
+    svc: Services,
+    call: Call,
+    status: str,
+    usage: Usage | None,
+    estimated: bool = False,
+    error: str | None = None,
+    response: tuple[int, str, bytes] | None = None,
+) -> SettleResult | None:
     """Settle in a task of its own: a handler cancelled by a disconnecting client cannot stop it."""
     task = asyncio.ensure_future(_settle_now(svc, call, status, usage or Usage(), estimated, error, response))
     svc.settling.add(task)
@@ -465,8 +507,15 @@ async def _settle(svc: Services, call: Call, status: str, usage: Usage | None, e
     return await asyncio.shield(task)
 
 
-async def _settle_now(svc: Services, call: Call, status: str, usage: Usage, estimated: bool, error: str | None,
-                      response: tuple[int, str, bytes] | None) -> SettleResult | None:
+async def _settle_now(
+    svc: Services,
+    call: Call,
+    status: str,
+    usage: Usage,
+    estimated: bool,
+    error: str | None,
+    response: tuple[int, str, bytes] | None,
+) -> SettleResult | None:
     config, pricing, caller = svc.config, svc.config.pricing, call.caller
     billable = status in ("completed", "cancelled") or (
         status == "failed" and config.billing.bill_observed_on_upstream_failure
@@ -481,9 +530,17 @@ async def _settle_now(svc: Services, call: Call, status: str, usage: Usage, esti
     for _ in range(SETTLE_ATTEMPTS):
         try:
             result = await svc.state.settle(
-                ws=caller.workspace_id, key_id=caller.key_id, hold_id=call.request_id, cost_micro=cost_micro,
-                billed=True, event=event, idempotency_key=call.idempotency_key,
-                keep_outcome=status != "failed", status=replay_status, content_type=content_type, body=body,
+                ws=caller.workspace_id,
+                key_id=caller.key_id,
+                hold_id=call.request_id,
+                cost_micro=cost_micro,
+                billed=True,
+                event=event,
+                idempotency_key=call.idempotency_key,
+                keep_outcome=status != "failed",
+                status=replay_status,
+                content_type=content_type,
+                body=body,
                 idempotency_ttl_ms=config.billing.idempotency_ttl_ms,
             )
             break
@@ -504,22 +561,35 @@ async def _settle_now(svc: Services, call: Call, status: str, usage: Usage, esti
     if result.resolved_now and result.charged_micro:
         model = call.model.name
         svc.metrics.debited.labels(model).inc(result.charged_micro)
-        for token_class in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_5m_tokens",
-                            "cache_write_1h_tokens"):
+        for token_class in (
+            "input_tokens",
+            "output_tokens",
+            "cache_read_tokens",
+            "cache_write_5m_tokens",
+            "cache_write_1h_tokens",
+        ):
             count = getattr(usage, token_class)
             if count:
                 svc.metrics.tokens.labels(model, token_class.removesuffix("_tokens")).inc(count)
-    log.info("call settled", extra={
-        "workspace_id": caller.workspace_id, "key_id": caller.key_id, "model": call.model.name, "status": status,
-        "cost_micro": result.charged_micro, "duration_ms": _now_ms() - call.started_ms,
-    })
+    log.info(
+        "call settled",
+        extra={
+            "workspace_id": caller.workspace_id,
+            "key_id": caller.key_id,
+            "model": call.model.name,
+            "status": status,
+            "cost_micro": result.charged_micro,
+            "duration_ms": _now_ms() - call.started_ms,
+        },
+    )
     return result
 
 
 def _error_response(error: SidecarError, call: Call) -> web.Response:
     headers = {**call.rate_headers, **error.headers, "x-request-id": call.request_id}
-    return web.Response(status=error.status, body=chat.error_body(error), content_type="application/json",
-                        headers=headers)
+    return web.Response(
+        status=error.status, body=chat.error_body(error), content_type="application/json", headers=headers
+    )
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -532,20 +602,25 @@ async def list_models(request: web.Request) -> web.Response:
     data = []
     for model in svc.config.catalog():
         sell = svc.config.pricing.price_of(model.name).sell
-        data.append({
-            "id": model.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": model.provider,
-            "aliases": list(model.aliases),
-            "max_output_tokens_default": model.default_max_output_tokens,
-            "pricing": {  # credits per 1M tokens, exact decimal strings
-                cls: _per_million(getattr(sell, cls))
-                for cls in ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
-            },
-        })
-    return web.json_response({"object": "list", "data": data}, headers={"x-request-id": call.request_id},
-                             dumps=lambda v: orjson.dumps(v).decode())
+        data.append(
+            {
+                "id": model.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": model.provider,
+                "aliases": list(model.aliases),
+                "max_output_tokens_default": model.default_max_output_tokens,
+                "pricing": {  # credits per 1M tokens, exact decimal strings
+                    cls: _per_million(getattr(sell, cls))
+                    for cls in ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+                },
+            }
+        )
+    return web.json_response(
+        {"object": "list", "data": data},
+        headers={"x-request-id": call.request_id},
+        dumps=lambda v: orjson.dumps(v).decode(),
+    )
 
 
 def _per_million(scaled: int) -> str:

@@ -64,7 +64,8 @@ class Upstreams:
         return provider.base_url + path
 
     def headers(self, provider: str, client_headers) -> dict[str, str]:
-        out = {name: client_headers[name] for name in FORWARDED_HEADERS if name in client_headers}
+        allowed = FORWARDED_HEADERS + self.config.providers[provider].forward_headers
+        out = {name: client_headers[name] for name in allowed if name in client_headers}
         out["Content-Type"] = "application/json"
         key = self._keys[provider]
         if key:

@@ -108,15 +108,29 @@ class State:
         max_unflushed: int,
     ) -> AdmitResult:
         assert ceiling_micro >= 0 and rate_limit > 0
-        idem_key = keys.idempotency(ws, key_id, idempotency_key) if idempotency_key else keys.idempotency(ws, key_id, "")
+        idem_key = (
+            keys.idempotency(ws, key_id, idempotency_key) if idempotency_key else keys.idempotency(ws, key_id, "")
+        )
         reply = await self._admit(
             keys=[
-                keys.acct(ws), keys.holds(ws), keys.hold_deadlines(ws), keys.hold_meta(ws),
-                keys.rate(ws, key_id), idem_key, keys.stream(ws),
+                keys.acct(ws),
+                keys.holds(ws),
+                keys.hold_deadlines(ws),
+                keys.hold_meta(ws),
+                keys.rate(ws, key_id),
+                idem_key,
+                keys.stream(ws),
             ],
             args=[
-                hold_id, ceiling_micro, rate_limit, window_ms, hold_ttl_ms,
-                fingerprint if idempotency_key else "", idempotency_ttl_ms, meta, max_unflushed,
+                hold_id,
+                ceiling_micro,
+                rate_limit,
+                window_ms,
+                hold_ttl_ms,
+                fingerprint if idempotency_key else "",
+                idempotency_ttl_ms,
+                meta,
+                max_unflushed,
             ],
         )
         outcome = Admission(int(reply[0]))
@@ -152,12 +166,25 @@ class State:
         idem_mode = ("keep" if keep_outcome else "drop") if idempotency_key else ""
         reply = await self._settle(
             keys=[
-                keys.acct(ws), keys.holds(ws), keys.hold_deadlines(ws), keys.hold_meta(ws),
-                keys.settled(ws), keys.stream(ws), keys.idempotency(ws, key_id, idempotency_key or ""),
+                keys.acct(ws),
+                keys.holds(ws),
+                keys.hold_deadlines(ws),
+                keys.hold_meta(ws),
+                keys.settled(ws),
+                keys.stream(ws),
+                keys.idempotency(ws, key_id, idempotency_key or ""),
             ],
             args=[
-                hold_id, cost_micro, "1" if billed else "0", event, idem_mode,
-                status, content_type, body, idempotency_ttl_ms, SETTLED_RETENTION_MS,
+                hold_id,
+                cost_micro,
+                "1" if billed else "0",
+                event,
+                idem_mode,
+                status,
+                content_type,
+                body,
+                idempotency_ttl_ms,
+                SETTLED_RETENTION_MS,
             ],
         )
         if int(reply[0]) == 2:
@@ -176,8 +203,12 @@ class State:
         return int(
             await self._sweep(
                 keys=[
-                    keys.acct(ws), keys.holds(ws), keys.hold_deadlines(ws), keys.hold_meta(ws),
-                    keys.settled(ws), keys.stream(ws),
+                    keys.acct(ws),
+                    keys.holds(ws),
+                    keys.hold_deadlines(ws),
+                    keys.hold_meta(ws),
+                    keys.settled(ws),
+                    keys.stream(ws),
                 ],
                 args=[batch_max, SETTLED_RETENTION_MS],
             )

@@ -23,6 +23,18 @@ from sidecar.state import keys
 ADMIN_TOKEN = "test-admin-token"
 PLATFORM_KEY = "sk-platform-test-0000"
 
+# The mock provider's per-request fault knobs, forwarded so tests can drive faults call by call.
+MOCK_FAULT_HEADERS = [
+    "x-mock-status",
+    "x-mock-error-code",
+    "x-mock-chunks",
+    "x-mock-delay-ms",
+    "x-mock-first-byte-delay-ms",
+    "x-mock-cut-after",
+    "x-mock-error-after",
+    "x-mock-reset",
+]
+
 PRICING = {
     "minimum_charge": "0",
     "models": {
@@ -51,7 +63,13 @@ def base_config(provider_url: str, **overrides: Any) -> dict:
         "holds": {"ttl_ms": 30000, "sweep_interval_ms": 200},
         "ledger": {"batch_max_rows": 500, "batch_max_age_ms": 20, "claim_idle_ms": 1000, "workspace_refresh_ms": 60000},
         "providers": [
-            {"name": "mock", "protocol": "openai", "base_url": provider_url, "api_key_env": "MOCK_PLATFORM_KEY"}
+            {
+                "name": "mock",
+                "protocol": "openai",
+                "base_url": provider_url,
+                "api_key_env": "MOCK_PLATFORM_KEY",
+                "forward_headers": MOCK_FAULT_HEADERS,
+            }
         ],
         "models": [
             {
@@ -141,7 +159,7 @@ class Sidecar:
             data=payload,
             headers={"Authorization": f"Bearer {ws.key}", "Content-Type": "application/json", **(headers or {})},
         ) as resp:
-            return resp.status, dict(resp.headers), await resp.read()
+            return resp.status, resp.headers.copy(), await resp.read()
 
     async def flush(self) -> None:
         """Drain every ledger stream into Postgres."""

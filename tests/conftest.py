@@ -1,0 +1,87 @@
+# ======================================================================================================
+# Base service fixtures: real Redis and Postgres (DESIGN.md §10). Helpers live in tests/support/services.py.
+#
+#   redis_url         session  SIDECAR_TEST_REDIS_URL, else the machine's Redis db 15, else a private one
+#   database_url      session  a fresh database on SIDECAR_TEST_DATABASE_URL's server, else the machine's
+#                              Postgres, else a private one; dropped at the end of the session
+#   redis_client      function redis.asyncio.Redis on redis_url, FLUSHDB'd before each test (bytes replies)
+#   private_redis     function an embedded RedisServer (AOF on) the test may kill()/restart()
+#   private_postgres  function an embedded PostgresServer the test may kill()/restart()
+# ======================================================================================================
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import redis.asyncio
+from support import services
+
+from sidecar.embedded import PostgresServer, RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with services.session_redis_url(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with services.session_database_url() as url:
+        yield url
+
+
+@pytest_asyncio.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    # Each test starts from an empty db, so no test sees another's keys.
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with services.private_redis_server(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    with services.private_postgres_server() as server:
+        yield server
+
+
+# ======================================================================================================
+# End of the base service fixtures. Fixtures for other areas go below.
+# ======================================================================================================
+
+
+# --- the sidecar under test -------------------------------------------------------------------------
+
+from support.harness import Sidecar, migrated, run_migrations_once, start_sidecar, stop_sidecar  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def migrated_database_url(database_url: str) -> str:
+    run_migrations_once(database_url)
+    return database_url
+
+
+@pytest_asyncio.fixture
+async def sidecar(
+    redis_client: redis.asyncio.Redis, redis_url: str, migrated_database_url: str
+) -> AsyncIterator[Sidecar]:
+    instance = await start_sidecar(redis_url, migrated_database_url)
+    try:
+        yield instance
+    finally:
+        await stop_sidecar(instance)
+
+
+__all__ = ["migrated"]
