@@ -26,6 +26,9 @@ from sidecar.state.store import State
 
 log = logging.getLogger("sidecar.app")
 
+REDIS_MAX_CONNECTIONS = 128
+REDIS_POOL_WAIT_S = 5.0
+
 
 async def open_services(config: Config, env: dict[str, str] | None = None) -> Services:
     if not config.redis_url or not config.database_url:
@@ -33,19 +36,22 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
             "redis_url and database_url are required (config file or SIDECAR_REDIS_URL / "
             "SIDECAR_DATABASE_URL); `sidecar dev` starts both for you"
         )
-    client = aioredis.Redis.from_url(
+    # A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing.
+    redis_pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=REDIS_POOL_WAIT_S,
         socket_timeout=5,
         socket_connect_timeout=2,
         health_check_interval=10,
-        max_connections=max(64, config.upstream.pool_size),
     )
+    client = aioredis.Redis(connection_pool=redis_pool)
     state = State(client)
-    pool = await db.create_pool(config.database_url)
-    balances = Balances(state, pool)
+    pg_pool = await db.create_pool(config.database_url)
+    balances = Balances(state, pg_pool)
     metrics = Metrics()
     flusher = Flusher(
-        client, pool, balances, config.ledger, on_batch=metrics.on_flush, on_failure=metrics.flush_failures.inc
+        client, pg_pool, balances, config.ledger, on_batch=metrics.on_flush, on_failure=metrics.flush_failures.inc
     )
     upstreams = Upstreams(config, env)
     await upstreams.start()
@@ -56,9 +62,9 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     return Services(
         config=config,
         state=state,
-        pool=pool,
+        pool=pg_pool,
         balances=balances,
-        auth=Authenticator(pool, config.auth.cache_ttl_ms),
+        auth=Authenticator(pg_pool, config.auth.cache_ttl_ms),
         upstreams=upstreams,
         metrics=metrics,
         flusher=flusher,

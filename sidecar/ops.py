@@ -29,11 +29,10 @@ async def readyz(request: web.Request) -> web.Response:
             checks["scripts"] = "ok" if await svc.state.scripts_loaded() else "not loaded"
             if checks["scripts"] != "ok":
                 await svc.state.load_scripts()
-            policy = (await svc.state.redis.config_get("maxmemory-policy")).get(b"maxmemory-policy", b"")
-            if policy not in (b"noeviction", "noeviction"):
+            policy = await _redis_setting(svc, "maxmemory-policy")
+            if policy != "noeviction":
                 warnings.append(f"redis maxmemory-policy is {policy!r}; production needs noeviction")
-            aof = (await svc.state.redis.config_get("appendonly")).get(b"appendonly", b"")
-            if aof not in (b"yes", "yes"):
+            if await _redis_setting(svc, "appendonly") != "yes":
                 warnings.append("redis appendonly is off; production needs AOF so settled events survive a restart")
     except Exception as exc:  # any failure means not ready; the type says which
         checks.setdefault("redis", f"error: {type(exc).__name__}")
@@ -48,6 +47,17 @@ async def readyz(request: web.Request) -> web.Response:
     ready = all(v == "ok" for k, v in checks.items() if k != "draining") and not svc.draining
     body = {"ready": ready, "checks": checks, "warnings": warnings}
     return web.Response(status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json")
+
+
+async def _redis_setting(svc: Services, name: str) -> str:
+    try:
+        reply = await svc.state.redis.config_get(name)
+    except Exception:  # managed Redis services often refuse CONFIG: nothing to report then
+        return "unknown"
+    for key, value in reply.items():
+        if (key.decode() if isinstance(key, bytes) else key) == name:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return "unknown"
 
 
 async def metrics(request: web.Request) -> web.Response:

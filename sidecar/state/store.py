@@ -33,7 +33,7 @@ class AdmitResult:
     reset_ms: int = 0
     retry_after_ms: int = 0
     available_micro: int = 0
-    now_ms: int = 0
+    now_us: int = 0  # Redis server time of the admission
     replay_status: int = 0
     replay_content_type: str = ""
     replay_body: bytes = b""
@@ -135,7 +135,7 @@ class State:
         )
         outcome = Admission(int(reply[0]))
         if outcome is Admission.ADMITTED:
-            return AdmitResult(outcome, remaining=int(reply[1]), reset_ms=int(reply[2]), now_ms=int(reply[6]))
+            return AdmitResult(outcome, remaining=int(reply[1]), reset_ms=int(reply[2]), now_us=int(reply[6]))
         if outcome is Admission.RATE_LIMITED:
             return AdmitResult(outcome, retry_after_ms=int(reply[1]), reset_ms=int(reply[2]))
         if outcome is Admission.INSUFFICIENT:

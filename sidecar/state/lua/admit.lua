@@ -6,7 +6,7 @@
 --       5 rl (zset of admitted calls, score = µs) 6 idem (hash)   7 stream (ledger stream)
 -- ARGV: 1 hold_id  2 ceiling_micro  3 rate_limit  4 window_ms  5 hold_ttl_ms  6 idem_fingerprint ('' = none)
 --       7 idem_ttl_ms  8 meta  9 max_unflushed (ledger backlog bound)
--- Returns: {0 admitted, remaining, reset_ms, balance, held, gen, now_ms}
+-- Returns: {0 admitted, remaining, reset_ms, balance, held, gen, now_us}
 --          {1 rate_limited, retry_after_ms, reset_ms}
 --          {2 insufficient, available}
 --          {3 duplicate, status, content_type, body}     {4 in_progress}   {5 idem_conflict}
@@ -67,4 +67,4 @@ end
 
 local oldest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
 local reset_ms = math.floor(tonumber(oldest[2]) / 1000) + window_ms
-return {0, limit - admitted - 1, reset_ms, balance, held, gen, now_ms}
+return {0, limit - admitted - 1, reset_ms, balance, held, gen, now_us}
