@@ -27,7 +27,9 @@ def parse_decimal_scaled(text: str, decimals: int) -> int:
         raise MoneyError(f'must be a decimal string like "2.50", got {type(text).__name__} {text!r}')
     match = _DECIMAL_RE.match(text.strip())
     if match is None:
-        raise MoneyError(f"must be a non-negative decimal string with at most {decimals} decimals, got {text!r}")
+        raise MoneyError(
+            f"must be a non-negative decimal string below 10^12 with at most {decimals} decimals, got {text!r}"
+        )
     whole, frac = match.group(1), match.group(2) or ""
     if len(frac) > decimals:
         raise MoneyError(f"has more than {decimals} decimals: {text!r}")
