@@ -489,7 +489,7 @@ def _stop_signals_recorded() -> Iterator[list[int]]:
         if received:
             raise KeyboardInterrupt
         received.append(signum)
-        print("stopping once the servers have started ...", file=sys.stderr, flush=True)
+        print("stopping as soon as the start is done ...", file=sys.stderr, flush=True)
 
     previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import orjson
@@ -35,7 +36,7 @@ def usage_chunk() -> bytes:
 @given(st.lists(st.integers(1, len(STREAM) - 1), max_size=30, unique=True))
 def test_any_chunking_gives_the_same_usage_and_output(cuts: list[int]) -> None:
     bounds = [0, *sorted(cuts), len(STREAM)]
-    chunks = [STREAM[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    chunks = [STREAM[a:b] for a, b in itertools.pairwise(bounds)]
     hidden, state = relay(chunks, client_wants_usage=False)
     assert state.usage == EXPECTED_USAGE and state.done and state.error is None
     assert hidden == STREAM.replace(usage_chunk(), b""), "only the usage chunk is removed"

@@ -52,13 +52,13 @@ async def test_connect_failure_costs_nothing(redis_client, redis_url, migrated_d
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
-    sidecar = await start_sidecar(redis_url, migrated_database_url)
+    sidecar = await start_sidecar(redis_url, migrated_database_url, provider_url=f"http://127.0.0.1:{dead_port}/v1")
     try:
-        sidecar.svc.config.providers["mock"].__dict__["base_url"] = f"http://127.0.0.1:{dead_port}/v1"
         ws = await sidecar.workspace(credits_micro=1_000_000)
         code, _, _ = await sidecar.chat(ws, BODY)
         assert code == 502
-        [row] = await sidecar.ledger(ws.id) if await sidecar.flush() is None else []
+        await sidecar.flush()
+        [row] = await sidecar.ledger(ws.id)
         assert (row["status"], row["cost_micro"]) == ("failed", 0)
         await sidecar.assert_identity(ws.id)
     finally:

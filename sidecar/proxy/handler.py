@@ -49,6 +49,7 @@ class Call:
 
     request_id: str
     started_ms: int
+    started_perf: float = field(default_factory=time.perf_counter)
     caller: Caller | None = None
     model: ModelConfig | None = None
     price: ModelPrice | None = None
@@ -58,6 +59,8 @@ class Call:
     session_id: str | None = None
     first_byte_ms: int | None = None
     relayed: list[bytes] | None = None  # kept only when an idempotency key asks for a replayable outcome
+    relayed_bytes: int = 0
+    relay_keep_max_bytes: int = 0
     rate_headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -106,14 +109,17 @@ async def _serve(request: web.Request, svc: Services, call: Call) -> web.StreamR
     call.hold_micro = svc.config.pricing.ceiling_micro(call.price, max_input_tokens, output_cap * parsed.choices)
     upstream_body = chat.rewrite_request(payload, parsed, call.model.upstream_model, output_cap)
 
-    started = time.perf_counter()
     admitted = await _admit(svc, call, hashlib.sha256(body).hexdigest())
     if admitted.outcome is Admission.DUPLICATE:
         return _replay(admitted, call)
-    svc.metrics.overhead.observe(time.perf_counter() - started)
     svc.metrics.holds_active.inc()
     try:
         return await _forward(request, svc, call, parsed, upstream_body)
+    except asyncio.CancelledError:
+        # Cancelled (shutdown past its drain time) before a relay step settled: settle now. If the
+        # relay already settled, this second settle changes nothing.
+        await _settle(svc, call, "cancelled", None, error="cancelled before the call finished")
+        raise
     finally:
         svc.metrics.holds_active.dec()
 
@@ -268,8 +274,10 @@ async def _forward(
     session = svc.upstreams.session(provider.name)
     if call.idempotency_key:
         call.relayed = []
+        call.relay_keep_max_bytes = svc.config.billing.idempotency_max_body_bytes
     timeouts = svc.config.upstream
     sent_at = time.perf_counter()
+    svc.metrics.overhead.observe(sent_at - call.started_perf)
     try:
         async with asyncio.timeout(timeouts.first_byte_timeout_ms / 1000):
             upstream = await session.post(
@@ -365,7 +373,10 @@ async def _relay_stream(
     stream = chat.StreamState(client_wants_usage=parsed.client_wants_usage)
     status, error = "completed", None
     try:
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except (ConnectionError, RuntimeError):
+            raise ClientGone() from None
         async with asyncio.timeout(svc.config.upstream.total_timeout_ms / 1000):
             await _pump(upstream, response, stream, call)
         if stream.error is not None:
@@ -392,18 +403,28 @@ async def _pump(
     framer = SSEFramer()
     async for chunk in upstream.content.iter_any():
         events = framer.feed(chunk)
-        if not events:
-            continue
-        out = b"".join([event.raw for event in events if stream.observe(event)])
-        if out:
-            if call.relayed is not None:
-                call.relayed.append(out)
-            try:
-                await response.write(out)
-            except (ConnectionError, RuntimeError):  # RuntimeError: aiohttp's "transport is closing"
-                raise ClientGone() from None
-        if stream.error is not None:
-            return
+        if events:
+            await _relay_events(events, response, stream, call)
+            if stream.error is not None:
+                return
+    tail = framer.flush()  # a last event without its blank line
+    if tail is not None:
+        await _relay_events([tail], response, stream, call)
+
+
+async def _relay_events(events: list, response: web.StreamResponse, stream: chat.StreamState, call: Call) -> None:
+    out = b"".join([event.raw for event in events if stream.observe(event)])
+    if not out:
+        return
+    if call.relayed is not None:
+        call.relayed.append(out)
+        call.relayed_bytes += len(out)
+        if call.relayed_bytes > call.relay_keep_max_bytes:
+            call.relayed = None  # too large to replay: remembered as done, not kept
+    try:
+        await response.write(out)
+    except (ConnectionError, RuntimeError):  # RuntimeError: aiohttp's "transport is closing"
+        raise ClientGone() from None
 
 
 def body_of(call: Call) -> bytes | None:

@@ -212,11 +212,16 @@ def chat_body(content: str = "hello there, how are you today?", **extra: Any) ->
 
 
 async def start_sidecar(
-    redis_url: str, database_url: str, provider_options: mock_provider.MockOptions | None = None, **overrides: Any
+    redis_url: str,
+    database_url: str,
+    provider_options: mock_provider.MockOptions | None = None,
+    provider_url: str | None = None,
+    **overrides: Any,
 ) -> Sidecar:
+    """`provider_url` points the sidecar elsewhere than at the mock (which still runs, for `recorded`)."""
     provider = TestServer(mock_provider.build_app(provider_options or mock_provider.MockOptions()))
     await provider.start_server()
-    config = build_config(redis_url, database_url, str(provider.make_url("/v1")), **overrides)
+    config = build_config(redis_url, database_url, provider_url or str(provider.make_url("/v1")), **overrides)
     svc = await open_services(config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY})
     data = TestServer(build_data_app(svc))
     control = TestServer(build_control_app(svc))
