@@ -109,7 +109,8 @@ async def _serve(request: web.Request, svc: Services, call: Call) -> web.StreamR
     call.hold_micro = svc.config.pricing.ceiling_micro(call.price, max_input_tokens, output_cap * parsed.choices)
     upstream_body = chat.rewrite_request(payload, parsed, call.model.upstream_model, output_cap)
 
-    admitted = await _admit(svc, call, hashlib.sha256(body).hexdigest())
+    fingerprint = hashlib.sha256(body).hexdigest() if call.idempotency_key else ""
+    admitted = await _admit(svc, call, fingerprint)
     if admitted.outcome is Admission.DUPLICATE:
         return _replay(admitted, call)
     svc.metrics.holds_active.inc()

@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+# The sidecar image: one image, every role (`sidecar serve | control | migrate`).
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# Builder: install the package and its runtime dependencies (no dev/embedded extras) into a venv.
+# Every runtime dependency ships manylinux wheels, so no compiler is needed.
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml ./
+COPY sidecar ./sidecar
+RUN /opt/venv/bin/pip install .
+
+# Runtime: the same base (the venv's interpreter path must exist), the venv, the default config.
+FROM ${PYTHON_IMAGE}
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    SIDECAR_CONFIG=/etc/sidecar/sidecar.yaml
+RUN groupadd --system --gid 10001 sidecar \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin sidecar
+COPY --from=builder /opt/venv /opt/venv
+# Defaults only: on Kubernetes the chart mounts its ConfigMap over /etc/sidecar.
+COPY config/ /etc/sidecar/
+# In a container the sidecar must listen beyond loopback.
+RUN sed -i 's/^  host: 127.0.0.1/  host: 0.0.0.0/' /etc/sidecar/sidecar.yaml \
+ && grep -q '^  host: 0.0.0.0' /etc/sidecar/sidecar.yaml
+# Numeric, so Kubernetes can verify runAsNonRoot.
+USER 10001:10001
+# 8080: data plane (serve) or admin API (control); 9090: ops (/healthz /readyz /metrics).
+EXPOSE 8080 9090
+ENTRYPOINT ["sidecar"]
+CMD ["serve", "--config", "/etc/sidecar/sidecar.yaml"]

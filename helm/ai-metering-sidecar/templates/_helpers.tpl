@@ -1,0 +1,154 @@
+{{/* Names and labels. */}}
+{{- define "sidecar.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "sidecar.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "sidecar.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "sidecar.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Selector labels of one component: include "sidecar.selectorLabels" (list . "data") */}}
+{{- define "sidecar.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "sidecar.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{- define "sidecar.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{- define "sidecar.port" -}}
+{{ dig "server" "port" 8080 .Values.config | int }}
+{{- end }}
+
+{{- define "sidecar.opsPort" -}}
+{{ dig "server" "ops_port" 9090 .Values.config | int }}
+{{- end }}
+
+{{/* server.drain_timeout_ms in whole seconds, rounded up. */}}
+{{- define "sidecar.drainSeconds" -}}
+{{ div (add (dig "server" "drain_timeout_ms" 30000 .Values.config | int) 999) 1000 }}
+{{- end }}
+
+{{/* The ConfigMap's data: sidecar.yaml and pricing.yaml. */}}
+{{- define "sidecar.configData" -}}
+sidecar.yaml: |
+  {{- toYaml .Values.config | nindent 2 }}
+pricing.yaml: |
+  {{- toYaml .Values.pricing | nindent 2 }}
+{{- end }}
+
+{{/* Pod-level settings shared by every workload. */}}
+{{- define "sidecar.podSpecCommon" -}}
+automountServiceAccountToken: false
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.serviceAccountName }}
+serviceAccountName: {{ . }}
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Container settings shared by every workload; (list . secretName). */}}
+{{- define "sidecar.containerCommon" -}}
+{{- $root := index . 0 -}}
+image: {{ include "sidecar.image" $root }}
+imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+securityContext:
+  {{- toYaml $root.Values.securityContext | nindent 2 }}
+env:
+  - name: SIDECAR_CONFIG
+    value: /etc/sidecar/sidecar.yaml
+  - name: SIDECAR_LOG_LEVEL
+    value: {{ $root.Values.logLevel | quote }}
+  {{- with $root.Values.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+envFrom:
+  - secretRef:
+      name: {{ required "secretName: an existing Secret with SIDECAR_REDIS_URL, SIDECAR_DATABASE_URL, SIDECAR_ADMIN_TOKEN and provider keys" (index . 1) }}
+  {{- with $root.Values.extraEnvFrom }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+volumeMounts:
+  - name: config
+    mountPath: /etc/sidecar
+    readOnly: true
+  - name: tmp
+    mountPath: /tmp
+{{- end }}
+
+{{/* Volumes: the config (ConfigMap name as argument) and a writable /tmp. */}}
+{{- define "sidecar.volumes" -}}
+volumes:
+  - name: config
+    configMap:
+      name: {{ . }}
+  - name: tmp
+    emptyDir: {}
+{{- end }}
+
+{{/* Pod annotations: config checksum (rolls pods on config change) and Prometheus scraping. */}}
+{{- define "sidecar.podAnnotations" -}}
+{{- $root := index . 0 -}}
+checksum/config: {{ include "sidecar.configData" $root | sha256sum }}
+{{- if $root.Values.metrics.scrapeAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ include "sidecar.opsPort" $root | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- with index . 1 }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Probes on the ops port: /readyz checks Redis and Postgres and fails while draining. */}}
+{{- define "sidecar.probes" -}}
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: ops
+  periodSeconds: 5
+  timeoutSeconds: 3
+  failureThreshold: 2
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: ops
+  initialDelaySeconds: 10
+  periodSeconds: 10
+  timeoutSeconds: 3
+  failureThreshold: 3
+{{- end }}
+
+{{/* Refuse a grace period that cannot cover preStop sleep + drain; (list . componentValues). */}}
+{{- define "sidecar.checkGrace" -}}
+{{- $root := index . 0 }}
+{{- $v := index . 1 }}
+{{- $need := add (int $v.preStopSleepSeconds) (include "sidecar.drainSeconds" $root | int) }}
+{{- if le (int $v.terminationGracePeriodSeconds) $need }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds + server.drain_timeout_ms (%d s)" (int $v.terminationGracePeriodSeconds) $need) }}
+{{- end }}
+{{- end }}
