@@ -27,7 +27,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 run: venv
-	$(BIN)/sidecar dev
+	$(BIN)/sidecar dev $(ARGS)
 
 soak: venv
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)

@@ -47,14 +47,23 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     )
     client = aioredis.Redis(connection_pool=redis_pool)
     state = State(client)
-    pg_pool = await db.create_pool(config.database_url)
+    try:
+        pg_pool = await db.create_pool(config.database_url)
+    except BaseException:
+        await client.aclose()
+        raise
     balances = Balances(state, pg_pool)
     metrics = Metrics()
     flusher = Flusher(
         client, pg_pool, balances, config.ledger, on_batch=metrics.on_flush, on_failure=metrics.flush_failures.inc
     )
     upstreams = Upstreams(config, env)
-    await upstreams.start()
+    try:
+        await upstreams.start()
+    except BaseException:
+        await pg_pool.close()
+        await client.aclose()
+        raise
     try:
         await state.load_scripts()
     except Exception:

@@ -48,6 +48,13 @@ async def _migrate(config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the runtime installed its own handlers: nothing to stop
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="sidecar", description="Metering sidecar for AI agents")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (

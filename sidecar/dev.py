@@ -22,7 +22,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,9 +41,19 @@ DEMO_GRANT_ID = "dev-initial-grant"
 DEMO_GRANT_MICRO = 10_000_000  # 10.00 credits
 # Generous, so a local load loop is not throttled, yet low enough that rate limiting is still visible.
 DEMO_KEY_RPM = 600
-# The mock accepts any bearer token but refuses none at all; this one never leaves the machine.
+# The mock refuses a call without a bearer token and takes any other; this one never leaves the machine.
 MOCK_KEY_ENV = "SIDECAR_DEV_MOCK_KEY"
 MOCK_KEY = "sk-mock-dev"
+MOCK_FAULT_HEADERS = (
+    "x-mock-status",
+    "x-mock-error-code",
+    "x-mock-chunks",
+    "x-mock-delay-ms",
+    "x-mock-first-byte-delay-ms",
+    "x-mock-cut-after",
+    "x-mock-error-after",
+    "x-mock-reset",
+)
 STOP_TIMEOUT_S = 30.0
 SDK_PROMPT = "Say hello"
 
@@ -108,6 +118,8 @@ def _port_is_free(port: int | None) -> bool:
     if not port:
         return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers themselves do, so the last run's connections lingering in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:
@@ -127,12 +139,12 @@ class Servers:
 
     redis: embedded.RedisServer | None = None
     postgres: embedded.PostgresServer | None = None
-    started: list[Any] = field(default_factory=list)
 
     def stop(self) -> None:
-        # Newest first: Postgres, the system of record, outlives nothing that may still write to it.
-        for server in reversed(self.started):
-            server.stop(timeout_s=STOP_TIMEOUT_S)
+        # Called once the runtime has flushed the ledger, so neither server holds anything still needed.
+        for server in (self.redis, self.postgres):
+            if server is not None:
+                server.stop(timeout_s=STOP_TIMEOUT_S)
 
 
 def start_servers(data_dir: Path, state: dict[str, Any], env: dict[str, str], servers: Servers) -> None:
@@ -142,13 +154,11 @@ def start_servers(data_dir: Path, state: dict[str, Any], env: dict[str, str], se
         servers.redis = embedded.start_redis(
             data_dir / "redis", port=_stored_port(state, "redis_port"), persistent=True
         )
-        servers.started.append(servers.redis)
         state["redis_port"] = servers.redis.port
     if not env.get("SIDECAR_DATABASE_URL"):
         servers.postgres = embedded.start_postgres(
             data_dir / "postgres", port=_stored_port(state, "postgres_port"), dbname="sidecar"
         )
-        servers.started.append(servers.postgres)
         state["postgres_port"] = servers.postgres.port
 
 
@@ -174,7 +184,7 @@ def _mock_upstream(base_url: str) -> Upstream:
         "base_url": base_url,
         "api_key_env": MOCK_KEY_ENV,
         # Lets a developer inject provider faults per call (see sidecar.mock_provider).
-        "forward_headers": ["x-mock-status", "x-mock-chunks", "x-mock-delay-ms", "x-mock-cut-after"],
+        "forward_headers": list(MOCK_FAULT_HEADERS),
     }
     models = [
         {"name": "gpt-4o-mini", "provider": "mock", "default_max_output_tokens": 1024},
@@ -398,6 +408,43 @@ def _on_stop_signals(callback: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, callback)
 
 
+@dataclass(frozen=True)
+class Urls:
+    redis: str
+    database: str
+
+
+def _store_urls(env: dict[str, str], servers: Servers) -> Urls:
+    return Urls(
+        redis=env.get("SIDECAR_REDIS_URL") or (servers.redis.url if servers.redis else ""),
+        database=env.get("SIDECAR_DATABASE_URL") or (servers.postgres.url if servers.postgres else ""),
+    )
+
+
+async def _banner_info(
+    args: argparse.Namespace,
+    data_dir: Path,
+    svc: Any,
+    key: str,
+    upstream: Upstream,
+    servers: Servers,
+    started_at: float,
+) -> BannerInfo:
+    account = await svc.state.account(DEMO_WORKSPACE)
+    return BannerInfo(
+        port=args.port,
+        key=key,
+        admin_token=svc.config.admin_token,
+        balance_micro=account.balance_micro if account else 0,
+        upstream=upstream,
+        database_url=svc.config.database_url,
+        psql=_psql_command(servers),
+        data_dir=data_dir,
+        embedded=[name for name, server in (("Redis", servers.redis), ("Postgres", servers.postgres)) if server],
+        startup_s=time.monotonic() - started_at,
+    )
+
+
 async def serve(
     args: argparse.Namespace,
     data_dir: Path,
@@ -418,10 +465,8 @@ async def serve(
     if received:  # a signal came between the servers' start and the line above
         early_stop.set()
 
-    redis_url = env.get("SIDECAR_REDIS_URL") or (servers.redis.url if servers.redis else "")
-    database_url = env.get("SIDECAR_DATABASE_URL") or (servers.postgres.url if servers.postgres else "")
-    await migrate_url(database_url)
-
+    urls = _store_urls(env, servers)
+    await migrate_url(urls.database)
     mock_runner: web.AppRunner | None = None
     mock_url = ""
     if not env.get("OPENAI_API_KEY") and not env.get("OPENROUTER_API_KEY"):
@@ -430,12 +475,10 @@ async def serve(
         upstream = choose_upstream(env, lambda: mock_url)
         for note in provider_notes(env, upstream):
             print(note, file=out, flush=True)
-        admin_token = _admin_token(env, state)
+        config_env = {**env, "SIDECAR_ADMIN_TOKEN": _admin_token(env, state)}
         _write_state(data_dir, state)
-        config_env = {**env, "SIDECAR_ADMIN_TOKEN": admin_token}
-        config = parse_config(
-            dev_config_raw(args.port, redis_url, database_url, upstream), PRICING, config_env, source="dev"
-        )
+        raw = dev_config_raw(args.port, urls.redis, urls.database, upstream)
+        config = parse_config(raw, PRICING, config_env, source="dev")
         svc = await open_services(config, env={**env, MOCK_KEY_ENV: MOCK_KEY})
         runtime = Runtime(svc, data_plane=True, control_plane=True)
         runtime.install_signal_handlers()
@@ -444,19 +487,7 @@ async def serve(
         try:
             await _start_runtime(runtime, args.port)
             key = await ensure_demo(svc, state, data_dir)
-            account = await svc.state.account(DEMO_WORKSPACE)
-            info = BannerInfo(
-                port=args.port,
-                key=key,
-                admin_token=admin_token,
-                balance_micro=account.balance_micro if account else 0,
-                upstream=upstream,
-                database_url=database_url,
-                psql=_psql_command(servers),
-                data_dir=data_dir,
-                embedded=[name for name, s in (("Redis", servers.redis), ("Postgres", servers.postgres)) if s],
-                startup_s=time.monotonic() - started_at,
-            )
+            info = await _banner_info(args, data_dir, svc, key, upstream, servers, started_at)
             if not runtime.stop.is_set():
                 print(render_banner(info), file=out, flush=True)
             await runtime.stop.wait()
