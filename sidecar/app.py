@@ -10,6 +10,10 @@ import signal
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar import db, sweeper
 from sidecar.auth import Authenticator
@@ -44,6 +48,10 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         socket_timeout=5,
         socket_connect_timeout=2,
         health_check_interval=10,
+        # After a Redis restart every pooled connection is dead; retry on a fresh one rather than fail
+        # the call. Safe because every script is idempotent for its call (see state/lua/*.lua).
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), 2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     client = aioredis.Redis(connection_pool=redis_pool)
     state = State(client)

@@ -167,3 +167,20 @@ async def test_load_wins_once_and_apply_is_exactly_once(redis_client) -> None:
     assert await state.apply(ws, 4, 100, "grant:b") == 0  # the same change again: no effect
     assert (await state.account(ws)).balance_micro == balance + 100
     assert await state.apply(new_ws(), 1, 5, "x") == -1
+
+
+async def test_admit_twice_for_one_call_holds_once(redis_client) -> None:
+    """A retried admission (its reply lost on a broken connection) must not hold a second time."""
+    state = State(redis_client)
+    ws = new_ws()
+    await state.load(ws, 1_000, 0)
+    hold_id = secrets.token_hex(16)
+    first = await admit(state, ws, ceiling=300, hold_id=hold_id, limit=5, idem="i", fingerprint="f")
+    again = await admit(state, ws, ceiling=300, hold_id=hold_id, limit=5, idem="i", fingerprint="f")
+    assert first.outcome is again.outcome is Admission.ADMITTED
+    assert first.remaining == again.remaining == 4
+    assert (await state.account(ws)).held_micro == 300
+    assert await redis_client.zcard(keys.rate(ws, "k1")) == 1
+    await settle(state, ws, hold_id, 100)
+    assert (await admit(state, ws, ceiling=300, hold_id=hold_id)).outcome is Admission.ALREADY_RESOLVED
+    assert (await state.account(ws)).held_micro == 0

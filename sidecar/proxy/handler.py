@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import aiohttp
+import asyncpg
 import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -35,6 +36,8 @@ from sidecar.state.store import Admission, AdmitResult, NeedLoad, SettleResult
 log = logging.getLogger("sidecar.proxy")
 
 SERVICES = web.AppKey("services", Services)
+# A Postgres that is down, starting, stopping or cut off mid-query.
+POSTGRES_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 ROUTE_CHAT = "/v1/chat/completions"
 MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
 MAX_UPSTREAM_ERROR_BYTES = 64 * 1024
@@ -129,7 +132,7 @@ async def _authenticate(request: web.Request, svc: Services) -> Caller:
     raw_key = bearer_token(request.headers.get("Authorization"))
     try:
         caller = await svc.auth.authenticate(raw_key)
-    except OSError:
+    except POSTGRES_ERRORS:
         svc.metrics.dependency_errors.labels("postgres").inc()
         raise SidecarError("unavailable", "the key store is unavailable; retry shortly") from None
     if caller is None:
@@ -194,7 +197,7 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
             if result.outcome is not Admission.NEED_LOAD:
                 return _check_admission(svc, call, result)
             await svc.balances.ensure_loaded(caller.workspace_id)
-        except (RedisError, OSError) as exc:
+        except (RedisError, *POSTGRES_ERRORS) as exc:
             svc.metrics.dependency_errors.labels("redis" if isinstance(exc, RedisError) else "postgres").inc()
             log.warning("admission unavailable", extra={"error": type(exc).__name__})
             raise SidecarError("unavailable", "metering is unavailable; nothing was charged, retry shortly") from None
@@ -229,6 +232,8 @@ def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitRes
         raise SidecarError(
             "conflict", "a request with this Idempotency-Key is still in progress", code="idempotency_key_in_use"
         )
+    if outcome is Admission.ALREADY_RESOLVED:
+        raise SidecarError("conflict", "this request was already processed", code="request_already_processed")
     if outcome is Admission.IDEMPOTENCY_CONFLICT:
         raise SidecarError(
             "conflict", "this Idempotency-Key was used with a different request body", code="idempotency_key_reused"

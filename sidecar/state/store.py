@@ -24,6 +24,7 @@ class Admission(IntEnum):
     IDEMPOTENCY_CONFLICT = 5
     NEED_LOAD = 6
     BACKLOG = 7
+    ALREADY_RESOLVED = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +109,7 @@ class State:
         max_unflushed: int,
     ) -> AdmitResult:
         assert ceiling_micro >= 0 and rate_limit > 0
-        idem_key = (
-            keys.idempotency(ws, key_id, idempotency_key) if idempotency_key else keys.idempotency(ws, key_id, "")
-        )
+        idem_key = keys.idempotency(ws, key_id, idempotency_key or "")
         reply = await self._admit(
             keys=[
                 keys.acct(ws),
@@ -120,6 +119,7 @@ class State:
                 keys.rate(ws, key_id),
                 idem_key,
                 keys.stream(ws),
+                keys.settled(ws),
             ],
             args=[
                 hold_id,

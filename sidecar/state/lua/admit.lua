@@ -4,13 +4,17 @@
 -- KEYS: 1 acct (hash: balance, held, gen, pgv)   2 holds (hash id -> amount)
 --       3 hold_dl (zset id -> deadline ms)       4 hold_meta (hash id -> event template)
 --       5 rl (zset of admitted calls, score = µs) 6 idem (hash)   7 stream (ledger stream)
+--       8 settled (zset of resolved hold ids)
 -- ARGV: 1 hold_id  2 ceiling_micro  3 rate_limit  4 window_ms  5 hold_ttl_ms  6 idem_fingerprint ('' = none)
 --       7 idem_ttl_ms  8 meta  9 max_unflushed (ledger backlog bound)
 -- Returns: {0 admitted, remaining, reset_ms, balance, held, gen, now_us}
 --          {1 rate_limited, retry_after_ms, reset_ms}
 --          {2 insufficient, available}
 --          {3 duplicate, status, content_type, body}     {4 in_progress}   {5 idem_conflict}
---          {6 need_load}   {7 backlog, stream_length}
+--          {6 need_load}   {7 backlog, stream_length}   {8 already_resolved}
+--
+-- Safe to run twice for the same hold id (a client retry after a lost reply): the second run sees
+-- its own hold and answers as the first did, without holding again.
 
 local hold_id = ARGV[1]
 local ceiling = tonumber(ARGV[2])
@@ -22,6 +26,20 @@ local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
 local window_start_us = now_us - window_ms * 1000
+
+local function admitted_reply(balance, held, gen)
+  local in_window = redis.call('ZCOUNT', KEYS[5], '(' .. window_start_us, '+inf')
+  local oldest = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. window_start_us, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local reset_ms = now_ms + window_ms
+  if oldest[2] then reset_ms = math.floor(tonumber(oldest[2]) / 1000) + window_ms end
+  return {0, math.max(limit - in_window, 0), reset_ms, balance, held, gen, now_us}
+end
+
+if redis.call('HEXISTS', KEYS[2], hold_id) == 1 then
+  local acct = redis.call('HMGET', KEYS[1], 'balance', 'held', 'gen')
+  return admitted_reply(tonumber(acct[1] or '0'), tonumber(acct[2] or '0'), acct[3] or '')
+end
+if redis.call('ZSCORE', KEYS[8], hold_id) then return {8} end
 
 if fingerprint ~= '' then
   local prior = redis.call('HMGET', KEYS[6], 'fp', 'state', 'status', 'ctype', 'body')
@@ -65,6 +83,4 @@ if fingerprint ~= '' then
   redis.call('PEXPIRE', KEYS[6], tonumber(ARGV[7]))
 end
 
-local oldest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
-local reset_ms = math.floor(tonumber(oldest[2]) / 1000) + window_ms
-return {0, limit - admitted - 1, reset_ms, balance, held, gen, now_us}
+return admitted_reply(balance, held, gen)
