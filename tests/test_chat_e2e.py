@@ -85,6 +85,7 @@ async def test_insufficient_credits_is_402_and_nothing_forwarded(sidecar: Sideca
     with pytest.raises(openai.APIStatusError) as caught:
         await client(sidecar, ws.key).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert caught.value.status_code == 402
+    assert caught.value.response.headers["x-ratelimit-remaining"] == "1000"  # a refused call uses no slot
     assert caught.value.body["code"] == "PAYMENT_REQUIRED"
     assert caught.value.body["message"] == "insufficient credits"
     assert len(sidecar.recorded) == before

@@ -224,7 +224,7 @@ def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitRes
     if outcome is Admission.INSUFFICIENT:
         svc.metrics.payment_required.labels(ROUTE_CHAT).inc()
         error = payment_required()
-        error.headers = {"x-should-retry": "false"}
+        error.headers = {**_rate_headers(limit, result.remaining, result.reset_ms), "x-should-retry": "false"}
         raise error
     if outcome is Admission.DUPLICATE:
         return result

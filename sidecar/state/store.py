@@ -139,7 +139,7 @@ class State:
         if outcome is Admission.RATE_LIMITED:
             return AdmitResult(outcome, retry_after_ms=int(reply[1]), reset_ms=int(reply[2]))
         if outcome is Admission.INSUFFICIENT:
-            return AdmitResult(outcome, available_micro=int(reply[1]))
+            return AdmitResult(outcome, available_micro=int(reply[1]), remaining=int(reply[2]), reset_ms=int(reply[3]))
         if outcome is Admission.DUPLICATE:
             return AdmitResult(
                 outcome, replay_status=int(reply[1]), replay_content_type=reply[2].decode(), replay_body=reply[3]

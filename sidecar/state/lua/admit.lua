@@ -9,7 +9,7 @@
 --       7 idem_ttl_ms  8 meta  9 max_unflushed (ledger backlog bound)
 -- Returns: {0 admitted, remaining, reset_ms, balance, held, gen, now_us}
 --          {1 rate_limited, retry_after_ms, reset_ms}
---          {2 insufficient, available}
+--          {2 insufficient, available, remaining, reset_ms}
 --          {3 duplicate, status, content_type, body}     {4 in_progress}   {5 idem_conflict}
 --          {6 need_load}   {7 backlog, stream_length}   {8 already_resolved}
 --
@@ -65,7 +65,12 @@ if ceiling > 0 then
   local acct = redis.call('HMGET', KEYS[1], 'balance', 'held', 'gen')
   if not acct[1] then return {6} end
   balance, held, gen = tonumber(acct[1]), tonumber(acct[2]), acct[3]
-  if ceiling > balance - held then return {2, balance - held} end
+  if ceiling > balance - held then
+    local oldest = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. window_start_us, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    local reset_ms = now_ms + window_ms
+    if oldest[2] then reset_ms = math.floor(tonumber(oldest[2]) / 1000) + window_ms end
+    return {2, balance - held, limit - admitted, reset_ms}
+  end
 end
 
 -- Writes. From here on the call is admitted.
