@@ -97,8 +97,7 @@ async def close_services(svc: Services) -> None:
 def build_data_app(svc: Services) -> web.Application:
     app = web.Application(client_max_size=svc.config.server.max_body_bytes)
     app[handler.SERVICES] = svc
-    app.router.add_post(handler.ROUTE_CHAT, handler.chat_completions)
-    app.router.add_get("/v1/models", handler.list_models)
+    handler.add_routes(app)
     return app
 
 

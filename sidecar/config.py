@@ -16,7 +16,7 @@ import yaml
 from sidecar.money import MoneyError, parse_credits, parse_price_per_million
 from sidecar.pricing import CostProfile, ModelPrice, TokenPrices
 
-PROTOCOLS = ("openai",)  # wire protocols a provider can speak; more come with their own modules
+PROTOCOLS = ("openai", "anthropic")  # the wire-protocol family a provider's base URL speaks
 
 
 _NEVER_FORWARDED = {
@@ -95,16 +95,33 @@ class ProviderConfig:
     base_url: str
     api_key_env: str | None
     forward_headers: tuple[str, ...] = ()  # client headers passed upstream beyond the built-in allow-list
+    openrouter: bool = False  # OpenRouter's dialect: its own request fields and attribution headers
+
+
+@dataclass(frozen=True)
+class Target:
+    """One way to serve a model: a provider, its id for the model, and the price entry to bill."""
+
+    provider: str
+    upstream_model: str
+    price: str
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    provider: str
-    upstream_model: str
+    targets: tuple[Target, ...]  # tried in order; the next one only if nothing reached the client yet
     default_max_output_tokens: int
     context_window_tokens: int | None
     aliases: tuple[str, ...] = ()
+
+    @property
+    def provider(self) -> str:
+        return self.targets[0].provider
+
+    @property
+    def upstream_model(self) -> str:
+        return self.targets[0].upstream_model
 
 
 @dataclass(frozen=True)
@@ -192,8 +209,11 @@ def _parse_providers(items: Any) -> dict[str, ProviderConfig]:
             raise ConfigError(f"{path}forward_headers: must be a list of header names")
         if {h.lower() for h in forward} & _NEVER_FORWARDED:
             raise ConfigError(f"{path}forward_headers: credentials and hop-by-hop headers are never forwarded")
+        openrouter = raw.get("openrouter", False)
+        if not isinstance(openrouter, bool):
+            raise ConfigError(f"{path}openrouter: must be true or false")
         providers[name] = ProviderConfig(
-            name, protocol, base_url, raw.get("api_key_env"), tuple(h.lower() for h in forward)
+            name, protocol, base_url, raw.get("api_key_env"), tuple(h.lower() for h in forward), openrouter
         )
     return providers
 
@@ -207,9 +227,7 @@ def _parse_models(items: Any, providers: dict[str, ProviderConfig]) -> dict[str,
         if not isinstance(raw, dict):
             raise ConfigError(f"models[{i}]: must be a mapping")
         name = _require_str(raw, "name", path)
-        provider = _require_str(raw, "provider", path)
-        if provider not in providers:
-            raise ConfigError(f"{path}provider: unknown provider {provider!r}")
+        targets = _parse_targets(raw, name, providers, path)
         cap = raw.get("default_max_output_tokens")
         if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
             raise ConfigError(f"{path}default_max_output_tokens: required, must be a positive integer")
@@ -221,8 +239,7 @@ def _parse_models(items: Any, providers: dict[str, ProviderConfig]) -> dict[str,
             raise ConfigError(f"{path}aliases: must be a list of names")
         model = ModelConfig(
             name=name,
-            provider=provider,
-            upstream_model=raw.get("upstream_model") or name,
+            targets=targets,
             default_max_output_tokens=cap,
             context_window_tokens=window,
             aliases=tuple(aliases),
@@ -234,6 +251,30 @@ def _parse_models(items: Any, providers: dict[str, ProviderConfig]) -> dict[str,
     return models
 
 
+def _parse_targets(raw: dict, name: str, providers: dict[str, ProviderConfig], path: str) -> tuple[Target, ...]:
+    """`targets: [{provider, upstream_model, price}]`, or the one-target shorthand `provider` + `upstream_model`."""
+    if "targets" in raw:
+        if "provider" in raw or "upstream_model" in raw:
+            raise ConfigError(f"{path}targets: give either targets or provider/upstream_model, not both")
+        items = raw["targets"]
+        if not isinstance(items, list) or not items or len(items) > MAX_TARGETS:
+            raise ConfigError(f"{path}targets: must be a list of 1 to {MAX_TARGETS} targets")
+    else:
+        items = [{"provider": raw.get("provider"), "upstream_model": raw.get("upstream_model")}]
+    targets = []
+    for j, item in enumerate(items):
+        where = f"{path}targets[{j}]." if "targets" in raw else path
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where.rstrip('.')}: must be a mapping")
+        provider = _require_str(item, "provider", where)
+        if provider not in providers:
+            raise ConfigError(f"{where}provider: unknown provider {provider!r}")
+        upstream = item.get("upstream_model") or name
+        targets.append(Target(provider, upstream, str(item.get("price") or name)))
+    return tuple(targets)
+
+
+MAX_TARGETS = 8
 _PRICE_CLASSES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
 
 
@@ -315,8 +356,11 @@ def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str =
     models = _parse_models(raw.get("models"), providers)
     pricing = parse_pricing(pricing_raw, "pricing")
     for model in {m.name: m for m in models.values()}.values():
-        if model.name not in pricing.models:
-            raise ConfigError(f"pricing: models.{model.name}: missing, every model needs a price")
+        for target in model.targets:
+            if target.price not in pricing.models:
+                raise ConfigError(
+                    f"pricing: models.{target.price}: missing, every model needs a price (used by model {model.name})"
+                )
     config = Config(
         redis_url=env.get("SIDECAR_REDIS_URL") or raw.get("redis_url") or "",
         database_url=env.get("SIDECAR_DATABASE_URL") or raw.get("database_url") or "",

@@ -11,16 +11,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.pricing import Usage
-from sidecar.protocols import openai_chat as chat
+from sidecar.protocols import openai_common
+from sidecar.protocols.base import RequestFacts
 from sidecar.protocols.errors import SidecarError, payment_required
+from sidecar.protocols.openai_chat import PROTOCOL as chat
 from sidecar.sse import SSEFramer
 
 STREAM = (Path(__file__).parent / "fixtures" / "openai_chat_stream.sse").read_bytes()
 EXPECTED_USAGE = Usage(input_tokens=176, output_tokens=12, cache_read_tokens=1024, reasoning_tokens=3)
 
 
-def relay(chunks: list[bytes], client_wants_usage: bool) -> tuple[bytes, chat.StreamState]:
-    framer, state, out = SSEFramer(), chat.StreamState(client_wants_usage), []
+def relay(chunks: list[bytes], client_wants_usage: bool):
+    facts = RequestFacts("m", True, None, client_wants_usage=client_wants_usage)
+    framer, state, out = SSEFramer(), chat.stream_reader(facts), []
     for chunk in chunks:
         out += [event.raw for event in framer.feed(chunk) if state.observe(event)]
     tail = framer.flush()
@@ -51,7 +54,7 @@ def test_content_is_counted_for_estimates() -> None:
 
 def test_mid_stream_error_is_seen() -> None:
     events = SSEFramer().feed(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
-    state = chat.StreamState(False)
+    state = chat.stream_reader(RequestFacts("m", True, None))
     assert state.observe(events[0]) is True
     assert state.error == "overloaded" and state.usage is None
 
@@ -68,20 +71,22 @@ def test_usage_from_a_body() -> None:
             }
         }
     )
-    assert chat.usage_from_body(body) == Usage(
+    assert chat.read_body(body).usage == Usage(
         input_tokens=10, output_tokens=10, cache_read_tokens=4, cache_write_5m_tokens=5, reasoning_tokens=2
     )
-    assert chat.usage_from_body(b"not json") is None
-    assert chat.usage_from_body(b'{"usage": null}') is None
+    assert chat.read_body(b"not json").usage is None
+    assert chat.read_body(b'{"usage": null}').usage is None
     # Nonsense counts never turn into negative or float tokens.
-    odd = chat.usage_from_object({"prompt_tokens": -5, "completion_tokens": 2.5, "prompt_tokens_details": None})
+    odd = openai_common.usage_from_object(
+        {"prompt_tokens": -5, "completion_tokens": 2.5, "prompt_tokens_details": None}
+    )
     assert odd == Usage()
 
 
 def test_rewrite_injects_cap_and_usage_and_keeps_the_rest() -> None:
     payload = {"model": "mini", "messages": [], "stream": True, "temperature": 0.2}
     parsed = chat.read_request(payload)
-    out = orjson.loads(chat.rewrite_request(payload, parsed, "gpt-4o-mini", 256))
+    out = orjson.loads(chat.rewrite_request(payload, parsed, "gpt-4o-mini", 256, to_openrouter=False))
     assert out == {
         "model": "gpt-4o-mini",
         "messages": [],
@@ -92,8 +97,13 @@ def test_rewrite_injects_cap_and_usage_and_keeps_the_rest() -> None:
     }
     assert payload["model"] == "mini", "the client's payload is not mutated"
     non_stream = {"model": "m", "messages": [], "max_tokens": 9}
-    out = orjson.loads(chat.rewrite_request(non_stream, chat.read_request(non_stream), "m", 256))
+    out = orjson.loads(chat.rewrite_request(non_stream, chat.read_request(non_stream), "m", 256, to_openrouter=False))
     assert out == {"model": "m", "messages": [], "max_tokens": 9}
+    # OpenRouter-only fields never reach another provider, and do reach OpenRouter.
+    routed = {"model": "m", "messages": [], "usage": {"include": True}, "provider": {"order": ["x"]}}
+    facts = chat.read_request(routed)
+    assert "usage" not in orjson.loads(chat.rewrite_request(routed, facts, "m", 5, to_openrouter=False))
+    assert orjson.loads(chat.rewrite_request(routed, facts, "m", 5, to_openrouter=True))["usage"] == {"include": True}
 
 
 def test_the_402_envelope() -> None:

@@ -44,6 +44,9 @@ COLUMNS = (
     "started_at",
     "first_byte_at",
     "ended_at",
+    "attempts",
+    "fallback_reason",
+    "protocol",
 )
 
 STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -110,6 +113,9 @@ def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
         _time(event.get("started_at")),
         _time(event.get("first_byte_at")) if status != "expired" else None,
         _time(event.get("ended_at")),
+        max(int(event.get("attempts", 1)), 1),
+        event.get("fallback_reason"),
+        event.get("protocol"),
     )
 
 

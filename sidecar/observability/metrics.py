@@ -25,6 +25,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.upstream_attempts = Counter(
+            "sidecar_upstream_attempts",
+            "Upstream attempts by provider and outcome (HTTP status, timeout, unreachable)",
+            ["provider", "outcome"],
+            registry=r,
+        )
         self.upstream_ttfb = Histogram(
             "sidecar_upstream_ttfb_seconds",
             "Upstream time to first byte",

@@ -16,6 +16,9 @@ from sidecar.config import Config, ProviderConfig
 log = logging.getLogger("sidecar.upstream")
 
 FORWARDED_HEADERS = ("accept", "user-agent", "openai-beta", "x-stainless-lang", "x-stainless-package-version")
+ANTHROPIC_HEADERS = ("anthropic-beta",)
+ANTHROPIC_VERSION = "2023-06-01"
+OPENROUTER_HEADERS = ("http-referer", "x-title")
 
 
 class Upstreams:
@@ -60,14 +63,19 @@ class Upstreams:
     def has_credentials(self, provider: str) -> bool:
         return not self.config.providers[provider].api_key_env or bool(self._keys[provider])
 
-    def url(self, provider: ProviderConfig, path: str) -> str:
-        return provider.base_url + path
-
-    def headers(self, provider: str, client_headers) -> dict[str, str]:
-        allowed = FORWARDED_HEADERS + self.config.providers[provider].forward_headers
+    def headers(self, provider: ProviderConfig, client_headers) -> dict[str, str]:
+        allowed = FORWARDED_HEADERS + provider.forward_headers
+        if provider.protocol == "anthropic":
+            allowed += ANTHROPIC_HEADERS
+        if provider.openrouter:
+            allowed += OPENROUTER_HEADERS
         out = {name: client_headers[name] for name in allowed if name in client_headers}
         out["Content-Type"] = "application/json"
-        key = self._keys[provider]
-        if key:
+        key = self._keys[provider.name]
+        if provider.protocol == "anthropic":
+            out["anthropic-version"] = client_headers.get("anthropic-version") or ANTHROPIC_VERSION
+            if key:
+                out["x-api-key"] = key
+        elif key:
             out["Authorization"] = f"Bearer {key}"
         return out

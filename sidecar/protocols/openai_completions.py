@@ -1,0 +1,41 @@
+"""OpenAI legacy completions (`POST /v1/completions`): chat's usage and stream, a `prompt` field."""
+
+from __future__ import annotations
+
+from sidecar.protocols import openai_common as common
+from sidecar.protocols.base import RequestFacts, StreamReader, positive_int, require_model, require_stream_flag
+from sidecar.protocols.errors import SidecarError
+from sidecar.protocols.openai_chat import ChatCompletions
+
+
+class Completions(ChatCompletions):
+    name = "openai_completions"
+    route = "/v1/completions"
+    upstream_path = "/completions"
+    cap_field = "max_tokens"  # completions has no max_completion_tokens
+
+    def read_request(self, payload: dict) -> RequestFacts:
+        model = require_model(payload)
+        prompt = payload.get("prompt")
+        if not isinstance(prompt, str | list):
+            raise SidecarError("invalid_request", "'prompt' must be a string or a list", param="prompt")
+        stream = require_stream_flag(payload)
+        options = payload.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise SidecarError("invalid_request", "'stream_options' must be an object", param="stream_options")
+        # `best_of` candidates are generated (and billed) server-side even though only `n` return.
+        choices = max(positive_int(payload, "n") or 1, positive_int(payload, "best_of") or 1)
+        prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list) else 1
+        return RequestFacts(
+            model=model,
+            stream=stream,
+            max_output_tokens=positive_int(payload, "max_tokens"),
+            choices=choices * prompts,
+            client_wants_usage=bool(stream and options and options.get("include_usage") is True),
+        )
+
+    def stream_reader(self, facts: RequestFacts) -> StreamReader:
+        return common.DataStreamReader(facts, b"text")
+
+
+PROTOCOL = Completions()

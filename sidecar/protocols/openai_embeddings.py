@@ -1,0 +1,43 @@
+"""OpenAI embeddings (`POST /v1/embeddings`): never streamed, input-only pricing."""
+
+from __future__ import annotations
+
+from sidecar.pricing import Usage
+from sidecar.protocols import openai_common as common
+from sidecar.protocols.base import BodyFacts, Protocol, RequestFacts, StreamReader, loads_object, require_model
+from sidecar.protocols.errors import SidecarError
+
+
+class Embeddings(Protocol):
+    name = "openai_embeddings"
+    route = "/v1/embeddings"
+    upstream_path = "/embeddings"
+    family = "openai"
+    has_output = False
+
+    def read_request(self, payload: dict) -> RequestFacts:
+        model = require_model(payload)
+        if not isinstance(payload.get("input"), str | list):
+            raise SidecarError("invalid_request", "'input' must be a string or a list", param="input")
+        if payload.get("stream"):
+            raise SidecarError("invalid_request", "embeddings cannot be streamed", param="stream")
+        return RequestFacts(model=model, stream=False, max_output_tokens=None)
+
+    def read_body(self, body: bytes) -> BodyFacts:
+        payload = loads_object(body) or {}
+        usage = common.usage_from_object(payload.get("usage"))
+        if usage is not None:
+            usage = Usage(input_tokens=usage.total_input_tokens)  # embeddings produce no output tokens
+        return BodyFacts(usage, common.model_of(payload))
+
+    def stream_reader(self, facts: RequestFacts) -> StreamReader:
+        raise AssertionError("embeddings are never streamed")
+
+    def error_body(self, error: SidecarError) -> bytes:
+        return common.error_body(error)
+
+    def stream_error(self, message: str) -> bytes:
+        return common.stream_error(message)
+
+
+PROTOCOL = Embeddings()

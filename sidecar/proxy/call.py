@@ -1,0 +1,56 @@
+"""One call's state as it moves through the lifecycle."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from sidecar.auth import Caller
+from sidecar.config import ModelConfig, Target
+from sidecar.pricing import ModelPrice
+from sidecar.protocols.base import Protocol
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class Call:
+    protocol: Protocol
+    request_id: str
+    started_ms: int
+    started_perf: float = field(default_factory=time.perf_counter)
+    caller: Caller | None = None
+    model: ModelConfig | None = None
+    targets: tuple[Target, ...] = ()
+    target: Target | None = None  # the target being tried, then the one that served
+    price: ModelPrice | None = None  # the served target's price (or the model OpenRouter says it used)
+    served_model: str | None = None
+    attempts: int = 0
+    fallback_reason: str | None = None
+    hold_micro: int = 0
+    output_cap: int = 0
+    request_bytes: int = 0
+    idempotency_key: str | None = None
+    session_id: str | None = None
+    first_byte_ms: int | None = None
+    relayed: list[bytes] | None = None  # kept only when an idempotency key asks for a replayable outcome
+    relayed_bytes: int = 0
+    relay_keep_max_bytes: int = 0
+    rate_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def provider(self) -> str:
+        return self.target.provider if self.target else self.model.provider
+
+    def keep_relayed(self, out: bytes) -> None:
+        if self.relayed is None:
+            return
+        self.relayed.append(out)
+        self.relayed_bytes += len(out)
+        if self.relayed_bytes > self.relay_keep_max_bytes:
+            self.relayed = None  # too large to replay: remembered as done, not kept
+
+    def relayed_body(self) -> bytes | None:
+        return b"".join(self.relayed) if self.relayed is not None else None

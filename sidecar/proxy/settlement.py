@@ -1,0 +1,173 @@
+"""Settlement: the call's ledger event and the one Lua call that resolves its hold.
+
+Runs in a task of its own, so a handler cancelled by a disconnecting client cannot stop it half-way;
+shutdown waits for these tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import orjson
+from redis.exceptions import RedisError
+
+from sidecar.pricing import Usage
+from sidecar.proxy.call import Call, now_ms
+from sidecar.services import Services
+from sidecar.state.store import NeedLoad, SettleResult
+
+log = logging.getLogger("sidecar.proxy")
+
+SETTLE_ATTEMPTS = 5
+_TOKEN_CLASSES = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+)
+
+
+def event(call: Call, status: str, usage: Usage, upstream_cost_micro: int, estimated: bool, error: str | None) -> dict:
+    caller = call.caller
+    return {
+        "event_id": str(uuid.UUID(call.request_id)),
+        "status": status,
+        "workspace_id": caller.workspace_id,
+        "office_id": caller.office_id,
+        "key_id": caller.key_id,
+        "request_id": call.request_id,
+        "idempotency_key": call.idempotency_key,
+        "session_id": call.session_id,
+        "protocol": call.protocol.name,
+        "provider": call.provider,
+        "model": call.model.name,
+        "upstream_model": call.served_model
+        or (call.target.upstream_model if call.target else call.model.upstream_model),
+        "attempts": max(call.attempts, 1),
+        "fallback_reason": call.fallback_reason,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_tokens": usage.cache_read_tokens,
+        "cache_write_5m_tokens": usage.cache_write_5m_tokens,
+        "cache_write_1h_tokens": usage.cache_write_1h_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "upstream_cost_micro": upstream_cost_micro,
+        "hold_micro": call.hold_micro,
+        "byok": False,
+        "estimated": estimated,
+        "error": error,
+        "started_at": call.started_ms,
+        "first_byte_at": call.first_byte_ms,
+        "ended_at": now_ms(),
+    }
+
+
+async def settle(
+    svc: Services,
+    call: Call,
+    status: str,
+    usage: Usage | None,
+    estimated: bool = False,
+    error: str | None = None,
+    response: tuple[int, str, bytes] | None = None,
+) -> SettleResult | None:
+    task = asyncio.ensure_future(_settle_now(svc, call, status, usage or Usage(), estimated, error, response))
+    svc.settling.add(task)
+    task.add_done_callback(svc.settling.discard)
+    return await asyncio.shield(task)
+
+
+async def _settle_now(
+    svc: Services,
+    call: Call,
+    status: str,
+    usage: Usage,
+    estimated: bool,
+    error: str | None,
+    response: tuple[int, str, bytes] | None,
+) -> SettleResult | None:
+    config, pricing, caller = svc.config, svc.config.pricing, call.caller
+    billable = status in ("completed", "cancelled") or (
+        status == "failed" and config.billing.bill_observed_on_upstream_failure
+    )
+    price = call.price or pricing.price_of(call.targets[0].price)
+    cost_micro = pricing.cost_micro(price, usage) if billable else 0
+    upstream_cost_micro = pricing.upstream_cost_micro(price, usage)
+    body_event = orjson.dumps(event(call, status, usage, upstream_cost_micro, estimated, error))
+    replay_status, content_type, body = response or (0, "", b"")
+    if len(body) > config.billing.idempotency_max_body_bytes:
+        replay_status, body = 0, b""  # remembered as done, too large to replay
+    result = await _settle_with_retries(svc, call, cost_micro, body_event, status, replay_status, content_type, body)
+    if result is None:
+        return None
+    svc.flusher.note_workspace(caller.workspace_id)
+    svc.flusher.wake()
+    _observe(svc, call, status, usage, result)
+    log.info(
+        "call settled",
+        extra={
+            "workspace_id": caller.workspace_id,
+            "key_id": caller.key_id,
+            "model": call.model.name,
+            "provider": call.provider,
+            "status": status,
+            "cost_micro": result.charged_micro,
+            "duration_ms": now_ms() - call.started_ms,
+        },
+    )
+    return result
+
+
+async def _settle_with_retries(
+    svc: Services,
+    call: Call,
+    cost_micro: int,
+    body_event: bytes,
+    status: str,
+    replay_status: int,
+    content_type: str,
+    body: bytes,
+) -> SettleResult | None:
+    caller = call.caller
+    delay_s = 0.05
+    for _ in range(SETTLE_ATTEMPTS):
+        try:
+            return await svc.state.settle(
+                ws=caller.workspace_id,
+                key_id=caller.key_id,
+                hold_id=call.request_id,
+                cost_micro=cost_micro,
+                billed=True,
+                event=body_event,
+                idempotency_key=call.idempotency_key,
+                keep_outcome=status != "failed",
+                status=replay_status,
+                content_type=content_type,
+                body=body,
+                idempotency_ttl_ms=svc.config.billing.idempotency_ttl_ms,
+            )
+        except NeedLoad:
+            await svc.balances.ensure_loaded(caller.workspace_id)
+        except (RedisError, OSError) as exc:
+            svc.metrics.dependency_errors.labels("redis").inc()
+            log.warning("settle failed, retrying", extra={"error": type(exc).__name__})
+            await asyncio.sleep(delay_s)
+            delay_s *= 4
+    # The hold stays; the sweeper voids it at its deadline and records the call as expired.
+    log.error("settlement failed; the hold will expire", extra={"status": status})
+    return None
+
+
+def _observe(svc: Services, call: Call, status: str, usage: Usage, result: SettleResult) -> None:
+    svc.metrics.settlements.labels(status).inc()
+    if not (result.resolved_now and result.charged_micro):
+        return
+    model = call.model.name
+    svc.metrics.debited.labels(model).inc(result.charged_micro)
+    for token_class in _TOKEN_CLASSES:
+        tokens = getattr(usage, token_class)
+        if tokens:
+            svc.metrics.tokens.labels(model, token_class.removesuffix("_tokens")).inc(tokens)
