@@ -68,6 +68,7 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class HoldConfig:
     ttl_ms: int = 900_000
+    settle_budget_ms: int = 60_000  # how long a call may keep retrying its settlement
     sweep_interval_ms: int = 5_000
     sweep_batch_max: int = 200
 
@@ -112,7 +113,7 @@ class ModelConfig:
     name: str
     targets: tuple[Target, ...]  # tried in order; the next one only if nothing reached the client yet
     default_max_output_tokens: int
-    context_window_tokens: int | None
+    context_window_tokens: int
     aliases: tuple[str, ...] = ()
 
     @property
@@ -232,8 +233,10 @@ def _parse_models(items: Any, providers: dict[str, ProviderConfig]) -> dict[str,
         if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
             raise ConfigError(f"{path}default_max_output_tokens: required, must be a positive integer")
         window = raw.get("context_window_tokens")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
-            raise ConfigError(f"{path}context_window_tokens: must be a positive integer")
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            # Required: it bounds the input of a call with images, audio or files, whose tokens
+            # are not bounded by their bytes, so the hold is a real worst case.
+            raise ConfigError(f"{path}context_window_tokens: required, must be a positive integer")
         aliases = raw.get("aliases") or []
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
             raise ConfigError(f"{path}aliases: must be a list of names")
@@ -385,12 +388,22 @@ def _check_limits(config: Config) -> None:
         raise ConfigError("auth.cache_ttl_ms: must be at most 5000, so a revoked key stops working within 5 s")
     if config.auth.default_rpm < 1 or config.auth.rate_window_ms < 1_000:
         raise ConfigError("auth.default_rpm / auth.rate_window_ms: must be >= 1 and >= 1000")
-    # A hold must outlive the longest call it covers, or the sweeper would void a live call's hold.
-    longest_call_ms = config.upstream.total_timeout_ms + config.server.drain_timeout_ms
+    # A hold must outlive the longest call it covers, settlement retries included, or the sweeper
+    # would void a live call's hold (and the call would go unbilled).
+    upstream = config.upstream
+    longest_call_ms = (
+        upstream.first_byte_timeout_ms
+        + upstream.total_timeout_ms
+        + config.server.drain_timeout_ms
+        + config.holds.settle_budget_ms
+    )
     if config.holds.ttl_ms <= longest_call_ms:
         raise ConfigError(
-            f"holds.ttl_ms: must exceed upstream.total_timeout_ms + server.drain_timeout_ms ({longest_call_ms})"
+            "holds.ttl_ms: must exceed upstream.first_byte_timeout_ms + upstream.total_timeout_ms + "
+            f"server.drain_timeout_ms + holds.settle_budget_ms ({longest_call_ms})"
         )
+    if config.holds.settle_budget_ms < 100:
+        raise ConfigError("holds.settle_budget_ms: must be at least 100")
     if not 1 <= config.ledger.batch_max_rows <= 10_000:
         raise ConfigError("ledger.batch_max_rows: must be between 1 and 10000")
     if config.server.max_body_bytes < 1024:

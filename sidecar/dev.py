@@ -69,6 +69,13 @@ PRICING: dict[str, Any] = {
         "mock-free": {"input": "0", "output": "0"},
         "openai/gpt-4o-mini": {"input": "0.15", "output": "0.60", "cache_read": "0.075"},
         "openai/gpt-4o": {"input": "2.50", "output": "10.00", "cache_read": "1.25"},
+        "claude-sonnet-4-5": {
+            "input": "3.00",
+            "output": "15.00",
+            "cache_read": "0.30",
+            "cache_write_5m": "3.75",
+            "cache_write_1h": "6.00",
+        },
     },
 }
 
@@ -186,12 +193,16 @@ def _mock_upstream(base_url: str) -> Upstream:
         # Lets a developer inject provider faults per call (see sidecar.mock_provider).
         "forward_headers": list(MOCK_FAULT_HEADERS),
     }
+    # The same mock also speaks Anthropic Messages, so the anthropic SDK works against `sidecar dev` too.
+    anthropic = {**provider, "name": "mock-anthropic", "protocol": "anthropic"}
+    window = {"default_max_output_tokens": 1024, "context_window_tokens": 128_000}
     models = [
-        {"name": "gpt-4o-mini", "provider": "mock", "default_max_output_tokens": 1024},
-        {"name": "gpt-4o", "provider": "mock", "default_max_output_tokens": 1024},
-        {"name": "mock-free", "provider": "mock", "upstream_model": "mock-model", "default_max_output_tokens": 1024},
+        {"name": "gpt-4o-mini", "provider": "mock", **window},
+        {"name": "gpt-4o", "provider": "mock", **window},
+        {"name": "mock-free", "provider": "mock", "upstream_model": "mock-model", **window},
+        {"name": "claude-sonnet-4-5", "provider": "mock-anthropic", **window},
     ]
-    return Upstream("mock provider (in-process)", [provider], models, "gpt-4o-mini", uses_mock=True)
+    return Upstream("mock provider (in-process)", [provider, anthropic], models, "gpt-4o-mini", uses_mock=True)
 
 
 def _openai_upstream() -> Upstream:

@@ -1,7 +1,7 @@
 """The hold sweeper: voids holds whose deadline passed and records those calls as `expired`.
 
-A hold outlives the longest call it covers (config enforces ttl > total timeout + drain), so a hold
-past its deadline belongs to a sidecar that died mid-call.
+A hold outlives the longest call it covers (config enforces it), so a hold past its deadline belongs
+to a sidecar that died mid-call.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 import asyncpg
+import orjson
 from redis.exceptions import RedisError
 
 from sidecar import db
@@ -20,12 +21,22 @@ from sidecar.state.store import State
 log = logging.getLogger("sidecar.sweeper")
 
 
+async def sweep_workspace(state: State, ws: str, batch_max: int) -> int:
+    voided = 0
+    for hold_id, meta in await state.due_holds(ws, batch_max):
+        template = orjson.loads(meta) if meta else {}
+        key_id = template.get("key_id") or ""
+        if await state.expire(ws, hold_id, "expired", key_id, template.get("idempotency_key")):
+            voided += 1
+    return voided
+
+
 async def sweep_all(state: State, pool: asyncpg.Pool, config: HoldConfig) -> int:
     async with pool.acquire() as conn:
         workspaces = await db.workspace_ids(conn)
     voided = 0
     for ws in workspaces:
-        voided += await state.sweep(ws, config.sweep_batch_max)
+        voided += await sweep_workspace(state, ws, config.sweep_batch_max)
     return voided
 
 
@@ -36,7 +47,7 @@ async def run(state: State, pool: asyncpg.Pool, config: HoldConfig, metrics: Met
             if voided:
                 metrics.holds_expired.inc(voided)
                 log.warning("voided expired holds", extra={"holds": voided})
-        except (RedisError, OSError, asyncpg.PostgresError) as exc:
+        except (RedisError, OSError, asyncpg.PostgresError, ValueError) as exc:
             log.warning("hold sweep failed; will retry", extra={"error": type(exc).__name__})
         try:
             await asyncio.wait_for(stop.wait(), config.sweep_interval_ms / 1000)

@@ -16,7 +16,7 @@ PRICING = {"models": {"m": {"input": "1", "output": "2"}}}
 def minimal(**extra) -> dict:
     return {
         "providers": [{"name": "p", "protocol": "openai", "base_url": "http://x/v1", "api_key_env": "K"}],
-        "models": [{"name": "m", "provider": "p", "default_max_output_tokens": 10}],
+        "models": [{"name": "m", "provider": "p", "default_max_output_tokens": 10, "context_window_tokens": 1000}],
         **extra,
     }
 

@@ -372,7 +372,7 @@ async def test_demo_key_is_kept_until_revoked_and_credits_granted_once(sidecar: 
 @pytest.mark.parametrize(
     ("env", "provider", "model"),
     [
-        ({}, "mock", "gpt-4o-mini"),
+        ({}, "mock,mock-anthropic", "claude-sonnet-4-5"),
         ({"OPENAI_API_KEY": "sk-x"}, "openai", "gpt-4o-mini"),
         ({"OPENROUTER_API_KEY": "sk-or-x"}, "openrouter", "openai/gpt-4o-mini"),
         ({"OPENAI_API_KEY": "sk-x", "OPENROUTER_API_KEY": "sk-or-x"}, "openai", "gpt-4o-mini"),
@@ -384,7 +384,7 @@ def test_every_provider_choice_makes_a_valid_config(env: dict, provider: str, mo
 
     config = parse_config(raw, dev.PRICING, {"SIDECAR_ADMIN_TOKEN": "t"}, source="dev")
 
-    assert list(config.providers) == [provider]
+    assert list(config.providers) == provider.split(",")
     assert config.model("gpt-4o-mini") is not None and config.model(model) is not None
     assert config.server.ops_port == 8082
 

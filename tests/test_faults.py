@@ -421,8 +421,8 @@ async def test_sidecar_killed_mid_stream_hold_expires(tmp_path, private_redis, m
         ws = await sc.workspace(credits_micro=CREDITS)
         provider_url = str(sc.provider.make_url("/v1"))
         fast_expiry = {
-            "holds": {"ttl_ms": 3000, "sweep_interval_ms": 200},
-            "upstream": {"total_timeout_ms": 1000},
+            "holds": {"ttl_ms": 3000, "sweep_interval_ms": 200, "settle_budget_ms": 400},
+            "upstream": {"total_timeout_ms": 1000, "first_byte_timeout_ms": 1000},
             "server": {"drain_timeout_ms": 500},
         }
         first = await SidecarProcess.serve(
@@ -494,8 +494,8 @@ async def test_sigterm_drains_in_flight_stream_and_flushes(tmp_path, private_red
             migrated_database_url,
             str(sc.provider.make_url("/v1")),
             server={"drain_timeout_ms": int(drain_s * 1000)},
-            upstream={"total_timeout_ms": 10_000},
-            holds={"ttl_ms": 20_000},
+            holds={"ttl_ms": 20_000, "settle_budget_ms": 2_000},
+            upstream={"total_timeout_ms": 10_000, "first_byte_timeout_ms": 2_000},
         )
         chunks = 30
         body = call_body(3, stream=True)

@@ -97,8 +97,15 @@ def test_rewrite_injects_cap_and_usage_and_keeps_the_rest() -> None:
     }
     assert payload["model"] == "mini", "the client's payload is not mutated"
     non_stream = {"model": "m", "messages": [], "max_tokens": 9}
-    out = orjson.loads(chat.rewrite_request(non_stream, chat.read_request(non_stream), "m", 256, to_openrouter=False))
+    out = orjson.loads(chat.rewrite_request(non_stream, chat.read_request(non_stream), "m", 9, to_openrouter=False))
     assert out == {"model": "m", "messages": [], "max_tokens": 9}
+    # Both caps sent: the hold is priced on the smaller, and every cap upstream is set to it, so a
+    # provider reading the other field cannot generate past the ceiling.
+    both = {"model": "m", "messages": [], "max_tokens": 1, "max_completion_tokens": 100_000}
+    facts = chat.read_request(both)
+    assert facts.max_output_tokens == 1
+    out = orjson.loads(chat.rewrite_request(both, facts, "m", facts.max_output_tokens, to_openrouter=False))
+    assert out["max_tokens"] == out["max_completion_tokens"] == 1
     # OpenRouter-only fields never reach another provider, and do reach OpenRouter.
     routed = {"model": "m", "messages": [], "usage": {"include": True}, "provider": {"order": ["x"]}}
     facts = chat.read_request(routed)

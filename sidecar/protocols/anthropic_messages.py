@@ -126,6 +126,7 @@ class Messages(Protocol):
     route = "/v1/messages"
     upstream_path = "/messages"
     family = "anthropic"
+    cap_fields = ("max_tokens",)
 
     def read_request(self, payload: dict) -> RequestFacts:
         model = require_model(payload)

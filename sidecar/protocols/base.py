@@ -32,6 +32,7 @@ class RequestFacts:
 class BodyFacts:
     usage: Usage | None
     model: str | None  # the model that actually served the call, when the response names it
+    error: str | None = None  # an error inside a 200 body (OpenRouter reports late failures so)
 
 
 class StreamReader:
@@ -50,10 +51,15 @@ class StreamReader:
     def observe(self, event: SSEEvent) -> bool:
         raise NotImplementedError
 
+    @property
+    def has_final_usage(self) -> bool:
+        """The provider's own count for the whole call has arrived."""
+        return self.usage is not None and self.done
+
     def observed(self, request_bytes: int) -> tuple[Usage, bool]:
         """What was used so far, and whether it is an estimate: the provider's usage when it sent
         one, else input estimated from the request and output from the text relayed."""
-        if self.usage is not None:
+        if self.has_final_usage:
             return self.usage, False
         return Usage(
             input_tokens=estimate_tokens(request_bytes), output_tokens=estimate_tokens(self.content_chars)
@@ -67,6 +73,7 @@ class Protocol:
     family: str  # "openai" or "anthropic": which providers can serve it
     has_output = True  # False for embeddings: input-only pricing, no output cap
     cap_field: str | None = None  # injected when the client sent no output cap
+    cap_fields: tuple[str, ...] = ()  # every field a provider may read as the output cap
 
     def read_request(self, payload: dict) -> RequestFacts:
         raise NotImplementedError
@@ -77,7 +84,12 @@ class Protocol:
         """The body sent upstream: the provider's model id and a real output cap."""
         out = dict(payload)
         out["model"] = upstream_model
-        if self.cap_field and facts.max_output_tokens is None:
+        # Every cap field the client sent is set to the one cap the hold was priced with: a provider
+        # that reads another field than we did must not generate past the ceiling.
+        sent = [name for name in self.cap_fields if name in out]
+        for name in sent:
+            out[name] = output_cap
+        if self.cap_field and not sent:
             out[self.cap_field] = output_cap
         if not to_openrouter:
             for name in OPENROUTER_ONLY_FIELDS:
@@ -99,6 +111,26 @@ class Protocol:
 
     def client_key(self, headers) -> str | None:
         return bearer_token(headers.get("Authorization"))
+
+
+# Request parts whose tokens are not bounded by their bytes (an image URL is a few bytes and
+# hundreds of tokens): their presence bounds the input by the model's context window instead.
+_MEDIA_MARKERS = (
+    b'"image_url"',
+    b'"input_audio"',
+    b'"input_image"',
+    b'"input_file"',
+    b'"file_id"',
+    b'"file_data"',
+    b'"type":"image"',
+    b'"type": "image"',
+    b'"type":"document"',
+    b'"type": "document"',
+)
+
+
+def may_carry_media(body: bytes) -> bool:
+    return any(marker in body for marker in _MEDIA_MARKERS)
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -148,9 +180,14 @@ def require_stream_flag(payload: dict) -> bool:
     return stream
 
 
+MAX_TOKEN_COUNT = 10**12  # no call uses more; a larger count from a provider is nonsense, clamped
+
+
 def count(value: object) -> int:
     """A token count from a provider: anything but a non-negative int counts as 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return min(value, MAX_TOKEN_COUNT)
+    return 0
 
 
 def estimate_tokens(chars: int) -> int:

@@ -17,6 +17,9 @@ from sidecar.protocols.base import (
 )
 from sidecar.protocols.errors import SidecarError
 
+# Text, tool-call arguments, refusals and reasoning all count as output when estimating.
+STREAMED_TEXT_KEYS = (b"content", b"arguments", b"refusal", b"reasoning_content", b"reasoning")
+
 
 class ChatCompletions(Protocol):
     name = "openai_chat"
@@ -24,6 +27,7 @@ class ChatCompletions(Protocol):
     upstream_path = "/chat/completions"
     family = "openai"
     cap_field = "max_completion_tokens"
+    cap_fields = ("max_completion_tokens", "max_tokens")
 
     def read_request(self, payload: dict) -> RequestFacts:
         model = require_model(payload)
@@ -54,10 +58,12 @@ class ChatCompletions(Protocol):
 
     def read_body(self, body: bytes) -> BodyFacts:
         payload = loads_object(body) or {}
-        return BodyFacts(common.usage_from_object(payload.get("usage")), common.model_of(payload))
+        return BodyFacts(
+            common.usage_from_object(payload.get("usage")), common.model_of(payload), common.error_of(payload)
+        )
 
     def stream_reader(self, facts: RequestFacts) -> StreamReader:
-        return common.DataStreamReader(facts, b"content")
+        return common.DataStreamReader(facts, STREAMED_TEXT_KEYS)
 
     def error_body(self, error: SidecarError) -> bytes:
         return common.error_body(error)

@@ -48,6 +48,13 @@ def usage_from_object(usage: object) -> Usage | None:
     )
 
 
+def error_of(payload: dict) -> str | None:
+    error = payload.get("error")
+    if not error:
+        return None
+    return str(error.get("message") if isinstance(error, dict) else error)[:500]
+
+
 def model_of(payload: dict) -> str | None:
     model = payload.get("model")
     return model if isinstance(model, str) and model else None
@@ -57,12 +64,16 @@ class DataStreamReader(StreamReader):
     """A chat or completions stream: `data: <json>` chunks, a usage chunk with `"choices": []` just
     before `data: [DONE]` when asked for, comments as keep-alives, errors as `{"error": ...}`."""
 
-    __slots__ = ("client_wants_usage", "text_key")
+    __slots__ = ("client_wants_usage", "text_keys")
 
-    def __init__(self, facts: RequestFacts, text_key: bytes) -> None:
+    @property
+    def has_final_usage(self) -> bool:
+        return self.usage is not None  # the usage chunk comes last, after every choice finished
+
+    def __init__(self, facts: RequestFacts, text_keys: tuple[bytes, ...]) -> None:
         super().__init__()
         self.client_wants_usage = facts.client_wants_usage
-        self.text_key = text_key
+        self.text_keys = text_keys  # the fields whose streamed text counts towards an output estimate
 
     def observe(self, event: SSEEvent) -> bool:
         data = event.data
@@ -76,7 +87,8 @@ class DataStreamReader(StreamReader):
         # Parse only what can carry usage or an error: most chunks are deltas with "usage":null.
         if b'"usage":{' in data or b'"usage": {' in data or b'"error"' in data:
             return self._observe_json(data)
-        self.content_chars += json_string_length(data, self.text_key)
+        for key in self.text_keys:
+            self.content_chars += json_string_length(data, key)
         return True
 
     def _observe_json(self, data: bytes) -> bool:

@@ -13,6 +13,7 @@ class Completions(ChatCompletions):
     route = "/v1/completions"
     upstream_path = "/completions"
     cap_field = "max_tokens"  # completions has no max_completion_tokens
+    cap_fields = ("max_tokens",)
 
     def read_request(self, payload: dict) -> RequestFacts:
         model = require_model(payload)
@@ -35,7 +36,7 @@ class Completions(ChatCompletions):
         )
 
     def stream_reader(self, facts: RequestFacts) -> StreamReader:
-        return common.DataStreamReader(facts, b"text")
+        return common.DataStreamReader(facts, (b"text",))
 
 
 PROTOCOL = Completions()

@@ -28,7 +28,7 @@ class Embeddings(Protocol):
         usage = common.usage_from_object(payload.get("usage"))
         if usage is not None:
             usage = Usage(input_tokens=usage.total_input_tokens)  # embeddings produce no output tokens
-        return BodyFacts(usage, common.model_of(payload))
+        return BodyFacts(usage, common.model_of(payload), common.error_of(payload))
 
     def stream_reader(self, facts: RequestFacts) -> StreamReader:
         raise AssertionError("embeddings are never streamed")

@@ -84,6 +84,7 @@ class Responses(Protocol):
     upstream_path = "/responses"
     family = "openai"
     cap_field = "max_output_tokens"
+    cap_fields = ("max_output_tokens",)
 
     def read_request(self, payload: dict) -> RequestFacts:
         model = require_model(payload)
@@ -97,7 +98,7 @@ class Responses(Protocol):
 
     def read_body(self, body: bytes) -> BodyFacts:
         payload = loads_object(body) or {}
-        return BodyFacts(usage_from_object(payload.get("usage")), common.model_of(payload))
+        return BodyFacts(usage_from_object(payload.get("usage")), common.model_of(payload), common.error_of(payload))
 
     def stream_reader(self, facts: RequestFacts) -> StreamReader:
         return ResponsesStreamReader()

@@ -38,6 +38,7 @@ class Call:
     relayed: list[bytes] | None = None  # kept only when an idempotency key asks for a replayable outcome
     relayed_bytes: int = 0
     relay_keep_max_bytes: int = 0
+    writing: bool = False  # a write to the client is in progress (a timeout then is the client's)
     rate_headers: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -26,7 +26,7 @@ from sidecar.config import ModelConfig, ProviderConfig, Target
 from sidecar.observability.logging import request_id_var
 from sidecar.pricing import Usage
 from sidecar.protocols import ALL as PROTOCOLS
-from sidecar.protocols.base import Protocol, RequestFacts, bearer_token, parse_json
+from sidecar.protocols.base import Protocol, RequestFacts, bearer_token, may_carry_media, parse_json
 from sidecar.protocols.errors import SidecarError, payment_required
 from sidecar.proxy.call import Call, now_ms
 from sidecar.proxy.relay import first_byte, relay_body, relay_stream, relay_upstream_error
@@ -85,7 +85,7 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
     call.output_cap = (
         (facts.max_output_tokens or call.model.default_max_output_tokens) if call.protocol.has_output else 0
     )
-    call.hold_micro = _ceiling_micro(svc, call, facts)
+    call.hold_micro = _ceiling_micro(svc, call, facts, body)
 
     fingerprint = hashlib.sha256(body).hexdigest() if call.idempotency_key else ""
     admitted = await _admit(svc, call, fingerprint)
@@ -94,11 +94,18 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
     svc.metrics.holds_active.inc()
     try:
         return await _forward(request, svc, call, payload, facts)
+    except SidecarError:
+        raise
     except asyncio.CancelledError:
         # Cancelled (shutdown past its drain time) before a relay step settled: settle now. If the
         # relay already settled, this second settle changes nothing.
         await settle(svc, call, "cancelled", None, error="cancelled before the call finished")
         raise
+    except Exception:
+        # A bug or an answer nothing foresaw: the call still ends in exactly one settlement.
+        log.exception("unexpected error after admission")
+        await settle(svc, call, "failed", None, error="internal error in the sidecar")
+        raise SidecarError("internal", "the sidecar failed to complete the call; nothing was charged") from None
     finally:
         svc.metrics.holds_active.dec()
 
@@ -149,10 +156,10 @@ def _eligible_targets(svc: Services, call: Call) -> tuple[Target, ...]:
     return usable
 
 
-def _ceiling_micro(svc: Services, call: Call, facts: RequestFacts) -> int:
+def _ceiling_micro(svc: Services, call: Call, facts: RequestFacts, body: bytes) -> int:
     """The hold: the worst case over every target the call may end up on, so a fallback never costs
     more than the client was held for."""
-    max_input_tokens = _max_input_tokens(call.request_bytes, call.model)
+    max_input_tokens = _max_input_tokens(body, call.model)
     max_output_tokens = call.output_cap * facts.choices
     pricing = svc.config.pricing
     return max(
@@ -160,12 +167,13 @@ def _ceiling_micro(svc: Services, call: Call, facts: RequestFacts) -> int:
     )
 
 
-def _max_input_tokens(request_bytes: int, model: ModelConfig) -> int:
-    # Every token covers at least one byte of the request body (byte-level BPE), and the body also
-    # holds JSON syntax, so its length bounds the input tokens. The context window bounds it too.
-    if model.context_window_tokens is None:
-        return request_bytes
-    return min(request_bytes, model.context_window_tokens)
+def _max_input_tokens(body: bytes, model: ModelConfig) -> int:
+    # Every text token covers at least one byte of the request body (byte-level BPE), and the body
+    # also holds JSON syntax, so its length bounds text input. Images, audio and files cost more
+    # tokens than their bytes (a URL is short): then only the context window bounds the input.
+    if may_carry_media(body):
+        return model.context_window_tokens
+    return min(len(body), model.context_window_tokens)
 
 
 def _header_value(request: web.Request, name: str, max_length: int) -> str | None:
@@ -205,8 +213,20 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
         except (RedisError, *POSTGRES_ERRORS) as exc:
             svc.metrics.dependency_errors.labels("redis" if isinstance(exc, RedisError) else "postgres").inc()
             log.warning("admission unavailable", extra={"error": type(exc).__name__})
+            await _void_lost_admission(svc, call)
             raise SidecarError("unavailable", "metering is unavailable; nothing was charged, retry shortly") from None
     raise SidecarError("unavailable", "could not load the workspace balance; retry shortly")
+
+
+async def _void_lost_admission(svc: Services, call: Call) -> None:
+    """The admission script may have run though its reply was lost: release that hold now (best
+    effort; otherwise the sweeper does at its deadline), so nothing stays held for a call never sent."""
+    try:
+        await svc.state.expire(
+            call.caller.workspace_id, call.request_id, "failed", call.caller.key_id, call.idempotency_key
+        )
+    except (RedisError, OSError):
+        pass
 
 
 def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitResult:

@@ -62,6 +62,10 @@ async def relay_body(svc: Services, call: Call, upstream: aiohttp.ClientResponse
         ) from None
     facts = call.protocol.read_body(body)
     call.served_model = facts.model or call.served_model
+    if facts.error is not None and facts.usage is None:
+        # A 200 that carries an error (OpenRouter reports late failures so): nothing was served.
+        await settle(svc, call, "failed", None, error=f"provider error in a 200 body: {facts.error}")
+        return web.Response(status=200, body=body, content_type="application/json", headers=base_headers(call))
     usage, estimated = facts.usage, facts.usage is None
     if usage is None:  # a provider that sent no usage: estimate, flag, and still cap at the hold
         usage = Usage(input_tokens=estimate_tokens(call.request_bytes), output_tokens=estimate_tokens(len(body)))
@@ -109,7 +113,7 @@ async def relay_stream(
             await _pump(upstream, response, reader, call)
         if reader.error is not None:
             status, error = "failed", f"provider error mid-stream: {reader.error}"
-        elif not reader.done and reader.usage is None:
+        elif not (reader.done or reader.has_final_usage):
             status, error = "failed", "upstream stream ended before completion"
     except ClientGone:
         status, error = "cancelled", "client disconnected"
@@ -117,8 +121,13 @@ async def relay_stream(
         await _settle_stream(svc, call, reader, "cancelled", "client disconnected")
         raise
     except (aiohttp.ClientError, TimeoutError, OSError, SSEError) as exc:
-        status, error = "failed", f"upstream broke mid-stream: {type(exc).__name__}"
-        await _try(response.write(call.protocol.stream_error("the provider's stream broke off")))
+        if isinstance(exc, TimeoutError) and call.writing:  # the client read too slowly: it left, in effect
+            status, error = "cancelled", "client too slow to read the stream"
+        elif reader.has_final_usage:  # the provider finished and counted: only the tail was lost
+            status, error = "completed", None
+        else:
+            status, error = "failed", f"upstream broke mid-stream: {type(exc).__name__}"
+            await _try(response.write(call.protocol.stream_error("the provider's stream broke off")))
     await _settle_stream(svc, call, reader, status, error)
     if status != "cancelled":
         await _try(response.write_eof())
@@ -145,10 +154,12 @@ async def _relay_events(events: list, response: web.StreamResponse, reader: Stre
     if not out:
         return
     call.keep_relayed(out)
+    call.writing = True
     try:
         await response.write(out)
     except (ConnectionError, RuntimeError):  # RuntimeError: aiohttp's "transport is closing"
         raise ClientGone() from None
+    call.writing = False
 
 
 async def _settle_stream(svc: Services, call: Call, reader: StreamReader, status: str, error: str | None) -> None:

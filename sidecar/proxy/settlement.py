@@ -133,7 +133,11 @@ async def _settle_with_retries(
 ) -> SettleResult | None:
     caller = call.caller
     delay_s = 0.05
+    # Bounded in attempts and in time: the hold's TTL is sized to outlive this budget.
+    deadline = asyncio.get_running_loop().time() + svc.config.holds.settle_budget_ms / 1000
     for _ in range(SETTLE_ATTEMPTS):
+        if asyncio.get_running_loop().time() >= deadline:
+            break
         try:
             return await svc.state.settle(
                 ws=caller.workspace_id,
@@ -154,7 +158,7 @@ async def _settle_with_retries(
         except (RedisError, OSError) as exc:
             svc.metrics.dependency_errors.labels("redis").inc()
             log.warning("settle failed, retrying", extra={"error": type(exc).__name__})
-            await asyncio.sleep(delay_s)
+            await asyncio.sleep(min(delay_s, max(deadline - asyncio.get_running_loop().time(), 0)))
             delay_s *= 4
     # The hold stays; the sweeper voids it at its deadline and records the call as expired.
     log.error("settlement failed; the hold will expire", extra={"status": status})

@@ -12,7 +12,6 @@ import redis.asyncio as aioredis
 from sidecar.state import keys
 
 SETTLED_RETENTION_MS = 3_600_000  # how long "this hold is resolved" is remembered: far past any retry
-APPLIED_RETENTION_MS = 7 * 86_400_000
 
 
 class Admission(IntEnum):
@@ -81,10 +80,10 @@ class State:
         self.redis = client
         self._admit = client.register_script(_script_source("admit"))
         self._settle = client.register_script(_script_source("settle"))
-        self._sweep = client.register_script(_script_source("sweep"))
+        self._expire = client.register_script(_script_source("expire"))
         self._load = client.register_script(_script_source("load"))
         self._apply = client.register_script(_script_source("apply"))
-        self._all = (self._admit, self._settle, self._sweep, self._load, self._apply)
+        self._all = (self._admit, self._settle, self._expire, self._load, self._apply)
 
     async def load_scripts(self) -> None:
         for script in self._all:
@@ -199,32 +198,43 @@ class State:
             hold_lost=int(reply[4]) == 1,
         )
 
-    async def sweep(self, ws: str, batch_max: int) -> int:
-        return int(
-            await self._sweep(
-                keys=[
-                    keys.acct(ws),
-                    keys.holds(ws),
-                    keys.hold_deadlines(ws),
-                    keys.hold_meta(ws),
-                    keys.settled(ws),
-                    keys.stream(ws),
-                ],
-                args=[batch_max, SETTLED_RETENTION_MS],
-            )
+    async def due_holds(self, ws: str, batch_max: int) -> list[tuple[str, bytes]]:
+        """Holds past their deadline (by Redis time), with their event templates."""
+        seconds, micros = await self.redis.time()
+        now_ms = seconds * 1000 + micros // 1000
+        ids = await self.redis.zrangebyscore(keys.hold_deadlines(ws), "-inf", now_ms, start=0, num=batch_max)
+        if not ids:
+            return []
+        metas = await self.redis.hmget(keys.hold_meta(ws), ids)
+        return [(i.decode(), m or b"{}") for i, m in zip(ids, metas, strict=True)]
+
+    async def expire(self, ws: str, hold_id: str, status: str, key_id: str, idempotency_key: str | None) -> bool:
+        """Void a hold that will never be settled and record its call (see expire.lua)."""
+        assert status in ("expired", "failed")
+        reply = await self._expire(
+            keys=[
+                keys.acct(ws),
+                keys.holds(ws),
+                keys.hold_deadlines(ws),
+                keys.hold_meta(ws),
+                keys.settled(ws),
+                keys.stream(ws),
+                keys.idempotency(ws, key_id, idempotency_key or ""),
+            ],
+            args=[hold_id, status, SETTLED_RETENTION_MS],
         )
+        return int(reply) == 1
 
     async def load(self, ws: str, balance_micro: int, pg_version: int) -> bool:
         """Set the balance if Redis has none. Only the first of concurrent loaders wins."""
-        return int(await self._load(keys=[keys.acct(ws)], args=[balance_micro, pg_version, secrets.token_hex(8)])) == 1
+        reply = await self._load(
+            keys=[keys.acct(ws), keys.applied(ws)], args=[balance_micro, pg_version, secrets.token_hex(8)]
+        )
+        return int(reply) == 1
 
     async def apply(self, ws: str, pg_version: int, delta_micro: int, token: str) -> int:
         """1 applied, 0 already included, -1 not loaded."""
-        return int(
-            await self._apply(
-                keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token, APPLIED_RETENTION_MS]
-            )
-        )
+        return int(await self._apply(keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token]))
 
     async def account(self, ws: str) -> Account | None:
         balance, held = await self.redis.hmget(keys.acct(ws), "balance", "held")

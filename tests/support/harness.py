@@ -60,7 +60,7 @@ def base_config(provider_url: str, **overrides: Any) -> dict:
             "idle_timeout_ms": 5000,
             "total_timeout_ms": 20000,
         },
-        "holds": {"ttl_ms": 30000, "sweep_interval_ms": 200},
+        "holds": {"ttl_ms": 30000, "sweep_interval_ms": 200, "settle_budget_ms": 2000},
         "ledger": {"batch_max_rows": 500, "batch_max_age_ms": 20, "claim_idle_ms": 1000, "workspace_refresh_ms": 60000},
         "providers": [
             {
@@ -79,7 +79,13 @@ def base_config(provider_url: str, **overrides: Any) -> dict:
                 "default_max_output_tokens": 100,
                 "context_window_tokens": 128000,
             },
-            {"name": "mock-free", "provider": "mock", "upstream_model": "mock-model", "default_max_output_tokens": 50},
+            {
+                "name": "mock-free",
+                "provider": "mock",
+                "upstream_model": "mock-model",
+                "default_max_output_tokens": 50,
+                "context_window_tokens": 32000,
+            },
         ],
     }
     for section, values in overrides.items():

@@ -26,10 +26,12 @@ local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
 local window_start_us = now_us - window_ms * 1000
+-- Exclusive lower bound, formatted as an integer: Lua's default number formatting rounds to 14 digits.
+local after_start = string.format('(%d', window_start_us)
 
 local function admitted_reply(balance, held, gen)
-  local in_window = redis.call('ZCOUNT', KEYS[5], '(' .. window_start_us, '+inf')
-  local oldest = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. window_start_us, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local in_window = redis.call('ZCOUNT', KEYS[5], after_start, '+inf')
+  local oldest = redis.call('ZRANGEBYSCORE', KEYS[5], after_start, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
   local reset_ms = now_ms + window_ms
   if oldest[2] then reset_ms = math.floor(tonumber(oldest[2]) / 1000) + window_ms end
   return {0, math.max(limit - in_window, 0), reset_ms, balance, held, gen, now_us}
@@ -50,9 +52,9 @@ if fingerprint ~= '' then
   end
 end
 
-local admitted = redis.call('ZCOUNT', KEYS[5], '(' .. window_start_us, '+inf')
+local admitted = redis.call('ZCOUNT', KEYS[5], after_start, '+inf')
 if admitted >= limit then
-  local oldest = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. window_start_us, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  local oldest = redis.call('ZRANGEBYSCORE', KEYS[5], after_start, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
   local frees_at_ms = math.floor(tonumber(oldest[2]) / 1000) + window_ms
   return {1, math.max(frees_at_ms - now_ms, 1), frees_at_ms}
 end
@@ -66,7 +68,7 @@ if ceiling > 0 then
   if not acct[1] then return {6} end
   balance, held, gen = tonumber(acct[1]), tonumber(acct[2]), acct[3]
   if ceiling > balance - held then
-    local oldest = redis.call('ZRANGEBYSCORE', KEYS[5], '(' .. window_start_us, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    local oldest = redis.call('ZRANGEBYSCORE', KEYS[5], after_start, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
     local reset_ms = now_ms + window_ms
     if oldest[2] then reset_ms = math.floor(tonumber(oldest[2]) / 1000) + window_ms end
     return {2, balance - held, limit - admitted, reset_ms}
@@ -74,7 +76,7 @@ if ceiling > 0 then
 end
 
 -- Writes. From here on the call is admitted.
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', window_start_us)
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', string.format('%d', window_start_us))
 redis.call('ZADD', KEYS[5], now_us, hold_id)
 redis.call('PEXPIRE', KEYS[5], window_ms + 1000)
 if ceiling > 0 then

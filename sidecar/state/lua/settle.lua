@@ -25,7 +25,7 @@ if hold then
 else
   -- Neither resolved nor held: Redis lost the hold (restarted empty) while the call ran. The call
   -- still happened, so it is still recorded once; it is charged only what the balance has free.
-  if redis.call('EXISTS', KEYS[1]) == 0 then return {2} end
+  if redis.call('HEXISTS', KEYS[1], 'balance') == 0 then return {2} end
   lost, hold = 1, 0
   local acct = redis.call('HMGET', KEYS[1], 'balance', 'held')
   charged = math.min(cost, math.max(tonumber(acct[1]) - tonumber(acct[2]), 0))
@@ -33,12 +33,15 @@ end
 local debit = 0
 if billed then debit = charged end
 
-if hold > 0 then redis.call('HINCRBY', KEYS[1], 'held', -hold) end
 local balance_after = ''
-if debit > 0 then
-  balance_after = redis.call('HINCRBY', KEYS[1], 'balance', -debit)
-else
-  balance_after = redis.call('HGET', KEYS[1], 'balance') or ''
+if redis.call('HEXISTS', KEYS[1], 'balance') == 1 then
+  -- `held` never goes below zero, even if the account was rebuilt while this hold lived.
+  if hold > 0 and redis.call('HINCRBY', KEYS[1], 'held', -hold) < 0 then redis.call('HSET', KEYS[1], 'held', 0) end
+  if debit > 0 then
+    balance_after = redis.call('HINCRBY', KEYS[1], 'balance', -debit)
+  else
+    balance_after = redis.call('HGET', KEYS[1], 'balance')
+  end
 end
 local gen = redis.call('HGET', KEYS[1], 'gen') or ''
 
