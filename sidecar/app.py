@@ -63,7 +63,13 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     balances = Balances(state, pg_pool)
     metrics = Metrics()
     flusher = Flusher(
-        client, pg_pool, balances, config.ledger, on_batch=metrics.on_flush, on_failure=metrics.flush_failures.inc
+        client,
+        pg_pool,
+        balances,
+        config.ledger,
+        on_batch=metrics.on_flush,
+        on_failure=metrics.flush_failures.inc,
+        on_dead_letter=metrics.dead_letters.inc,
     )
     upstreams = Upstreams(config, env)
     try:

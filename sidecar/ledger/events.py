@@ -71,6 +71,11 @@ _TEXT_FIELDS = (
 )
 
 
+def _text(value: object) -> str | None:
+    # Postgres text cannot hold NUL, and a provider's error message may carry one.
+    return None if value is None else str(value).replace("\x00", "")[:2000]
+
+
 def _time(ms: object) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, UTC) if isinstance(ms, int) else None
 
@@ -81,7 +86,7 @@ def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
     status = fields.get(b"status", b"").decode() or event["status"]
     assert status in STATUSES, status
     after = fields.get(b"after", b"")
-    text = {name: event.get(name) for name in _TEXT_FIELDS}
+    text = {name: _text(event.get(name)) for name in _TEXT_FIELDS}
     tokens = {name: int(event.get(name, 0)) for name in _TOKEN_FIELDS}
     if status == "expired":  # the call never settled: nothing observed, nothing charged
         tokens = dict.fromkeys(_TOKEN_FIELDS, 0)
@@ -114,8 +119,8 @@ def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
         _time(event.get("first_byte_at")) if status != "expired" else None,
         _time(event.get("ended_at")),
         max(int(event.get("attempts", 1)), 1),
-        event.get("fallback_reason"),
-        event.get("protocol"),
+        _text(event.get("fallback_reason")),
+        _text(event.get("protocol")),
     )
 
 

@@ -1,12 +1,15 @@
 """The ledger flusher: per-workspace Redis streams -> Postgres, in batches.
 
-Each cycle reads up to `batch_max_rows` entries through one consumer group (first this consumer's own
-unacknowledged entries, then new ones), writes them in ONE transaction (COPY into a staging table,
-INSERT ... ON CONFLICT DO NOTHING, account balances updated from the rows actually inserted), and
-only then acknowledges and deletes them from the streams. A crash anywhere before the acknowledgement
-replays the batch, which the dedup key absorbs. Entries left pending by a dead consumer are claimed
-after `claim_idle_ms`. While Postgres is down nothing is acknowledged, so nothing is lost; the
-admission script refuses new calls once a stream's backlog reaches its bound.
+Each cycle reads up to `batch_max_rows` entries through one consumer group, workspaces taken in
+turn, and writes them in ONE transaction: COPY into a staging table, INSERT ... ON CONFLICT DO
+NOTHING, account balances updated from the rows actually inserted. Only then are the entries
+acknowledged and deleted from the streams. A crash anywhere before the acknowledgement replays the
+batch, which the dedup key absorbs. Entries left pending by a dead consumer are claimed after
+`claim_idle_ms`. While Postgres is down nothing is acknowledged, so nothing is lost; the admission
+script refuses new calls once a stream's backlog reaches its bound.
+
+An entry Postgres refuses as data (not as an outage) is moved to the workspace's dead-letter
+stream, so one bad event cannot stop every workspace's ledger.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from sidecar.state import keys
 log = logging.getLogger("sidecar.flusher")
 
 _EVENT_ID = COLUMNS.index("event_id")
+_WORKSPACE = COLUMNS.index("workspace_id")
 _IMPACT = COLUMNS.index("balance_impact_micro")
+MAX_DEAD_LETTERS = 100_000  # per workspace; the stream is capped so a flood of bad events stays bounded
 
 _STAGE_DDL = "CREATE TEMP TABLE IF NOT EXISTS ledger_stage (LIKE ledger INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 _INSERT = (
@@ -45,15 +50,20 @@ _ACCOUNTS = (
     "ON CONFLICT (workspace_id) DO UPDATE SET balance_micro = a.balance_micro + EXCLUDED.balance_micro, "
     "version = a.version + 1, updated_at = now() RETURNING workspace_id, version"
 )
+_SYNC_INSERT = (
+    "INSERT INTO balance_sync (workspace_id, pg_version, gen, delta_micro) "
+    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[])"
+)
 
 
 class Entry:
-    __slots__ = ("entry_id", "fields", "workspace_id")
+    __slots__ = ("entry_id", "fields", "row", "workspace_id")
 
     def __init__(self, workspace_id: str, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
         self.workspace_id = workspace_id
         self.entry_id = entry_id
         self.fields = fields
+        self.row: tuple | None = None
 
 
 class Flusher:
@@ -65,6 +75,7 @@ class Flusher:
         config: LedgerConfig,
         on_batch: Callable[[int, float, int], None] | None = None,
         on_failure: Callable[[], None] | None = None,
+        on_dead_letter: Callable[[], None] | None = None,
     ) -> None:
         self.redis = redis
         self.pool = pool
@@ -73,12 +84,14 @@ class Flusher:
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{id(self) & 0xFFFF:x}"
         self._workspaces: set[str] = set()
         self._groups_ready: set[str] = set()
+        self._maybe_pending: set[str] = set()  # workspaces where this consumer may hold unacked entries
+        self._turn = 0  # rotates the first workspace read, so a busy one cannot starve the rest
         self._refreshed_at = 0.0
         self._last_claim_at = 0.0
         self._wake = asyncio.Event()
-        self._generations: dict[str, str | None] = {}  # per batch: each workspace's current Redis load
         self._on_batch = on_batch or (lambda rows, seconds, lag: None)
         self._on_failure = on_failure or (lambda: None)
+        self._on_dead_letter = on_dead_letter or (lambda: None)
 
     def note_workspace(self, ws: str) -> None:
         """Called on settle: flush this workspace's stream without waiting for the next refresh."""
@@ -96,7 +109,6 @@ class Flusher:
             except Exception:
                 self._on_failure()
                 log.exception("ledger flush failed; entries stay pending and will be retried")
-                flushed = 0
                 await _sleep_or_stop(stop, backoff_ms / 1000)
                 backoff_ms = min(backoff_ms * 2, self.config.retry_backoff_max_ms)
                 continue
@@ -127,16 +139,19 @@ class Flusher:
     async def flush_once(self) -> int:
         """One batch. Returns the number of stream entries handled."""
         await self._refresh_workspaces()
+        await self._sync_balances()  # first, whatever a crash left between commit and Redis
         entries = await self._read_batch()
         if not entries:
             return 0
         started = time.monotonic()
-        rows = [(e, row_from_entry(e.fields)) for e in entries if e.fields is not None]
-        inserted, versions = await self._write(rows)
-        await self._apply_orphans(rows, inserted, versions)
+        good = await self._parse(entries)
+        inserted = await self._write_or_isolate(good)
+        await self._sync_balances()
         await self._acknowledge(entries)
-        self._on_batch(len(inserted), time.monotonic() - started, len(entries))
+        self._on_batch(inserted, time.monotonic() - started, len(entries))
         return len(entries)
+
+    # --- reading ------------------------------------------------------------------------------------
 
     async def _refresh_workspaces(self) -> None:
         now = time.monotonic()
@@ -158,14 +173,17 @@ class Flusher:
 
     async def _read_batch(self) -> list[Entry]:
         budget = self.config.batch_max_rows
+        share = max(budget // 4, 1)  # no workspace takes more than a quarter of a batch
         claim = time.monotonic() - self._last_claim_at > self.config.claim_idle_ms / 2000
         if claim:
             self._last_claim_at = time.monotonic()
+        order = sorted(self._workspaces)
+        self._turn = (self._turn + 1) % max(len(order), 1)
         batch: list[Entry] = []
-        for ws in sorted(self._workspaces):
+        for ws in order[self._turn :] + order[: self._turn]:
             if budget <= 0:
                 break
-            got = await self._read_stream(ws, budget, claim)
+            got = await self._read_stream(ws, min(share, budget), claim)
             batch.extend(got)
             budget -= len(got)
         return batch
@@ -175,14 +193,19 @@ class Flusher:
         await self._ensure_group(ws)
         try:
             if claim:  # take over what a dead consumer read but never acknowledged
-                await self.redis.xautoclaim(
+                claimed = await self.redis.xautoclaim(  # with justid: the claimed ids
                     stream, keys.GROUP, self.consumer, self.config.claim_idle_ms, "0-0", count=count, justid=True
                 )
-            for start in ("0", ">"):  # our own unacknowledged entries first, then new ones
+                if claimed:
+                    self._maybe_pending.add(ws)
+            # Our own unacknowledged entries first (a failed write left them), then new ones.
+            for start in ("0", ">") if ws in self._maybe_pending else (">",):
                 reply = await self.redis.xreadgroup(keys.GROUP, self.consumer, {stream: start}, count=count)
                 found = [Entry(ws, entry_id, fields or None) for _, items in reply for entry_id, fields in items]
                 if found:
+                    self._maybe_pending.add(ws)
                     return found
+                self._maybe_pending.discard(ws)
         except ResponseError as exc:
             if "NOGROUP" in str(exc):  # Redis restarted empty: recreate the group next time
                 self._groups_ready.discard(ws)
@@ -190,19 +213,107 @@ class Flusher:
             raise
         return []
 
-    async def _write(self, rows: list[tuple[Entry, tuple]]) -> tuple[set, dict[str, int]]:
+    # --- writing ------------------------------------------------------------------------------------
+
+    async def _parse(self, entries: list[Entry]) -> list[Entry]:
+        good = []
+        for entry in entries:
+            if entry.fields is None:  # deleted under us (already flushed and trimmed): just acknowledge
+                continue
+            try:
+                entry.row = row_from_entry(entry.fields)
+            except (KeyError, ValueError, TypeError, AssertionError) as exc:
+                await self._dead_letter(entry, f"unreadable event: {type(exc).__name__}: {exc}")
+                continue
+            good.append(entry)
+        return good
+
+    async def _write_or_isolate(self, entries: list[Entry]) -> int:
+        """Write the batch; if Postgres refuses its data, write entry by entry and dead-letter the bad."""
+        if not entries:
+            return 0
+        try:
+            return await self._write(entries)
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
+            log.warning("ledger batch refused as data; isolating the bad entries")
+        inserted = 0
+        for entry in entries:
+            try:
+                inserted += await self._write([entry])
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+                await self._dead_letter(entry, f"refused by postgres: {type(exc).__name__}: {exc}")
+        return inserted
+
+    async def _write(self, entries: list[Entry]) -> int:
+        """One transaction: rows, accounts, and the record of what Redis must hold (see _record_sync)."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(_STAGE_DDL)
-            await conn.copy_records_to_table("ledger_stage", records=[r for _, r in rows], columns=COLUMNS)
+            await conn.copy_records_to_table("ledger_stage", records=[e.row for e in entries], columns=COLUMNS)
             inserted = await conn.fetch(_INSERT)
+            if not inserted:
+                return 0
             deltas: dict[str, int] = defaultdict(int)
             for row in inserted:
                 deltas[row["workspace_id"]] += row["balance_impact_micro"]
-            versions = {}
-            if deltas:
-                result = await conn.fetch(_ACCOUNTS, list(deltas), list(deltas.values()))
-                versions = {r["workspace_id"]: r["version"] for r in result}
-        return {row["event_id"] for row in inserted}, versions
+            versions = {
+                r["workspace_id"]: r["version"]
+                for r in await conn.fetch(_ACCOUNTS, list(deltas), list(deltas.values()))
+            }
+            await self._record_sync(conn, entries, {row["event_id"] for row in inserted}, versions)
+        return len(inserted)
+
+    async def _record_sync(self, conn, entries: list[Entry], inserted: set, versions: dict[str, int]) -> None:
+        """An event settled under an earlier Redis load than the live one (Redis restarted empty in
+        between) is not in the balance Redis holds now. So, in this same transaction, the committed
+        impacts are recorded per workspace and Redis load; after commit `_sync_balances` applies those
+        whose load is not the live one, exactly once, and deletes the record. A crash in between
+        leaves the record for the next flush: no change committed here can miss Redis."""
+        owed: dict[tuple[str, str], int] = defaultdict(int)
+        for entry in entries:
+            impact = entry.row[_IMPACT]
+            if impact and entry.row[_EVENT_ID] in inserted:
+                owed[(entry.workspace_id, generation(entry.fields))] += impact
+        owed = {k: v for k, v in owed.items() if v}
+        if owed:
+            await conn.execute(
+                _SYNC_INSERT,
+                [ws for ws, _ in owed],
+                [versions[ws] for ws, _ in owed],
+                [g for _, g in owed],
+                list(owed.values()),
+            )
+
+    async def _sync_balances(self) -> None:
+        async with self.pool.acquire() as conn:
+            owed = await conn.fetch(
+                "SELECT workspace_id, pg_version, gen, delta_micro FROM balance_sync ORDER BY pg_version LIMIT 1000"
+            )
+        if not owed:
+            return
+        live = {ws: await self.balances.state.generation(ws) for ws in {r["workspace_id"] for r in owed}}
+        for row in owed:
+            ws, version, gen = row["workspace_id"], row["pg_version"], row["gen"]
+            if gen != live[ws]:  # settled under an earlier load: the live balance lacks it
+                await self.balances.apply_committed(ws, version, row["delta_micro"], f"flush:{version}:{gen}")
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "DELETE FROM balance_sync AS s USING unnest($1::text[], $2::bigint[], $3::text[]) AS d(ws, v, g) "
+                "WHERE s.workspace_id = d.ws AND s.pg_version = d.v AND s.gen = d.g",
+                [r["workspace_id"] for r in owed],
+                [r["pg_version"] for r in owed],
+                [r["gen"] for r in owed],
+            )
+
+    async def _dead_letter(self, entry: Entry, reason: str) -> None:
+        log.error(
+            "ledger event moved to the dead-letter stream",
+            extra={"workspace_id": entry.workspace_id, "error": reason[:300]},
+        )
+        self._on_dead_letter()
+        fields = dict(entry.fields or {})
+        fields[b"dead_reason"] = reason[:1000].encode()
+        fields[b"dead_entry_id"] = entry.entry_id
+        await self.redis.xadd(keys.dead_letters(entry.workspace_id), fields, maxlen=MAX_DEAD_LETTERS, approximate=True)
 
     async def _acknowledge(self, entries: list[Entry]) -> None:
         by_stream: dict[str, list[bytes]] = defaultdict(list)
@@ -213,26 +324,6 @@ class Flusher:
                 pipe.xack(stream, keys.GROUP, *ids)
                 pipe.xdel(stream, *ids)
             await pipe.execute()
-
-    async def _apply_orphans(self, rows: list[tuple[Entry, tuple]], inserted: set, versions: dict[str, int]) -> None:
-        """Events settled in a Redis that has since restarted empty are not in the balance Redis now
-        holds (it was reloaded from Postgres before they arrived there). Apply them, exactly once."""
-        orphans: dict[str, int] = defaultdict(int)
-        for entry, row in rows:
-            impact = row[_IMPACT]
-            if impact and row[_EVENT_ID] in inserted:
-                current = await self._generation(entry.workspace_id)
-                if generation(entry.fields) != current:
-                    orphans[entry.workspace_id] += impact
-        for ws, delta in orphans.items():
-            if delta:
-                await self.balances.apply_committed(ws, versions[ws], delta, f"flush:{versions[ws]}")
-        self._generations.clear()
-
-    async def _generation(self, ws: str) -> str | None:
-        if ws not in self._generations:
-            self._generations[ws] = await self.balances.state.generation(ws)
-        return self._generations[ws]
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

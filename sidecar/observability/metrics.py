@@ -65,6 +65,9 @@ class Metrics:
             "sidecar_ledger_flush_duration_seconds", "Flush batch duration", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.flush_failures = Counter("sidecar_ledger_flush_failures", "Failed flush attempts", registry=r)
+        self.dead_letters = Counter(
+            "sidecar_ledger_dead_letters", "Ledger events Postgres refused, moved to the dead-letter stream", registry=r
+        )
         self.holds_expired = Counter("sidecar_holds_expired", "Holds voided by the sweeper", registry=r)
         self.dependency_errors = Counter(
             "sidecar_dependency_errors", "Redis or Postgres errors on the request path", ["dependency"], registry=r

@@ -38,6 +38,10 @@ def stream(ws: str) -> str:
     return f"{tag(ws)}:ledger"
 
 
+def dead_letters(ws: str) -> str:
+    return f"{tag(ws)}:ledger_dead"
+
+
 def rate(ws: str, key_id: str) -> str:
     return f"{tag(ws)}:rl:{key_id}"
 
