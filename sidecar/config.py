@@ -181,6 +181,24 @@ def _build(cls: type, raw: dict, path: str) -> Any:
     return cls(**values)
 
 
+_PROVIDER_KEYS = ("name", "protocol", "base_url", "api_key_env", "forward_headers", "openrouter")
+_MODEL_KEYS = (
+    "name",
+    "aliases",
+    "provider",
+    "upstream_model",
+    "targets",
+    "default_max_output_tokens",
+    "context_window_tokens",
+)
+
+
+def _no_unknown_keys(raw: dict, known: tuple[str, ...], path: str) -> None:
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{path}{unknown[0]}: unknown key (known: {', '.join(known)})")
+
+
 def _require_str(raw: dict, key: str, path: str) -> str:
     value = raw.get(key)
     if not isinstance(value, str) or not value:
@@ -196,6 +214,7 @@ def _parse_providers(items: Any) -> dict[str, ProviderConfig]:
         path = f"providers[{i}]."
         if not isinstance(raw, dict):
             raise ConfigError(f"providers[{i}]: must be a mapping")
+        _no_unknown_keys(raw, _PROVIDER_KEYS, path)
         name = _require_str(raw, "name", path)
         protocol = _require_str(raw, "protocol", path)
         if protocol not in PROTOCOLS:
@@ -227,6 +246,7 @@ def _parse_models(items: Any, providers: dict[str, ProviderConfig]) -> dict[str,
         path = f"models[{i}]."
         if not isinstance(raw, dict):
             raise ConfigError(f"models[{i}]: must be a mapping")
+        _no_unknown_keys(raw, _MODEL_KEYS, path)
         name = _require_str(raw, "name", path)
         targets = _parse_targets(raw, name, providers, path)
         cap = raw.get("default_max_output_tokens")
@@ -269,6 +289,7 @@ def _parse_targets(raw: dict, name: str, providers: dict[str, ProviderConfig], p
         where = f"{path}targets[{j}]." if "targets" in raw else path
         if not isinstance(item, dict):
             raise ConfigError(f"{where.rstrip('.')}: must be a mapping")
+        _no_unknown_keys(item, ("provider", "upstream_model", "price"), where)
         provider = _require_str(item, "provider", where)
         if provider not in providers:
             raise ConfigError(f"{where}provider: unknown provider {provider!r}")

@@ -93,7 +93,7 @@ async def _settle_now(
     billable = status in ("completed", "cancelled") or (
         status == "failed" and config.billing.bill_observed_on_upstream_failure
     )
-    price = call.price or pricing.price_of(call.targets[0].price)
+    price = _price(svc, call)
     cost_micro = pricing.cost_micro(price, usage) if billable else 0
     upstream_cost_micro = pricing.upstream_cost_micro(price, usage)
     body_event = orjson.dumps(event(call, status, usage, upstream_cost_micro, estimated, error))
@@ -119,6 +119,18 @@ async def _settle_now(
         },
     )
     return result
+
+
+def _price(svc: Services, call: Call):
+    """The served target's price; on OpenRouter, the price of the model it says actually served
+    (it falls back between models on its own) when the cost profile knows that model."""
+    pricing = svc.config.pricing
+    target = call.target or call.targets[0]
+    if call.served_model and svc.config.providers[target.provider].openrouter:
+        served = pricing.price_of(call.served_model)
+        if served is not None:
+            return served
+    return call.price or pricing.price_of(target.price)
 
 
 async def _settle_with_retries(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,12 @@ MOCK_FAULT_HEADERS = [
     "x-mock-cut-after",
     "x-mock-error-after",
     "x-mock-reset",
+    "x-mock-cache-read",
+    "x-mock-cache-write-5m",
+    "x-mock-cache-write-1h",
+    "x-mock-progress-deltas",
+    "x-mock-full-delta-usage",
+    "x-mock-served-model",
 ]
 
 PRICING = {
@@ -46,11 +53,86 @@ PRICING = {
             "upstream": {"input": "4.00", "output": "20.00"},
         },
         "mock-free": {"input": "0", "output": "0"},
+        # Anthropic-style prices, every cache class distinct, so a wrong class shows in the cost.
+        "claude-test": {
+            "input": "3.00",
+            "output": "15.00",
+            "cache_read": "0.30",
+            "cache_write_5m": "3.75",
+            "cache_write_1h": "6.00",
+        },
+        "embed-small": {"input": "0.02", "output": "0"},
+        # Fallback: the first target is dear, the second cheap; the call is billed where it was served.
+        "fallback-first": {"input": "50.00", "output": "100.00"},
+        "fallback-second": {"input": "1.00", "output": "2.00"},
+        # OpenRouter: the requested model's price, and the model OpenRouter says actually served.
+        "router-requested": {"input": "2.00", "output": "8.00"},
+        "router/served": {"input": "1.00", "output": "4.00"},
     },
 }
 
 
-def base_config(provider_url: str, **overrides: Any) -> dict:
+def _providers(urls: dict[str, str]) -> list[dict]:
+    """Every provider the tests use; all but `mock-dead` are mock servers on this machine."""
+    common = {"api_key_env": "MOCK_PLATFORM_KEY", "forward_headers": MOCK_FAULT_HEADERS}
+    return [
+        {"name": "mock", "protocol": "openai", "base_url": urls["mock"], **common},
+        {"name": "mock-anthropic", "protocol": "anthropic", "base_url": urls["mock"], **common},
+        {"name": "mock-503", "protocol": "openai", "base_url": urls.get("mock-503", urls["mock"]), **common},
+        {"name": "mock-dead", "protocol": "openai", "base_url": urls.get("mock-dead", urls["mock"]), **common},
+        {
+            "name": "mock-openrouter",
+            "protocol": "openai",
+            "openrouter": True,
+            "base_url": urls.get("mock-openrouter", urls["mock"]),
+            **common,
+        },
+    ]
+
+
+def _models() -> list[dict]:
+    window = {"context_window_tokens": 128000}
+    return [
+        {"name": "gpt-4o-mini", "aliases": ["mini"], "provider": "mock", "default_max_output_tokens": 100, **window},
+        {
+            "name": "mock-free",
+            "provider": "mock",
+            "upstream_model": "mock-model",
+            "default_max_output_tokens": 50,
+            "context_window_tokens": 32000,
+        },
+        {"name": "claude-test", "provider": "mock-anthropic", "default_max_output_tokens": 100, **window},
+        {"name": "embed-small", "provider": "mock", "default_max_output_tokens": 1, **window},
+        {
+            "name": "fallback-503",
+            "targets": [
+                {"provider": "mock-503", "upstream_model": "first-model", "price": "fallback-first"},
+                {"provider": "mock", "upstream_model": "second-model", "price": "fallback-second"},
+            ],
+            "default_max_output_tokens": 100,
+            **window,
+        },
+        {
+            "name": "fallback-dead",
+            "targets": [
+                {"provider": "mock-dead", "upstream_model": "first-model", "price": "fallback-first"},
+                {"provider": "mock", "upstream_model": "second-model", "price": "fallback-second"},
+            ],
+            "default_max_output_tokens": 100,
+            **window,
+        },
+        {
+            "name": "router-model",
+            "targets": [
+                {"provider": "mock-openrouter", "upstream_model": "router/requested", "price": "router-requested"}
+            ],
+            "default_max_output_tokens": 100,
+            **window,
+        },
+    ]
+
+
+def base_config(provider_url: str, extra_urls: dict[str, str] | None = None, **overrides: Any) -> dict:
     raw = {
         "server": {"max_body_bytes": 64 * 1024, "drain_timeout_ms": 2000},
         "auth": {"cache_ttl_ms": 200},
@@ -62,31 +144,8 @@ def base_config(provider_url: str, **overrides: Any) -> dict:
         },
         "holds": {"ttl_ms": 30000, "sweep_interval_ms": 200, "settle_budget_ms": 2000},
         "ledger": {"batch_max_rows": 500, "batch_max_age_ms": 20, "claim_idle_ms": 1000, "workspace_refresh_ms": 60000},
-        "providers": [
-            {
-                "name": "mock",
-                "protocol": "openai",
-                "base_url": provider_url,
-                "api_key_env": "MOCK_PLATFORM_KEY",
-                "forward_headers": MOCK_FAULT_HEADERS,
-            }
-        ],
-        "models": [
-            {
-                "name": "gpt-4o-mini",
-                "aliases": ["mini"],
-                "provider": "mock",
-                "default_max_output_tokens": 100,
-                "context_window_tokens": 128000,
-            },
-            {
-                "name": "mock-free",
-                "provider": "mock",
-                "upstream_model": "mock-model",
-                "default_max_output_tokens": 50,
-                "context_window_tokens": 32000,
-            },
-        ],
+        "providers": _providers({"mock": provider_url, **(extra_urls or {})}),
+        "models": _models(),
     }
     for section, values in overrides.items():
         if isinstance(values, dict) and isinstance(raw.get(section), dict):
@@ -96,9 +155,11 @@ def base_config(provider_url: str, **overrides: Any) -> dict:
     return raw
 
 
-def build_config(redis_url: str, database_url: str, provider_url: str, **overrides: Any) -> Config:
+def build_config(
+    redis_url: str, database_url: str, provider_url: str, extra_urls: dict[str, str] | None = None, **overrides: Any
+) -> Config:
     env = {"SIDECAR_REDIS_URL": redis_url, "SIDECAR_DATABASE_URL": database_url, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN}
-    return parse_config(base_config(provider_url, **overrides), PRICING, env, source="tests")
+    return parse_config(base_config(provider_url, extra_urls, **overrides), PRICING, env, source="tests")
 
 
 @dataclass
@@ -226,15 +287,24 @@ async def start_sidecar(
 ) -> Sidecar:
     """`provider_url` points the sidecar elsewhere than at the mock (which still runs, for `recorded`)."""
     provider = TestServer(mock_provider.build_app(provider_options or mock_provider.MockOptions()))
-    await provider.start_server()
-    config = build_config(redis_url, database_url, provider_url or str(provider.make_url("/v1")), **overrides)
+    failing = TestServer(mock_provider.build_app(mock_provider.MockOptions(status=503)))
+    router = TestServer(mock_provider.build_app(mock_provider.MockOptions(flavor="openrouter")))
+    for server in (provider, failing, router):
+        await server.start_server()
+    extra_urls = {
+        "mock-503": str(failing.make_url("/v1")),
+        "mock-dead": f"http://127.0.0.1:{_closed_port()}/v1",
+        "mock-openrouter": str(router.make_url("/api/v1")),
+    }
+    main_url = provider_url or str(provider.make_url("/v1"))
+    config = build_config(redis_url, database_url, main_url, extra_urls, **overrides)
     svc = await open_services(config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY})
     data = TestServer(build_data_app(svc))
     control = TestServer(build_control_app(svc))
     await data.start_server()
     await control.start_server()
     http = aiohttp.ClientSession()
-    return Sidecar(svc, data, control, provider, http)
+    return Sidecar(svc, data, control, provider, http, extra=[failing, router])
 
 
 async def stop_sidecar(sidecar: Sidecar) -> None:
@@ -244,7 +314,16 @@ async def stop_sidecar(sidecar: Sidecar) -> None:
     await sidecar.data.close()
     await sidecar.control.close()
     await sidecar.provider.close()
+    for server in sidecar.extra:
+        await server.close()
     await close_services(sidecar.svc)
+
+
+def _closed_port() -> int:
+    """A port nothing listens on: connecting to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 async def migrated(database_url: str) -> None:
