@@ -28,6 +28,7 @@ class Caller:
     workspace_id: str
     office_id: str | None
     rate_limit_rpm: int
+    tokens_per_minute: int | None = None
 
 
 def new_key() -> str:
@@ -59,7 +60,9 @@ class Authenticator:
             record = await db.api_key_by_hash(conn, digest)
         caller = None
         if record is not None and record.revoked_at is None and hmac.compare_digest(record.key_hash, digest):
-            caller = Caller(record.id, record.workspace_id, record.office_id, record.rate_limit_rpm)
+            caller = Caller(
+                record.id, record.workspace_id, record.office_id, record.rate_limit_rpm, record.tokens_per_minute
+            )
         self._cache[digest] = (now + self.cache_ttl_s, caller)
         self._cache.move_to_end(digest)
         while len(self._cache) > _CACHE_MAX_ENTRIES:

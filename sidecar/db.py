@@ -20,6 +20,7 @@ class ApiKeyRecord:
     rate_limit_rpm: int
     created_at: datetime
     revoked_at: datetime | None
+    tokens_per_minute: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +71,15 @@ async def office_workspace(conn: asyncpg.Connection, office_id: str) -> str | No
     return await conn.fetchval("SELECT workspace_id FROM offices WHERE id = $1", office_id)
 
 
-_KEY_COLUMNS = "id, workspace_id, office_id, name, key_hash, last4, rate_limit_rpm, created_at, revoked_at"
+_KEY_COLUMNS = (
+    "id, workspace_id, office_id, name, key_hash, last4, rate_limit_rpm, created_at, revoked_at, tokens_per_minute"
+)
 
 
 async def insert_api_key(conn: asyncpg.Connection, record: ApiKeyRecord) -> None:
     await conn.execute(
-        "INSERT INTO api_keys (id, workspace_id, office_id, name, key_hash, last4, rate_limit_rpm) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO api_keys (id, workspace_id, office_id, name, key_hash, last4, rate_limit_rpm, tokens_per_minute) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         record.id,
         record.workspace_id,
         record.office_id,
@@ -84,6 +87,7 @@ async def insert_api_key(conn: asyncpg.Connection, record: ApiKeyRecord) -> None
         record.key_hash,
         record.last4,
         record.rate_limit_rpm,
+        record.tokens_per_minute,
     )
 
 

@@ -155,3 +155,29 @@ async def test_models_catalog_lists_prices(sidecar: Sidecar) -> None:
     assert by_id["gpt-4o-mini"]["aliases"] == ["mini"]
     async with sidecar.http.get(sidecar.data.make_url("/v1/models")) as r:
         assert r.status == 401
+
+
+async def test_tokens_per_minute_limit(sidecar: Sidecar) -> None:
+    ws = await sidecar.workspace(credits_micro=1_000_000)
+    status, created = await sidecar.admin(
+        "POST", f"/workspaces/{ws.id}/keys", {"name": "tpm", "rate_limit_rpm": 100, "tokens_per_minute": 900}
+    )
+    assert status == 201 and created["tokens_per_minute"] == 900
+    ws.key, ws.key_id = created["key"], created["id"]
+    body = chat_body("x", max_tokens=300)  # ceiling: body bytes + 300 output tokens, under 900
+    code, headers, _ = await sidecar.chat(ws, body)
+    assert code == 200 and headers["X-RateLimit-Limit-Tokens"] == "900"
+    assert int(headers["X-RateLimit-Remaining-Tokens"]) < 900
+    # The first call really used ~9 tokens, corrected at settle, so the next ones fit too.
+    assert (await sidecar.chat(ws, body))[0] == 200
+    assert (await sidecar.chat(ws, body))[0] == 200
+    code, _, err = await sidecar.chat(ws, chat_body("x", max_tokens=5000))
+    assert code == 400 and error_of(err)["code"] == "tokens_per_minute_exceeded"
+    # Calls in flight count at their ceilings: a second slow call of ~770 tokens does not fit.
+    big = chat_body("x", max_tokens=700)
+    slow = {"x-mock-first-byte-delay-ms": "300"}
+    results = await asyncio.gather(*[sidecar.chat(ws, big, headers=slow) for _ in range(2)])
+    assert sorted(r[0] for r in results) == [200, 429]
+    [limited] = [r for r in results if r[0] == 429]
+    assert "tokens per minute" in error_of(limited[2])["message"] and int(limited[1]["Retry-After"]) >= 1
+    await sidecar.assert_identity(ws.id)

@@ -184,3 +184,54 @@ async def test_admit_twice_for_one_call_holds_once(redis_client) -> None:
     await settle(state, ws, hold_id, 100)
     assert (await admit(state, ws, ceiling=300, hold_id=hold_id)).outcome is Admission.ALREADY_RESOLVED
     assert (await state.account(ws)).held_micro == 0
+
+
+async def test_token_limit_counts_ceilings_then_actual_usage(redis_client) -> None:
+    state = State(redis_client)
+    ws = new_ws()
+
+    async def admit_tokens(tokens: int, hold_id: str | None = None):
+        return await state.admit(
+            ws=ws,
+            key_id="k1",
+            hold_id=hold_id or secrets.token_hex(16),
+            ceiling_micro=0,
+            rate_limit=100,
+            window_ms=60_000,
+            hold_ttl_ms=60_000,
+            idempotency_key=None,
+            fingerprint="",
+            idempotency_ttl_ms=1000,
+            meta=b"{}",
+            max_unflushed=1000,
+            ceiling_tokens=tokens,
+            token_limit=1_000,
+        )
+
+    assert (await admit_tokens(1_001)).outcome is Admission.OVER_TOKEN_LIMIT  # can never fit
+    first_id = secrets.token_hex(16)
+    first = await admit_tokens(600, first_id)
+    assert first.outcome is Admission.ADMITTED and first.tokens_remaining == 400
+    refused = await admit_tokens(500)
+    assert refused.outcome is Admission.RATE_LIMITED and refused.limited_by == "tokens"
+    assert 0 < refused.retry_after_ms <= 60_000
+    # The first call used only 100 tokens: settling corrects the window, and 500 now fits.
+    settled = await state.settle(
+        ws=ws,
+        key_id="k1",
+        hold_id=first_id,
+        cost_micro=0,
+        billed=True,
+        event=b"{}",
+        idempotency_key=None,
+        keep_outcome=True,
+        status=200,
+        content_type="",
+        body=b"",
+        idempotency_ttl_ms=1000,
+        tokens_used=100,
+    )
+    assert settled.resolved_now
+    again = await admit_tokens(500)
+    assert again.outcome is Admission.ADMITTED and again.tokens_remaining == 400
+    assert await redis_client.zcard(keys.rate(ws, "k1")) == 2  # the refusals left no trace

@@ -100,6 +100,7 @@ def _key_view(record: db.ApiKeyRecord) -> dict:
         "name": record.name,
         "last4": record.last4,
         "rate_limit_rpm": record.rate_limit_rpm,
+        "tokens_per_minute": record.tokens_per_minute,
         "created_at": record.created_at.isoformat() if record.created_at else None,
         "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
     }
@@ -112,6 +113,9 @@ async def create_key(request: web.Request) -> web.Response:
     rpm = payload.get("rate_limit_rpm", svc.config.auth.default_rpm)
     if isinstance(rpm, bool) or not isinstance(rpm, int) or not 1 <= rpm <= 1_000_000:
         raise AdminError(400, "rate_limit_rpm must be an integer from 1 to 1000000", "invalid_rate_limit")
+    tpm = payload.get("tokens_per_minute")
+    if tpm is not None and (isinstance(tpm, bool) or not isinstance(tpm, int) or not 1 <= tpm <= 10**10):
+        raise AdminError(400, "tokens_per_minute must be null or an integer from 1 to 10^10", "invalid_rate_limit")
     office = payload.get("office_id")
     async with svc.pool.acquire() as conn:
         if office is not None and await db.office_workspace(conn, _id(office, "office_id")) != ws:
@@ -127,6 +131,7 @@ async def create_key(request: web.Request) -> web.Response:
             rate_limit_rpm=rpm,
             created_at=None,
             revoked_at=None,
+            tokens_per_minute=tpm,
         )
         await db.insert_api_key(conn, record)
     return _json({**_key_view(record), "key": raw}, 201)

@@ -30,6 +30,7 @@ class Call:
     attempts: int = 0
     fallback_reason: str | None = None
     hold_micro: int = 0
+    ceiling_tokens: int = 0  # the input bound plus the output bound, for the token rate limit
     output_cap: int = 0
     request_bytes: int = 0
     idempotency_key: str | None = None

@@ -161,6 +161,7 @@ def _ceiling_micro(svc: Services, call: Call, facts: RequestFacts, body: bytes) 
     more than the client was held for."""
     max_input_tokens = _max_input_tokens(body, call.model)
     max_output_tokens = call.output_cap * facts.choices
+    call.ceiling_tokens = max_input_tokens + max_output_tokens
     pricing = svc.config.pricing
     return max(
         pricing.ceiling_micro(pricing.price_of(t.price), max_input_tokens, max_output_tokens) for t in call.targets
@@ -206,6 +207,8 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
                 idempotency_ttl_ms=config.billing.idempotency_ttl_ms,
                 meta=meta,
                 max_unflushed=MAX_LEDGER_BACKLOG,
+                ceiling_tokens=call.ceiling_tokens,
+                token_limit=caller.tokens_per_minute or 0,
             )
             if result.outcome is not Admission.NEED_LOAD:
                 return _check_admission(svc, call, result)
@@ -232,19 +235,28 @@ async def _void_lost_admission(svc: Services, call: Call) -> None:
 def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitResult:
     limit = call.caller.rate_limit_rpm
     outcome, route = result.outcome, call.protocol.route
+    token_limit = call.caller.tokens_per_minute
     if outcome is Admission.ADMITTED:
         call.rate_headers = _rate_headers(limit, result.remaining, result.reset_ms)
+        if token_limit:
+            call.rate_headers["X-RateLimit-Limit-Tokens"] = str(token_limit)
+            call.rate_headers["X-RateLimit-Remaining-Tokens"] = str(max(result.tokens_remaining, 0))
         return result
     if outcome is Admission.RATE_LIMITED:
         svc.metrics.rate_limited.labels(route).inc()
         headers = _rate_headers(limit, 0, result.reset_ms)
         headers["Retry-After"] = str(-(-result.retry_after_ms // 1000))
         headers["retry-after-ms"] = str(result.retry_after_ms)
+        what = f"{token_limit} tokens" if result.limited_by == "tokens" else f"{limit} requests"
         raise SidecarError(
-            "rate_limited",
-            f"rate limit of {limit} requests per minute reached",
-            code="rate_limit_exceeded",
-            headers=headers,
+            "rate_limited", f"rate limit of {what} per minute reached", code="rate_limit_exceeded", headers=headers
+        )
+    if outcome is Admission.OVER_TOKEN_LIMIT:
+        raise SidecarError(
+            "invalid_request",
+            f"this request may use up to {call.ceiling_tokens} tokens, more than the key's limit of {token_limit} "
+            "tokens per minute; lower its output cap or shorten it",
+            code="tokens_per_minute_exceeded",
         )
     if outcome is Admission.INSUFFICIENT:
         svc.metrics.payment_required.labels(route).inc()

@@ -100,7 +100,10 @@ async def _settle_now(
     replay_status, content_type, body = response or (0, "", b"")
     if len(body) > config.billing.idempotency_max_body_bytes:
         replay_status, body = 0, b""  # remembered as done, too large to replay
-    result = await _settle_with_retries(svc, call, cost_micro, body_event, status, replay_status, content_type, body)
+    tokens_used = usage.total_input_tokens + usage.output_tokens
+    result = await _settle_with_retries(
+        svc, call, cost_micro, body_event, status, replay_status, content_type, body, tokens_used
+    )
     if result is None:
         return None
     svc.flusher.note_workspace(caller.workspace_id)
@@ -142,6 +145,7 @@ async def _settle_with_retries(
     replay_status: int,
     content_type: str,
     body: bytes,
+    tokens_used: int,
 ) -> SettleResult | None:
     caller = call.caller
     delay_s = 0.05
@@ -164,6 +168,7 @@ async def _settle_with_retries(
                 content_type=content_type,
                 body=body,
                 idempotency_ttl_ms=svc.config.billing.idempotency_ttl_ms,
+                tokens_used=tokens_used,
             )
         except NeedLoad:
             await svc.balances.ensure_loaded(caller.workspace_id)

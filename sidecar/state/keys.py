@@ -46,5 +46,9 @@ def rate(ws: str, key_id: str) -> str:
     return f"{tag(ws)}:rl:{key_id}"
 
 
+def tokens(ws: str, key_id: str) -> str:
+    return f"{tag(ws)}:tpm:{key_id}"
+
+
 def idempotency(ws: str, key_id: str, idempotency_key: str) -> str:
     return f"{tag(ws)}:idem:{key_id}:{idempotency_key}"

@@ -24,6 +24,7 @@ class Admission(IntEnum):
     NEED_LOAD = 6
     BACKLOG = 7
     ALREADY_RESOLVED = 8
+    OVER_TOKEN_LIMIT = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,8 @@ class AdmitResult:
     retry_after_ms: int = 0
     available_micro: int = 0
     now_us: int = 0  # Redis server time of the admission
+    tokens_remaining: int = -1  # in the token window, when the key has a token limit
+    limited_by: str = ""  # "requests" or "tokens", when rate limited
     replay_status: int = 0
     replay_content_type: str = ""
     replay_body: bytes = b""
@@ -106,6 +109,8 @@ class State:
         idempotency_ttl_ms: int,
         meta: bytes,
         max_unflushed: int,
+        ceiling_tokens: int = 0,
+        token_limit: int = 0,
     ) -> AdmitResult:
         assert ceiling_micro >= 0 and rate_limit > 0
         idem_key = keys.idempotency(ws, key_id, idempotency_key or "")
@@ -119,6 +124,7 @@ class State:
                 idem_key,
                 keys.stream(ws),
                 keys.settled(ws),
+                keys.tokens(ws, key_id),
             ],
             args=[
                 hold_id,
@@ -130,13 +136,23 @@ class State:
                 idempotency_ttl_ms,
                 meta,
                 max_unflushed,
+                ceiling_tokens,
+                token_limit,
             ],
         )
         outcome = Admission(int(reply[0]))
         if outcome is Admission.ADMITTED:
-            return AdmitResult(outcome, remaining=int(reply[1]), reset_ms=int(reply[2]), now_us=int(reply[6]))
+            return AdmitResult(
+                outcome,
+                remaining=int(reply[1]),
+                reset_ms=int(reply[2]),
+                now_us=int(reply[6]),
+                tokens_remaining=int(reply[7]),
+            )
         if outcome is Admission.RATE_LIMITED:
-            return AdmitResult(outcome, retry_after_ms=int(reply[1]), reset_ms=int(reply[2]))
+            return AdmitResult(
+                outcome, retry_after_ms=int(reply[1]), reset_ms=int(reply[2]), limited_by=reply[3].decode()
+            )
         if outcome is Admission.INSUFFICIENT:
             return AdmitResult(outcome, available_micro=int(reply[1]), remaining=int(reply[2]), reset_ms=int(reply[3]))
         if outcome is Admission.DUPLICATE:
@@ -159,6 +175,7 @@ class State:
         content_type: str,
         body: bytes,
         idempotency_ttl_ms: int,
+        tokens_used: int = 0,
     ) -> SettleResult:
         """Raises NeedLoad when Redis lost the workspace (restarted empty) during the call."""
         assert cost_micro >= 0
@@ -172,6 +189,7 @@ class State:
                 keys.settled(ws),
                 keys.stream(ws),
                 keys.idempotency(ws, key_id, idempotency_key or ""),
+                keys.tokens(ws, key_id),
             ],
             args=[
                 hold_id,
@@ -184,6 +202,7 @@ class State:
                 body,
                 idempotency_ttl_ms,
                 SETTLED_RETENTION_MS,
+                tokens_used,
             ],
         )
         if int(reply[0]) == 2:

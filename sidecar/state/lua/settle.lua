@@ -2,9 +2,10 @@
 -- the outcome under the idempotency key. A second settle of the same hold changes nothing.
 --
 -- KEYS: 1 acct  2 holds  3 hold_dl  4 hold_meta  5 settled (zset id -> resolved ms)  6 stream  7 idem
+--       8 tpm (the key's token-window hash)
 -- ARGV: 1 hold_id  2 cost_micro (actual cost, before the cap)  3 billed ('1' debits the balance, '0' BYOK
 --       or failed: records only)  4 event (opaque JSON, relayed to the ledger)  5 idem ('' none, 'keep', 'drop')
---       6 status  7 content_type  8 body  9 idem_ttl_ms  10 settled_retention_ms
+--       6 status  7 content_type  8 body  9 idem_ttl_ms  10 settled_retention_ms  11 tokens_used
 -- Returns: {0 settled, charged, balance_after ('' if not loaded), hold_micro, lost_hold (0/1), now_ms}
 --          {1 already_resolved}   {2 need_load}
 
@@ -52,6 +53,9 @@ redis.call('ZADD', KEYS[5], now_ms, hold_id)
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now_ms - tonumber(ARGV[10]))
 redis.call('XADD', KEYS[6], '*', 'e', ARGV[4], 'cost', charged, 'impact', -debit, 'after', balance_after,
   'at', now_ms, 'gen', gen, 'lost', lost, 'status', '')
+
+-- The token window counted this call at its ceiling; from now on it counts what it used.
+if redis.call('HEXISTS', KEYS[8], hold_id) == 1 then redis.call('HSET', KEYS[8], hold_id, ARGV[11]) end
 
 if ARGV[5] == 'keep' then
   redis.call('HSET', KEYS[7], 'state', 'done', 'status', ARGV[6], 'ctype', ARGV[7], 'body', ARGV[8])
