@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 import redis.asyncio as aioredis
@@ -18,6 +19,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar import db, sweeper
 from sidecar.auth import Authenticator
 from sidecar.balances import Balances
+from sidecar.byok import keys as byok_keys
+from sidecar.byok.keys import Resolver
+from sidecar.byok.vault import KekMissing, KeyRing, Vault, check_startup
 from sidecar.config import Config
 from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
@@ -71,6 +75,12 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         on_failure=metrics.flush_failures.inc,
         on_dead_letter=metrics.dead_letters.inc,
     )
+    try:
+        vault = await _open_vault(pg_pool, env)
+    except BaseException:
+        await pg_pool.close()
+        await client.aclose()
+        raise
     upstreams = Upstreams(config, env)
     try:
         await upstreams.start()
@@ -91,7 +101,22 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         upstreams=upstreams,
         metrics=metrics,
         flusher=flusher,
+        byok=Resolver(pg_pool),
+        vault=vault,
     )
+
+
+async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
+    """The BYOK vault from SIDECAR_KEK / SIDECAR_KEK_FILE. Refuse to start when stored BYOK keys could
+    not be opened: calls would otherwise silently move to the platform key and the customer's credits."""
+    ring = KeyRing.from_env(os.environ if env is None else env)
+    async with pg_pool.acquire() as conn:
+        stored_kek_ids = await byok_keys.kek_ids(conn)
+    try:
+        check_startup(ring, stored_kek_ids)
+    except KekMissing as exc:
+        raise SystemExit(f"sidecar: {exc}") from None
+    return Vault(ring) if ring is not None else None
 
 
 async def close_services(svc: Services) -> None:

@@ -47,6 +47,30 @@ async def _migrate(config: Config) -> None:
     print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
 
 
+def _kek(args: argparse.Namespace) -> int:
+    from sidecar.byok import rotate
+    from sidecar.byok.vault import VaultError, generate_kek
+
+    if args.kek_command == "generate":
+        print(generate_kek())
+        return 0
+    config = _load(args.config)
+    try:
+        rewrapped, total, failed = asyncio.run(rotate.rotate_all(config.database_url, os.environ))
+    except VaultError as exc:
+        print(f"sidecar kek rotate: {exc}", file=sys.stderr)
+        return 2
+    print(f"re-wrapped {rewrapped} of {total} stored keys under the newest KEK")
+    if failed:
+        print(
+            f"sidecar kek rotate: {len(failed)} stored key(s) failed authentication and were left as they are "
+            f"(altered, or sealed under a KEK not configured): {', '.join(failed)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -65,6 +89,12 @@ def _main(argv: list[str] | None) -> int:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file (env SIDECAR_CONFIG)")
         cmd.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "INFO"))
+    kek = sub.add_parser("kek", help="key-encryption keys of the BYOK vault")
+    kek_sub = kek.add_subparsers(dest="kek_command", required=True)
+    kek_sub.add_parser("generate", help="print a new random KEK (id:base64) for SIDECAR_KEK / SIDECAR_KEK_FILE")
+    rotate = kek_sub.add_parser("rotate", help="re-wrap every stored data key under the newest configured KEK")
+    rotate.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file (env SIDECAR_CONFIG)")
+    sub.add_parser("token-hash", help="read an admin token on stdin, print the SHA-256 to put in admin_tokens")
     dev = sub.add_parser("dev", help="everything on one machine, with embedded Redis/Postgres and a mock provider")
     dev.add_argument("--data-dir", default=".sidecar-dev", help="where embedded Redis/Postgres keep their data")
     dev.add_argument("--port", type=int, default=8080)
@@ -78,6 +108,16 @@ def _main(argv: list[str] | None) -> int:
         return mock_provider.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "token-hash":
+        import hashlib
+
+        token = sys.stdin.readline().strip()
+        if not token:
+            parser.error("token-hash: give the token on standard input")
+        print(hashlib.sha256(token.encode()).hexdigest())
+        return 0
+    if args.command == "kek":
+        return _kek(args)
     setup_logging(args.log_level)
     _event_loop_policy()
     if args.command == "dev":

@@ -6,6 +6,7 @@ milliseconds and sizes in bytes, and every name says so.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,24 @@ class BillingConfig:
 
 
 @dataclass(frozen=True)
+class ByokConfig:
+    failure_cooldown_ms: int = 300_000  # a refused customer key is not tried again for this long
+    validate_timeout_ms: int = 10_000
+
+
+PERMISSIONS = ("WORKSPACES_MANAGE", "KEYS_MANAGE", "CREDITS_MANAGE", "TENANT_MANAGE", "READ")
+
+
+@dataclass(frozen=True)
+class AdminToken:
+    """An admin API token, stored as its SHA-256 only, with what it may do."""
+
+    name: str
+    sha256: bytes
+    permissions: frozenset[str]
+
+
+@dataclass(frozen=True)
 class ProviderConfig:
     name: str
     protocol: str
@@ -136,6 +155,8 @@ class Config:
     holds: HoldConfig
     ledger: LedgerConfig
     billing: BillingConfig
+    byok: ByokConfig
+    admin_tokens: tuple[AdminToken, ...]
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]  # public name and every alias -> model
     pricing: CostProfile
@@ -372,6 +393,8 @@ def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str =
         "providers",
         "models",
         "pricing_file",
+        "byok",
+        "admin_tokens",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -395,6 +418,8 @@ def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str =
         holds=_build(HoldConfig, _section(raw, "holds", ""), "holds."),
         ledger=_build(LedgerConfig, _section(raw, "ledger", ""), "ledger."),
         billing=_build(BillingConfig, _section(raw, "billing", ""), "billing."),
+        byok=_build(ByokConfig, _section(raw, "byok", ""), "byok."),
+        admin_tokens=_parse_admin_tokens(raw.get("admin_tokens"), env.get("SIDECAR_ADMIN_TOKEN")),
         providers=providers,
         models=models,
         pricing=pricing,
@@ -402,6 +427,31 @@ def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str =
     )
     _check_limits(config)
     return config
+
+
+def _parse_admin_tokens(items: Any, bootstrap: str | None) -> tuple[AdminToken, ...]:
+    """`admin_tokens: [{name, sha256, permissions}]`, plus SIDECAR_ADMIN_TOKEN with every permission."""
+    tokens = []
+    if bootstrap:
+        tokens.append(AdminToken("bootstrap", hashlib.sha256(bootstrap.encode()).digest(), frozenset(PERMISSIONS)))
+    if items is None:
+        return tuple(tokens)
+    if not isinstance(items, list):
+        raise ConfigError("admin_tokens: must be a list")
+    for i, raw in enumerate(items):
+        path = f"admin_tokens[{i}]."
+        if not isinstance(raw, dict):
+            raise ConfigError(f"admin_tokens[{i}]: must be a mapping")
+        _no_unknown_keys(raw, ("name", "sha256", "permissions"), path)
+        name = _require_str(raw, "name", path)
+        digest = _require_str(raw, "sha256", path)
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+            raise ConfigError(f"{path}sha256: must be the 64 hex digits of the token's SHA-256 (`sidecar token-hash`)")
+        permissions = raw.get("permissions")
+        if not isinstance(permissions, list) or not permissions or not set(permissions) <= set(PERMISSIONS):
+            raise ConfigError(f"{path}permissions: must be a non-empty list of {', '.join(PERMISSIONS)}")
+        tokens.append(AdminToken(name, bytes.fromhex(digest), frozenset(permissions)))
+    return tuple(tokens)
 
 
 def _check_limits(config: Config) -> None:

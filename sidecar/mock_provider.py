@@ -130,6 +130,7 @@ __all__ = [
     "DEFAULT_PORT",
     "FLAVORS",
     "RECORDED",
+    "REJECTED_KEYS",
     "MockOptions",
     "RecordedRequest",
     "anthropic_input_tokens_for",
@@ -194,6 +195,9 @@ class RecordedRequest:
 
 
 RECORDED = web.AppKey("mock_recorded_requests", deque)
+REJECTED_KEYS = web.AppKey("mock_rejected_keys", set)
+"""`app[REJECTED_KEYS]`: a mutable set of keys answered with 401 from now on (a customer's key that
+was valid when stored and is revoked later, say)."""
 """`app[RECORDED]`: a deque[RecordedRequest] bounded by MockOptions.max_recorded_requests."""
 
 
@@ -609,6 +613,7 @@ class _MockProvider:
         # The protocol of the OpenAI-compatible routes: OpenRouter's differs only in its errors.
         self.openai_protocol = _OPENROUTER if self.openrouter else _OPENAI
         self.recorded: deque[RecordedRequest] = deque(maxlen=max(1, options.max_recorded_requests))
+        self.rejected: set[str] = set()
         self._next_id = itertools.count(1)
 
     def _id(self, prefix: str) -> str:
@@ -642,6 +647,8 @@ class _MockProvider:
         keys = _presented_keys(request, protocol)
         accepted = self.options.accepted_keys
         if not keys or (accepted and not any(key in accepted for key in keys)):
+            return payload, _unauthorized(protocol)
+        if any(key in self.rejected for key in keys):
             return payload, _unauthorized(protocol)
         if faults.status is not None:
             return payload, _injected_error(faults.status, faults.error_code, protocol)
@@ -1169,6 +1176,7 @@ def build_app(options: MockOptions | None = None) -> web.Application:
     provider = _MockProvider(options or MockOptions())
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app[RECORDED] = provider.recorded
+    app[REJECTED_KEYS] = provider.rejected
     prefixes = ["/v1", "/api/v1"] if provider.openrouter else ["/v1"]
     for prefix in prefixes:
         app.router.add_post(f"{prefix}/chat/completions", provider.chat_completions)

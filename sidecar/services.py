@@ -9,6 +9,8 @@ import asyncpg
 
 from sidecar.auth import Authenticator
 from sidecar.balances import Balances
+from sidecar.byok.keys import Resolver
+from sidecar.byok.vault import Vault
 from sidecar.config import Config
 from sidecar.ledger.flusher import Flusher
 from sidecar.observability.metrics import Metrics
@@ -26,6 +28,8 @@ class Services:
     upstreams: Upstreams
     metrics: Metrics
     flusher: Flusher
+    byok: Resolver
+    vault: Vault | None  # None: no key-encryption key configured, so no BYOK key can be used or added
     # Settlements run as their own tasks, so a client that disconnects cannot cancel one half-way;
     # shutdown waits for them.
     settling: set[asyncio.Task] = field(default_factory=set)

@@ -1,11 +1,14 @@
-"""Minimal admin API under /admin/v1: workspaces, offices, API keys, credit grants, balances.
+"""The admin API under /admin/v1: workspaces, offices, API keys, credit grants, balances, and
+(in control/byok.py) customers' own provider keys.
 
-Every route needs `Authorization: Bearer <admin token>`. A created API key is returned once and
-never again; lists show its last 4 characters only.
+Every route needs `Authorization: Bearer <admin token>` holding the route's permission. Tokens are
+configured as SHA-256 digests (`admin_tokens`), plus SIDECAR_ADMIN_TOKEN with every permission. A
+created API key is returned once and never again; lists show its last 4 characters only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 import secrets
@@ -33,14 +36,31 @@ def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
 
+PERMISSION = web.AppKey("route_permissions", dict)
+
+
+def _permissions_of(svc: Services, authorization: str) -> frozenset[str] | None:
+    if authorization[:7].lower() != "bearer ":
+        return None
+    digest = hashlib.sha256(authorization[7:].strip().encode()).digest()
+    found = None
+    for token in svc.config.admin_tokens:  # every token compared, in constant time each
+        if hmac.compare_digest(token.sha256, digest):
+            found = token.permissions
+    return found
+
+
 @web.middleware
 async def _admin_guard(request: web.Request, handler):
     svc = request.app[SERVICES]
     try:
-        token = svc.config.admin_token
-        sent = request.headers.get("Authorization", "")
-        if not token or not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        permissions = _permissions_of(svc, request.headers.get("Authorization", ""))
+        if permissions is None:
             raise AdminError(401, "missing or invalid admin token", "invalid_admin_token")
+        route = request.match_info.route.resource
+        needed = request.app[PERMISSION].get((request.method, route.canonical if route else ""))
+        if needed is None or needed not in permissions:
+            raise AdminError(403, f"this admin token lacks the {needed or 'required'} permission", "permission_denied")
         return await handler(request)
     except AdminError as error:
         body = {"error": {"message": error.message, "type": "admin_error", "code": error.code}}
@@ -214,16 +234,26 @@ async def balance(request: web.Request) -> web.Response:
     )
 
 
+PREFIX = "/admin/v1/workspaces"
+ROUTES = (
+    ("POST", "", create_workspace, "WORKSPACES_MANAGE"),
+    ("POST", "/{ws}/offices", create_office, "WORKSPACES_MANAGE"),
+    ("POST", "/{ws}/keys", create_key, "KEYS_MANAGE"),
+    ("GET", "/{ws}/keys", list_keys, "READ"),
+    ("POST", "/{ws}/keys/{key_id}/revoke", revoke_key, "KEYS_MANAGE"),
+    ("DELETE", "/{ws}/keys/{key_id}", revoke_key, "KEYS_MANAGE"),
+    ("POST", "/{ws}/grants", grant, "CREDITS_MANAGE"),
+    ("GET", "/{ws}/balance", balance, "READ"),
+)
+
+
 def build_control_app(svc: Services) -> web.Application:
+    from sidecar.control import byok
+
     app = web.Application(middlewares=[_admin_guard], client_max_size=1024 * 1024)
     app[SERVICES] = svc
-    prefix = "/admin/v1/workspaces"
-    app.router.add_post(prefix, create_workspace)
-    app.router.add_post(prefix + "/{ws}/offices", create_office)
-    app.router.add_post(prefix + "/{ws}/keys", create_key)
-    app.router.add_get(prefix + "/{ws}/keys", list_keys)
-    app.router.add_post(prefix + "/{ws}/keys/{key_id}/revoke", revoke_key)
-    app.router.add_delete(prefix + "/{ws}/keys/{key_id}", revoke_key)
-    app.router.add_post(prefix + "/{ws}/grants", grant)
-    app.router.add_get(prefix + "/{ws}/balance", balance)
+    app[PERMISSION] = {}
+    for method, path, handler, permission in ROUTES + byok.ROUTES:
+        app.router.add_route(method, PREFIX + path, handler)
+        app[PERMISSION][(method, PREFIX + path)] = permission
     return app

@@ -47,6 +47,7 @@ COLUMNS = (
     "attempts",
     "fallback_reason",
     "protocol",
+    "byok_fallback_reason",
 )
 
 STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -121,6 +122,7 @@ def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
         max(int(event.get("attempts", 1)), 1),
         _text(event.get("fallback_reason")),
         _text(event.get("protocol")),
+        _text(event.get("byok_fallback_reason")),
     )
 
 

@@ -68,6 +68,12 @@ class Metrics:
         self.dead_letters = Counter(
             "sidecar_ledger_dead_letters", "Ledger events Postgres refused, moved to the dead-letter stream", registry=r
         )
+        self.byok_fallbacks = Counter(
+            "sidecar_byok_fallbacks",
+            "Calls moved from a customer's key to the platform key, by provider and reason",
+            ["provider", "reason"],
+            registry=r,
+        )
         self.holds_expired = Counter("sidecar_holds_expired", "Holds voided by the sweeper", registry=r)
         self.dependency_errors = Counter(
             "sidecar_dependency_errors", "Redis or Postgres errors on the request path", ["dependency"], registry=r

@@ -28,8 +28,16 @@ from sidecar.pricing import Usage
 from sidecar.protocols import ALL as PROTOCOLS
 from sidecar.protocols.base import Protocol, RequestFacts, bearer_token, may_carry_media, parse_json
 from sidecar.protocols.errors import SidecarError, payment_required
+from sidecar.proxy import credentials
 from sidecar.proxy.call import Call, now_ms
-from sidecar.proxy.relay import first_byte, relay_body, relay_stream, relay_upstream_error
+from sidecar.proxy.relay import (
+    MAX_UPSTREAM_ERROR_BYTES,
+    UpstreamError,
+    first_byte,
+    relay_body,
+    relay_stream,
+    relay_upstream_error,
+)
 from sidecar.proxy.settlement import event, settle
 from sidecar.services import Services
 from sidecar.state.store import Admission, AdmitResult
@@ -85,7 +93,10 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
     call.output_cap = (
         (facts.max_output_tokens or call.model.default_max_output_tokens) if call.protocol.has_output else 0
     )
-    call.hold_micro = _ceiling_micro(svc, call, facts, body)
+    call.credits_ceiling_micro = _ceiling_micro(svc, call, facts, body)
+    # The first target's credential decides the billing path: the customer's own key takes no hold.
+    first = await credentials.choose(svc, call, svc.config.providers[call.targets[0].provider])
+    call.hold_micro = 0 if first.stored else call.credits_ceiling_micro
 
     fingerprint = hashlib.sha256(body).hexdigest() if call.idempotency_key else ""
     admitted = await _admit(svc, call, fingerprint)
@@ -93,7 +104,7 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
         return _replay(admitted, call)
     svc.metrics.holds_active.inc()
     try:
-        return await _forward(request, svc, call, payload, facts)
+        return await _forward(request, svc, call, payload, facts, first)
     except SidecarError:
         raise
     except asyncio.CancelledError:
@@ -140,7 +151,7 @@ def _resolve_model(svc: Services, name: str) -> ModelConfig:
 
 
 def _eligible_targets(svc: Services, call: Call) -> tuple[Target, ...]:
-    """The model's targets that speak this route's protocol family and have credentials."""
+    """The model's targets that speak this route's protocol family."""
     family = call.protocol.family
     speaking = [t for t in call.model.targets if svc.config.providers[t.provider].protocol == family]
     if not speaking:
@@ -150,10 +161,7 @@ def _eligible_targets(svc: Services, call: Call) -> tuple[Target, ...]:
             code="model_not_supported_on_route",
             param="model",
         )
-    usable = tuple(t for t in speaking if svc.upstreams.has_credentials(t.provider))
-    if not usable:
-        raise SidecarError("unavailable", f"no provider for {call.model.name!r} has a platform key configured")
-    return usable
+    return tuple(speaking)
 
 
 def _ceiling_micro(svc: Services, call: Call, facts: RequestFacts, body: bytes) -> int:
@@ -313,7 +321,12 @@ class _Unreachable(Exception):
 
 
 async def _forward(
-    request: web.Request, svc: Services, call: Call, payload: dict, facts: RequestFacts
+    request: web.Request,
+    svc: Services,
+    call: Call,
+    payload: dict,
+    facts: RequestFacts,
+    first: credentials.Credential,
 ) -> web.StreamResponse:
     if call.idempotency_key:
         call.relayed = []
@@ -324,17 +337,54 @@ async def _forward(
         call.target, call.attempts = target, attempt
         provider = svc.config.providers[target.provider]
         call.price = svc.config.pricing.price_of(target.price)
-        body = call.protocol.rewrite_request(
-            payload, facts, target.upstream_model, call.output_cap, provider.openrouter
-        )
+        credential = first if attempt == 1 else await _credential(svc, call, provider)
+        opened = await _open_with(svc, call, provider, target, payload, facts, request.headers, credential, last)
+        if opened is None:
+            continue  # the next target
+        upstream, sent_at = opened
+        try:
+            return await _relay(request, svc, call, facts, upstream)
+        finally:
+            if not isinstance(upstream, UpstreamError):
+                upstream.release()
+            svc.metrics.upstream_latency.labels(provider.name).observe(time.perf_counter() - sent_at)
+    raise AssertionError("unreachable: the last target always returns or raises")
+
+
+async def _credential(svc: Services, call: Call, provider: ProviderConfig) -> credentials.Credential:
+    try:
+        return await credentials.choose(svc, call, provider)
+    except SidecarError as error:
+        await settle(svc, call, "failed", None, error=error.message)
+        raise
+
+
+async def _open_with(
+    svc: Services,
+    call: Call,
+    provider: ProviderConfig,
+    target: Target,
+    payload: dict,
+    facts: RequestFacts,
+    client_headers,
+    credential: credentials.Credential,
+    last: bool,
+) -> tuple[aiohttp.ClientResponse | UpstreamError, float] | None:
+    """Send the call to one target: with the customer's key, then (if the provider refuses that key
+    before any byte reached the client) with the platform's. None: move on to the next target."""
+    body = call.protocol.rewrite_request(payload, facts, target.upstream_model, call.output_cap, provider.openrouter)
+    for _ in range(2):  # at most: the customer's key, then the platform's
+        if credential.stored is None and not await _ready_for_platform_key(svc, call, provider, last):
+            return None
+        call.byok = credential.stored is not None
         sent_at = time.perf_counter()
         try:
-            upstream = await _open(svc, provider, call, body, request.headers)
+            upstream = await _open(svc, provider, call, body, client_headers, credential.key)
         except _Unreachable as exc:
             svc.metrics.upstream_attempts.labels(provider.name, "timeout" if exc.timed_out else "unreachable").inc()
             if not last:
                 call.fallback_reason = f"{provider.name}: {exc.reason}"
-                continue
+                return None
             await settle(svc, call, "failed", None, error=f"upstream unreachable: {exc.reason}")
             kind = "timeout" if exc.timed_out else "upstream"
             raise SidecarError(
@@ -342,27 +392,79 @@ async def _forward(
             ) from None
         svc.metrics.upstream_attempts.labels(provider.name, str(upstream.status)).inc()
         svc.metrics.upstream_ttfb.labels(provider.name).observe(time.perf_counter() - sent_at)
+        if credential.stored is not None and upstream.status in credentials.BYOK_REFUSAL_STATUSES:
+            error_body = await upstream.content.read(MAX_UPSTREAM_ERROR_BYTES)
+            reason = credentials.refusal(upstream.status, error_body)
+            upstream.release()
+            if reason is None:  # an answer about the call itself: relay it as is
+                return UpstreamError(upstream.status, upstream.headers, error_body), sent_at
+            await _byok_refused(svc, call, provider, credential, reason)
+            credential = credentials.PLATFORM
+            continue
+        if credential.stored is not None:
+            await svc.byok.mark_used(credential.stored)
         if upstream.status in FALLBACK_STATUSES and not last:
             upstream.release()
             call.fallback_reason = f"{provider.name}: answered {upstream.status}"
+            return None
+        return upstream, sent_at
+    raise AssertionError("unreachable: the platform key is the last credential")
+
+
+async def _byok_refused(
+    svc: Services, call: Call, provider: ProviderConfig, credential: credentials.Credential, reason: str
+) -> None:
+    call.byok_fallback_reason = f"customer key …{credential.stored.last4} {reason}"
+    svc.metrics.byok_fallbacks.labels(provider.name, reason.split(" (")[0][:60]).inc()
+    log.warning(
+        "customer key refused; falling back to the platform key",
+        extra={
+            "workspace_id": call.caller.workspace_id,
+            "provider": provider.name,
+            "error": reason,
+        },
+    )
+    await svc.byok.mark_failing(credential.stored, reason, svc.config.byok.failure_cooldown_ms / 1000)
+
+
+async def _ready_for_platform_key(svc: Services, call: Call, provider: ProviderConfig, last: bool) -> bool:
+    """Before the platform's key is used: it must exist, and the call must hold its credits ceiling
+    (a call that started on the customer's key held nothing). False: try the next target."""
+    if not svc.upstreams.has_credentials(provider.name):
+        if not last:
+            call.fallback_reason = f"{provider.name}: no platform key configured"
+            return False
+        await settle(svc, call, "failed", None, error=f"{provider.name}: no platform key configured")
+        raise SidecarError("unavailable", f"provider {provider.name!r} has no platform key configured")
+    if call.hold_micro >= call.credits_ceiling_micro:
+        return True
+    ws = call.caller.workspace_id
+    for _ in range(ADMIT_ATTEMPTS):
+        outcome = await svc.state.grow_hold(ws, call.request_id, call.credits_ceiling_micro)
+        if outcome == 1:
+            call.hold_micro = call.credits_ceiling_micro
+            return True
+        if outcome == -2:
+            await svc.balances.ensure_loaded(ws)
             continue
-        try:
-            return await _relay(request, svc, call, facts, upstream)
-        finally:
-            upstream.release()
-            svc.metrics.upstream_latency.labels(provider.name).observe(time.perf_counter() - sent_at)
-    raise AssertionError("unreachable: the last target always returns or raises")
+        if outcome == -3:
+            svc.metrics.payment_required.labels(call.protocol.route).inc()
+            await settle(svc, call, "failed", None, error="insufficient credits for the platform key")
+            raise payment_required()
+        break
+    await settle(svc, call, "failed", None, error="the hold could not be raised for the platform key")
+    raise SidecarError("unavailable", "metering is unavailable; nothing was charged, retry shortly")
 
 
 async def _open(
-    svc: Services, provider: ProviderConfig, call: Call, body: bytes, client_headers
+    svc: Services, provider: ProviderConfig, call: Call, body: bytes, client_headers, key: str | None
 ) -> aiohttp.ClientResponse:
     try:
         async with asyncio.timeout(svc.config.upstream.first_byte_timeout_ms / 1000):
             return await svc.upstreams.session(provider.name).post(
                 provider.base_url + call.protocol.upstream_path,
                 data=body,
-                headers=svc.upstreams.headers(provider, client_headers),
+                headers=svc.upstreams.headers(provider, client_headers, key),
             )
     except TimeoutError:
         raise _Unreachable("timeout", timed_out=True) from None
@@ -371,10 +473,17 @@ async def _open(
 
 
 async def _relay(
-    request: web.Request, svc: Services, call: Call, facts: RequestFacts, upstream: aiohttp.ClientResponse
+    request: web.Request,
+    svc: Services,
+    call: Call,
+    facts: RequestFacts,
+    upstream: aiohttp.ClientResponse | UpstreamError,
 ) -> web.StreamResponse:
-    if upstream.status >= 400:
+    if isinstance(upstream, UpstreamError):
         return await relay_upstream_error(svc, call, upstream)
+    if upstream.status >= 400:
+        body = await upstream.content.read(MAX_UPSTREAM_ERROR_BYTES)
+        return await relay_upstream_error(svc, call, UpstreamError(upstream.status, upstream.headers, body))
     first_byte(call)
     if facts.stream:
         return await relay_stream(request, svc, call, facts, upstream)

@@ -7,6 +7,8 @@ Every path ends in exactly one settlement.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +27,15 @@ MAX_UPSTREAM_ERROR_BYTES = 64 * 1024
 PASSED_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamError:
+    """A provider's error answer, its body already read (bounded)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
 class ClientGone(Exception):
     """The client closed its connection while the response was relayed."""
 
@@ -33,9 +44,9 @@ def base_headers(call: Call) -> dict[str, str]:
     return {**call.rate_headers, "x-request-id": call.request_id}
 
 
-async def relay_upstream_error(svc: Services, call: Call, upstream: aiohttp.ClientResponse) -> web.Response:
+async def relay_upstream_error(svc: Services, call: Call, upstream: UpstreamError) -> web.Response:
     """A provider error before any byte reached the client: costs nothing, and the client sees it."""
-    body = await upstream.content.read(MAX_UPSTREAM_ERROR_BYTES)
+    body = upstream.body
     await settle(svc, call, "failed", None, error=f"upstream answered {upstream.status}")
     if upstream.status in (401, 403):
         # The platform's own credentials were refused. The provider's message may quote part of the

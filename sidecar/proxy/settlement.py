@@ -56,7 +56,8 @@ def event(call: Call, status: str, usage: Usage, upstream_cost_micro: int, estim
         "reasoning_tokens": usage.reasoning_tokens,
         "upstream_cost_micro": upstream_cost_micro,
         "hold_micro": call.hold_micro,
-        "byok": False,
+        "byok": call.byok,
+        "byok_fallback_reason": call.byok_fallback_reason,
         "estimated": estimated,
         "error": error,
         "started_at": call.started_ms,
@@ -160,7 +161,7 @@ async def _settle_with_retries(
                 key_id=caller.key_id,
                 hold_id=call.request_id,
                 cost_micro=cost_micro,
-                billed=True,
+                billed=not call.byok,  # BYOK: priced and recorded, never charged
                 event=body_event,
                 idempotency_key=call.idempotency_key,
                 keep_outcome=status != "failed",
@@ -184,7 +185,7 @@ async def _settle_with_retries(
 
 def _observe(svc: Services, call: Call, status: str, usage: Usage, result: SettleResult) -> None:
     svc.metrics.settlements.labels(status).inc()
-    if not (result.resolved_now and result.charged_micro):
+    if not (result.resolved_now and result.charged_micro) or call.byok:
         return
     model = call.model.name
     svc.metrics.debited.labels(model).inc(result.charged_micro)

@@ -63,7 +63,8 @@ class Upstreams:
     def has_credentials(self, provider: str) -> bool:
         return not self.config.providers[provider].api_key_env or bool(self._keys[provider])
 
-    def headers(self, provider: ProviderConfig, client_headers) -> dict[str, str]:
+    def headers(self, provider: ProviderConfig, client_headers, key: str | None = None) -> dict[str, str]:
+        """`key`: the customer's own key for this call (BYOK); None sends the platform key."""
         allowed = FORWARDED_HEADERS + provider.forward_headers
         if provider.protocol == "anthropic":
             allowed += ANTHROPIC_HEADERS
@@ -71,7 +72,7 @@ class Upstreams:
             allowed += OPENROUTER_HEADERS
         out = {name: client_headers[name] for name in allowed if name in client_headers}
         out["Content-Type"] = "application/json"
-        key = self._keys[provider.name]
+        key = key or self._keys[provider.name]
         if provider.protocol == "anthropic":
             out["anthropic-version"] = client_headers.get("anthropic-version") or ANTHROPIC_VERSION
             if key:

@@ -86,7 +86,8 @@ class State:
         self._expire = client.register_script(_script_source("expire"))
         self._load = client.register_script(_script_source("load"))
         self._apply = client.register_script(_script_source("apply"))
-        self._all = (self._admit, self._settle, self._expire, self._load, self._apply)
+        self._grow = client.register_script(_script_source("grow_hold"))
+        self._all = (self._admit, self._settle, self._expire, self._load, self._apply, self._grow)
 
     async def load_scripts(self) -> None:
         for script in self._all:
@@ -254,6 +255,10 @@ class State:
     async def apply(self, ws: str, pg_version: int, delta_micro: int, token: str) -> int:
         """1 applied, 0 already included, -1 not loaded."""
         return int(await self._apply(keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token]))
+
+    async def grow_hold(self, ws: str, hold_id: str, amount_micro: int) -> int:
+        """1 raised, -1 already resolved, -2 need load, -3 insufficient (see grow_hold.lua)."""
+        return int(await self._grow(keys=[keys.acct(ws), keys.holds(ws)], args=[hold_id, amount_micro]))
 
     async def account(self, ws: str) -> Account | None:
         balance, held = await self.redis.hmget(keys.acct(ws), "balance", "held")

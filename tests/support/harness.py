@@ -4,6 +4,8 @@ and the data-plane and admin apps on real ports. Tests drive it over HTTP like a
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import secrets
 import socket
 from dataclasses import dataclass, field
@@ -23,6 +25,22 @@ from sidecar.state import keys
 
 ADMIN_TOKEN = "test-admin-token"
 PLATFORM_KEY = "sk-platform-test-0000"
+TEST_KEK = "testkek1:" + base64.b64encode(bytes(range(32))).decode()
+# Admin tokens with fewer permissions than the bootstrap one, stored (as configured) by their SHA-256.
+TENANT_ADMIN_TOKEN = "tenant-admin-token"
+KEYS_ADMIN_TOKEN = "keys-admin-token"
+ADMIN_TOKENS = [
+    {
+        "name": "tenant",
+        "sha256": hashlib.sha256(TENANT_ADMIN_TOKEN.encode()).hexdigest(),
+        "permissions": ["TENANT_MANAGE", "READ"],
+    },
+    {
+        "name": "keys",
+        "sha256": hashlib.sha256(KEYS_ADMIN_TOKEN.encode()).hexdigest(),
+        "permissions": ["KEYS_MANAGE", "READ"],
+    },
+]
 
 # The mock provider's per-request fault knobs, forwarded so tests can drive faults call by call.
 MOCK_FAULT_HEADERS = [
@@ -146,6 +164,8 @@ def base_config(provider_url: str, extra_urls: dict[str, str] | None = None, **o
         "ledger": {"batch_max_rows": 500, "batch_max_age_ms": 20, "claim_idle_ms": 1000, "workspace_refresh_ms": 60000},
         "providers": _providers({"mock": provider_url, **(extra_urls or {})}),
         "models": _models(),
+        "admin_tokens": ADMIN_TOKENS,
+        "byok": {"failure_cooldown_ms": 60_000, "validate_timeout_ms": 2_000},
     }
     for section, values in overrides.items():
         if isinstance(values, dict) and isinstance(raw.get(section), dict):
@@ -186,11 +206,11 @@ class Sidecar:
     def recorded(self):
         return self.provider.app[mock_provider.RECORDED]
 
-    async def admin(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    async def admin(
+        self, method: str, path: str, body: dict | None = None, token: str = ADMIN_TOKEN
+    ) -> tuple[int, dict]:
         url = self.control.make_url("/admin/v1" + path)
-        async with self.http.request(
-            method, url, json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        ) as resp:
+        async with self.http.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
             return resp.status, await resp.json()
 
     async def workspace(self, credits_micro: int = 0, rpm: int = 1000, office: str | None = None) -> Workspace:
@@ -249,6 +269,7 @@ class Sidecar:
             )
 
     async def redis_account(self, ws: str) -> tuple[int, int]:
+        await self.svc.balances.ensure_loaded(ws)  # a workspace that never held anything may not be loaded
         account = await self.svc.state.account(ws)
         assert account is not None
         return account.balance_micro, account.held_micro
@@ -283,6 +304,7 @@ async def start_sidecar(
     database_url: str,
     provider_options: mock_provider.MockOptions | None = None,
     provider_url: str | None = None,
+    env: dict[str, str] | None = None,
     **overrides: Any,
 ) -> Sidecar:
     """`provider_url` points the sidecar elsewhere than at the mock (which still runs, for `recorded`)."""
@@ -298,7 +320,7 @@ async def start_sidecar(
     }
     main_url = provider_url or str(provider.make_url("/v1"))
     config = build_config(redis_url, database_url, main_url, extra_urls, **overrides)
-    svc = await open_services(config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY})
+    svc = await open_services(config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY, **(env or {"SIDECAR_KEK": TEST_KEK})})
     data = TestServer(build_data_app(svc))
     control = TestServer(build_control_app(svc))
     await data.start_server()

@@ -20,7 +20,7 @@ import aiohttp
 import yaml
 
 from sidecar.embedded import free_port
-from support.harness import PLATFORM_KEY, PRICING, base_config
+from support.harness import PLATFORM_KEY, PRICING, TEST_KEK, base_config
 
 SIDECAR_BIN = Path(sys.executable).with_name("sidecar")
 START_TIMEOUT_S = 20.0
@@ -73,6 +73,7 @@ class SidecarProcess:
             "SIDECAR_REDIS_URL": redis_url,
             "SIDECAR_DATABASE_URL": database_url,
             "MOCK_PLATFORM_KEY": PLATFORM_KEY,
+            "SIDECAR_KEK": TEST_KEK,  # the shared test database may hold BYOK keys sealed under it
         }
         log_path = directory / "sidecar.log"
         process = _spawn([str(SIDECAR_BIN), "serve", "--config", str(config), "--log-level", "INFO"], env, log_path)

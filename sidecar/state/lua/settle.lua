@@ -6,7 +6,7 @@
 -- ARGV: 1 hold_id  2 cost_micro (actual cost, before the cap)  3 billed ('1' debits the balance, '0' BYOK
 --       or failed: records only)  4 event (opaque JSON, relayed to the ledger)  5 idem ('' none, 'keep', 'drop')
 --       6 status  7 content_type  8 body  9 idem_ttl_ms  10 settled_retention_ms  11 tokens_used
--- Returns: {0 settled, charged, balance_after ('' if not loaded), hold_micro, lost_hold (0/1), now_ms}
+-- Returns: {0 settled, cost recorded (charged when billed), balance_after ('' if not loaded), hold_micro, lost_hold (0/1), now_ms}
 --          {1 already_resolved}   {2 need_load}
 
 local hold_id = ARGV[1]
@@ -32,7 +32,11 @@ else
   charged = math.min(cost, math.max(tonumber(acct[1]) - tonumber(acct[2]), 0))
 end
 local debit = 0
-if billed then debit = charged end
+if billed then
+  debit = charged
+else
+  charged = cost  -- BYOK: the cost is recorded for the customer to see; nothing is held or debited
+end
 
 local balance_after = ''
 if redis.call('HEXISTS', KEYS[1], 'balance') == 1 then

@@ -1,0 +1,95 @@
+"""Admin API for customers' own provider keys (BYOK), workspace-wide or per office. Only a token
+holding TENANT_MANAGE may call these. A key is validated with its provider before it is stored,
+stored sealed, and never shown again: lists carry its last 4 characters only."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from sidecar import db
+from sidecar.byok import keys as byok_keys
+from sidecar.byok.validate import KeyRejected, ValidationUnavailable, validate
+from sidecar.byok.vault import binding
+from sidecar.control.admin import SERVICES, AdminError, _body, _id, _json, _workspace
+
+MAX_KEY_CHARS = 512
+
+
+async def _scope(request: web.Request) -> tuple[str, str | None]:
+    ws = await _workspace(request)
+    office = request.match_info.get("office")
+    if office is not None:
+        _id(office, "office id")
+        async with request.app[SERVICES].pool.acquire() as conn:
+            if await db.office_workspace(conn, office) != ws:
+                raise AdminError(404, f"office {office!r} does not exist in this workspace", "office_not_found")
+    return ws, office
+
+
+async def add_key(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    ws, office = await _scope(request)
+    payload = await _body(request)
+    provider_name = payload.get("provider")
+    provider = svc.config.providers.get(provider_name) if isinstance(provider_name, str) else None
+    if provider is None:
+        known = ", ".join(sorted(svc.config.providers))
+        raise AdminError(400, f"provider must be one of: {known}", "invalid_provider")
+    key = payload.get("key")
+    if not isinstance(key, str) or not 8 <= len(key.strip()) <= MAX_KEY_CHARS or not key.strip().isprintable():
+        raise AdminError(
+            400, f"key must be the provider's API key (8 to {MAX_KEY_CHARS} printable characters)", "invalid_key"
+        )
+    key = key.strip()
+    if svc.vault is None:
+        raise AdminError(503, "no key-encryption key is configured (SIDECAR_KEK or SIDECAR_KEK_FILE)", "no_kek")
+    try:
+        await validate(svc.upstreams.session(provider.name), provider, key, svc.config.byok.validate_timeout_ms)
+    except KeyRejected as exc:
+        raise AdminError(400, str(exc), "key_rejected") from None
+    except ValidationUnavailable as exc:
+        raise AdminError(502, str(exc), "validation_unavailable") from None
+    sealed = svc.vault.seal(key, binding(ws, office, provider.name))
+    async with svc.pool.acquire() as conn:
+        stored = await byok_keys.insert(conn, ws, office, provider.name, sealed, key[-4:])
+    svc.byok.forget(ws)
+    return _json(stored.view(), 201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    ws, office = await _scope(request)
+    async with svc.pool.acquire() as conn:
+        stored = await byok_keys.list_keys(conn, ws, office)
+    return _json({"data": [k.view() for k in stored]})
+
+
+async def _set_status(request: web.Request, status: str) -> web.Response:
+    svc = request.app[SERVICES]
+    ws, office = await _scope(request)
+    async with svc.pool.acquire() as conn:
+        stored = await byok_keys.set_status(conn, ws, office, request.match_info["key_id"], status)
+    if stored is None:
+        raise AdminError(404, "no such BYOK key in this scope", "byok_key_not_found")
+    svc.byok.forget(ws)
+    return _json(stored.view())
+
+
+async def deactivate(request: web.Request) -> web.Response:
+    return await _set_status(request, "inactive")
+
+
+async def reactivate(request: web.Request) -> web.Response:
+    return await _set_status(request, "active")
+
+
+ROUTES = tuple(
+    (method, scope + path, handler, "TENANT_MANAGE")
+    for scope in ("/{ws}/byok-keys", "/{ws}/offices/{office}/byok-keys")
+    for method, path, handler in (
+        ("POST", "", add_key),
+        ("GET", "", list_keys),
+        ("POST", "/{key_id}/deactivate", deactivate),
+        ("POST", "/{key_id}/reactivate", reactivate),
+    )
+)
