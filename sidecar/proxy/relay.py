@@ -181,7 +181,8 @@ async def _settle_stream(svc: Services, call: Call, reader: StreamReader, status
         # No final usage (the client left, or a provider that sends none): bill what was observed,
         # estimated and flagged where the provider did not count it.
         usage, estimated = reader.observed(call.request_bytes)
-    relayed = call.relayed_body()
+    # Only a complete stream is worth replaying to a retry; a cut one is remembered, not replayed.
+    relayed = call.relayed_body() if status == "completed" else None
     await settle(
         svc,
         call,
