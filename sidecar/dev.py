@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -241,19 +242,42 @@ def _openrouter_upstream() -> Upstream:
 
 
 def choose_upstream(env: dict[str, str], mock_url: Callable[[], str]) -> Upstream:
-    """OpenAI if its key is set, else OpenRouter, else the mock (whose URL is asked for only then)."""
+    """OpenAI if its key is set, else OpenRouter, else the mock (whose URL is asked for only then);
+    and Anthropic for real when its key is set (the claude model, over /v1/messages)."""
     if env.get("OPENAI_API_KEY"):
-        return _openai_upstream()
-    if env.get("OPENROUTER_API_KEY"):
-        return _openrouter_upstream()
-    return _mock_upstream(mock_url())
+        upstream = _openai_upstream()
+    elif env.get("OPENROUTER_API_KEY"):
+        upstream = _openrouter_upstream()
+    else:
+        upstream = _mock_upstream(mock_url())
+    if not env.get("ANTHROPIC_API_KEY"):
+        return upstream
+    claude = {
+        "name": CLAUDE_MODEL,
+        "provider": "anthropic",
+        "default_max_output_tokens": 4096,
+        "context_window_tokens": 200_000,
+    }
+    return dataclasses.replace(
+        upstream,
+        providers=[*(p for p in upstream.providers if p["name"] != "mock-anthropic"), _ANTHROPIC_PROVIDER],
+        models=[*(m for m in upstream.models if m["name"] != CLAUDE_MODEL), claude],
+    )
+
+
+CLAUDE_MODEL = "claude-sonnet-4-5"
+_ANTHROPIC_PROVIDER = {
+    "name": "anthropic",
+    "protocol": "anthropic",
+    "base_url": "https://api.anthropic.com/v1",
+    "api_key_env": "ANTHROPIC_API_KEY",
+}
 
 
 def provider_notes(env: dict[str, str], upstream: Upstream) -> list[str]:
     notes = []
     if env.get("ANTHROPIC_API_KEY"):
-        fallback = "the mock provider is used" if upstream.uses_mock else f"{upstream.label} is used"
-        notes.append(f"note: ANTHROPIC_API_KEY is set, but Anthropic arrives with the protocols work; {fallback}.")
+        notes.append(f"note: ANTHROPIC_API_KEY is set: {CLAUDE_MODEL} goes to Anthropic (POST /v1/messages).")
     if env.get("OPENAI_API_KEY") and env.get("OPENROUTER_API_KEY"):
         notes.append("note: OPENAI_API_KEY and OPENROUTER_API_KEY are both set; OpenAI is used.")
     return notes

@@ -389,9 +389,18 @@ def test_every_provider_choice_makes_a_valid_config(env: dict, provider: str, mo
     assert config.server.ops_port == 8082
 
 
-def test_anthropic_key_gets_a_note_and_the_mock() -> None:
+def test_anthropic_key_sends_claude_to_anthropic_and_the_rest_to_the_mock() -> None:
     env = {"ANTHROPIC_API_KEY": "sk-ant-x"}
     upstream = dev.choose_upstream(env, lambda: "http://127.0.0.1:1/v1")
     assert upstream.uses_mock
+    config = parse_config(
+        dev.dev_config_raw(8080, "redis://127.0.0.1:1/0", "postgresql://x@127.0.0.1:1/s", upstream),
+        dev.PRICING,
+        {"SIDECAR_ADMIN_TOKEN": "t"},
+        source="dev",
+    )
+    assert config.model(dev.CLAUDE_MODEL).provider == "anthropic"
+    assert config.providers["anthropic"].base_url == "https://api.anthropic.com/v1"
+    assert config.model("gpt-4o-mini").provider == "mock"
     [note] = dev.provider_notes(env, upstream)
-    assert "Anthropic" in note and "mock" in note
+    assert "Anthropic" in note
