@@ -69,6 +69,19 @@ def _script_source(name: str) -> str:
     return (resources.files("sidecar.state") / "lua" / f"{name}.lua").read_text()
 
 
+def _resolution_keys(ws: str, key_id: str, idempotency_key: str | None) -> list[str]:
+    """The keys every script that resolves a hold touches (settle.lua, expire.lua), in their KEYS order."""
+    return [
+        keys.acct(ws),
+        keys.holds(ws),
+        keys.hold_deadlines(ws),
+        keys.hold_meta(ws),
+        keys.settled(ws),
+        keys.stream(ws),
+        keys.idempotency(ws, key_id, idempotency_key or ""),
+    ]
+
+
 def _int_or_none(value: bytes | str | int) -> int | None:
     return None if value in (b"", "") else int(value)
 
@@ -182,16 +195,7 @@ class State:
         assert cost_micro >= 0
         idem_mode = ("keep" if keep_outcome else "drop") if idempotency_key else ""
         reply = await self._settle(
-            keys=[
-                keys.acct(ws),
-                keys.holds(ws),
-                keys.hold_deadlines(ws),
-                keys.hold_meta(ws),
-                keys.settled(ws),
-                keys.stream(ws),
-                keys.idempotency(ws, key_id, idempotency_key or ""),
-                keys.tokens(ws, key_id),
-            ],
+            keys=[*_resolution_keys(ws, key_id, idempotency_key), keys.tokens(ws, key_id)],
             args=[
                 hold_id,
                 cost_micro,
@@ -232,15 +236,7 @@ class State:
         """Void a hold that will never be settled and record its call (see expire.lua)."""
         assert status in ("expired", "failed")
         reply = await self._expire(
-            keys=[
-                keys.acct(ws),
-                keys.holds(ws),
-                keys.hold_deadlines(ws),
-                keys.hold_meta(ws),
-                keys.settled(ws),
-                keys.stream(ws),
-                keys.idempotency(ws, key_id, idempotency_key or ""),
-            ],
+            keys=_resolution_keys(ws, key_id, idempotency_key),
             args=[hold_id, status, SETTLED_RETENTION_MS],
         )
         return int(reply) == 1
