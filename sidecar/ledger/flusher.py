@@ -88,7 +88,7 @@ class Flusher:
         self._turn = 0  # rotates the first workspace read, so a busy one cannot starve the rest
         self._refreshed_at = 0.0
         self._last_claim_at = 0.0
-        self._wake = asyncio.Event()
+        self._more_waiting = False  # the last read filled some workspace's share: go again at once
         self._on_batch = on_batch or (lambda rows, seconds, lag: None)
         self._on_failure = on_failure or (lambda: None)
         self._on_dead_letter = on_dead_letter or (lambda: None)
@@ -96,9 +96,6 @@ class Flusher:
     def note_workspace(self, ws: str) -> None:
         """Called on settle: flush this workspace's stream without waiting for the next refresh."""
         self._workspaces.add(ws)
-
-    def wake(self) -> None:
-        self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff_ms = 50
@@ -112,9 +109,11 @@ class Flusher:
                 await _sleep_or_stop(stop, backoff_ms / 1000)
                 backoff_ms = min(backoff_ms * 2, self.config.retry_backoff_max_ms)
                 continue
-            if flushed < self.config.batch_max_rows:  # a full batch means more is waiting: go again
-                self._wake.clear()
-                await _wait_any(stop, self._wake, self.config.batch_max_age_ms / 1000)
+            # Batches form by age: a settled event waits at most batch_max_age_ms, and a backlog is
+            # drained back to back. Settles do not wake the flusher: one flush per call would cost
+            # more than the call itself.
+            if not (flushed and self._more_waiting):
+                await _sleep_or_stop(stop, self.config.batch_max_age_ms / 1000)
 
     async def drain(self, timeout_s: float) -> None:
         """At shutdown: flush until the streams are empty or the time is up."""
@@ -180,10 +179,14 @@ class Flusher:
         order = sorted(self._workspaces)
         self._turn = (self._turn + 1) % max(len(order), 1)
         batch: list[Entry] = []
+        self._more_waiting = False
         for ws in order[self._turn :] + order[: self._turn]:
             if budget <= 0:
+                self._more_waiting = True
                 break
-            got = await self._read_stream(ws, min(share, budget), claim)
+            asked = min(share, budget)
+            got = await self._read_stream(ws, asked, claim)
+            self._more_waiting = self._more_waiting or len(got) == asked
             batch.extend(got)
             budget -= len(got)
         return batch
@@ -331,12 +334,3 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
     except TimeoutError:
         pass
-
-
-async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
-    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+_CHILDREN_MAX = 10_000
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
@@ -15,6 +16,7 @@ _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._children: dict = {}
         self.requests = Counter(
             "sidecar_requests", "Calls by route, model and HTTP status", ["route", "model", "status"], registry=r
         )
@@ -78,6 +80,16 @@ class Metrics:
         self.dependency_errors = Counter(
             "sidecar_dependency_errors", "Redis or Postgres errors on the request path", ["dependency"], registry=r
         )
+
+    def child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, cached: the hot path asks for the same few children every call."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            if len(self._children) >= _CHILDREN_MAX:  # label values are bounded sets; this is a backstop
+                return metric.labels(*labels)
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def on_flush(self, rows: int, seconds: float, entries: int) -> None:
         self.flush_batch_rows.observe(rows)

@@ -74,7 +74,7 @@ async def serve(request: web.Request, protocol: Protocol) -> web.StreamResponse:
         return _error_response(call, error)
     finally:
         model = call.model.name if call.model else "unknown"
-        svc.metrics.requests.labels(protocol.route, model, str(status)).inc()
+        svc.metrics.child(svc.metrics.requests, protocol.route, model, str(status)).inc()
         request_id_var.reset(token)
 
 
@@ -128,7 +128,7 @@ async def authenticate(svc: Services, raw_key: str | None) -> Caller:
     try:
         caller = await svc.auth.authenticate(raw_key)
     except POSTGRES_ERRORS:
-        svc.metrics.dependency_errors.labels("postgres").inc()
+        svc.metrics.child(svc.metrics.dependency_errors, "postgres").inc()
         raise SidecarError("unavailable", "the key store is unavailable; retry shortly") from None
     if caller is None:
         raise SidecarError("authentication", "invalid or revoked API key", code="invalid_api_key")
@@ -222,7 +222,9 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
                 return _check_admission(svc, call, result)
             await svc.balances.ensure_loaded(caller.workspace_id)
         except (RedisError, *POSTGRES_ERRORS) as exc:
-            svc.metrics.dependency_errors.labels("redis" if isinstance(exc, RedisError) else "postgres").inc()
+            svc.metrics.child(
+                svc.metrics.dependency_errors, "redis" if isinstance(exc, RedisError) else "postgres"
+            ).inc()
             log.warning("admission unavailable", extra={"error": type(exc).__name__})
             await _void_lost_admission(svc, call)
             raise SidecarError("unavailable", "metering is unavailable; nothing was charged, retry shortly") from None
@@ -251,7 +253,7 @@ def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitRes
             call.rate_headers["X-RateLimit-Remaining-Tokens"] = str(max(result.tokens_remaining, 0))
         return result
     if outcome is Admission.RATE_LIMITED:
-        svc.metrics.rate_limited.labels(route).inc()
+        svc.metrics.child(svc.metrics.rate_limited, route).inc()
         headers = _rate_headers(limit, 0, result.reset_ms)
         headers["Retry-After"] = str(-(-result.retry_after_ms // 1000))
         headers["retry-after-ms"] = str(result.retry_after_ms)
@@ -267,7 +269,7 @@ def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitRes
             code="tokens_per_minute_exceeded",
         )
     if outcome is Admission.INSUFFICIENT:
-        svc.metrics.payment_required.labels(route).inc()
+        svc.metrics.child(svc.metrics.payment_required, route).inc()
         error = payment_required()
         error.headers = {**_rate_headers(limit, result.remaining, result.reset_ms), "x-should-retry": "false"}
         raise error
@@ -347,7 +349,7 @@ async def _forward(
         finally:
             if not isinstance(upstream, UpstreamError):
                 upstream.release()
-            svc.metrics.upstream_latency.labels(provider.name).observe(time.perf_counter() - sent_at)
+            svc.metrics.child(svc.metrics.upstream_latency, provider.name).observe(time.perf_counter() - sent_at)
     raise AssertionError("unreachable: the last target always returns or raises")
 
 
@@ -381,7 +383,9 @@ async def _open_with(
         try:
             upstream = await _open(svc, provider, call, body, client_headers, credential.key)
         except _Unreachable as exc:
-            svc.metrics.upstream_attempts.labels(provider.name, "timeout" if exc.timed_out else "unreachable").inc()
+            svc.metrics.child(
+                svc.metrics.upstream_attempts, provider.name, "timeout" if exc.timed_out else "unreachable"
+            ).inc()
             if not last:
                 call.fallback_reason = f"{provider.name}: {exc.reason}"
                 return None
@@ -390,8 +394,8 @@ async def _open_with(
             raise SidecarError(
                 kind, "the provider did not answer; nothing was charged", code="upstream_unavailable"
             ) from None
-        svc.metrics.upstream_attempts.labels(provider.name, str(upstream.status)).inc()
-        svc.metrics.upstream_ttfb.labels(provider.name).observe(time.perf_counter() - sent_at)
+        svc.metrics.child(svc.metrics.upstream_attempts, provider.name, str(upstream.status)).inc()
+        svc.metrics.child(svc.metrics.upstream_ttfb, provider.name).observe(time.perf_counter() - sent_at)
         if credential.stored is not None and upstream.status in credentials.BYOK_REFUSAL_STATUSES:
             error_body = await upstream.content.read(MAX_UPSTREAM_ERROR_BYTES)
             reason = credentials.refusal(upstream.status, error_body)
@@ -415,7 +419,7 @@ async def _byok_refused(
     svc: Services, call: Call, provider: ProviderConfig, credential: credentials.Credential, reason: str
 ) -> None:
     call.byok_fallback_reason = f"customer key …{credential.stored.last4} {reason}"
-    svc.metrics.byok_fallbacks.labels(provider.name, reason.split(" (")[0][:60]).inc()
+    svc.metrics.child(svc.metrics.byok_fallbacks, provider.name, reason.split(" (")[0][:60]).inc()
     log.warning(
         "customer key refused; falling back to the platform key",
         extra={
@@ -448,7 +452,7 @@ async def _ready_for_platform_key(svc: Services, call: Call, provider: ProviderC
             await svc.balances.ensure_loaded(ws)
             continue
         if outcome == -3:
-            svc.metrics.payment_required.labels(call.protocol.route).inc()
+            svc.metrics.child(svc.metrics.payment_required, call.protocol.route).inc()
             await settle(svc, call, "failed", None, error="insufficient credits for the platform key")
             raise payment_required()
         break

@@ -108,20 +108,20 @@ async def _settle_now(
     if result is None:
         return None
     svc.flusher.note_workspace(caller.workspace_id)
-    svc.flusher.wake()
     _observe(svc, call, status, usage, result)
-    log.info(
-        "call settled",
-        extra={
-            "workspace_id": caller.workspace_id,
-            "key_id": caller.key_id,
-            "model": call.model.name,
-            "provider": call.provider,
-            "status": status,
-            "cost_micro": result.charged_micro,
-            "duration_ms": now_ms() - call.started_ms,
-        },
-    )
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "call settled",
+            extra={
+                "workspace_id": caller.workspace_id,
+                "key_id": caller.key_id,
+                "model": call.model.name,
+                "provider": call.provider,
+                "status": status,
+                "cost_micro": result.charged_micro,
+                "duration_ms": now_ms() - call.started_ms,
+            },
+        )
     return result
 
 
@@ -174,7 +174,7 @@ async def _settle_with_retries(
         except NeedLoad:
             await svc.balances.ensure_loaded(caller.workspace_id)
         except (RedisError, OSError) as exc:
-            svc.metrics.dependency_errors.labels("redis").inc()
+            svc.metrics.child(svc.metrics.dependency_errors, "redis").inc()
             log.warning("settle failed, retrying", extra={"error": type(exc).__name__})
             await asyncio.sleep(min(delay_s, max(deadline - asyncio.get_running_loop().time(), 0)))
             delay_s *= 4
@@ -184,12 +184,12 @@ async def _settle_with_retries(
 
 
 def _observe(svc: Services, call: Call, status: str, usage: Usage, result: SettleResult) -> None:
-    svc.metrics.settlements.labels(status).inc()
+    svc.metrics.child(svc.metrics.settlements, status).inc()
     if not (result.resolved_now and result.charged_micro) or call.byok:
         return
     model = call.model.name
-    svc.metrics.debited.labels(model).inc(result.charged_micro)
+    svc.metrics.child(svc.metrics.debited, model).inc(result.charged_micro)
     for token_class in _TOKEN_CLASSES:
         tokens = getattr(usage, token_class)
         if tokens:
-            svc.metrics.tokens.labels(model, token_class.removesuffix("_tokens")).inc(tokens)
+            svc.metrics.child(svc.metrics.tokens, model, token_class.removesuffix("_tokens")).inc(tokens)

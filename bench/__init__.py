@@ -1,0 +1,1 @@
+"""The sidecar's benchmark harness: `make bench` (python -m bench). See bench/README.md."""
