@@ -235,3 +235,18 @@ async def test_token_limit_counts_ceilings_then_actual_usage(redis_client) -> No
     again = await admit_tokens(500)
     assert again.outcome is Admission.ADMITTED and again.tokens_remaining == 400
     assert await redis_client.zcard(keys.rate(ws, "k1")) == 2  # the refusals left no trace
+
+
+async def test_pipelined_scripts_survive_a_script_flush_and_keep_errors_apart(redis_client) -> None:
+    """Concurrent admits are sent together in one pipeline (state/batching.py)."""
+    state = State(redis_client)
+    ws, broken = new_ws(), new_ws()
+    await state.load(ws, 10_000, 0)
+    await redis_client.set(keys.acct(broken), "not a hash")  # this workspace's script call fails alone
+    await redis_client.script_flush()  # as after a Redis restart: every EVALSHA answers NOSCRIPT
+    results = await asyncio.gather(
+        *[admit(state, ws, ceiling=10) for _ in range(50)], admit(state, broken, ceiling=10), return_exceptions=True
+    )
+    assert all(r.outcome is Admission.ADMITTED for r in results[:50])
+    assert isinstance(results[50], Exception) and "WRONGTYPE" in str(results[50])
+    assert (await state.account(ws)).held_micro == 500

@@ -82,6 +82,11 @@ class Protocol:
         self, payload: dict, facts: RequestFacts, upstream_model: str, output_cap: int, to_openrouter: bool
     ) -> bytes:
         """The body sent upstream: the provider's model id and a real output cap."""
+        return orjson.dumps(self.rewrite_payload(payload, facts, upstream_model, output_cap, to_openrouter))
+
+    def rewrite_payload(
+        self, payload: dict, facts: RequestFacts, upstream_model: str, output_cap: int, to_openrouter: bool
+    ) -> dict:
         out = dict(payload)
         out["model"] = upstream_model
         # Every cap field the client sent is set to the one cap the hold was priced with: a provider
@@ -94,7 +99,7 @@ class Protocol:
         if not to_openrouter:
             for name in OPENROUTER_ONLY_FIELDS:
                 out.pop(name, None)
-        return orjson.dumps(out)
+        return out
 
     def read_body(self, body: bytes) -> BodyFacts:
         raise NotImplementedError

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import orjson
-
 from sidecar.protocols import openai_common as common
 from sidecar.protocols.base import (
     BodyFacts,
@@ -46,15 +44,13 @@ class ChatCompletions(Protocol):
             client_wants_usage=bool(stream and options and options.get("include_usage") is True),
         )
 
-    def rewrite_request(
+    def rewrite_payload(
         self, payload: dict, facts: RequestFacts, upstream_model: str, output_cap: int, to_openrouter: bool
-    ) -> bytes:
-        body = super().rewrite_request(payload, facts, upstream_model, output_cap, to_openrouter)
-        if not facts.stream:
-            return body
-        out = orjson.loads(body)
-        out["stream_options"] = {**(out.get("stream_options") or {}), "include_usage": True}
-        return orjson.dumps(out)
+    ) -> dict:
+        out = super().rewrite_payload(payload, facts, upstream_model, output_cap, to_openrouter)
+        if facts.stream:  # usage on every stream; the chunk is hidden again if the client did not ask
+            out["stream_options"] = {**(out.get("stream_options") or {}), "include_usage": True}
+        return out
 
     def read_body(self, body: bytes) -> BodyFacts:
         payload = loads_object(body) or {}

@@ -10,6 +10,7 @@ from importlib import resources
 import redis.asyncio as aioredis
 
 from sidecar.state import keys
+from sidecar.state.batching import ScriptBatcher
 
 SETTLED_RETENTION_MS = 3_600_000  # how long "this hold is resolved" is remembered: far past any retry
 
@@ -89,11 +90,13 @@ def _int_or_none(value: bytes | str | int) -> int | None:
 class State:
     """One instance per process; wraps a redis.asyncio client and the registered scripts.
 
-    Scripts run by EVALSHA; redis-py reloads a script on NOSCRIPT (after a Redis restart) by itself.
+    Scripts run by EVALSHA and are loaded again on NOSCRIPT (after a Redis restart). The two hot-path
+    scripts (admit, settle) go through the batcher, which pipelines concurrent calls.
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
+        self._batcher = ScriptBatcher(client)
         self._admit = client.register_script(_script_source("admit"))
         self._settle = client.register_script(_script_source("settle"))
         self._expire = client.register_script(_script_source("expire"))
@@ -128,7 +131,8 @@ class State:
     ) -> AdmitResult:
         assert ceiling_micro >= 0 and rate_limit > 0
         idem_key = keys.idempotency(ws, key_id, idempotency_key or "")
-        reply = await self._admit(
+        reply = await self._batcher.run(
+            self._admit,
             keys=[
                 keys.acct(ws),
                 keys.holds(ws),
@@ -194,7 +198,8 @@ class State:
         """Raises NeedLoad when Redis lost the workspace (restarted empty) during the call."""
         assert cost_micro >= 0
         idem_mode = ("keep" if keep_outcome else "drop") if idempotency_key else ""
-        reply = await self._settle(
+        reply = await self._batcher.run(
+            self._settle,
             keys=[*_resolution_keys(ws, key_id, idempotency_key), keys.tokens(ws, key_id)],
             args=[
                 hold_id,
