@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 
@@ -21,6 +22,18 @@ def _load(path: str) -> Config:
         raise SystemExit(2) from None
 
 
+def _tune_gc() -> None:
+    # The long-lived objects of a started process (modules, config, pools) never become garbage:
+    # freezing them keeps every collection from walking them again, and a larger young generation
+    # makes collections rarer. Both shorten the pauses that show up as tail latency.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+
+
+GC_YOUNG_THRESHOLD = 20_000
+
+
 def _event_loop_policy() -> None:
     try:
         import uvloop
@@ -33,6 +46,7 @@ async def _run(config: Config, data_plane: bool, control_plane: bool, port: int,
     from sidecar.app import Runtime, open_services
 
     svc = await open_services(config)
+    _tune_gc()
     runtime = Runtime(svc, data_plane=data_plane, control_plane=control_plane)
     runtime.install_signal_handlers()
     await runtime.start(config.server.host, port, config.server.ops_port, control_port)

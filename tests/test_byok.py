@@ -246,3 +246,30 @@ async def test_customer_keys_never_leak(sidecar: Sidecar, caplog) -> None:
         assert secret not in everything
     assert stored[0]["last4"] == "abcd"
     assert CUSTOMER_KEY.encode() not in b"".join(stored[0]["ciphertext"] for _ in [0])
+
+
+@pytest.mark.parametrize("provider", ["mock-anthropic", "mock-openrouter"])
+async def test_each_provider_validates_and_receives_keys_its_own_way(sidecar: Sidecar, provider: str) -> None:
+    ws = await sidecar.workspace(credits_micro=0)
+    status, view = await add_key(sidecar, ws.id, CUSTOMER_KEY, provider=provider)
+    assert status == 201 and view["provider"] == provider
+    openrouter = sidecar.extra[1].app[mock_provider.RECORDED]
+    if provider == "mock-anthropic":
+        check = sidecar.recorded[-1]
+        assert check.path == "/v1/models" and check.headers["x-api-key"] == CUSTOMER_KEY
+        assert check.headers["anthropic-version"]
+        body = {"model": "claude-test", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+        async with sidecar.http.post(
+            sidecar.data.make_url("/v1/messages"), json=body, headers={"x-api-key": ws.key}
+        ) as resp:
+            assert resp.status == 200
+        call = sidecar.recorded[-1]
+        assert call.headers["x-api-key"] == CUSTOMER_KEY and "authorization" not in call.headers
+    else:
+        check = openrouter[-1]
+        assert check.path == "/api/v1/key" and check.headers["authorization"] == f"Bearer {CUSTOMER_KEY}"
+        assert (await sidecar.chat(ws, chat_body(model="router-model")))[0] == 200
+        assert openrouter[-1].headers["authorization"] == f"Bearer {CUSTOMER_KEY}"
+    identity = await sidecar.assert_identity(ws.id)
+    [row] = await sidecar.ledger(ws.id)
+    assert row["byok"] is True and row["cost_micro"] > 0 and identity["debits"] == 0
