@@ -9,6 +9,7 @@ import aiohttp
 import orjson
 import pytest
 from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
+from support.scripts import admit, settle
 
 from sidecar.sweeper import sweep_all
 
@@ -134,17 +135,14 @@ async def test_sidecar_death_hold_expires_and_is_recorded(redis_client, redis_ur
     try:
         ws = await sidecar.workspace(credits_micro=1_000_000)
         # A hold taken by a process that then died: admitted, never settled, deadline in the past.
-        result = await sidecar.svc.state.admit(
-            ws=ws.id,
-            key_id=ws.key_id,
+        result = await admit(
+            sidecar.svc.state,
+            ws.id,
+            ceiling=5_000,
+            limit=10,
             hold_id="0" * 31 + "1",
-            ceiling_micro=5_000,
-            rate_limit=10,
-            window_ms=60_000,
+            key_id=ws.key_id,
             hold_ttl_ms=1,
-            idempotency_key=None,
-            fingerprint="",
-            idempotency_ttl_ms=1000,
             meta=orjson.dumps(
                 {
                     "event_id": "00000000-0000-0000-0000-000000000001",
@@ -157,7 +155,6 @@ async def test_sidecar_death_hold_expires_and_is_recorded(redis_client, redis_ur
                     "started_at": 1,
                 }
             ),
-            max_unflushed=1000,
         )
         assert result.outcome == 0
         assert await sidecar.redis_account(ws.id) == (1_000_000, 5_000)
@@ -168,20 +165,7 @@ async def test_sidecar_death_hold_expires_and_is_recorded(redis_client, redis_ur
         [row] = await sidecar.ledger(ws.id)
         assert (row["status"], row["cost_micro"], row["hold_micro"]) == ("expired", 0, 5_000)
         # A late settle of the same hold changes nothing.
-        late = await sidecar.svc.state.settle(
-            ws=ws.id,
-            key_id=ws.key_id,
-            hold_id="0" * 31 + "1",
-            cost_micro=4_000,
-            billed=True,
-            event=b"{}",
-            idempotency_key=None,
-            keep_outcome=True,
-            status=200,
-            content_type="",
-            body=b"",
-            idempotency_ttl_ms=1000,
-        )
+        late = await settle(sidecar.svc.state, ws.id, "0" * 31 + "1", 4_000, key_id=ws.key_id)
         assert late.resolved_now is False
         await sidecar.assert_identity(ws.id)
         assert len(await sidecar.ledger(ws.id)) == 1
@@ -241,19 +225,6 @@ async def test_a_second_settle_changes_nothing(sidecar: Sidecar) -> None:
     ws = await sidecar.workspace(credits_micro=1_000_000)
     code, headers, _ = await sidecar.chat(ws, BODY)
     assert code == 200
-    again = await sidecar.svc.state.settle(
-        ws=ws.id,
-        key_id=ws.key_id,
-        hold_id=headers["x-request-id"],
-        cost_micro=999,
-        billed=True,
-        event=b"{}",
-        idempotency_key=None,
-        keep_outcome=True,
-        status=200,
-        content_type="",
-        body=b"",
-        idempotency_ttl_ms=1000,
-    )
+    again = await settle(sidecar.svc.state, ws.id, headers["x-request-id"], 999, key_id=ws.key_id)
     assert again.resolved_now is False
     assert (await sidecar.assert_identity(ws.id))["usage_rows"] == 1

@@ -8,54 +8,12 @@ import secrets
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.scripts import admit, settle
 
 from sidecar.state import keys
 from sidecar.state.store import Admission, State
 
 WINDOW_MS = 150
-
-
-async def admit(
-    state: State,
-    ws: str,
-    ceiling: int = 0,
-    limit: int = 1000,
-    hold_id: str | None = None,
-    idem: str | None = None,
-    fingerprint: str = "fp",
-    window_ms: int = 60_000,
-):
-    return await state.admit(
-        ws=ws,
-        key_id="k1",
-        hold_id=hold_id or secrets.token_hex(16),
-        ceiling_micro=ceiling,
-        rate_limit=limit,
-        window_ms=window_ms,
-        hold_ttl_ms=60_000,
-        idempotency_key=idem,
-        fingerprint=fingerprint,
-        idempotency_ttl_ms=60_000,
-        meta=b"{}",
-        max_unflushed=1000,
-    )
-
-
-async def settle(state: State, ws: str, hold_id: str, cost: int):
-    return await state.settle(
-        ws=ws,
-        key_id="k1",
-        hold_id=hold_id,
-        cost_micro=cost,
-        billed=True,
-        event=b'{"x":1}',
-        idempotency_key=None,
-        keep_outcome=True,
-        status=200,
-        content_type="",
-        body=b"",
-        idempotency_ttl_ms=1000,
-    )
 
 
 def new_ws() -> str:
@@ -191,22 +149,7 @@ async def test_token_limit_counts_ceilings_then_actual_usage(redis_client) -> No
     ws = new_ws()
 
     async def admit_tokens(tokens: int, hold_id: str | None = None):
-        return await state.admit(
-            ws=ws,
-            key_id="k1",
-            hold_id=hold_id or secrets.token_hex(16),
-            ceiling_micro=0,
-            rate_limit=100,
-            window_ms=60_000,
-            hold_ttl_ms=60_000,
-            idempotency_key=None,
-            fingerprint="",
-            idempotency_ttl_ms=1000,
-            meta=b"{}",
-            max_unflushed=1000,
-            ceiling_tokens=tokens,
-            token_limit=1_000,
-        )
+        return await admit(state, ws, limit=100, hold_id=hold_id, ceiling_tokens=tokens, token_limit=1_000)
 
     assert (await admit_tokens(1_001)).outcome is Admission.OVER_TOKEN_LIMIT  # can never fit
     first_id = secrets.token_hex(16)
@@ -216,21 +159,7 @@ async def test_token_limit_counts_ceilings_then_actual_usage(redis_client) -> No
     assert refused.outcome is Admission.RATE_LIMITED and refused.limited_by == "tokens"
     assert 0 < refused.retry_after_ms <= 60_000
     # The first call used only 100 tokens: settling corrects the window, and 500 now fits.
-    settled = await state.settle(
-        ws=ws,
-        key_id="k1",
-        hold_id=first_id,
-        cost_micro=0,
-        billed=True,
-        event=b"{}",
-        idempotency_key=None,
-        keep_outcome=True,
-        status=200,
-        content_type="",
-        body=b"",
-        idempotency_ttl_ms=1000,
-        tokens_used=100,
-    )
+    settled = await settle(state, ws, first_id, 0, tokens_used=100)
     assert settled.resolved_now
     again = await admit_tokens(500)
     assert again.outcome is Admission.ADMITTED and again.tokens_remaining == 400
