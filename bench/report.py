@@ -146,7 +146,7 @@ def render(results: dict[str, Any]) -> str:
         "chunk-by-chunk relay, no auth, no parsing): the cost of being a Python proxy;",
         f"3. **sidecar**: `sidecar serve` with full metering (key auth, rate limit at "
         f"{10_000_000:,} rpm so it never refuses, hold, settle, ledger flush to Postgres), log level "
-        f"{s['sidecar_log_level']} (one JSON line per call, as in production).",
+        f"{s['sidecar_log_level']}, as in production.",
         "",
         "The load generator (`bench/loadgen.py`) is a callback-driven HTTP/1.1 keep-alive client on uvloop, in "
         "its own process(es); its CPU is read from /proc like every server's, over exactly the measured window. "
