@@ -273,3 +273,30 @@ async def test_each_provider_validates_and_receives_keys_its_own_way(sidecar: Si
     identity = await sidecar.assert_identity(ws.id)
     [row] = await sidecar.ledger(ws.id)
     assert row["byok"] is True and row["cost_micro"] > 0 and identity["debits"] == 0
+
+
+async def test_a_cooling_office_key_yields_to_the_workspace_key_and_scopes_stay_apart(sidecar: Sidecar) -> None:
+    ws = await sidecar.workspace(credits_micro=1_000_000, office="lyon")
+    other = await sidecar.workspace()
+    assert (await add_key(sidecar, ws.id, CUSTOMER_KEY))[0] == 201
+    _, office_key = await add_key(sidecar, ws.id, OFFICE_KEY, office="lyon")
+    _, others = await add_key(sidecar, other.id, "sk-other-workspace-key-9999")
+    # Reactivating another workspace's key through this workspace's URL changes nothing anywhere.
+    status, _ = await sidecar.admin(
+        "POST", f"/workspaces/{ws.id}/byok-keys/{others['id']}/reactivate", token=TENANT_ADMIN_TOKEN
+    )
+    assert status == 404
+    _, listed = await sidecar.admin("GET", f"/workspaces/{ws.id}/byok-keys", token=TENANT_ADMIN_TOKEN)
+    assert sorted(k["status"] for k in listed["data"]) == ["active", "active"]
+
+    sidecar.provider.app[mock_provider.REJECTED_KEYS].add(OFFICE_KEY)
+    assert (await sidecar.chat(ws, chat_body()))[0] == 200  # office key refused: platform fallback
+    before = len(sidecar.recorded)
+    assert (await sidecar.chat(ws, chat_body()))[0] == 200
+    # While the office key cools down, the workspace's own key serves: still BYOK, not credits.
+    assert [r.headers["authorization"] for r in list(sidecar.recorded)[before:]] == [f"Bearer {CUSTOMER_KEY}"]
+    await sidecar.flush()
+    rows = await sidecar.ledger(ws.id)
+    assert [r["byok"] for r in rows] == [False, True]
+    assert office_key["id"] not in str(rows[1]["byok_fallback_reason"] or "")
+    await sidecar.assert_identity(ws.id)

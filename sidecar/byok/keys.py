@@ -19,6 +19,7 @@ import asyncpg
 from sidecar.byok.vault import Sealed
 
 CACHE_TTL_S = 5.0
+USED_EVERY_S = 60.0  # `last_used_at` precision: one write per key per minute at most
 CACHE_MAX_ENTRIES = 10_000
 
 _COLUMNS = (
@@ -119,9 +120,12 @@ async def set_status(
         if status == "active":  # reactivating one key deactivates whichever else is active in its scope
             await conn.execute(
                 "UPDATE byok_keys b SET status = 'inactive', updated_at = now() FROM byok_keys k "
-                "WHERE k.id = $1 AND b.id <> k.id AND b.workspace_id = k.workspace_id "
+                "WHERE k.id = $1 AND k.workspace_id = $2 AND k.office_id IS NOT DISTINCT FROM $3 "
+                "AND b.id <> k.id AND b.workspace_id = k.workspace_id "
                 "AND b.office_id IS NOT DISTINCT FROM k.office_id AND b.provider = k.provider AND b.status = 'active'",
                 key_id,
+                workspace_id,
+                office_id,
             )
         row = await conn.fetchrow(
             f"UPDATE byok_keys SET status = $4, failing_until = NULL, failure_reason = NULL, updated_at = now() "
@@ -163,6 +167,7 @@ class Resolver:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self._cache: OrderedDict[tuple, tuple[float, StoredKey | None]] = OrderedDict()
+        self._used_at: dict[str, float] = {}  # key id -> when `last_used_at` was last written
 
     async def resolve(self, workspace_id: str, office_id: str | None, provider: str) -> StoredKey | None:
         scope = (workspace_id, office_id, provider)
@@ -174,7 +179,8 @@ class Resolver:
             row = await conn.fetchrow(
                 f"SELECT {_COLUMNS} FROM byok_keys WHERE workspace_id = $1 AND provider = $3 AND status = 'active' "
                 "AND (office_id IS NULL OR office_id = $2) "
-                "ORDER BY office_id IS NULL LIMIT 1",  # the office's key first
+                # The office's key first, unless it is cooling down and the workspace has one that is not.
+                "ORDER BY (failing_until IS NOT NULL AND failing_until > now()), office_id IS NULL LIMIT 1",
                 workspace_id,
                 office_id,
                 provider,
@@ -191,16 +197,31 @@ class Resolver:
             del self._cache[scope]
 
     async def mark_failing(self, key: StoredKey, reason: str, cooldown_s: float) -> None:
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "UPDATE byok_keys SET failing_until = now() + make_interval(secs => $2), failure_reason = $3, "
-                "updated_at = now() WHERE id = $1",
-                key.id,
-                cooldown_s,
-                reason[:200],
-            )
+        """Best effort: the call falls back to the platform key whether or not this is recorded."""
+        self.forget(key.workspace_id)
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE byok_keys SET failing_until = now() + make_interval(secs => $2), failure_reason = $3, "
+                    "updated_at = now() WHERE id = $1",
+                    key.id,
+                    cooldown_s,
+                    reason[:200],
+                )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass
         self.forget(key.workspace_id)
 
     async def mark_used(self, key: StoredKey) -> None:
-        async with self.pool.acquire() as conn:
-            await conn.execute("UPDATE byok_keys SET last_used_at = now() WHERE id = $1", key.id)
+        """Best effort, at most once a minute per key: bookkeeping must never fail or slow a call."""
+        now = time.monotonic()
+        if now - self._used_at.get(key.id, -USED_EVERY_S) < USED_EVERY_S:
+            return
+        if len(self._used_at) >= CACHE_MAX_ENTRIES:
+            self._used_at.clear()
+        self._used_at[key.id] = now
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.execute("UPDATE byok_keys SET last_used_at = now() WHERE id = $1", key.id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            self._used_at.pop(key.id, None)

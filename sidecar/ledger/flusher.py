@@ -120,8 +120,10 @@ class Flusher:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                if await self.flush_once() == 0 and await self.backlog() == 0:
-                    return
+                if await self.flush_once() == 0:
+                    if await self.backlog() == 0:
+                        return
+                    await asyncio.sleep(0.1)  # entries pending elsewhere: wait, do not spin
             except Exception:
                 log.exception("ledger flush failed during drain")
                 await asyncio.sleep(0.2)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import asyncpg
+
 from sidecar.byok.keys import StoredKey
 from sidecar.byok.vault import VaultError, binding
 from sidecar.config import ProviderConfig
@@ -35,7 +37,12 @@ PLATFORM = Credential(None, None)
 
 async def choose(svc: Services, call: Call, provider: ProviderConfig) -> Credential:
     caller = call.caller
-    stored = await svc.byok.resolve(caller.workspace_id, caller.office_id, provider.name)
+    try:
+        stored = await svc.byok.resolve(caller.workspace_id, caller.office_id, provider.name)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        # Not the platform key instead: a customer who brought a key must not be billed credits for
+        # our outage. Refuse, in the protocol's envelope.
+        raise SidecarError("unavailable", "the key store is unavailable; retry shortly") from None
     if stored is None:
         return PLATFORM
     if stored.failing:

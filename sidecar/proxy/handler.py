@@ -97,9 +97,14 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
     # The first target's credential decides the billing path: the customer's own key takes no hold.
     first = await credentials.choose(svc, call, svc.config.providers[call.targets[0].provider])
     call.hold_micro = 0 if first.stored else call.credits_ceiling_micro
+    call.byok = first.stored is not None  # so the expired-row template says which key it was
 
     fingerprint = hashlib.sha256(body).hexdigest() if call.idempotency_key else ""
-    admitted = await _admit(svc, call, fingerprint)
+    try:
+        admitted = await _admit(svc, call, fingerprint)
+    except asyncio.CancelledError:  # the script may have run: release what it held
+        await asyncio.shield(_void_lost_admission(svc, call))
+        raise
     if admitted.outcome is Admission.DUPLICATE:
         return _replay(admitted, call)
     svc.metrics.holds_active.inc()
@@ -400,7 +405,10 @@ async def _open_with(
             error_body = await upstream.content.read(MAX_UPSTREAM_ERROR_BYTES)
             reason = credentials.refusal(upstream.status, error_body)
             upstream.release()
-            if reason is None:  # an answer about the call itself: relay it as is
+            if reason is None:  # an answer about the call itself: the next target, or relay it as is
+                if upstream.status in FALLBACK_STATUSES and not last:
+                    call.fallback_reason = f"{provider.name}: answered {upstream.status}"
+                    return None
                 return UpstreamError(upstream.status, upstream.headers, error_body), sent_at
             await _byok_refused(svc, call, provider, credential, reason)
             credential = credentials.PLATFORM
