@@ -45,16 +45,6 @@ DEMO_KEY_RPM = 600
 # The mock refuses a call without a bearer token and takes any other; this one never leaves the machine.
 MOCK_KEY_ENV = "SIDECAR_DEV_MOCK_KEY"
 MOCK_KEY = "sk-mock-dev"
-MOCK_FAULT_HEADERS = (
-    "x-mock-status",
-    "x-mock-error-code",
-    "x-mock-chunks",
-    "x-mock-delay-ms",
-    "x-mock-first-byte-delay-ms",
-    "x-mock-cut-after",
-    "x-mock-error-after",
-    "x-mock-reset",
-)
 STOP_TIMEOUT_S = 30.0
 SDK_PROMPT = "Say hello"
 
@@ -192,7 +182,7 @@ def _mock_upstream(base_url: str) -> Upstream:
         "base_url": base_url,
         "api_key_env": MOCK_KEY_ENV,
         # Lets a developer inject provider faults per call (see sidecar.mock_provider).
-        "forward_headers": list(MOCK_FAULT_HEADERS),
+        "forward_headers": list(mock_provider.FAULT_HEADERS),
     }
     # The same mock also speaks Anthropic Messages, so the anthropic SDK works against `sidecar dev` too.
     anthropic = {**provider, "name": "mock-anthropic", "protocol": "anthropic"}

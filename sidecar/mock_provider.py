@@ -128,6 +128,7 @@ from multidict import CIMultiDict
 
 __all__ = [
     "DEFAULT_PORT",
+    "FAULT_HEADERS",
     "FLAVORS",
     "RECORDED",
     "REJECTED_KEYS",
@@ -193,6 +194,24 @@ class RecordedRequest:
     json_body: Any
     """The parsed JSON body; None when there was none or it was not JSON."""
 
+
+# Every per-request knob, for a proxy in front of the mock to forward (its `forward_headers`).
+FAULT_HEADERS = (
+    "x-mock-status",
+    "x-mock-error-code",
+    "x-mock-chunks",
+    "x-mock-delay-ms",
+    "x-mock-first-byte-delay-ms",
+    "x-mock-cut-after",
+    "x-mock-error-after",
+    "x-mock-reset",
+    "x-mock-cache-read",
+    "x-mock-cache-write-5m",
+    "x-mock-cache-write-1h",
+    "x-mock-progress-deltas",
+    "x-mock-full-delta-usage",
+    "x-mock-served-model",
+)
 
 RECORDED = web.AppKey("mock_recorded_requests", deque)
 REJECTED_KEYS = web.AppKey("mock_rejected_keys", set)

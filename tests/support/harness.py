@@ -43,22 +43,7 @@ ADMIN_TOKENS = [
 ]
 
 # The mock provider's per-request fault knobs, forwarded so tests can drive faults call by call.
-MOCK_FAULT_HEADERS = [
-    "x-mock-status",
-    "x-mock-error-code",
-    "x-mock-chunks",
-    "x-mock-delay-ms",
-    "x-mock-first-byte-delay-ms",
-    "x-mock-cut-after",
-    "x-mock-error-after",
-    "x-mock-reset",
-    "x-mock-cache-read",
-    "x-mock-cache-write-5m",
-    "x-mock-cache-write-1h",
-    "x-mock-progress-deltas",
-    "x-mock-full-delta-usage",
-    "x-mock-served-model",
-]
+MOCK_FAULT_HEADERS = list(mock_provider.FAULT_HEADERS)
 
 PRICING = {
     "minimum_charge": "0",
