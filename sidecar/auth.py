@@ -71,9 +71,3 @@ class Authenticator:
 
     def forget_all(self) -> None:
         self._cache.clear()
-
-
-def bearer_token(header: str | None) -> str | None:
-    if header and header[:7].lower() == "bearer ":
-        return header[7:].strip() or None
-    return None

@@ -182,9 +182,7 @@ def _section(raw: dict, key: str, path: str) -> dict:
 
 def _build(cls: type, raw: dict, path: str) -> Any:
     known = {f for f in cls.__dataclass_fields__}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{path}{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    _no_unknown_keys(raw, tuple(sorted(known)), path)
     defaults = cls()
     values = {}
     for name in known:
@@ -396,9 +394,7 @@ def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str =
         "byok",
         "admin_tokens",
     }
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    _no_unknown_keys(raw, tuple(sorted(known)), "")
     providers = _parse_providers(raw.get("providers"))
     models = _parse_models(raw.get("models"), providers)
     pricing = parse_pricing(pricing_raw, "pricing")

@@ -8,6 +8,9 @@ from datetime import datetime
 
 import asyncpg
 
+# A Postgres that is down, starting, stopping or cut off mid-query.
+POSTGRES_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
 
 @dataclass(frozen=True, slots=True)
 class ApiKeyRecord:

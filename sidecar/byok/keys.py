@@ -17,6 +17,7 @@ from datetime import datetime
 import asyncpg
 
 from sidecar.byok.vault import Sealed
+from sidecar.db import POSTGRES_ERRORS
 
 CACHE_TTL_S = 5.0
 USED_EVERY_S = 60.0  # `last_used_at` precision: one write per key per minute at most
@@ -208,7 +209,7 @@ class Resolver:
                     cooldown_s,
                     reason[:200],
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except POSTGRES_ERRORS:
             pass
         self.forget(key.workspace_id)
 
@@ -223,5 +224,5 @@ class Resolver:
         try:
             async with self.pool.acquire() as conn:
                 await conn.execute("UPDATE byok_keys SET last_used_at = now() WHERE id = $1", key.id)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except POSTGRES_ERRORS:
             self._used_at.pop(key.id, None)

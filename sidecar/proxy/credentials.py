@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import asyncpg
-
 from sidecar.byok.keys import StoredKey
 from sidecar.byok.vault import VaultError, binding
 from sidecar.config import ProviderConfig
+from sidecar.db import POSTGRES_ERRORS
 from sidecar.protocols.errors import SidecarError
 from sidecar.proxy.call import Call
 from sidecar.services import Services
@@ -39,7 +38,7 @@ async def choose(svc: Services, call: Call, provider: ProviderConfig) -> Credent
     caller = call.caller
     try:
         stored = await svc.byok.resolve(caller.workspace_id, caller.office_id, provider.name)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    except POSTGRES_ERRORS:
         # Not the platform key instead: a customer who brought a key must not be billed credits for
         # our outage. Refuse, in the protocol's envelope.
         raise SidecarError("unavailable", "the key store is unavailable; retry shortly") from None

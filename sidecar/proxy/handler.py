@@ -16,17 +16,17 @@ import time
 import uuid
 
 import aiohttp
-import asyncpg
 import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from sidecar.auth import Caller
 from sidecar.config import ModelConfig, ProviderConfig, Target
+from sidecar.db import POSTGRES_ERRORS
 from sidecar.observability.logging import request_id_var
 from sidecar.pricing import Usage
 from sidecar.protocols import ALL as PROTOCOLS
-from sidecar.protocols.base import Protocol, RequestFacts, bearer_token, may_carry_media, parse_json
+from sidecar.protocols.base import Protocol, RequestFacts, may_carry_media, parse_json
 from sidecar.protocols.errors import SidecarError, payment_required
 from sidecar.proxy import credentials
 from sidecar.proxy.call import Call, now_ms
@@ -45,8 +45,6 @@ from sidecar.state.store import Admission, AdmitResult
 log = logging.getLogger("sidecar.proxy")
 
 SERVICES = web.AppKey("services", Services)
-# A Postgres that is down, starting, stopping or cut off mid-query.
-POSTGRES_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 MAX_LEDGER_BACKLOG = 1_000_000  # per workspace stream: past this, Postgres is too far behind to admit more
 ADMIT_ATTEMPTS = 3
 # Before the first byte reached the client, these answers send the call to the next target.
@@ -560,4 +558,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
 
 
-__all__ = ["SERVICES", "add_routes", "bearer_token", "serve"]
+__all__ = ["SERVICES", "add_routes", "serve"]
