@@ -27,7 +27,8 @@ from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
 from sidecar.observability.metrics import Metrics
 from sidecar.ops import build_ops_app
-from sidecar.proxy import handler
+from sidecar.proxy import handler, settlement
+from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
 from sidecar.services import Services
 from sidecar.state.store import State
@@ -93,6 +94,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     except Exception:
         log.warning("could not load Lua scripts at start; they load on first use")
     return Services(
+        spool=Spool(config.holds.spool_dir, config.holds.spool_max_entries),
         config=config,
         state=state,
         pool=pg_pool,
@@ -146,7 +148,15 @@ class Runtime:
     async def start(self, host: str, port: int, ops_port: int, control_port: int | None = None) -> None:
         svc = self.svc
         if self.data_plane:
+            try:
+                svc.spool.open()
+            except OSError as exc:
+                raise SystemExit(
+                    f"sidecar: holds.spool_dir {svc.config.holds.spool_dir!r} is not writable ({exc.strerror}); "
+                    "set it (or SIDECAR_HOLDS__SPOOL_DIR) to a durable directory the sidecar may write"
+                ) from None
             await self._serve(build_data_app(svc), host, port)
+            self._tasks.append(asyncio.create_task(settlement.run_spool(svc, self.stop)))
             self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
             self._tasks.append(
                 asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop))
@@ -177,8 +187,9 @@ class Runtime:
         # handlers (streams included) before cancelling what is left.
         for runner in self._runners:
             await runner.cleanup()
+        # A settlement retries for its whole budget, then spools: wait for as long, so none is cut off.
         if svc.settling:
-            await asyncio.wait(list(svc.settling), timeout=10)
+            await asyncio.wait(list(svc.settling), timeout=svc.config.holds.settle_budget_ms / 1000 + 5)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

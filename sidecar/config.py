@@ -6,6 +6,7 @@ milliseconds and sizes in bytes, and every name says so.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -63,6 +64,11 @@ class UpstreamConfig:
     first_byte_timeout_ms: int = 120_000
     idle_timeout_ms: int = 120_000
     total_timeout_ms: int = 600_000
+    # A client that takes longer than this to accept one relayed chunk has, in effect, left.
+    write_timeout_ms: int = 30_000
+    # After a client hangs up mid-stream, keep reading (not relaying) the provider's stream this long
+    # for its usage count: an estimate from bytes misses images, cached prefixes and reasoning.
+    usage_wait_after_hangup_ms: int = 30_000
     pool_size: int = 512
 
 
@@ -70,6 +76,9 @@ class UpstreamConfig:
 class HoldConfig:
     ttl_ms: int = 900_000
     settle_budget_ms: int = 60_000  # how long a call may keep retrying its settlement
+    # Settlements Redis could not take within the budget wait here, on disk, to be replayed.
+    spool_dir: str = "/var/lib/sidecar/spool"
+    spool_max_entries: int = 100_000
     sweep_interval_ms: int = 5_000
     sweep_batch_max: int = 200
 
@@ -376,6 +385,11 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
+def _with_env_spool_dir(holds: HoldConfig, env: dict[str, str]) -> HoldConfig:
+    spool_dir = env.get("SIDECAR_SPOOL_DIR")
+    return dataclasses.replace(holds, spool_dir=spool_dir) if spool_dir else holds
+
+
 def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str = "<dict>") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: must be a mapping")
@@ -411,7 +425,7 @@ def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str =
         server=_build(ServerConfig, _section(raw, "server", ""), "server."),
         auth=_build(AuthConfig, _section(raw, "auth", ""), "auth."),
         upstream=_build(UpstreamConfig, _section(raw, "upstream", ""), "upstream."),
-        holds=_build(HoldConfig, _section(raw, "holds", ""), "holds."),
+        holds=_with_env_spool_dir(_build(HoldConfig, _section(raw, "holds", ""), "holds."), env),
         ledger=_build(LedgerConfig, _section(raw, "ledger", ""), "ledger."),
         billing=_build(BillingConfig, _section(raw, "billing", ""), "billing."),
         byok=_build(ByokConfig, _section(raw, "byok", ""), "byok."),
@@ -455,20 +469,27 @@ def _check_limits(config: Config) -> None:
         raise ConfigError("auth.cache_ttl_ms: must be at most 5000, so a revoked key stops working within 5 s")
     if config.auth.default_rpm < 1 or config.auth.rate_window_ms < 1_000:
         raise ConfigError("auth.default_rpm / auth.rate_window_ms: must be >= 1 and >= 1000")
-    # A hold must outlive the longest call it covers, settlement retries included, or the sweeper
-    # would void a live call's hold (and the call would go unbilled).
+    # A hold must outlive one attempt of the call it covers, relay and settlement retries included, or
+    # the sweeper would void a live call's hold. Each further attempt (fallback, BYOK retry) pushes the
+    # deadline by as much again (handler._extend_hold).
     upstream = config.upstream
-    longest_call_ms = (
+    longest_attempt_ms = (
         upstream.first_byte_timeout_ms
         + upstream.total_timeout_ms
+        + upstream.usage_wait_after_hangup_ms
         + config.server.drain_timeout_ms
         + config.holds.settle_budget_ms
     )
-    if config.holds.ttl_ms <= longest_call_ms:
+    if config.holds.ttl_ms <= longest_attempt_ms:
         raise ConfigError(
             "holds.ttl_ms: must exceed upstream.first_byte_timeout_ms + upstream.total_timeout_ms + "
-            f"server.drain_timeout_ms + holds.settle_budget_ms ({longest_call_ms})"
+            "upstream.usage_wait_after_hangup_ms + server.drain_timeout_ms + holds.settle_budget_ms "
+            f"({longest_attempt_ms})"
         )
+    if config.upstream.write_timeout_ms < 100:
+        raise ConfigError("upstream.write_timeout_ms: must be at least 100")
+    if config.holds.spool_max_entries < 1:
+        raise ConfigError("holds.spool_max_entries: must be at least 1")
     if config.holds.settle_budget_ms < 100:
         raise ConfigError("holds.settle_budget_ms: must be at least 100")
     if not 1 <= config.ledger.batch_max_rows <= 10_000:

@@ -20,10 +20,11 @@ import httpx2
 import openai
 import orjson
 import pytest
+import pytest_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
-from support.harness import PLATFORM_KEY, PRICING, Sidecar, Workspace, chat_body
+from support.harness import PLATFORM_KEY, PRICING, Sidecar, Workspace, chat_body, start_sidecar, stop_sidecar
 
 from sidecar import mock_provider
 from sidecar.config import parse_pricing
@@ -689,8 +690,20 @@ DISCONNECT_CASES = {
 }
 
 
+@pytest_asyncio.fixture
+async def sidecar_no_usage_wait(redis_client, redis_url: str, migrated_database_url: str) -> AsyncIterator[Sidecar]:
+    """A sidecar that stops reading the provider as soon as the client hangs up: what it bills then is
+    its estimate of what was observed."""
+    instance = await start_sidecar(redis_url, migrated_database_url, upstream={"usage_wait_after_hangup_ms": 0})
+    try:
+        yield instance
+    finally:
+        await stop_sidecar(instance)
+
+
 @pytest.mark.parametrize("case", list(DISCONNECT_CASES))
-async def test_client_disconnect_mid_stream_bills_what_was_observed(sidecar: Sidecar, case: str) -> None:
+async def test_client_disconnect_mid_stream_bills_what_was_observed(sidecar_no_usage_wait: Sidecar, case: str) -> None:
+    sidecar = sidecar_no_usage_wait
     path, model, payload, text_of = DISCONNECT_CASES[case]
     ws = await sidecar.workspace(credits_micro=CREDITS)
     body = orjson.dumps(payload)
@@ -699,7 +712,7 @@ async def test_client_disconnect_mid_stream_bills_what_was_observed(sidecar: Sid
         "Content-Type": "application/json",
         "x-mock-chunks": "60",
         "x-mock-delay-ms": "20",
-        # A cut stream is remembered under its key but not replayed: a retry is refused, not billed.
+        # A cut stream is not kept under its key: the client's retry runs again (and is billed as a new call).
         "Idempotency-Key": f"disconnect-{case}",
     }
     if case == "anthropic-progress":
@@ -727,9 +740,6 @@ async def test_client_disconnect_mid_stream_bills_what_was_observed(sidecar: Sid
     assert await sidecar.svc.state.active_holds(ws.id) == 0
     assert (await sidecar.redis_account(ws.id))[1] == 0, "nothing left held"
 
-    # A retry with the same key is neither replayed (the stream was cut) nor billed again.
-    status, _, refused = await post(sidecar, path, body, headers)
-    assert status == 409 and b"idempotency_key_used" in refused
     seen_tokens = received.count(b'"tok')
     seen_chars = sum(text_of(name, data) for name, data in sse_events(received) if isinstance(data, dict))
     # The sidecar observed at least what the client got, and less than the whole answer.
@@ -757,7 +767,46 @@ async def test_client_disconnect_mid_stream_bills_what_was_observed(sidecar: Sid
     assert row["hold_micro"] == hold_micro([model], len(body), 100)
     identity = await sidecar.assert_identity(ws.id)
     assert_billed(row, identity, cost)
-    assert identity["usage_rows"] == 1, "the replay is not billed again"
+    assert identity["usage_rows"] == 1
+
+    # The cut stream is not replayed under its key, nor does the key block the client's retry: it runs.
+    retry_headers = {k: v for k, v in headers.items() if k not in ("x-mock-chunks", "x-mock-delay-ms")}
+    status, _, _ = await post(sidecar, path, body, retry_headers)
+    assert status == 200
+    await sidecar.flush()
+    statuses = sorted(r["status"] for r in await sidecar.ledger(ws.id))
+    assert statuses == ["cancelled", "completed"]
+
+
+@pytest.mark.parametrize("case", ["chat", "anthropic"])
+async def test_client_disconnect_reads_on_for_the_providers_usage(sidecar: Sidecar, case: str) -> None:
+    """After a hang-up the sidecar keeps reading (not relaying) the provider's stream until its usage
+    arrives, and bills that exact count, not an estimate from bytes (issue 15.12)."""
+    path, model, payload, _ = DISCONNECT_CASES[case]
+    ws = await sidecar.workspace(credits_micro=CREDITS)
+    body = orjson.dumps(payload)
+    headers = {**bearer(ws), "Content-Type": "application/json", "x-mock-chunks": "40", "x-mock-delay-ms": "10"}
+    received = b""
+    async with sidecar.http.post(sidecar.data.make_url(path), data=body, headers=headers) as resp:
+        assert resp.status == 200
+        while received.count(b'"tok') < 3:
+            chunk = await asyncio.wait_for(resp.content.readany(), 5)
+            assert chunk, "the stream ended before the client left"
+            received += chunk
+        resp.close()
+    rows = []
+    for _ in range(100):  # bounded: 5 s
+        await sidecar.flush()
+        rows = await sidecar.ledger(ws.id)
+        if rows:
+            break
+        await asyncio.sleep(0.05)
+    [row] = rows
+    assert row["status"] == "cancelled"
+    assert row["estimated"] is False, "the provider's own count, not an estimate"
+    assert row["output_tokens"] == 40, "every token the provider generated (and charged the platform for)"
+    cost = cost_micro(model, input=row["input_tokens"], output=40)
+    assert_billed(row, await sidecar.assert_identity(ws.id), cost)
 
 
 MID_STREAM_ERRORS = {

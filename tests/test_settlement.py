@@ -125,9 +125,10 @@ async def test_client_disconnect_mid_stream_bills_what_was_observed(sidecar: Sid
             break
     identity = await sidecar.assert_identity(ws.id)
     [row] = await sidecar.ledger(ws.id)
-    assert row["status"] == "cancelled" and row["estimated"] is True
+    # The sidecar read on after the hang-up until the provider's usage came: its exact count is billed.
+    assert row["status"] == "cancelled" and row["estimated"] is False
     assert 0 < row["cost_micro"] == identity["debits"] <= row["hold_micro"]
-    assert row["output_tokens"] >= 1
+    assert row["output_tokens"] == 50
 
 
 async def test_sidecar_death_hold_expires_and_is_recorded(redis_client, redis_url, migrated_database_url) -> None:

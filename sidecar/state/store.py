@@ -28,6 +28,13 @@ class Admission(IntEnum):
     OVER_TOKEN_LIMIT = 9
 
 
+class GrowHold(IntEnum):
+    RAISED = 1
+    ALREADY_RESOLVED = -1
+    NEED_LOAD = -2
+    INSUFFICIENT = -3
+
+
 @dataclass(frozen=True, slots=True)
 class AdmitResult:
     outcome: Admission
@@ -257,9 +264,15 @@ class State:
         """1 applied, 0 already included, -1 not loaded."""
         return int(await self._apply(keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token]))
 
-    async def grow_hold(self, ws: str, hold_id: str, amount_micro: int) -> int:
-        """1 raised, -1 already resolved, -2 need load, -3 insufficient (see grow_hold.lua)."""
-        return int(await self._grow(keys=[keys.acct(ws), keys.holds(ws)], args=[hold_id, amount_micro]))
+    async def grow_hold(self, ws: str, hold_id: str, amount_micro: int) -> GrowHold:
+        """See grow_hold.lua."""
+        return GrowHold(int(await self._grow(keys=[keys.acct(ws), keys.holds(ws)], args=[hold_id, amount_micro])))
+
+    async def extend_hold(self, ws: str, hold_id: str, ttl_ms: int) -> bool:
+        """Push a live hold's deadline to now + ttl_ms (Redis time); never shortens. False: not live."""
+        seconds, micros = await self.redis.time()
+        deadline_ms = seconds * 1000 + micros // 1000 + ttl_ms
+        return bool(await self.redis.zadd(keys.hold_deadlines(ws), {hold_id: deadline_ms}, xx=True, gt=True, ch=True))
 
     async def account(self, ws: str) -> Account | None:
         balance, held = await self.redis.hmget(keys.acct(ws), "balance", "held")

@@ -7,7 +7,9 @@ import asyncio
 import base64
 import hashlib
 import secrets
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,8 +146,9 @@ def base_config(provider_url: str, extra_urls: dict[str, str] | None = None, **o
             "first_byte_timeout_ms": 5000,
             "idle_timeout_ms": 5000,
             "total_timeout_ms": 20000,
+            "usage_wait_after_hangup_ms": 2000,
         },
-        "holds": {"ttl_ms": 30000, "sweep_interval_ms": 200, "settle_budget_ms": 2000},
+        "holds": {"ttl_ms": 40000, "sweep_interval_ms": 200, "settle_budget_ms": 2000},
         "ledger": {"batch_max_rows": 500, "batch_max_age_ms": 20, "claim_idle_ms": 1000, "workspace_refresh_ms": 60000},
         "providers": _providers({"mock": provider_url, **(extra_urls or {})}),
         "models": _models(),
@@ -304,8 +307,11 @@ async def start_sidecar(
         "mock-openrouter": str(router.make_url("/api/v1")),
     }
     main_url = provider_url or str(provider.make_url("/v1"))
+    spool_dir = tempfile.mkdtemp(prefix="sidecar-spool-")
+    overrides["holds"] = {"spool_dir": spool_dir, **overrides.get("holds", {})}
     config = build_config(redis_url, database_url, main_url, extra_urls, **overrides)
     svc = await open_services(config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY, **(env or {"SIDECAR_KEK": TEST_KEK})})
+    svc.spool.open()
     data = TestServer(build_data_app(svc))
     control = TestServer(build_control_app(svc))
     await data.start_server()
@@ -324,6 +330,7 @@ async def stop_sidecar(sidecar: Sidecar) -> None:
     for server in sidecar.extra:
         await server.close()
     await close_services(sidecar.svc)
+    shutil.rmtree(sidecar.svc.spool.directory, ignore_errors=True)
 
 
 def _closed_port() -> int:
