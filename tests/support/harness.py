@@ -164,10 +164,19 @@ def base_config(provider_url: str, extra_urls: dict[str, str] | None = None, **o
 
 
 def build_config(
-    redis_url: str, database_url: str, provider_url: str, extra_urls: dict[str, str] | None = None, **overrides: Any
+    redis_url: str,
+    database_url: str,
+    provider_url: str,
+    extra_urls: dict[str, str] | None = None,
+    more_providers: list[dict] = (),
+    more_models: list[dict] = (),
+    **overrides: Any,
 ) -> Config:
     env = {"SIDECAR_REDIS_URL": redis_url, "SIDECAR_DATABASE_URL": database_url, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN}
-    return parse_config(base_config(provider_url, extra_urls, **overrides), PRICING, env, source="tests")
+    raw = base_config(provider_url, extra_urls, **overrides)
+    raw["providers"] = [*raw["providers"], *more_providers]
+    raw["models"] = [*raw["models"], *more_models]
+    return parse_config(raw, PRICING, env, source="tests")
 
 
 @dataclass
@@ -293,6 +302,8 @@ async def start_sidecar(
     provider_options: mock_provider.MockOptions | None = None,
     provider_url: str | None = None,
     env: dict[str, str] | None = None,
+    more_providers: list[dict] = (),
+    more_models: list[dict] = (),
     **overrides: Any,
 ) -> Sidecar:
     """`provider_url` points the sidecar elsewhere than at the mock (which still runs, for `recorded`)."""
@@ -309,7 +320,7 @@ async def start_sidecar(
     main_url = provider_url or str(provider.make_url("/v1"))
     spool_dir = tempfile.mkdtemp(prefix="sidecar-spool-")
     overrides["holds"] = {"spool_dir": spool_dir, **overrides.get("holds", {})}
-    config = build_config(redis_url, database_url, main_url, extra_urls, **overrides)
+    config = build_config(redis_url, database_url, main_url, extra_urls, more_providers, more_models, **overrides)
     svc = await open_services(config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY, **(env or {"SIDECAR_KEK": TEST_KEK})})
     svc.spool.open()
     data = TestServer(build_data_app(svc))
