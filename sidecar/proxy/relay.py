@@ -7,6 +7,7 @@ Streams are relayed event by event as they arrive (never buffered whole); usage 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -23,6 +24,8 @@ from sidecar.proxy.outcome import CallStatus, Ending, Outcome, Replay, refusal
 from sidecar.services import Services
 from sidecar.sse import SSEError, SSEFramer
 from sidecar.state.store import SettleResult
+
+log = logging.getLogger("sidecar.proxy")
 
 MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
 MAX_UPSTREAM_ERROR_BYTES = 64 * 1024
@@ -47,12 +50,13 @@ class StreamEnd(Enum):
     CLIENT_SLOW = "client too slow to read the stream"
     TOTAL_TIMEOUT = "cut off by the sidecar: total timeout"
     IDLE_TIMEOUT = "cut off by the sidecar: the provider went idle"
+    SIDECAR_FAULT = "cut off by an internal error in the sidecar"
 
 
 # The client stopped the stream: the provider may still send its usage if we keep reading.
 _CLIENT_ENDS = (StreamEnd.CLIENT_GONE, StreamEnd.CLIENT_SLOW)
 # The sidecar stopped the stream: tokens were relayed, so what was observed is billed (never 0).
-_SIDECAR_ENDS = (StreamEnd.TOTAL_TIMEOUT, StreamEnd.IDLE_TIMEOUT)
+_SIDECAR_ENDS = (StreamEnd.TOTAL_TIMEOUT, StreamEnd.IDLE_TIMEOUT, StreamEnd.SIDECAR_FAULT)
 
 
 class _ClientGone(Exception):
@@ -228,6 +232,11 @@ async def _relay_until_end(
         return StreamEnd.TOTAL_TIMEOUT
     except (aiohttp.ClientError, OSError, SSEError):
         return StreamEnd.UPSTREAM_BROKE
+    except Exception:
+        # The 200 is already on the wire: no error response can follow it. End the stream with the
+        # protocol's error event instead, and settle what was relayed.
+        log.exception("unexpected error while relaying a stream")
+        return StreamEnd.SIDECAR_FAULT
 
 
 async def _pump(
@@ -282,6 +291,8 @@ async def _read_on_for_usage(svc: Services, call: Call, upstream: aiohttp.Client
                     return
     except (TimeoutError, aiohttp.ClientError, OSError, SSEError):
         return
+    except Exception:  # a reader bug must not stop the settlement: bill what was observed
+        log.exception("unexpected error while reading on for usage")
 
 
 def stream_outcome(svc: Services, call: Call, reader: StreamReader, end: StreamEnd) -> Outcome:
