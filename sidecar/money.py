@@ -57,3 +57,8 @@ def format_micro(amount_micro: int) -> str:
     sign = "-" if amount_micro < 0 else ""
     whole, frac = divmod(abs(amount_micro), MICRO_PER_CREDIT)
     return f"{sign}{whole}.{frac:06d}"
+
+
+# Lua numbers are doubles: exact only below 2^53 (and written in exponent form from 10^17). Every
+# balance, hold and grant stays below this bound, far under 2^53, so Redis's arithmetic stays exact.
+MAX_AMOUNT_MICRO = 10**15  # a billion credits

@@ -40,7 +40,7 @@ from sidecar.proxy.relay import (
 )
 from sidecar.proxy.settlement import event, settle
 from sidecar.services import Services
-from sidecar.state.store import Admission, AdmitResult
+from sidecar.state.store import Admission, AdmitResult, ExpireStatus, GrowHold
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -220,6 +220,7 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
                 max_unflushed=MAX_LEDGER_BACKLOG,
                 ceiling_tokens=call.ceiling_tokens,
                 token_limit=caller.tokens_per_minute or 0,
+                route=call.protocol.route,
             )
             if result.outcome is not Admission.NEED_LOAD:
                 return _check_admission(svc, call, result)
@@ -238,9 +239,7 @@ async def _void_lost_admission(svc: Services, call: Call) -> None:
     """The admission script may have run though its reply was lost: release that hold now (best
     effort; otherwise the sweeper does at its deadline), so nothing stays held for a call never sent."""
     try:
-        await svc.state.expire(
-            call.caller.workspace_id, call.request_id, "failed", call.caller.key_id, call.idempotency_key
-        )
+        await svc.state.expire(call.caller.workspace_id, call.request_id, ExpireStatus.FAILED)
     except (RedisError, OSError):
         pass
 
@@ -287,6 +286,20 @@ def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitRes
     if outcome is Admission.IDEMPOTENCY_CONFLICT:
         raise SidecarError(
             "conflict", "this Idempotency-Key was used with a different request body", code="idempotency_key_reused"
+        )
+    if outcome is Admission.TOO_MANY_CONCURRENT:
+        svc.metrics.child(svc.metrics.rate_limited, route).inc()
+        raise SidecarError(
+            "rate_limited",
+            f"too many concurrent calls for this {result.limited_by}; retry when one of them ends",
+            code="concurrency_limit_exceeded",
+            headers={"Retry-After": "1"},
+        )
+    if outcome is Admission.CEILING_TOO_LARGE:
+        raise SidecarError(
+            "invalid_request",
+            "this request's worst-case price is larger than any balance can hold; lower its output cap",
+            code="ceiling_too_large",
         )
     assert outcome is Admission.BACKLOG, outcome
     raise SidecarError("unavailable", "the ledger is behind; retry shortly", code="ledger_backlog")
@@ -451,13 +464,13 @@ async def _ready_for_platform_key(svc: Services, call: Call, provider: ProviderC
     ws = call.caller.workspace_id
     for _ in range(ADMIT_ATTEMPTS):
         outcome = await svc.state.grow_hold(ws, call.request_id, call.credits_ceiling_micro)
-        if outcome == 1:
+        if outcome is GrowHold.RAISED:
             call.hold_micro = call.credits_ceiling_micro
             return True
-        if outcome == -2:
+        if outcome is GrowHold.NEED_LOAD:
             await svc.balances.ensure_loaded(ws)
             continue
-        if outcome == -3:
+        if outcome in (GrowHold.INSUFFICIENT, GrowHold.CEILING_TOO_LARGE):
             svc.metrics.child(svc.metrics.payment_required, call.protocol.route).inc()
             await settle(svc, call, "failed", None, error="insufficient credits for the platform key")
             raise payment_required()

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from sidecar.pricing import Usage
 from sidecar.proxy.call import Call, now_ms
 from sidecar.services import Services
-from sidecar.state.store import NeedLoad, SettleResult
+from sidecar.state.store import IdempotencyRecord, SettleOutcome, SettleResult
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -156,7 +156,7 @@ async def _settle_with_retries(
         if asyncio.get_running_loop().time() >= deadline:
             break
         try:
-            return await svc.state.settle(
+            result = await svc.state.settle(
                 ws=caller.workspace_id,
                 key_id=caller.key_id,
                 hold_id=call.request_id,
@@ -164,14 +164,18 @@ async def _settle_with_retries(
                 billed=not call.byok,  # BYOK: priced and recorded, never charged
                 event=body_event,
                 idempotency_key=call.idempotency_key,
-                keep_outcome=status != "failed",
+                # Only a completed call's answer is kept: after a failure or a hang-up the client has
+                # no answer, so its retry must run.
+                idempotency=IdempotencyRecord.REPLAY if status == "completed" else IdempotencyRecord.FORGET,
                 status=replay_status,
                 content_type=content_type,
                 body=body,
                 idempotency_ttl_ms=svc.config.billing.idempotency_ttl_ms,
                 tokens_used=tokens_used,
+                route=call.protocol.route,
             )
-        except NeedLoad:
+            if result.outcome is not SettleOutcome.NEED_LOAD:
+                return result
             await svc.balances.ensure_loaded(caller.workspace_id)
         except (RedisError, OSError) as exc:
             svc.metrics.child(svc.metrics.dependency_errors, "redis").inc()
