@@ -295,3 +295,21 @@ async def test_a_grant_past_the_amount_bound_is_refused(sidecar: Sidecar) -> Non
     assert await sidecar.redis_account(ws.id) == (MAX_AMOUNT_MICRO - 10, 0)
     await sidecar.grant(ws.id, 10)  # up to the bound itself is fine
     assert (await sidecar.assert_identity(ws.id))["grants"] == MAX_AMOUNT_MICRO
+
+
+async def test_past_the_replay_bytes_bound_a_retry_is_refused_not_billed(
+    redis_client, redis_url, migrated_database_url
+) -> None:
+    """Issue 8.6: past the stored-bytes bound the call is served and remembered, its body not kept."""
+    sidecar = await start_sidecar(
+        redis_url, migrated_database_url, limits={"idempotency_replay_bytes_per_workspace": 10}
+    )
+    try:
+        ws = await sidecar.workspace(credits_micro=1_000_000)
+        headers = {"Idempotency-Key": "big-1"}
+        assert (await sidecar.chat(ws, BODY, headers=headers))[0] == 200
+        code, _, body = await sidecar.chat(ws, BODY, headers=headers)
+        assert code == 409 and orjson.loads(body)["error"]["code"] == "idempotency_key_used"
+        assert (await sidecar.assert_identity(ws.id))["usage_rows"] == 1
+    finally:
+        await stop_sidecar(sidecar)

@@ -337,7 +337,7 @@ async def test_replay_bytes_are_bounded_per_workspace(redis_client) -> None:
     settled, replay = await _idempotent_call(state, ws, "a", b"x" * 600)
     assert settled.replay_stored and replay.replay_body == b"x" * 600
     settled, replay = await _idempotent_call(state, ws, "b", b"y" * 600)
-    assert not settled.replay_stored and replay.replay_status == 0  # "too large to replay"
+    assert not settled.replay_stored and not replay.replayable  # "too large to replay"
     settled, replay = await _idempotent_call(state, ws, "c", b"z" * 400)  # still fits beside the first
     assert settled.replay_stored and replay.replay_body == b"z" * 400
     settled, _ = await _idempotent_call(state, other, "a", b"w" * 900)  # another workspace's own bound

@@ -314,7 +314,7 @@ def _rate_headers(limit: int, remaining: int, reset_ms: int) -> dict[str, str]:
 
 
 def _replay(result: AdmitResult, call: Call) -> web.Response:
-    if result.replay_status == 0:
+    if not result.replayable:
         raise SidecarError(
             "conflict",
             "this Idempotency-Key already completed; its response was too large to replay",

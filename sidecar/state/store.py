@@ -101,6 +101,11 @@ class AdmitResult:
     replay_content_type: str = ""
     replay_body: bytes = b""
 
+    @property
+    def replayable(self) -> bool:
+        """DUPLICATE with a stored answer; False: remembered as done, its answer was not kept."""
+        return self.outcome is Admission.DUPLICATE and self.replay_status != 0
+
 
 @dataclass(frozen=True, slots=True)
 class SettleResult:
