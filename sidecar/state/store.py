@@ -19,7 +19,7 @@ from sidecar.state.batching import ScriptBatcher
 
 SETTLED_RETENTION_MS = 3_600_000  # how long "this hold is resolved" is remembered: far past any retry
 EVICT_MAX_PER_CALL = 1_000  # rate-window entries one admission may drop: bounds its work inside Redis
-HOLD_TTL_MAX_MS = 7 * 86_400_000  # a hold's deadline is never pushed further than this at once
+HOLD_TTL_MAX_MS = 10**12  # ~31 years: any configured TTL fits; keeps now_ms + ttl_ms exact in Lua
 
 
 class Admission(IntEnum):
@@ -357,8 +357,9 @@ class State:
         return result
 
     async def _reserve_replay_bytes(self, ws: str, size_bytes: int, ttl_ms: int) -> list[tuple[str, str]] | None:
-        """Count a body against the workspace's and the overall bound, before it is written
-        (conservative: a body counted and then not kept is released, best effort). None: over a bound."""
+        """Count a body against the workspace's and the overall bound, before it is written. None: over
+        a bound. Conservative: a body counted and then not kept is released, but a settle whose reply is
+        lost keeps its count (it may have stored the body); a count lasts only the record TTL."""
         reserved: list[tuple[str, str]] = []
         for key, bound in (
             (keys.idempotency_bytes(ws), self.limits.replay_bytes_per_workspace),
