@@ -31,7 +31,7 @@ from sidecar.proxy import handler, settlement
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
 from sidecar.services import Services
-from sidecar.state.store import State
+from sidecar.state.store import State, StateLimits
 
 log = logging.getLogger("sidecar.app")
 
@@ -59,7 +59,16 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     client = aioredis.Redis(connection_pool=redis_pool)
-    state = State(client)
+    limits = config.limits
+    state = State(
+        client,
+        StateLimits(
+            concurrent_calls_per_key=limits.concurrent_calls_per_key,
+            concurrent_calls_per_workspace=limits.concurrent_calls_per_workspace,
+            replay_bytes_per_workspace=limits.idempotency_replay_bytes_per_workspace,
+            replay_bytes_total=limits.idempotency_replay_bytes_total,
+        ),
+    )
     try:
         pg_pool = await db.create_pool(config.database_url)
     except BaseException:

@@ -100,6 +100,16 @@ class BillingConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds that keep one key or workspace from taking what others need; 0 = none."""
+
+    concurrent_calls_per_key: int = 64
+    concurrent_calls_per_workspace: int = 512
+    idempotency_replay_bytes_per_workspace: int = 64 * 1024 * 1024
+    idempotency_replay_bytes_total: int = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class ByokConfig:
     failure_cooldown_ms: int = 300_000  # a refused customer key is not tried again for this long
     validate_timeout_ms: int = 10_000
@@ -169,6 +179,7 @@ class Config:
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]  # public name and every alias -> model
     pricing: CostProfile
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = field(default="<defaults>", compare=False)
 
     def model(self, public_name: str) -> ModelConfig | None:
@@ -406,6 +417,7 @@ def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str =
         "models",
         "pricing_file",
         "byok",
+        "limits",
         "admin_tokens",
     }
     _no_unknown_keys(raw, tuple(sorted(known)), "")
@@ -429,6 +441,7 @@ def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str =
         ledger=_build(LedgerConfig, _section(raw, "ledger", ""), "ledger."),
         billing=_build(BillingConfig, _section(raw, "billing", ""), "billing."),
         byok=_build(ByokConfig, _section(raw, "byok", ""), "byok."),
+        limits=_build(LimitsConfig, _section(raw, "limits", ""), "limits."),
         admin_tokens=_parse_admin_tokens(raw.get("admin_tokens"), env.get("SIDECAR_ADMIN_TOKEN")),
         providers=providers,
         models=models,

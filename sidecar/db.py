@@ -8,6 +8,8 @@ from datetime import datetime
 
 import asyncpg
 
+from sidecar.money import MAX_AMOUNT_MICRO
+
 # A Postgres that is down, starting, stopping or cut off mid-query.
 POSTGRES_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -38,6 +40,10 @@ class GrantResult:
 
 class GrantConflict(Exception):
     """The same grant id was used before with a different amount or kind."""
+
+
+class BalanceLimitExceeded(Exception):
+    """The grant would take the balance past money.MAX_AMOUNT_MICRO (nothing was recorded)."""
 
 
 async def create_pool(database_url: str, max_size: int = 10) -> asyncpg.Pool:
@@ -126,7 +132,7 @@ async def grant(
     conn: asyncpg.Connection, workspace_id: str, grant_id: str, kind: str, amount_micro: int
 ) -> GrantResult:
     """Record a grant in the ledger and the account, once per grant id, in one transaction."""
-    assert amount_micro > 0 and kind in ("grant", "topup")
+    assert 0 < amount_micro <= MAX_AMOUNT_MICRO and kind in ("grant", "topup")
     async with conn.transaction():
         event_id = uuid.uuid4()
         inserted = await conn.fetchval(
@@ -154,6 +160,8 @@ async def grant(
             workspace_id,
             amount_micro,
         )
+        if account["balance_micro"] > MAX_AMOUNT_MICRO:  # raising rolls the whole grant back
+            raise BalanceLimitExceeded(workspace_id)
         await conn.execute(
             "INSERT INTO ledger (event_id, created_at, kind, status, workspace_id, cost_micro, "
             "balance_impact_micro, balance_after_micro) VALUES ($1, $2, $3, 'completed', $4, 0, $5, $6)",

@@ -18,12 +18,12 @@ from aiohttp import web
 
 from sidecar import db
 from sidecar.auth import hash_key, new_key
-from sidecar.money import MoneyError, format_micro, parse_credits
+from sidecar.money import MAX_AMOUNT_MICRO, MoneyError, format_micro, parse_credits
 from sidecar.services import Services
 
 SERVICES = web.AppKey("control_services", Services)
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-MAX_GRANT_MICRO = 10**15  # one billion credits: a typo guard, far above any real grant
+MAX_GRANT_MICRO = MAX_AMOUNT_MICRO  # a typo guard, far above any real grant; keeps Redis arithmetic exact
 
 
 class AdminError(Exception):
@@ -202,6 +202,10 @@ async def grant(request: web.Request) -> web.Response:
     except db.GrantConflict:
         raise AdminError(
             409, "this grant_id was already used with a different amount or kind", "grant_conflict"
+        ) from None
+    except db.BalanceLimitExceeded:
+        raise AdminError(
+            409, f"this grant would take the balance above {format_micro(MAX_AMOUNT_MICRO)}", "balance_limit"
         ) from None
     body = {
         "grant_id": grant_id,

@@ -43,7 +43,7 @@ from sidecar.proxy.relay import (
 )
 from sidecar.proxy.settlement import event, settle
 from sidecar.services import Services
-from sidecar.state.store import Admission, AdmitResult, GrowHold
+from sidecar.state.store import Admission, AdmitResult, ExpireStatus, GrowHold
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -228,6 +228,7 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
                 max_unflushed=MAX_LEDGER_BACKLOG,
                 ceiling_tokens=call.ceiling_tokens,
                 token_limit=caller.tokens_per_minute or 0,
+                route=call.protocol.route,
             )
             if result.outcome is not Admission.NEED_LOAD:
                 return _check_admission(svc, call, result)
@@ -246,9 +247,7 @@ async def _void_lost_admission(svc: Services, call: Call) -> None:
     """The admission script may have run though its reply was lost: release that hold now (best
     effort; otherwise the sweeper does at its deadline), so nothing stays held for a call never sent."""
     try:
-        await svc.state.expire(
-            call.caller.workspace_id, call.request_id, "failed", call.caller.key_id, call.idempotency_key
-        )
+        await svc.state.expire(call.caller.workspace_id, call.request_id, ExpireStatus.FAILED)
     except (RedisError, OSError):
         pass
 
@@ -296,6 +295,20 @@ def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitRes
         raise SidecarError(
             "conflict", "this Idempotency-Key was used with a different request body", code="idempotency_key_reused"
         )
+    if outcome is Admission.TOO_MANY_CONCURRENT:
+        svc.metrics.child(svc.metrics.rate_limited, route).inc()
+        raise SidecarError(
+            "rate_limited",
+            f"too many concurrent calls for this {result.limited_by}; retry when one of them ends",
+            code="concurrency_limit_exceeded",
+            headers={"Retry-After": "1"},
+        )
+    if outcome is Admission.CEILING_TOO_LARGE:
+        raise SidecarError(
+            "invalid_request",
+            "this request's worst-case price is larger than any balance can hold; lower its output cap",
+            code="ceiling_too_large",
+        )
     assert outcome is Admission.BACKLOG, outcome
     raise SidecarError("unavailable", "the ledger is behind; retry shortly", code="ledger_backlog")
 
@@ -309,7 +322,7 @@ def _rate_headers(limit: int, remaining: int, reset_ms: int) -> dict[str, str]:
 
 
 def _replay(result: AdmitResult, call: Call) -> web.Response:
-    if result.replay_status == 0:
+    if not result.replayable:
         raise SidecarError(
             "conflict",
             "this Idempotency-Key already completed; its response was too large to replay",
@@ -480,7 +493,7 @@ async def _ready_for_platform_key(
         if grown is GrowHold.NEED_LOAD:
             await svc.balances.ensure_loaded(ws)
             continue
-        if grown is GrowHold.INSUFFICIENT:
+        if grown in (GrowHold.INSUFFICIENT, GrowHold.CEILING_TOO_LARGE):
             svc.metrics.child(svc.metrics.payment_required, call.protocol.route).inc()
             return failed("insufficient credits for the platform key", payment_required())
         break

@@ -20,7 +20,7 @@ from sidecar.pricing import Usage
 from sidecar.proxy.call import Call, now_ms
 from sidecar.proxy.outcome import CallStatus, Outcome, Replay
 from sidecar.services import Services
-from sidecar.state.store import SETTLED_RETENTION_MS, NeedLoad, SettleResult
+from sidecar.state.store import SETTLED_RETENTION_MS, IdempotencyRecord, SettleOutcome, SettleResult
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -108,14 +108,15 @@ def settle_args(svc: Services, call: Call, outcome: Outcome) -> dict:
         "billed": not call.byok,  # BYOK: priced and recorded, never charged
         "event": body_event,
         "idempotency_key": call.idempotency_key,
-        # Only a completed answer is kept for a retry to replay; any other ending frees the key, so
-        # the client's retry runs again.
-        "keep_outcome": outcome.status is CallStatus.COMPLETED,
+        # Only a completed answer is kept for a retry to replay; after a failure or a hang-up the
+        # client has no answer, so the key is freed and its retry runs.
+        "idempotency": IdempotencyRecord.REPLAY if outcome.status is CallStatus.COMPLETED else IdempotencyRecord.FORGET,
         "status": replay.status if replay else 0,
         "content_type": replay.content_type if replay else "",
         "body": replay.body if replay else b"",
         "idempotency_ttl_ms": config.billing.idempotency_ttl_ms,
         "tokens_used": usage.total_input_tokens + usage.output_tokens,
+        "route": call.protocol.route,
     }
 
 
@@ -176,12 +177,13 @@ async def _settle_within_budget(svc: Services, args: dict) -> SettleResult | Non
 
 
 async def _settle_once(svc: Services, args: dict) -> SettleResult:
+    result = await svc.state.settle(**args)
     for _ in range(2):  # not loaded -> load -> settle
-        try:
-            return await svc.state.settle(**args)
-        except NeedLoad:
-            await svc.balances.ensure_loaded(args["ws"])
-    return await svc.state.settle(**args)
+        if result.outcome is not SettleOutcome.NEED_LOAD:
+            return result
+        await svc.balances.ensure_loaded(args["ws"])
+        result = await svc.state.settle(**args)
+    raise RedisError("the workspace's balance could not be loaded for settlement")
 
 
 # --- the spool: settlements Redis could not take in time --------------------------------------------
@@ -223,6 +225,7 @@ async def replay_spool(svc: Services, batch_max: int = SPOOL_BATCH_MAX) -> int:
             continue
         record["event"] = record["event"].encode()
         record["body"] = base64.b64decode(record["body"])
+        record["idempotency"] = IdempotencyRecord(record["idempotency"])
         try:
             await _settle_once(svc, record)
         except (RedisError, OSError):
