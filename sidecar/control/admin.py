@@ -14,8 +14,8 @@ import secrets
 
 from aiohttp import web
 
-from sidecar import db
-from sidecar.auth import hash_key, new_key
+from sidecar import db, serving
+from sidecar.auth import FailedAuthLimiter, hash_key, new_key
 from sidecar.control import byok
 from sidecar.control.http import (
     INT32_MAX,
@@ -23,6 +23,7 @@ from sidecar.control.http import (
     SERVICES,
     AdminError,
     bounded_int,
+    error_body,
     error_response,
     existing_workspace,
     json_response,
@@ -224,7 +225,11 @@ ROUTES = (
 
 
 def build_control_app(svc: Services) -> web.Application:
-    app = web.Application(middlewares=[_admin_guard], client_max_size=1024 * 1024)
+    config = svc.config
+    limiter = FailedAuthLimiter(config.auth.failed_auth_max, config.auth.failed_auth_window_ms)
+    guard = serving.guard(error_body, config.server.body_read_timeout_ms / 1000, limiter)
+    app = web.Application(middlewares=[guard, _admin_guard], client_max_size=1024 * 1024)
+    app[serving.ERROR_BODY] = error_body
     app[SERVICES] = svc
     app[PERMISSION] = {}
     for method, path, handler, permission in ROUTES + byok.ROUTES:

@@ -31,8 +31,13 @@ def json_response(data: object, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
 
+def error_body(path: str | None, status: int, message: str, code: str) -> bytes:
+    """The admin API's envelope, for every refusal (serving.py renders the HTTP-level ones with it)."""
+    return orjson.dumps({"error": {"message": message, "type": "admin_error", "code": code}})
+
+
 def error_response(status: int, message: str, code: str) -> web.Response:
-    return json_response({"error": {"message": message, "type": "admin_error", "code": code}}, status)
+    return web.Response(status=status, body=error_body(None, status, message, code), content_type="application/json")
 
 
 async def read_object(request: web.Request) -> dict:
