@@ -16,7 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar import db, serving, sweeper
+from sidecar import db, scrub, serving, sweeper
 from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
 from sidecar.byok import keys as byok_keys
@@ -44,6 +44,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
             "redis_url and database_url are required (config file or SIDECAR_REDIS_URL / "
             "SIDECAR_DATABASE_URL); `sidecar dev` starts both for you"
         )
+    scrub.remember(config.admin_token)  # the bootstrap admin token never reaches a log line
     # A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing.
     redis_pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url,
