@@ -4,6 +4,9 @@
 Every route needs `Authorization: Bearer <admin token>` holding the route's permission. Tokens are
 configured as SHA-256 digests (`admin_tokens`), plus SIDECAR_ADMIN_TOKEN with every permission. A
 created API key is returned once and never again; lists show its last 4 characters only.
+
+Admin tokens are PLATFORM-WIDE: a permission holds for every workspace (README, "Admin API"). Until
+workspace-scoped tokens exist, no token may be handed to a tenant.
 """
 
 from __future__ import annotations
