@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 
 import orjson
 import pytest
 
 from sidecar import scrub
+from sidecar.observability.logging import JsonFormatter
 from sidecar.scrub import REDACTED, Scrubber
 
 PLATFORM = "sk-platform-abc/def+ghi=="
@@ -88,3 +91,25 @@ def test_log_lines_lose_process_and_call_secrets_and_anything_key_shaped():
         ('{"authorization": "admintoken123"}', "admintoken123"),
     ]:
         assert secret not in scrub.for_logs(line), line
+
+
+def test_the_json_log_formatter_scrubs_message_fields_and_tracebacks():
+    scrub.remember("platform-key-in-a-log-line-42")
+    try:
+        raise ValueError("provider said: Authorization: Bearer tok-secret-in-traceback")
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord(
+        "sidecar.proxy",
+        logging.WARNING,
+        __file__,
+        1,
+        "upstream quoted %s",
+        ("platform-key-in-a-log-line-42",),
+        exc_info,
+    )
+    record.error = "key sk-live-ABCDEFGHIJKLMNOP was refused"
+    line = JsonFormatter().format(record)
+    for secret in ("platform-key-in-a-log-line-42", "tok-secret-in-traceback", "sk-live-ABCDEFGHIJKLMNOP"):
+        assert secret not in line
+    assert "upstream quoted [REDACTED]" in line and "ValueError" in line
