@@ -49,6 +49,17 @@ class ServerConfig:
     ops_port: int = 9090
     max_body_bytes: int = 8 * 1024 * 1024
     drain_timeout_ms: int = 30_000
+    # Slow and idle clients (README, security): a request's head must arrive within
+    # header_read_timeout_ms of its first byte (of the connection's opening, for the first request),
+    # its body within body_read_timeout_ms, and an idle keep-alive connection is closed after
+    # keepalive_timeout_ms (keep it above any load balancer's idle timeout in front).
+    header_read_timeout_ms: int = 10_000
+    body_read_timeout_ms: int = 30_000
+    keepalive_timeout_ms: int = 75_000
+    # Open connections per port; past it a new one gets 503 and is closed. 0: half the process's
+    # open-file limit, so upstream connections, Postgres, Redis and the ops port keep descriptors.
+    max_connections: int = 0
+    ops_max_connections: int = 64  # the ops port's own budget: probes and scrapes only
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,10 @@ class AuthConfig:
     cache_ttl_ms: int = 2_000
     default_rpm: int = 40
     rate_window_ms: int = 60_000
+    # A source address with this many failed authentications in a window is refused (429) until
+    # the window ends, without a key lookup. 0 turns it off.
+    failed_auth_max: int = 50
+    failed_auth_window_ms: int = 60_000
 
 
 @dataclass(frozen=True)
@@ -509,6 +524,13 @@ def _check_limits(config: Config) -> None:
         raise ConfigError("ledger.batch_max_rows: must be between 1 and 10000")
     if config.server.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes: must be at least 1024")
+    for name in ("header_read_timeout_ms", "body_read_timeout_ms", "keepalive_timeout_ms"):
+        if getattr(config.server, name) < 100:
+            raise ConfigError(f"server.{name}: must be at least 100")
+    if config.server.ops_max_connections < 1:
+        raise ConfigError("server.ops_max_connections: must be at least 1")
+    if config.auth.failed_auth_max and config.auth.failed_auth_window_ms < 1_000:
+        raise ConfigError("auth.failed_auth_window_ms: must be at least 1000")
 
 
 def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> Config:
