@@ -129,6 +129,7 @@ def _models() -> list[dict]:
             "targets": [
                 {"provider": "mock-openrouter", "upstream_model": "router/requested", "price": "router-requested"}
             ],
+            "allow_routing_fields": ["provider", "route", "models"],
             "default_max_output_tokens": 100,
             **window,
         },
