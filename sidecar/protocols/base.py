@@ -294,7 +294,7 @@ def content_is_unbounded(payload: dict) -> bool:
                 continue
             kind = value if key == "type" and isinstance(value, str) else None
             if key in _AUDIO_KEYS or kind in _AUDIO_TYPES:
-                raise unpriced("audio input or output", key)
+                raise unpriced("audio input or output", kind or key)
             if key in _MEDIA_KEYS or kind in _MEDIA_TYPES:
                 media = True
             if isinstance(value, dict | list):

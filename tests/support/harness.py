@@ -71,6 +71,8 @@ PRICING = {
         # OpenRouter: the requested model's price, and the model OpenRouter says actually served.
         "router-requested": {"input": "2.00", "output": "8.00"},
         "router/served": {"input": "1.00", "output": "4.00"},
+        # A dearer model a client may list in OpenRouter's `models`: the hold must cover it.
+        "router/dear": {"input": "20.00", "output": "80.00"},
     },
 }
 
