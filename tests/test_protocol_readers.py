@@ -21,6 +21,7 @@ from sidecar.protocols import (
     openai_responses,
 )
 from sidecar.protocols.base import RequestFacts
+from sidecar.protocols.errors import SidecarError
 from sidecar.sse import SSEFramer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -378,3 +379,46 @@ def test_any_json_in_any_field_never_raises(position: tuple[int, tuple], value: 
         usage, estimated = reader.observed(100)
         assert isinstance(usage, Usage) and isinstance(estimated, bool)
         assert isinstance(reader.has_final_usage, bool)
+
+
+# --- 15.11: whether the body bounds the input is decided from the parsed request --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("protocol", "raw", "unbounded"),
+    [
+        (openai_chat.PROTOCOL, b'{"model":"m","messages":[{"role":"user","content":"an image_url"}]}', False),
+        (
+            openai_chat.PROTOCOL,
+            b'{"model":"m","messages":[{"role":"user","content":[{"type":"\\u0069mage_url"}]}]}',
+            True,
+        ),
+        # What SDKs echo back from a previous answer (`message.model_dump()`): nulls are not media or audio.
+        (
+            openai_chat.PROTOCOL,
+            b'{"model":"m","messages":[{"role":"assistant","content":"x","audio":null,"refusal":null}]}',
+            False,
+        ),
+        (openai_completions.PROTOCOL, b'{"model":"m","prompt":[[1,2,3]]}', False),
+        (openai_responses.PROTOCOL, b'{"model":"m","input":"x","background":false,"previous_response_id":null}', False),
+        (openai_responses.PROTOCOL, b'{"model":"m","input":[{"type":"item_reference","id":"msg_1"}]}', True),
+        (
+            openai_responses.PROTOCOL,
+            b'{"model":"m","input":[{"role":"user","content":[{"type":"input_file","file_url":"u"}]}]}',
+            True,
+        ),
+        (openai_responses.PROTOCOL, b'{"model":"m","input":"x","tools":[{"type":"function","name":"f"}]}', False),
+        (anthropic_messages.PROTOCOL, b'{"model":"m","max_tokens":1,"messages":[],"mcp_servers":[{"url":"u"}]}', True),
+        (anthropic_messages.PROTOCOL, b'{"model":"m","max_tokens":1,"messages":[],"tools":[{"name":"f"}]}', False),
+        (openai_embeddings.PROTOCOL, b'{"model":"m","input":[[1,2],[3]]}', False),
+    ],
+)
+def test_input_unbounded_is_read_from_the_parsed_request(protocol, raw: bytes, unbounded: bool) -> None:
+    assert protocol.read_request(orjson.loads(raw)).input_unbounded is unbounded
+
+
+def test_audio_anywhere_is_refused_and_named() -> None:
+    payload = {"model": "m", "messages": [{"role": "assistant", "content": "x", "audio": {"id": "audio_1"}}]}
+    with pytest.raises(SidecarError) as caught:
+        openai_chat.PROTOCOL.read_request(payload)
+    assert caught.value.status == 400 and caught.value.param == "audio" and "audio" in caught.value.message
