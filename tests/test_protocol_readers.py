@@ -284,6 +284,8 @@ def test_usage_on_every_chunk_is_not_final_until_the_choice_finished() -> None:
     running = {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}], "usage": CHAT_USAGE}
     reader.observe(events_of(b"data: " + orjson.dumps(running) + b"\n\n")[0])
     assert reader.usage == Usage(19, 10) and not reader.has_final_usage
+    # Cut here: the running count is better than a guess from bytes, and still flagged as an estimate.
+    assert reader.observed(4000) == (Usage(19, 10), True)
 
 
 # --- 8.15: arbitrary JSON in any field a reader touches never raises --------------------------------------------
@@ -422,3 +424,26 @@ def test_audio_anywhere_is_refused_and_named() -> None:
     with pytest.raises(SidecarError) as caught:
         openai_chat.PROTOCOL.read_request(payload)
     assert caught.value.status == 400 and caught.value.param == "audio" and "audio" in caught.value.message
+
+
+EVENT_NAMES = st.sampled_from(
+    [
+        None,
+        *("message_start", "message_delta", "message_stop", "content_block_delta", "error", "ping"),
+        *("response.completed", "response.failed", "response.output_text.delta", "response.created"),
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(list(STREAMS)), st.lists(st.tuples(EVENT_NAMES, st.binary(max_size=64)), max_size=6))
+def test_any_bytes_as_event_data_never_raise(name: str, events: list) -> None:
+    protocol, _ = STREAMS[name]
+    reader = protocol.stream_reader(facts())
+    for event_name, data in events:
+        block = (b"event: %s\n" % event_name.encode() if event_name else b"") + b"data: " + data + b"\n\n"
+        for event in events_of(block):
+            assert reader.observe(event) in (True, False)
+    assert isinstance(reader.observed(10)[0], Usage)
+    body = protocol.read_body(b"".join(d for _, d in events))
+    assert body.usage is None or isinstance(body.usage, Usage)

@@ -46,15 +46,16 @@ class BodyFacts:
 
 class StreamReader:
     """Reads a stream on the side while it is relayed. `observe` returns False for an event the
-    client must not see (the usage chunk the sidecar asked for on the client's behalf)."""
+    client must not see (the usage chunk the sidecar asked for on the client's behalf). It never
+    raises on what a provider sends: a malformed event is a provider error or missing usage."""
 
     __slots__ = ("content_chars", "done", "error", "model", "usage")
 
     def __init__(self) -> None:
-        self.usage: Usage | None = None
-        self.error: str | None = None
-        self.done = False
-        self.content_chars = 0
+        self.usage: Usage | None = None  # the provider's latest readable count, None when missing
+        self.error: str | None = None  # the provider reported an error (mid-stream or terminal)
+        self.done = False  # the protocol's end-of-stream marker arrived
+        self.content_chars = 0  # UTF-8 bytes of the output text relayed, for estimates
         self.model: str | None = None
 
     def observe(self, event: SSEEvent) -> bool:
@@ -62,7 +63,8 @@ class StreamReader:
 
     @property
     def has_final_usage(self) -> bool:
-        """The provider's own count for the whole call has arrived."""
+        """The provider's own count for the whole call has arrived: reading on cannot change the bill
+        (a relay that lost its client may stop reading the upstream here)."""
         return self.usage is not None and self.done
 
     def observed(self, request_bytes: int) -> tuple[Usage, bool]:

@@ -4,6 +4,7 @@ completions, and the data-only stream those two send."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import orjson
 
@@ -14,6 +15,7 @@ from sidecar.protocols.base import (
     StreamReader,
     count,
     error_text,
+    estimate_tokens,
     loads_object,
     optional_count,
     optional_object,
@@ -114,6 +116,14 @@ class DataStreamReader(StreamReader):
         # The usage chunk comes last (`"choices": []`), or (OpenRouter, servers that report usage on
         # every chunk) once every choice finished.
         return self.usage is not None and (self._final or self.done)
+
+    def observed(self, request_bytes: int) -> tuple[Usage, bool]:
+        if self.usage is None or self.has_final_usage:
+            return super().observed(request_bytes)
+        # A running count (servers that report usage on every chunk): exact input, and output at
+        # least what the text relayed since suggests.
+        output = max(self.usage.output_tokens, estimate_tokens(self.content_chars))
+        return replace(self.usage, output_tokens=output), True
 
     def observe(self, event: SSEEvent) -> bool:
         data = event.data
