@@ -355,7 +355,7 @@ TEMPLATES = _templates()
 POSITIONS = [(i, path) for i, (_, _, _, value) in enumerate(TEMPLATES) for path in _paths(value)]
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(st.sampled_from(POSITIONS), JSON_VALUES)
 def test_any_json_in_any_field_never_raises(position: tuple[int, tuple], value: object) -> None:
     index, path = position
@@ -447,3 +447,70 @@ def test_any_bytes_as_event_data_never_raise(name: str, events: list) -> None:
     assert isinstance(reader.observed(10)[0], Usage)
     body = protocol.read_body(b"".join(d for _, d in events))
     assert body.usage is None or isinstance(body.usage, Usage)
+
+
+REQUESTS = [
+    (
+        openai_chat.PROTOCOL,
+        {
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {}}]}
+            ],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": 5,
+            "max_completion_tokens": 6,
+            "n": 2,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "models": ["a"],
+            "plugins": [{"id": "file-parser", "pdf": {"engine": "pdf-text"}}],
+            "provider": {"order": ["x"]},
+            "service_tier": "auto",
+            "modalities": ["text"],
+        },
+    ),
+    (openai_completions.PROTOCOL, {"model": "m", "prompt": ["a", "b"], "n": 2, "best_of": 3, "max_tokens": 5}),
+    (openai_embeddings.PROTOCOL, {"model": "m", "input": ["a", [1, 2]]}),
+    (
+        openai_responses.PROTOCOL,
+        {
+            "model": "m",
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "x"}]}],
+            "max_output_tokens": 5,
+            "previous_response_id": "r",
+            "tools": [{"type": "mcp"}],
+            "background": False,
+        },
+    ),
+    (
+        anthropic_messages.PROTOCOL,
+        {
+            "model": "m",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}],
+            "tools": [{"name": "f", "input_schema": {}}],
+            "mcp_servers": [],
+        },
+    ),
+]
+REQUEST_POSITIONS = [(i, path) for i, (_, payload) in enumerate(REQUESTS) for path in _paths(payload) if path]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.sampled_from(REQUEST_POSITIONS), JSON_VALUES)
+def test_any_json_in_any_request_field_is_facts_or_a_400(position: tuple[int, tuple], value: object) -> None:
+    index, path = position
+    protocol, template = REQUESTS[index]
+    payload = orjson.loads(orjson.dumps(_replaced(template, path, value)))
+    try:
+        parsed = protocol.read_request(payload)
+    except SidecarError as error:
+        assert error.status == 400 and error.message
+        protocol.error_body(error)  # renders in the protocol's envelope
+        return
+    assert isinstance(parsed.input_unbounded, bool)
+    assert parsed.max_output_tokens is None or 1 <= parsed.max_output_tokens <= 10**9
+    cap = parsed.max_output_tokens or 100
+    for to_openrouter in (False, True):
+        assert orjson.loads(protocol.rewrite_request(payload, parsed, "up", cap, to_openrouter))["model"] == "up"

@@ -312,7 +312,7 @@ def tools_are_unbounded(payload: dict) -> bool:
         return False
     for tool in tools:
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind is None or kind in _CLIENT_TOOL_TYPES:
+        if kind is None or (isinstance(kind, str) and kind in _CLIENT_TOOL_TYPES):
             continue
         if not isinstance(kind, str) or kind.startswith(_FEE_TOOL_PREFIXES):
             raise unpriced(f"the server tool {str(kind)[:60]!r}", "tools")
@@ -322,13 +322,13 @@ def tools_are_unbounded(payload: dict) -> bool:
 
 def refuse_unpriced_options(payload: dict) -> None:
     """Request options that change the price per token in ways the cost profile cannot express."""
-    if "web_search_options" in payload:
+    if payload.get("web_search_options") is not None:
         raise unpriced("web search", "web_search_options")
     modalities = payload.get("modalities")
     if isinstance(modalities, list) and "audio" in modalities:
         raise unpriced("audio output", "modalities")
     tier = payload.get("service_tier")
-    if tier is not None and tier not in _PRICED_SERVICE_TIERS:
+    if tier is not None and not (isinstance(tier, str) and tier in _PRICED_SERVICE_TIERS):
         raise unpriced(f"the service tier {str(tier)[:40]!r}", "service_tier")
 
 
@@ -360,9 +360,13 @@ def routing_of(payload: dict) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
             plugin_id = plugin.get("id") if isinstance(plugin, dict) else None
             pdf = plugin.get("pdf") if isinstance(plugin, dict) else None
             engine = pdf.get("engine") if isinstance(pdf, dict) else None
-            if plugin_id in _FEE_PLUGINS or engine in _FEE_PDF_ENGINES:
+            if _named(plugin_id, _FEE_PLUGINS) or _named(engine, _FEE_PDF_ENGINES):
                 raise unpriced(f"the plugin {str(plugin_id or engine)[:40]!r}", "plugins")
     return sent, models, bool(plugins)
+
+
+def _named(value: object, names: frozenset[str]) -> bool:
+    return isinstance(value, str) and value in names
 
 
 def check_routing(facts: RequestFacts, allowed: tuple[str, ...]) -> None:
@@ -371,8 +375,8 @@ def check_routing(facts: RequestFacts, allowed: tuple[str, ...]) -> None:
         if name not in allowed:
             raise SidecarError(
                 "invalid_request",
-                f"'{name}' is not allowed for this model: it would let the provider serve another model "
-                "or add fees than the call was priced for",
+                f"'{name}' is not allowed for this model: it could make the provider serve a dearer model "
+                "or add fees beyond what the call is priced for",
                 code="routing_field_not_allowed",
                 param=name,
             )
