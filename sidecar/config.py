@@ -17,6 +17,7 @@ import yaml
 
 from sidecar.money import MoneyError, parse_credits, parse_price_per_million
 from sidecar.pricing import CostProfile, ModelPrice, TokenPrices
+from sidecar.protocols.base import ROUTING_FIELDS
 
 PROTOCOLS = ("openai", "anthropic")  # the wire-protocol family a provider's base URL speaks
 
@@ -168,6 +169,9 @@ class ModelConfig:
     default_max_output_tokens: int
     context_window_tokens: int
     aliases: tuple[str, ...] = ()
+    # OpenRouter routing fields (protocols.base.ROUTING_FIELDS) a client may send for this model;
+    # the others get a 400. With `models` allowed, the hold is at the dearest model listed.
+    allow_routing_fields: tuple[str, ...] = ()
 
     @property
     def provider(self) -> str:
@@ -244,6 +248,7 @@ _MODEL_KEYS = (
     "targets",
     "default_max_output_tokens",
     "context_window_tokens",
+    "allow_routing_fields",
 )
 
 
@@ -314,12 +319,16 @@ def _parse_models(items: Any, providers: dict[str, ProviderConfig]) -> dict[str,
         aliases = raw.get("aliases") or []
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
             raise ConfigError(f"{path}aliases: must be a list of names")
+        routing = raw.get("allow_routing_fields") or []
+        if not isinstance(routing, list) or not set(routing) <= set(ROUTING_FIELDS):
+            raise ConfigError(f"{path}allow_routing_fields: must be a list of {', '.join(ROUTING_FIELDS)}")
         model = ModelConfig(
             name=name,
             targets=targets,
             default_max_output_tokens=cap,
             context_window_tokens=window,
             aliases=tuple(aliases),
+            allow_routing_fields=tuple(routing),
         )
         for public in (name, *aliases):
             if public in models:

@@ -27,7 +27,7 @@ from sidecar.db import POSTGRES_ERRORS
 from sidecar.observability.logging import request_id_var
 from sidecar.pricing import Usage
 from sidecar.protocols import ALL as PROTOCOLS
-from sidecar.protocols.base import Protocol, RequestFacts, may_carry_media, parse_json
+from sidecar.protocols.base import Protocol, RequestFacts, check_routing, parse_json, routing_prices
 from sidecar.protocols.errors import SidecarError, payment_required
 from sidecar.proxy import credentials
 from sidecar.proxy.call import Call, now_ms
@@ -87,6 +87,7 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
     call.request_bytes = len(body)
     payload = parse_json(body)
     facts = call.protocol.read_request(payload)
+    call.protocol.check_headers(request.headers)
     call.model = _resolve_model(svc, facts.model)
     call.targets = _eligible_targets(svc, call)
     call.session_id = _header_value(request, "x-session-id", 128)
@@ -178,20 +179,21 @@ def _eligible_targets(svc: Services, call: Call) -> tuple[Target, ...]:
 def _ceiling_micro(svc: Services, call: Call, facts: RequestFacts, body: bytes) -> int:
     """The hold: the worst case over every target the call may end up on, so a fallback never costs
     more than the client was held for."""
-    max_input_tokens = _max_input_tokens(body, call.model)
+    check_routing(facts, call.model.allow_routing_fields)
+    max_input_tokens = _max_input_tokens(facts, body, call.model)
     max_output_tokens = call.output_cap * facts.choices
     call.ceiling_tokens = max_input_tokens + max_output_tokens
     pricing = svc.config.pricing
-    return max(
-        pricing.ceiling_micro(pricing.price_of(t.price), max_input_tokens, max_output_tokens) for t in call.targets
-    )
+    # OpenRouter's `models` (when the model allows it) may serve the call instead: held at the dearest.
+    prices = [pricing.price_of(t.price) for t in call.targets] + routing_prices(facts, pricing)
+    return max(pricing.ceiling_micro(price, max_input_tokens, max_output_tokens) for price in prices)
 
 
-def _max_input_tokens(body: bytes, model: ModelConfig) -> int:
+def _max_input_tokens(facts: RequestFacts, body: bytes, model: ModelConfig) -> int:
     # Every text token covers at least one byte of the request body (byte-level BPE), and the body
-    # also holds JSON syntax, so its length bounds text input. Images, audio and files cost more
-    # tokens than their bytes (a URL is short): then only the context window bounds the input.
-    if may_carry_media(body):
+    # also holds JSON syntax, so its length bounds text input. Media, server-side context, server
+    # tools and plugins cost tokens the body does not bound: then only the context window does.
+    if facts.input_unbounded:
         return model.context_window_tokens
     return min(len(body), model.context_window_tokens)
 

@@ -73,6 +73,8 @@ PRICING = {
         # OpenRouter: the requested model's price, and the model OpenRouter says actually served.
         "router-requested": {"input": "2.00", "output": "8.00"},
         "router/served": {"input": "1.00", "output": "4.00"},
+        # A dearer model a client may list in OpenRouter's `models`: the hold must cover it.
+        "router/dear": {"input": "20.00", "output": "80.00"},
     },
 }
 
@@ -131,6 +133,7 @@ def _models() -> list[dict]:
             "targets": [
                 {"provider": "mock-openrouter", "upstream_model": "router/requested", "price": "router-requested"}
             ],
+            "allow_routing_fields": ["provider", "route", "models"],
             "default_max_output_tokens": 100,
             **window,
         },
