@@ -1,7 +1,7 @@
 """Starting and stopping what the benchmark measures: Redis, Postgres, the mock provider, the bare
 pass-through and the sidecar, each a process of its own on 127.0.0.1.
 
-Redis and Postgres are private servers from `sidecar.embedded` in a temporary directory unless
+Redis and Postgres are private servers from `sidecar.devtools.embedded` in a temporary directory unless
 BENCH_REDIS_URL / BENCH_DATABASE_URL name others (deliberately not the SIDECAR_* variables: the bench
 writes thousands of rows into an append-only ledger, which must not land in a dev database by accident).
 """
@@ -26,8 +26,8 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from sidecar import embedded
-from sidecar.embedded import free_port
+from sidecar.devtools import embedded
+from sidecar.devtools.embedded import free_port
 
 HOST = "127.0.0.1"
 UPSTREAM_KEY = "sk-bench-upstream"  # what the mock is sent by the pass-through and the sidecar

@@ -117,7 +117,7 @@ def _main(argv: list[str] | None) -> int:
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "mock-provider":
-        from sidecar import mock_provider
+        from sidecar.devtools import mock_provider
 
         return mock_provider.main(rest)
     if rest:
@@ -135,7 +135,7 @@ def _main(argv: list[str] | None) -> int:
     setup_logging(args.log_level)
     _event_loop_policy()
     if args.command == "dev":
-        from sidecar import dev as dev_mode
+        from sidecar.devtools import dev as dev_mode
 
         return dev_mode.main(args)
     config = _load(args.config)

@@ -25,8 +25,8 @@ import pytest
 from support.harness import Sidecar
 from support.services import run_sync
 
-from sidecar import dev, embedded
 from sidecar.config import parse_config
+from sidecar.devtools import dev, embedded
 
 SIDECAR = Path(sys.executable).with_name("sidecar")
 READY_LINE = "Ctrl-C stops everything."

@@ -14,8 +14,8 @@ import pytest
 import redis
 from support import services
 
-from sidecar import embedded
-from sidecar.embedded import EmbeddedError, PostgresServer, RedisServer
+from sidecar.devtools import embedded
+from sidecar.devtools.embedded import EmbeddedError, PostgresServer, RedisServer
 
 
 async def _fetchval(url: str, sql: str) -> object:
@@ -164,7 +164,7 @@ async def test_postgres_falls_back_to_the_pgserver_binaries(monkeypatch: pytest.
 _ORPHAN_SCRIPT = """
 import sys, time
 from pathlib import Path
-from sidecar import embedded
+from sidecar.devtools import embedded
 root = Path(sys.argv[1])
 redis_server = embedded.start_redis(root / "redis")
 postgres_server = embedded.start_postgres(root / "pg", durable=False)
@@ -180,7 +180,7 @@ def test_servers_die_with_their_parent() -> None:
             [sys.executable, "-c", _ORPHAN_SCRIPT, str(root)],
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(Path(embedded.__file__).parents[1])},
+            env={**os.environ, "PYTHONPATH": str(Path(embedded.__file__).parents[2])},
         )
         try:
             assert parent.stdout is not None

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from sidecar.embedded import free_port
+from sidecar.devtools.embedded import free_port
 from support.harness import PLATFORM_KEY, PRICING, TEST_KEK, base_config
 
 SIDECAR_BIN = Path(sys.executable).with_name("sidecar")

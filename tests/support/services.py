@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from sidecar.embedded import (
+from sidecar.devtools.embedded import (
     PostgresServer,
     RedisServer,
     quote_ident,
