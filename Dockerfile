@@ -10,7 +10,17 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml ./
 COPY sidecar ./sidecar
-RUN /opt/venv/bin/pip install .
+# The development tools (sidecar/devtools: `sidecar dev`, the mock provider, embedded servers) are not
+# part of the product: .dockerignore keeps them out of the build context, and should a build see them
+# anyway they are deleted from the installed package. Then prove it: the package has no devtools, every
+# product module imports without them, and `sidecar dev` says in one line that they are not here.
+# The checks run from / so that they import the installed package, not the sources in /src.
+RUN /opt/venv/bin/pip install . \
+ && rm -rf /opt/venv/lib/python3*/site-packages/sidecar/devtools \
+ && cd / \
+ && ! /opt/venv/bin/python -c "import sidecar.devtools" 2>/dev/null \
+ && /opt/venv/bin/python -c "import importlib, pkgutil, sidecar; [importlib.import_module(m.name) for m in pkgutil.walk_packages(sidecar.__path__, 'sidecar.')]" \
+ && { /opt/venv/bin/sidecar dev 2>&1 | grep -q 'not available in this installation'; }
 
 # Runtime: the same base (the venv's interpreter path must exist), the venv, the default config.
 FROM ${PYTHON_IMAGE}

@@ -1,39 +1,32 @@
 """Starting and stopping what the benchmark measures: Redis, Postgres, the mock provider, the bare
 pass-through and the sidecar, each a process of its own on 127.0.0.1.
 
-Redis and Postgres are private servers from `sidecar.embedded` in a temporary directory unless
+Redis and Postgres are private servers from `sidecar.devtools.embedded` in a temporary directory unless
 BENCH_REDIS_URL / BENCH_DATABASE_URL name others (deliberately not the SIDECAR_* variables: the bench
 writes thousands of rows into an append-only ledger, which must not land in a dev database by accident).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
 import os
-import re
 import secrets
-import signal
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import yaml
 
-from sidecar import embedded
-from sidecar.embedded import free_port
+from sidecar.devtools import embedded, supervisor
+from sidecar.devtools.supervisor import Child, free_port, wait_http_ok, wait_log_match
 
 HOST = "127.0.0.1"
 UPSTREAM_KEY = "sk-bench-upstream"  # what the mock is sent by the pass-through and the sidecar
 PROVIDER_KEY_ENV = "BENCH_PROVIDER_KEY"
 MODEL = "gpt-4o-mini"
 START_TIMEOUT_S = 30.0
+LISTENING = r"listening on (http://\S+/v1)"
 # A bench key must never be throttled, and its workspace never run dry.
 BENCH_RPM = 10_000_000
 BENCH_CREDITS_MICRO = 10**12  # 1,000,000 credits
@@ -44,101 +37,12 @@ PRICING = {
     "models": {MODEL: {"input": "0.15", "output": "0.60", "cache_read": "0.075"}},
 }
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_us() -> Callable[[], None] | None:
-    """A child started from the main thread gets SIGKILL if this process dies, so none outlives a ^C."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
-
-
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError as exc:
-            tail = [f"(no log: {exc})"]
-        return f"--- last lines of {self.log_path} ---\n" + "\n".join(tail)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-                return
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=5)
+__all__ = ["Child", "Stores", "start_mock", "start_passthrough", "start_sidecar"]
 
 
 def spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Child:
-    log_path = log_dir / f"{name}.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # Not the caller's directory: `python -m` puts the working directory first on sys.path, where a
-            # checkout's `sidecar/` would shadow the package the environment points at.
-            cwd=log_dir,
-            env=env if env is not None else dict(os.environ),
-            start_new_session=True,
-            preexec_fn=_die_with_us(),
-        )
-    return Child(name, process, log_path)
-
-
-async def wait_for_line(child: Child, pattern: str, timeout_s: float = START_TIMEOUT_S) -> re.Match[str]:
-    regex = re.compile(pattern)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if child.process.poll() is not None:
-            raise RuntimeError(f"{child.name} exited during start ({child.process.returncode})\n{child.log_tail()}")
-        with contextlib.suppress(OSError):
-            match = regex.search(child.log_path.read_text(errors="replace"))
-            if match:
-                return match
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"{child.name} did not start within {timeout_s} s\n{child.log_tail()}")
-
-
-async def wait_http_ok(child: Child, url: str, timeout_s: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        while time.monotonic() < deadline:
-            if child.process.poll() is not None:
-                raise RuntimeError(f"{child.name} exited during start ({child.process.returncode})\n{child.log_tail()}")
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-                async with http.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"{child.name} not ready at {url} within {timeout_s} s\n{child.log_tail()}")
+    # The log dir as cwd, never the caller's: see supervisor.spawn.
+    return supervisor.spawn(name, argv, log_dir / f"{name}.log", cwd=log_dir, env=env)
 
 
 def _bin(name: str) -> str:
@@ -149,8 +53,7 @@ async def start_mock(log_dir: Path) -> Child:
     # Keep only one recorded request: the mock's request log is for tests, not a cost to bench.
     argv = [_bin("sidecar"), "mock-provider", "--port", "0", "--max-recorded-requests", "1"]
     child = spawn("mock", argv, log_dir)
-    match = await wait_for_line(child, r"listening on (http://\S+/v1)")
-    child.url = match.group(1)
+    child.url = (await wait_log_match(child, LISTENING, START_TIMEOUT_S)).group(1)
     return child
 
 
@@ -159,8 +62,7 @@ async def start_passthrough(log_dir: Path, upstream_url: str) -> Child:
     argv = [sys.executable, "-m", "bench.passthrough", "--port", str(port), "--upstream", upstream_url]
     env = {**os.environ, "PYTHONPATH": _pythonpath()}
     child = spawn("passthrough", argv, log_dir, env)
-    match = await wait_for_line(child, r"listening on (http://\S+/v1)")
-    child.url = match.group(1)
+    child.url = (await wait_log_match(child, LISTENING, START_TIMEOUT_S)).group(1)
     return child
 
 
@@ -211,10 +113,7 @@ def sidecar_config(directory: Path, provider_url: str, port: int, ops_port: int)
 async def start_sidecar(
     log_dir: Path, provider_url: str, redis_url: str, database_url: str, log_level: str
 ) -> tuple[Child, str]:
-    port = free_port()
-    ops_port = free_port()
-    while ops_port == port:
-        ops_port = free_port()
+    port, ops_port = supervisor.free_ports(2)
     config = sidecar_config(log_dir / "sidecar-config", provider_url, port, ops_port)
     env = {
         **os.environ,
@@ -227,7 +126,7 @@ async def start_sidecar(
     child = spawn("sidecar", argv, log_dir, env)
     child.url = f"http://{HOST}:{port}/v1"
     ops_url = f"http://{HOST}:{ops_port}"
-    await wait_http_ok(child, ops_url + "/readyz")
+    await wait_http_ok(child, ops_url + "/readyz", START_TIMEOUT_S)
     return child, ops_url
 
 
@@ -266,5 +165,5 @@ class Stores:
     def stop(self) -> None:
         for server in (self.redis, self.postgres):
             if server is not None:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):  # stop the other one anyway
                     server.stop()

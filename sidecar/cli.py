@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib
 import os
 import sys
+from types import ModuleType
 
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.observability.logging import setup_logging
@@ -85,6 +87,24 @@ def _kek(args: argparse.Namespace) -> int:
     return 0
 
 
+def _devtool(command: str, module: str) -> ModuleType | None:
+    """sidecar.devtools.<module>, imported only for the command that needs it: `serve | control | migrate`
+    never load the development tools, which the production image does not ship. None (said in one line)
+    when they are not installed."""
+    package = "sidecar.devtools"
+    try:
+        return importlib.import_module(f"{package}.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in (package, f"{package}.{module}"):
+            raise  # something the tools need is missing: that traceback says what
+    print(
+        f"sidecar {command}: not available in this installation: the development tools ({package}) are left "
+        "out of the production image; use a checkout (make run, or pip install -e .) instead",
+        file=sys.stderr,
+    )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -117,8 +137,8 @@ def _main(argv: list[str] | None) -> int:
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "mock-provider":
-        from sidecar import mock_provider
-
+        if (mock_provider := _devtool(args.command, "mock_provider")) is None:
+            return 2
         return mock_provider.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -135,8 +155,8 @@ def _main(argv: list[str] | None) -> int:
     setup_logging(args.log_level)
     _event_loop_policy()
     if args.command == "dev":
-        from sidecar import dev as dev_mode
-
+        if (dev_mode := _devtool(args.command, "dev")) is None:
+            return 2
         return dev_mode.main(args)
     config = _load(args.config)
     if args.command == "migrate":

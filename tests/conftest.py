@@ -19,7 +19,7 @@ import pytest_asyncio
 import redis.asyncio
 from support import services
 
-from sidecar.embedded import PostgresServer, RedisServer
+from sidecar.devtools.embedded import PostgresServer, RedisServer
 
 
 @pytest.fixture(scope="session")

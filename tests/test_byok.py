@@ -21,9 +21,9 @@ from support.harness import (
     stop_sidecar,
 )
 
-from sidecar import mock_provider
 from sidecar.app import open_services
 from sidecar.byok.rotate import rotate_all
+from sidecar.devtools import mock_provider
 from sidecar.ledger.migrate import migrate_url
 
 CUSTOMER_KEY = "sk-customer-own-key-abcd"

@@ -6,7 +6,7 @@ import openai
 import pytest
 from support.harness import Sidecar
 
-from sidecar.mock_provider import prompt_tokens_for
+from sidecar.devtools.mock_provider import prompt_tokens_for
 
 MESSAGES = [{"role": "user", "content": "x" * 400}]  # the mock bills 400 // 4 + 1 = 101 prompt tokens
 

@@ -4,6 +4,7 @@ no ledger row; a second run on the same data directory finds the same key, balan
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -22,11 +24,12 @@ from pathlib import Path
 import asyncpg
 import openai
 import pytest
+from support import services
 from support.harness import Sidecar
 from support.services import run_sync
 
-from sidecar import dev, embedded
 from sidecar.config import parse_config
+from sidecar.devtools import dev, embedded
 
 SIDECAR = Path(sys.executable).with_name("sidecar")
 READY_LINE = "Ctrl-C stops everything."
@@ -404,3 +407,30 @@ def test_anthropic_key_sends_claude_to_anthropic_and_the_rest_to_the_mock() -> N
     assert config.model("gpt-4o-mini").provider == "mock"
     [note] = dev.provider_notes(env, upstream)
     assert "Anthropic" in note
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands Postgres to another OS user")
+def test_dev_says_in_one_line_why_postgres_cannot_start(redis_url: str) -> None:
+    """Root, a venv inside a directory only root may enter (`mktemp -d`), Postgres from pgserver in it:
+    the postgres user cannot reach those binaries, and `sidecar dev` says so and what to do, in one line."""
+    if importlib.util.find_spec("pgserver") is None:
+        pytest.skip("pgserver is not installed (the `embedded` extra)")
+    private = Path(tempfile.mkdtemp(prefix="sidecar-private-"))
+    try:
+        (private / "venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+        python = private / "venv" / "bin" / Path(sys.executable).name
+        env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
+        env |= {"SIDECAR_REDIS_URL": redis_url, embedded.PREFER_ENV: "package"}
+        with services.postgres_tmp_dir() as data_dir:
+            result = subprocess.run(
+                [str(python), "-m", "sidecar.cli", "dev", "--data-dir", str(data_dir), "--port", "0"],
+                capture_output=True, text=True, timeout=60, env=env, cwd=Path(__file__).resolve().parents[1],
+            )  # fmt: skip
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sidecar dev: as root, the embedded Postgres runs as the 'postgres' user"), lines
+    assert f"{private} (mode 700) is closed to it" in lines[0] and f"chmod o+x {private}" in lines[0]

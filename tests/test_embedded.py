@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -14,8 +19,8 @@ import pytest
 import redis
 from support import services
 
-from sidecar import embedded
-from sidecar.embedded import EmbeddedError, PostgresServer, RedisServer
+from sidecar.devtools import embedded
+from sidecar.devtools.embedded import EmbeddedError, PostgresServer, RedisServer
 
 
 async def _fetchval(url: str, sql: str) -> object:
@@ -164,7 +169,7 @@ async def test_postgres_falls_back_to_the_pgserver_binaries(monkeypatch: pytest.
 _ORPHAN_SCRIPT = """
 import sys, time
 from pathlib import Path
-from sidecar import embedded
+from sidecar.devtools import embedded
 root = Path(sys.argv[1])
 redis_server = embedded.start_redis(root / "redis")
 postgres_server = embedded.start_postgres(root / "pg", durable=False)
@@ -180,7 +185,7 @@ def test_servers_die_with_their_parent() -> None:
             [sys.executable, "-c", _ORPHAN_SCRIPT, str(root)],
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(Path(embedded.__file__).parents[1])},
+            env={**os.environ, "PYTHONPATH": str(Path(embedded.__file__).parents[2])},
         )
         try:
             assert parent.stdout is not None
@@ -228,3 +233,74 @@ def test_fixtures_fall_back_to_embedded_servers_when_nothing_answers(
         dbname = url.rsplit("/", 1)[1]
         assert services.run_sync(lambda: _fetchval(url, "SELECT current_database()")) == dbname
         services.drop_test_database(admin_url, url)  # the context drops it too; twice must be harmless
+
+
+# ---------------------------------------------------------------------------------------------------------
+# As root, Postgres runs as its own user, who must reach the binaries and the data dir
+
+as_root_only = pytest.mark.skipif(os.geteuid() != 0, reason="only root hands Postgres to another OS user")
+
+
+@contextlib.contextmanager
+def _private_dir() -> Iterator[Path]:
+    """A directory other users cannot enter, as `mktemp -d` makes (mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="sidecar-private-"))
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _assert_one_line_naming(message: str, private: Path) -> None:
+    assert "\n" not in message, message
+    assert "'postgres' user" in message and f"{private} (mode 700) is closed to it" in message, message
+    assert f"chmod o+x {private}" in message and "PermissionError" not in message, message
+
+
+@as_root_only
+def test_postgres_says_in_one_line_that_its_user_cannot_reach_the_binaries() -> None:
+    real_bin_dir = embedded.find_postgres_bin_dir()
+    with _private_dir() as private, services.postgres_tmp_dir() as data_dir:
+        # The binaries seen through a directory the postgres user cannot enter: a checkout (and its venv,
+        # with pgserver's binaries) inside `mktemp -d`.
+        (private / "pg").symlink_to(real_bin_dir.parent, target_is_directory=True)
+
+        with pytest.raises(EmbeddedError) as raised:
+            embedded.start_postgres(data_dir, bin_dir=private / "pg" / "bin", durable=False)
+
+        _assert_one_line_naming(str(raised.value), private)
+        assert not (data_dir / "PG_VERSION").exists(), "initdb ran although it could not have worked"
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700, "the check must not open the directory up"
+
+
+def _venv_inside(private: Path) -> Path:
+    """This environment's interpreter as seen from inside `private` (a symlinked venv): its packages,
+    pgserver's Postgres among them, then live under a directory the postgres user cannot enter."""
+    if importlib.util.find_spec("pgserver") is None:
+        pytest.skip("pgserver is not installed (the `embedded` extra)")
+    (private / "venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    return private / "venv" / "bin" / Path(sys.executable).name
+
+
+@as_root_only
+def test_the_tests_embedded_postgres_says_in_one_line_what_to_do(tmp_path: Path) -> None:
+    with _private_dir() as private:
+        python = _venv_inside(private)
+        env = {
+            **{k: v for k, v in os.environ.items() if k != services.DATABASE_URL_ENV},
+            services.LOCAL_POSTGRES_ENV: "off",
+            embedded.PREFER_ENV: "package",
+        }
+        result = subprocess.run(
+            [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}",
+             "tests/test_embedded.py::test_session_fixtures_give_working_servers"],
+            capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).resolve().parents[1],
+        )  # fmt: skip
+
+    assert result.returncode != 0, result.stdout
+    lines = [line for line in result.stdout.splitlines() if "cannot start the embedded Postgres" in line]
+    assert lines, result.stdout + result.stderr
+    _assert_one_line_naming(lines[0], private)
+    assert f"or point {services.DATABASE_URL_ENV} at a running Postgres" in lines[0]
+    assert "PermissionError" not in result.stdout

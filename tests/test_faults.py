@@ -26,9 +26,9 @@ import redis.asyncio as aioredis
 from support.harness import Sidecar, Workspace, chat_body, start_sidecar, stop_sidecar
 from support.processes import SidecarProcess
 
+from sidecar.devtools.mock_provider import prompt_tokens_for
 from sidecar.ledger.flusher import Flusher
 from sidecar.ledger.migrate import migrate_url
-from sidecar.mock_provider import prompt_tokens_for
 from sidecar.state import keys
 from sidecar.sweeper import sweep_all
 

@@ -12,8 +12,8 @@ import openai
 import orjson
 import pytest
 
-from sidecar import mock_provider
-from sidecar.mock_provider import RECORDED, MockOptions, build_app, prompt_tokens_for
+from sidecar.devtools import mock_provider
+from sidecar.devtools.mock_provider import RECORDED, MockOptions, build_app, prompt_tokens_for
 from sidecar.sse import SSEEvent, SSEFramer
 
 AUTH = {"Authorization": "Bearer test-key"}

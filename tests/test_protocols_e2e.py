@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from support.harness import PLATFORM_KEY, PRICING, Sidecar, Workspace, chat_body, start_sidecar, stop_sidecar
 
-from sidecar import mock_provider
 from sidecar.config import parse_pricing
-from sidecar.mock_provider import (
+from sidecar.devtools import mock_provider
+from sidecar.devtools.mock_provider import (
     anthropic_input_tokens_for,
     completion_prompt_tokens_for,
     embedding_for,

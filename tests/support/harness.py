@@ -18,10 +18,11 @@ import asyncpg
 import orjson
 from aiohttp.test_utils import TestServer
 
-from sidecar import db, mock_provider
+from sidecar import db
 from sidecar.app import build_data_app, close_services, open_services
 from sidecar.config import Config, parse_config
 from sidecar.control.admin import build_control_app
+from sidecar.devtools import mock_provider
 from sidecar.services import Services
 from sidecar.state import keys
 

@@ -21,8 +21,10 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 
-from sidecar.embedded import (
+from sidecar.devtools.embedded import (
+    EmbeddedError,
     PostgresServer,
     RedisServer,
     quote_ident,
@@ -160,11 +162,20 @@ def session_database_url() -> Iterator[str]:
         yield from _fresh_database(admin_url)
         return
     with postgres_tmp_dir() as data_dir:
-        server = start_postgres(data_dir, dbname="postgres", durable=False)
+        server = _start_embedded_postgres(data_dir, "postgres", f"; or point {DATABASE_URL_ENV} at a running Postgres")
         try:
             yield from _fresh_database(server.admin_url)
         finally:
             server.stop()
+
+
+def _start_embedded_postgres(data_dir: Path, dbname: str, hint: str = "") -> PostgresServer:
+    try:
+        return start_postgres(data_dir, dbname=dbname, durable=False)
+    except EmbeddedError as exc:
+        reason = str(exc)
+    # One line that says what to do, not a traceback through the fixtures (so outside the except block).
+    pytest.fail(f"cannot start the embedded Postgres: {reason}{hint}", pytrace=False)
 
 
 def _fresh_database(admin_url: str) -> Iterator[str]:
@@ -187,7 +198,7 @@ def private_redis_server(data_dir: Path) -> Iterator[RedisServer]:
 @contextlib.contextmanager
 def private_postgres_server() -> Iterator[PostgresServer]:
     with postgres_tmp_dir() as data_dir:
-        server = start_postgres(data_dir, durable=False)
+        server = _start_embedded_postgres(data_dir, "sidecar")
         try:
             yield server
         finally:

@@ -1,6 +1,6 @@
 """`sidecar dev`: a working, metered proxy on one machine in seconds, with nothing to install or sign up for.
 
-Redis and Postgres are private servers (sidecar.embedded) in the data directory unless SIDECAR_REDIS_URL /
+Redis and Postgres are private servers (sidecar.devtools.embedded) in the data directory unless SIDECAR_REDIS_URL /
 SIDECAR_DATABASE_URL point elsewhere; the provider is the in-process mock unless a real provider key is set.
 A demo workspace, API key and credits are created once; the data directory keeps them, the ledger and the
 balances across runs. Ctrl-C drains, flushes the ledger and stops every server this process started.
@@ -29,9 +29,10 @@ from typing import IO, Any
 
 from aiohttp import web
 
-from sidecar import db, embedded, mock_provider
+from sidecar import db
 from sidecar.auth import hash_key, new_key
 from sidecar.config import ConfigError, parse_config
+from sidecar.devtools import embedded, mock_provider
 from sidecar.money import format_micro
 
 HOST = "127.0.0.1"
@@ -181,7 +182,7 @@ def _mock_upstream(base_url: str) -> Upstream:
         "protocol": "openai",
         "base_url": base_url,
         "api_key_env": MOCK_KEY_ENV,
-        # Lets a developer inject provider faults per call (see sidecar.mock_provider).
+        # Lets a developer inject provider faults per call (see sidecar.devtools.mock_provider).
         "forward_headers": list(mock_provider.FAULT_HEADERS),
     }
     # The same mock also speaks Anthropic Messages, so the anthropic SDK works against `sidecar dev` too.

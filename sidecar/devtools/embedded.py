@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib.util
 import os
 import pwd
@@ -20,9 +19,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +27,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from sidecar.devtools.supervisor import Child, StartError, free_port, spawn, user_kwargs, wait_ready, wait_ready_async
+
 PREFER_ENV = "SIDECAR_EMBEDDED_PREFER"
 PREFER_CHOICES = ("system", "package")
 HOST = "127.0.0.1"
@@ -38,12 +36,10 @@ PG_SUPERUSER = "postgres"
 # Postgres refuses to run as root; this is the OS account it runs as when we are root.
 PG_OS_USER = "postgres"
 
-_PR_SET_PDEATHSIG = 1
 # A unix socket path must fit sockaddr_un.sun_path (108 bytes with the NUL) on Linux.
 _SOCKET_PATH_MAX_BYTES = 100
 _PORT_ATTEMPTS = 3
 _ADDRESS_IN_USE = re.compile(r"address already in use|could not bind|could not create any TCP/IP", re.I)
-_LOG_TAIL_LINES = 40
 # Each server's own clean shutdown, used by stop() and when our process dies: redis flushes and fsyncs
 # the AOF; Postgres does a "fast" shutdown (abort open transactions, checkpoint, exit).
 _REDIS_STOP_SIGNAL = signal.SIGTERM
@@ -66,20 +62,24 @@ class RedisServer:
     url: str
     port: int
     data_dir: Path
-    process: subprocess.Popen[bytes]
     binary: Path
     persistent: bool = True
+    child: Child | None = None  # the running process, once started
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return _started(self.child).process
 
     @property
     def log_path(self) -> Path:
         return self.data_dir / "redis.log"
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        _stop_process(self.process, _REDIS_STOP_SIGNAL, timeout_s)
+        _started(self.child).stop(timeout_s)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: no AOF flush beyond what redis already wrote."""
-        _kill_process_group(self.process)
+        _started(self.child).kill()
 
     def restart(self, timeout_s: float = 10.0) -> RedisServer:
         return restart(self, timeout_s)
@@ -90,10 +90,14 @@ class PostgresServer:
     url: str
     port: int
     data_dir: Path
-    process: subprocess.Popen[bytes]
     bin_dir: Path
     dbname: str = "sidecar"
     durable: bool = True
+    child: Child | None = None  # the running postmaster, once started
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return _started(self.child).process
 
     @property
     def admin_url(self) -> str:
@@ -105,17 +109,23 @@ class PostgresServer:
         return self.data_dir / "server.log"
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        _stop_process(self.process, _POSTGRES_STOP_SIGNAL, timeout_s)
+        _started(self.child).stop(timeout_s)
 
     def kill(self) -> None:
         """SIGKILL the postmaster and every backend at once, as a crash would."""
-        _kill_process_group(self.process)
+        _started(self.child).kill()
 
     def restart(self, timeout_s: float = 60.0) -> PostgresServer:
         return restart(self, timeout_s)
 
 
 Server = TypeVar("Server", RedisServer, PostgresServer)
+
+
+def _started(child: Child | None) -> Child:
+    if child is None:
+        raise EmbeddedError("the server was never started")
+    return child
 
 
 def start_redis(
@@ -133,14 +143,7 @@ def start_redis(
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     binary = find_redis_server(prefer)
-    server = RedisServer(
-        url="",
-        port=0,
-        data_dir=data_dir,
-        process=None,  # type: ignore[arg-type]
-        binary=binary,
-        persistent=persistent,
-    )
+    server = RedisServer(url="", port=0, data_dir=data_dir, binary=binary, persistent=persistent)
     return _start_with_port_retry(server, port, _launch_redis, timeout_s)
 
 
@@ -151,6 +154,7 @@ def start_postgres(
     *,
     durable: bool = True,
     prefer: str | None = None,
+    bin_dir: Path | None = None,
     timeout_s: float = 60.0,
 ) -> PostgresServer:
     """Start a Postgres on 127.0.0.1, creating the cluster if data_dir is empty and dbname if missing.
@@ -158,23 +162,18 @@ def start_postgres(
     An existing data_dir is reused, so `sidecar dev` keeps its balances across restarts.
     durable=False turns fsync and full-page writes off: only for tests, where losing data to an OS
     crash is harmless. A killed server (kill()) still keeps every committed row either way.
+    bin_dir overrides where the binaries are found (see find_postgres_bin_dir).
     """
     data_dir = Path(data_dir).resolve()
-    bin_dir = find_postgres_bin_dir(prefer)
+    bin_dir = Path(bin_dir).absolute() if bin_dir else find_postgres_bin_dir(prefer)
     os_user = _postgres_os_user()
     _prepare_postgres_dir(data_dir, os_user)
+    _check_reachable(bin_dir, os_user)
+    _check_reachable(data_dir, os_user)
     if not (data_dir / "PG_VERSION").exists():
         _initdb(bin_dir, data_dir, os_user, durable)
     _check_cluster_version(bin_dir, data_dir)
-    server = PostgresServer(
-        url="",
-        port=0,
-        data_dir=data_dir,
-        process=None,  # type: ignore[arg-type]
-        bin_dir=bin_dir,
-        dbname=dbname,
-        durable=durable,
-    )
+    server = PostgresServer(url="", port=0, data_dir=data_dir, bin_dir=bin_dir, dbname=dbname, durable=durable)
     return _start_with_port_retry(server, port, _launch_postgres, timeout_s)
 
 
@@ -183,13 +182,15 @@ def restart(server: Server, timeout_s: float | None = None) -> Server:
 
     Updates `server` in place (and returns it), so whoever owns it, e.g. a fixture, stops the new process.
     """
-    if server.process.poll() is None:
+    if server.child is not None and server.child.running():
         server.stop()
     if isinstance(server, RedisServer):
         _launch_redis(server, timeout_s if timeout_s is not None else 10.0)
     else:
         _check_cluster_version(server.bin_dir, server.data_dir)
-        _prepare_postgres_dir(server.data_dir, _postgres_os_user())
+        os_user = _postgres_os_user()
+        _prepare_postgres_dir(server.data_dir, os_user)
+        _check_reachable(server.data_dir, os_user)
         _launch_postgres(server, timeout_s if timeout_s is not None else 60.0)
     return server
 
@@ -274,13 +275,6 @@ def find_postgres_bin_dir(prefer: str | None = None) -> Path:
 # Launching and readiness
 
 
-def free_port() -> int:
-    # Racy by nature (someone may take it before the server binds): callers retry on "address in use".
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def redis_ping(host: str, port: int, timeout_s: float = 1.0) -> bool:
     """True if a Redis at host:port answers PING (not while it is still loading its AOF)."""
     try:
@@ -319,16 +313,11 @@ def _launch_redis(server: RedisServer, timeout_s: float) -> None:
         "--appendfsync", "everysec",
     ]  # fmt: skip
     server.url = f"redis://{HOST}:{server.port}/0"
-    server.process = _spawn(argv, server.log_path, cwd=server.data_dir, os_user=None, death_signal=_REDIS_STOP_SIGNAL)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise EmbeddedError(_failure("redis-server exited during start", server.log_path))
-        if redis_ping(HOST, server.port, timeout_s=0.5):
-            return
-        time.sleep(0.02)
-    _kill_process_group(server.process)
-    raise EmbeddedError(_failure(f"redis-server did not answer PING within {timeout_s} s", server.log_path))
+    server.child = spawn("redis-server", argv, server.log_path, cwd=server.data_dir, stop_signal=_REDIS_STOP_SIGNAL)
+    try:
+        wait_ready(server.child, lambda: redis_ping(HOST, server.port, timeout_s=0.5), timeout_s)
+    except StartError as exc:
+        raise EmbeddedError(str(exc)) from None
 
 
 def _launch_postgres(server: PostgresServer, timeout_s: float) -> None:
@@ -347,41 +336,36 @@ def _launch_postgres(server: PostgresServer, timeout_s: float) -> None:
     for name, value in settings.items():
         argv += ["-c", f"{name}={value}"]
     server.url = _postgres_url(server.port, server.dbname)
-    server.process = _spawn(
-        argv,
-        server.log_path,
-        cwd=server.data_dir,
-        os_user=_postgres_os_user(),
-        death_signal=_POSTGRES_STOP_SIGNAL,
-    )
+    os_user = _postgres_os_user()
     try:
-        _run_sync(lambda: _await_postgres(server, timeout_s))
-    except EmbeddedError:
-        _kill_process_group(server.process)
-        raise
+        server.child = spawn(
+            "postgres",
+            argv,
+            server.log_path,
+            cwd=server.data_dir,
+            os_user=os_user,
+            stop_signal=_POSTGRES_STOP_SIGNAL,
+        )
+    except PermissionError as exc:
+        raise EmbeddedError(_unreachable_message(Path(exc.filename or server.bin_dir), None, os_user)) from None
+    child = server.child
 
-
-async def _await_postgres(server: PostgresServer, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    last_error: BaseException | None = None
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise EmbeddedError(_failure("postgres exited during start", server.log_path))
+    async def answers() -> bool:
         try:
             conn = await asyncpg.connect(server.admin_url, timeout=2)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
             # Refused before it listens, then "the database system is starting up" during recovery.
-            last_error = exc
-            await asyncio.sleep(0.05)
-            continue
+            return False
         try:
             await _create_database_if_missing(conn, server.dbname)
         finally:
             await conn.close()
-        return
-    raise EmbeddedError(
-        _failure(f"postgres not ready within {timeout_s} s (last error: {last_error!r})", server.log_path)
-    )
+        return True
+
+    try:
+        _run_sync(lambda: wait_ready_async(child, answers, timeout_s))
+    except StartError as exc:
+        raise EmbeddedError(str(exc)) from None
 
 
 async def _create_database_if_missing(conn: asyncpg.Connection, dbname: str) -> None:
@@ -432,6 +416,50 @@ def _postgres_os_user() -> pwd.struct_passwd | None:
     return pwd.getpwnam(PG_OS_USER)
 
 
+def _search_denied(directory: Path, os_user: pwd.struct_passwd) -> bool:
+    """True if os_user, with only its primary group (see supervisor.user_kwargs), may not enter directory."""
+    try:
+        info = directory.stat()
+    except OSError:
+        return False  # does not exist (yet): not the problem this check is about
+    if info.st_uid == os_user.pw_uid:
+        return not info.st_mode & stat.S_IXUSR
+    if info.st_gid == os_user.pw_gid:
+        return not info.st_mode & stat.S_IXGRP
+    return not info.st_mode & stat.S_IXOTH
+
+
+def _blocking_dir(path: Path, os_user: pwd.struct_passwd) -> Path | None:
+    """The first directory on the way to path (as written, then with symlinks resolved) os_user cannot enter."""
+    for route in (path, path.resolve()):
+        for directory in (*reversed(route.parents), route):
+            if directory.is_dir() and _search_denied(directory, os_user):
+                return directory
+    return None
+
+
+def _unreachable_message(path: Path, blocker: Path | None, os_user: pwd.struct_passwd | None) -> str:
+    user = os_user.pw_name if os_user else PG_OS_USER
+    if blocker is None:
+        why = "permission denied"
+    else:
+        why = f"{blocker} (mode {stat.S_IMODE(blocker.stat().st_mode):o}) is closed to it"
+    return (
+        f"as root, the embedded Postgres runs as the {user!r} user, who cannot reach {path}: {why}; "
+        f"move the checkout or data dir under a directory others can enter (or `chmod o+x {blocker or path}`), "
+        "install PostgreSQL system-wide (apt-get install postgresql), or run as a non-root user"
+    )
+
+
+def _check_reachable(path: Path, os_user: pwd.struct_passwd | None) -> None:
+    """Postgres will not run as root, so as root it runs as os_user, which must reach its binaries and its
+    data dir: say so in one line now, rather than let initdb fail later with a bare PermissionError."""
+    if os_user is None:
+        return
+    if blocker := _blocking_dir(path, os_user):
+        raise EmbeddedError(_unreachable_message(path, blocker, os_user))
+
+
 def _prepare_postgres_dir(data_dir: Path, os_user: pwd.struct_passwd | None) -> None:
     if data_dir.exists() and any(data_dir.iterdir()) and not (data_dir / "PG_VERSION").exists():
         raise EmbeddedError(f"{data_dir} is neither empty nor a Postgres data directory")
@@ -460,7 +488,10 @@ def _initdb(bin_dir: Path, data_dir: Path, os_user: pwd.struct_passwd | None, du
     ]  # fmt: skip
     if not durable:
         argv.append("--no-sync")
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, **_user_kwargs(os_user))
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=data_dir, **user_kwargs(os_user))
+    except PermissionError as exc:  # what _check_reachable cannot see, e.g. an ACL
+        raise EmbeddedError(_unreachable_message(Path(exc.filename or argv[0]), None, os_user)) from None
     if result.returncode != 0:
         raise EmbeddedError(f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
 
@@ -477,80 +508,3 @@ def _check_cluster_version(bin_dir: Path, data_dir: Path) -> None:
             f"{data_dir} holds a Postgres {cluster} cluster but {bin_dir} has Postgres {binaries}: "
             f"use a fresh data dir, or set {PREFER_ENV} to pick the binaries that made it"
         )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Processes
-
-
-def _user_kwargs(os_user: pwd.struct_passwd | None) -> dict[str, Any]:
-    if os_user is None:
-        return {}
-    # extra_groups=[] drops root's supplementary groups too, not just the uid/gid.
-    return {"user": os_user.pw_uid, "group": os_user.pw_gid, "extra_groups": []}
-
-
-def _die_with_parent_preexec(death_signal: signal.Signals) -> Callable[[], None] | None:
-    # PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so only the main thread's
-    # children can use it safely; a worker thread's children would die with that thread.
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent_pid = os.getpid()
-
-    def preexec() -> None:
-        # Runs after the uid switch, which would otherwise clear the death signal.
-        prctl(_PR_SET_PDEATHSIG, death_signal)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-def _spawn(
-    argv: list[str],
-    log_path: Path,
-    *,
-    cwd: Path,
-    os_user: pwd.struct_passwd | None,
-    death_signal: signal.Signals,
-) -> subprocess.Popen[bytes]:
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            # Own process group, so kill() takes down Postgres backends with the postmaster, and a ^C
-            # at the terminal reaches only us, who then stop the servers cleanly.
-            start_new_session=True,
-            preexec_fn=_die_with_parent_preexec(death_signal),
-            **_user_kwargs(os_user),
-        )
-
-
-def _stop_process(process: subprocess.Popen[bytes], sig: signal.Signals, timeout_s: float) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(sig)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_process_group(process)
-
-
-def _kill_process_group(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=timeout_s)
-
-
-def _failure(what: str, log_path: Path) -> str:
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()[-_LOG_TAIL_LINES:]
-    except OSError as exc:
-        lines = [f"(no log: {exc})"]
-    return f"{what}; last lines of {log_path}:\n" + "\n".join(lines)
