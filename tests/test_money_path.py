@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
 
-from sidecar.mock_provider import prompt_tokens_for
+from sidecar.devtools.mock_provider import prompt_tokens_for
 from sidecar.proxy.settlement import replay_spool
 from sidecar.sweeper import sweep_all
 
