@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from sidecar import scrub
 from sidecar.auth import Caller
 from sidecar.config import ModelConfig, ProviderConfig, Target
 from sidecar.db import POSTGRES_ERRORS
@@ -74,6 +75,8 @@ async def serve(request: web.Request, protocol: Protocol) -> web.StreamResponse:
         status = error.status
         return _error_response(call, error)
     finally:
+        if call.buffered is not None:
+            call.buffered.release()
         model = call.model.name if call.model else "unknown"
         svc.metrics.child(svc.metrics.requests, protocol.route, model, str(status)).inc()
         request_id_var.reset(token)
@@ -420,6 +423,9 @@ async def _attempt(
             if ready is not None:
                 return ready
         call.byok = credential.stored is not None
+        call.scrubber = svc.upstreams.scrubber(provider.name, credential.key if call.byok else None)
+        if call.byok:
+            scrub.call_secrets.set((credential.key,))  # and from this call's log lines
         sent_at = time.perf_counter()
         try:
             upstream = await _open(svc, provider, call, body, client_headers, credential.key)
@@ -460,6 +466,7 @@ async def _attempt(
 async def _byok_refused(
     svc: Services, call: Call, provider: ProviderConfig, credential: credentials.Credential, reason: str
 ) -> None:
+    reason = call.scrubber.text(reason)  # the provider's words may quote the key it refused
     call.byok_fallback_reason = f"customer key …{credential.stored.last4} {reason}"
     svc.metrics.child(svc.metrics.byok_fallbacks, provider.name, reason.split(" (")[0][:60]).inc()
     log.warning(
