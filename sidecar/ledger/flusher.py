@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from sidecar import db
-from sidecar.balances import Balances
+from sidecar.balances import Balances, sync_token
 from sidecar.config import LedgerConfig
 from sidecar.ledger.events import COLUMNS, generation, row_from_entry
 from sidecar.state import keys
@@ -140,7 +140,9 @@ class Flusher:
     async def flush_once(self) -> int:
         """One batch. Returns the number of stream entries handled."""
         await self._refresh_workspaces()
-        await self._sync_balances()  # first, whatever a crash left between commit and Redis
+        # A Redis back with data under a new run_id may hold stale balances: rebuild them first.
+        await self.balances.revalidate(self._workspaces)
+        await self._sync_balances()  # then whatever a crash or a failed grant left between commit and Redis
         entries = await self._read_batch()
         if not entries:
             return 0
@@ -227,7 +229,7 @@ class Flusher:
                 continue
             try:
                 entry.row = row_from_entry(entry.fields)
-            except (KeyError, ValueError, TypeError, AssertionError) as exc:
+            except (KeyError, ValueError, TypeError) as exc:  # InvalidEvent is a ValueError
                 await self._dead_letter(entry, f"unreadable event: {type(exc).__name__}: {exc}")
                 continue
             good.append(entry)
@@ -298,8 +300,10 @@ class Flusher:
         live = {ws: await self.balances.state.generation(ws) for ws in {r["workspace_id"] for r in owed}}
         for row in owed:
             ws, version, gen = row["workspace_id"], row["pg_version"], row["gen"]
-            if gen != live[ws]:  # settled under an earlier load: the live balance lacks it
-                await self.balances.apply_committed(ws, version, row["delta_micro"], f"flush:{version}:{gen}")
+            # A grant never went through Redis; a batch settled under an earlier load is not in the live
+            # balance. Either is applied once (by version and token); a batch of the live load already is.
+            if gen.startswith("grant:") or gen != live[ws]:
+                await self.balances.apply_committed(ws, version, row["delta_micro"], sync_token(version, gen))
         async with self.pool.acquire() as conn:
             await conn.execute(
                 "DELETE FROM balance_sync AS s USING unnest($1::text[], $2::bigint[], $3::text[]) AS d(ws, v, g) "
