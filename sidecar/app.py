@@ -26,7 +26,7 @@ from sidecar.config import Config
 from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
 from sidecar.observability.metrics import Metrics
-from sidecar.ops import build_ops_app
+from sidecar.ops import build_ops_app, warn_if_evicting
 from sidecar.proxy import handler
 from sidecar.proxy.upstream import Upstreams
 from sidecar.services import Services
@@ -92,6 +92,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         await state.load_scripts()
     except Exception:
         log.warning("could not load Lua scripts at start; they load on first use")
+    await warn_if_evicting(client)
     return Services(
         config=config,
         state=state,
