@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterable
 
 import asyncpg
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from sidecar import db
 from sidecar.state import keys
@@ -40,7 +40,12 @@ def sync_token(pg_version: int, gen: str) -> str:
 
 
 async def redis_run_id(state: State) -> str:
-    return str((await state.redis.info("server"))["run_id"])
+    """The Redis server's run_id, or '' where INFO is refused (then a stale restart goes unnoticed
+    here, and only `sidecar audit` reports its drift)."""
+    try:
+        return str((await state.redis.info("server")).get("run_id", ""))
+    except ResponseError:
+        return ""
 
 
 class Balances:
@@ -85,7 +90,7 @@ class Balances:
         run_id (see the module docstring). Cheap when nothing changed: one INFO per call. Returns
         the number of workspaces reloaded."""
         run_id = await redis_run_id(self.state)
-        if run_id == self._run_id_seen:
+        if not run_id or run_id == self._run_id_seen:
             return 0
         reloaded = 0
         for ws in workspaces:

@@ -42,7 +42,9 @@ MAX_DEAD_LETTERS = 100_000  # per workspace; the stream is capped so a flood of 
 _STAGE_DDL = "CREATE TEMP TABLE IF NOT EXISTS ledger_stage (LIKE ledger INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 _INSERT = (
     f"INSERT INTO ledger ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM ledger_stage "
-    "ON CONFLICT DO NOTHING RETURNING event_id, workspace_id, balance_impact_micro"
+    # In event id order: two flushers writing overlapping batches (a replay, a claim) then wait on each
+    # other's event ids in the same order, instead of deadlocking on ledger_event_ids.
+    "ORDER BY event_id ON CONFLICT DO NOTHING RETURNING event_id, workspace_id, balance_impact_micro"
 )
 _ACCOUNTS = (
     "INSERT INTO accounts AS a (workspace_id, balance_micro, version) "
@@ -260,7 +262,7 @@ class Flusher:
             if not inserted:
                 return 0
             deltas: dict[str, int] = defaultdict(int)
-            for row in inserted:
+            for row in sorted(inserted, key=lambda r: r["workspace_id"]):  # accounts locked in one order too
                 deltas[row["workspace_id"]] += row["balance_impact_micro"]
             versions = {
                 r["workspace_id"]: r["version"]

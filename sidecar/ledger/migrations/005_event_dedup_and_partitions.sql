@@ -18,7 +18,8 @@ CREATE TRIGGER ledger_event_ids_no_update_delete BEFORE UPDATE OR DELETE ON ledg
     FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
 SELECT ledger_protect('ledger_event_ids');
 
-CREATE FUNCTION ledger_dedup() RETURNS trigger LANGUAGE plpgsql AS $$
+-- SECURITY DEFINER: the application role inserts into the ledger and needs no right on this table.
+CREATE FUNCTION ledger_dedup() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     INSERT INTO ledger_event_ids (event_id, workspace_id, created_at)
         VALUES (NEW.event_id, NEW.workspace_id, NEW.created_at) ON CONFLICT DO NOTHING;
