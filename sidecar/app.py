@@ -16,8 +16,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar import db, sweeper
-from sidecar.auth import Authenticator
+from sidecar import db, scrub, serving, sweeper
+from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
 from sidecar.byok import keys as byok_keys
 from sidecar.byok.keys import Resolver
@@ -27,10 +27,11 @@ from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
 from sidecar.observability.metrics import Metrics
 from sidecar.ops import build_ops_app, warn_if_evicting
-from sidecar.proxy import handler
+from sidecar.proxy import handler, settlement
+from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
 from sidecar.services import Services
-from sidecar.state.store import State
+from sidecar.state.store import State, StateLimits
 
 log = logging.getLogger("sidecar.app")
 
@@ -44,6 +45,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
             "redis_url and database_url are required (config file or SIDECAR_REDIS_URL / "
             "SIDECAR_DATABASE_URL); `sidecar dev` starts both for you"
         )
+    scrub.remember(config.admin_token)  # the bootstrap admin token never reaches a log line
     # A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing.
     redis_pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url,
@@ -58,7 +60,16 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     client = aioredis.Redis(connection_pool=redis_pool)
-    state = State(client)
+    limits = config.limits
+    state = State(
+        client,
+        StateLimits(
+            concurrent_calls_per_key=limits.concurrent_calls_per_key,
+            concurrent_calls_per_workspace=limits.concurrent_calls_per_workspace,
+            replay_bytes_per_workspace=limits.idempotency_replay_bytes_per_workspace,
+            replay_bytes_total=limits.idempotency_replay_bytes_total,
+        ),
+    )
     try:
         pg_pool = await db.create_pool(config.database_url)
     except BaseException:
@@ -94,6 +105,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         log.warning("could not load Lua scripts at start; they load on first use")
     await warn_if_evicting(client)
     return Services(
+        spool=Spool(config.holds.spool_dir, config.holds.spool_max_entries),
         config=config,
         state=state,
         pool=pg_pool,
@@ -127,7 +139,11 @@ async def close_services(svc: Services) -> None:
 
 
 def build_data_app(svc: Services) -> web.Application:
-    app = web.Application(client_max_size=svc.config.server.max_body_bytes)
+    config = svc.config
+    limiter = FailedAuthLimiter(config.auth.failed_auth_max, config.auth.failed_auth_window_ms)
+    guard = serving.guard(serving.protocol_error_body, config.server.body_read_timeout_ms / 1000, limiter)
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[guard])
+    app[serving.ERROR_BODY] = serving.protocol_error_body
     app[handler.SERVICES] = svc
     handler.add_routes(app)
     return app
@@ -142,28 +158,37 @@ class Runtime:
         self.data_plane, self.control_plane = data_plane, control_plane
         self.stop = asyncio.Event()
         self._runners: list[web.AppRunner] = []
+        self.ports: list[int] = []  # as bound, in start order (data, control, ops): port 0 picks one
         self._tasks: list[asyncio.Task] = []
 
     async def start(self, host: str, port: int, ops_port: int, control_port: int | None = None) -> None:
         svc = self.svc
+        limits = serving.data_limits(svc.config.server, serving.raise_file_limit())
         if self.data_plane:
-            await self._serve(build_data_app(svc), host, port)
+            try:
+                svc.spool.open()
+            except OSError as exc:
+                raise SystemExit(
+                    f"sidecar: holds.spool_dir {svc.config.holds.spool_dir!r} is not writable ({exc.strerror}); "
+                    "set it (or SIDECAR_SPOOL_DIR) to a durable directory the sidecar may write"
+                ) from None
+            await self._serve(build_data_app(svc), host, port, limits)
+            self._tasks.append(asyncio.create_task(settlement.run_spool(svc, self.stop)))
             self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
             self._tasks.append(
                 asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop))
             )
         if self.control_plane:
-            await self._serve(build_control_app(svc), host, control_port if control_port is not None else port)
-        await self._serve(build_ops_app(svc), host, ops_port)
+            control_port = control_port if control_port is not None else port
+            await self._serve(build_control_app(svc), host, control_port, limits)
+        # Its own listener and connection budget: /healthz answers while the data port is flooded.
+        await self._serve(build_ops_app(svc), host, ops_port, serving.ops_limits(svc.config.server))
 
-    async def _serve(self, app: web.Application, host: str, port: int) -> None:
-        runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=self.svc.config.server.drain_timeout_ms / 1000
-        )
-        await runner.setup()
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    async def _serve(self, app: web.Application, host: str, port: int, limits: serving.Limits) -> None:
+        runner = await serving.start(app, host, port, limits, self.svc.config.server.drain_timeout_ms / 1000)
         self._runners.append(runner)
-        log.info("listening", extra={"url": f"http://{host}:{port}"})
+        self.ports.append(runner.addresses[0][1])
+        log.info("listening", extra={"url": f"http://{host}:{self.ports[-1]}"})
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -178,8 +203,9 @@ class Runtime:
         # handlers (streams included) before cancelling what is left.
         for runner in self._runners:
             await runner.cleanup()
+        # A settlement retries for its whole budget, then spools: wait for as long, so none is cut off.
         if svc.settling:
-            await asyncio.wait(list(svc.settling), timeout=10)
+            await asyncio.wait(list(svc.settling), timeout=svc.config.holds.settle_budget_ms / 1000 + 5)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

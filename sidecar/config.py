@@ -6,6 +6,7 @@ milliseconds and sizes in bytes, and every name says so.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import yaml
 
 from sidecar.money import MoneyError, parse_credits, parse_price_per_million
 from sidecar.pricing import CostProfile, ModelPrice, TokenPrices
+from sidecar.protocols.base import ROUTING_FIELDS
 
 PROTOCOLS = ("openai", "anthropic")  # the wire-protocol family a provider's base URL speaks
 
@@ -48,6 +50,17 @@ class ServerConfig:
     ops_port: int = 9090
     max_body_bytes: int = 8 * 1024 * 1024
     drain_timeout_ms: int = 30_000
+    # Slow and idle clients (README, security): a request's head must arrive within
+    # header_read_timeout_ms of its first byte (of the connection's opening, for the first request),
+    # its body within body_read_timeout_ms, and an idle keep-alive connection is closed after
+    # keepalive_timeout_ms (keep it above any load balancer's idle timeout in front).
+    header_read_timeout_ms: int = 10_000
+    body_read_timeout_ms: int = 30_000
+    keepalive_timeout_ms: int = 75_000
+    # Open connections per port; past it a new one gets 503 and is closed. 0: half the process's
+    # open-file limit, so upstream connections, Postgres, Redis and the ops port keep descriptors.
+    max_connections: int = 0
+    ops_max_connections: int = 64  # the ops port's own budget: probes and scrapes only
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,10 @@ class AuthConfig:
     cache_ttl_ms: int = 2_000
     default_rpm: int = 40
     rate_window_ms: int = 60_000
+    # A source address with this many failed authentications in a window is refused (429) until
+    # the window ends, without a key lookup. 0 turns it off.
+    failed_auth_max: int = 50
+    failed_auth_window_ms: int = 60_000
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,11 @@ class UpstreamConfig:
     first_byte_timeout_ms: int = 120_000
     idle_timeout_ms: int = 120_000
     total_timeout_ms: int = 600_000
+    # A client that takes longer than this to accept one relayed chunk has, in effect, left.
+    write_timeout_ms: int = 30_000
+    # After a client hangs up mid-stream, keep reading (not relaying) the provider's stream this long
+    # for its usage count: an estimate from bytes misses images, cached prefixes and reasoning.
+    usage_wait_after_hangup_ms: int = 30_000
     pool_size: int = 512
 
 
@@ -70,6 +92,9 @@ class UpstreamConfig:
 class HoldConfig:
     ttl_ms: int = 900_000
     settle_budget_ms: int = 60_000  # how long a call may keep retrying its settlement
+    # Settlements Redis could not take within the budget wait here, on disk, to be replayed.
+    spool_dir: str = "/var/lib/sidecar/spool"
+    spool_max_entries: int = 100_000
     sweep_interval_ms: int = 5_000
     sweep_batch_max: int = 200
 
@@ -88,6 +113,16 @@ class BillingConfig:
     bill_observed_on_upstream_failure: bool = False
     idempotency_ttl_ms: int = 86_400_000
     idempotency_max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds that keep one key or workspace from taking what others need; 0 = none."""
+
+    concurrent_calls_per_key: int = 64
+    concurrent_calls_per_workspace: int = 512
+    idempotency_replay_bytes_per_workspace: int = 64 * 1024 * 1024
+    idempotency_replay_bytes_total: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -134,6 +169,9 @@ class ModelConfig:
     default_max_output_tokens: int
     context_window_tokens: int
     aliases: tuple[str, ...] = ()
+    # OpenRouter routing fields (protocols.base.ROUTING_FIELDS) a client may send for this model;
+    # the others get a 400. With `models` allowed, the hold is at the dearest model listed.
+    allow_routing_fields: tuple[str, ...] = ()
 
     @property
     def provider(self) -> str:
@@ -160,6 +198,7 @@ class Config:
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]  # public name and every alias -> model
     pricing: CostProfile
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = field(default="<defaults>", compare=False)
 
     def model(self, public_name: str) -> ModelConfig | None:
@@ -209,6 +248,7 @@ _MODEL_KEYS = (
     "targets",
     "default_max_output_tokens",
     "context_window_tokens",
+    "allow_routing_fields",
 )
 
 
@@ -279,12 +319,16 @@ def _parse_models(items: Any, providers: dict[str, ProviderConfig]) -> dict[str,
         aliases = raw.get("aliases") or []
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
             raise ConfigError(f"{path}aliases: must be a list of names")
+        routing = raw.get("allow_routing_fields") or []
+        if not isinstance(routing, list) or not set(routing) <= set(ROUTING_FIELDS):
+            raise ConfigError(f"{path}allow_routing_fields: must be a list of {', '.join(ROUTING_FIELDS)}")
         model = ModelConfig(
             name=name,
             targets=targets,
             default_max_output_tokens=cap,
             context_window_tokens=window,
             aliases=tuple(aliases),
+            allow_routing_fields=tuple(routing),
         )
         for public in (name, *aliases):
             if public in models:
@@ -376,6 +420,11 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
+def _with_env_spool_dir(holds: HoldConfig, env: dict[str, str]) -> HoldConfig:
+    spool_dir = env.get("SIDECAR_SPOOL_DIR")
+    return dataclasses.replace(holds, spool_dir=spool_dir) if spool_dir else holds
+
+
 def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str = "<dict>") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: must be a mapping")
@@ -392,6 +441,7 @@ def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str =
         "models",
         "pricing_file",
         "byok",
+        "limits",
         "admin_tokens",
     }
     _no_unknown_keys(raw, tuple(sorted(known)), "")
@@ -411,10 +461,11 @@ def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str =
         server=_build(ServerConfig, _section(raw, "server", ""), "server."),
         auth=_build(AuthConfig, _section(raw, "auth", ""), "auth."),
         upstream=_build(UpstreamConfig, _section(raw, "upstream", ""), "upstream."),
-        holds=_build(HoldConfig, _section(raw, "holds", ""), "holds."),
+        holds=_with_env_spool_dir(_build(HoldConfig, _section(raw, "holds", ""), "holds."), env),
         ledger=_build(LedgerConfig, _section(raw, "ledger", ""), "ledger."),
         billing=_build(BillingConfig, _section(raw, "billing", ""), "billing."),
         byok=_build(ByokConfig, _section(raw, "byok", ""), "byok."),
+        limits=_build(LimitsConfig, _section(raw, "limits", ""), "limits."),
         admin_tokens=_parse_admin_tokens(raw.get("admin_tokens"), env.get("SIDECAR_ADMIN_TOKEN")),
         providers=providers,
         models=models,
@@ -455,26 +506,40 @@ def _check_limits(config: Config) -> None:
         raise ConfigError("auth.cache_ttl_ms: must be at most 5000, so a revoked key stops working within 5 s")
     if config.auth.default_rpm < 1 or config.auth.rate_window_ms < 1_000:
         raise ConfigError("auth.default_rpm / auth.rate_window_ms: must be >= 1 and >= 1000")
-    # A hold must outlive the longest call it covers, settlement retries included, or the sweeper
-    # would void a live call's hold (and the call would go unbilled).
+    # A hold must outlive one attempt of the call it covers, relay and settlement retries included, or
+    # the sweeper would void a live call's hold. Each further attempt (fallback, BYOK retry) pushes the
+    # deadline by as much again (handler._extend_hold).
     upstream = config.upstream
-    longest_call_ms = (
+    longest_attempt_ms = (
         upstream.first_byte_timeout_ms
         + upstream.total_timeout_ms
+        + upstream.usage_wait_after_hangup_ms
         + config.server.drain_timeout_ms
         + config.holds.settle_budget_ms
     )
-    if config.holds.ttl_ms <= longest_call_ms:
+    if config.holds.ttl_ms <= longest_attempt_ms:
         raise ConfigError(
             "holds.ttl_ms: must exceed upstream.first_byte_timeout_ms + upstream.total_timeout_ms + "
-            f"server.drain_timeout_ms + holds.settle_budget_ms ({longest_call_ms})"
+            "upstream.usage_wait_after_hangup_ms + server.drain_timeout_ms + holds.settle_budget_ms "
+            f"({longest_attempt_ms})"
         )
+    if config.upstream.write_timeout_ms < 100:
+        raise ConfigError("upstream.write_timeout_ms: must be at least 100")
+    if config.holds.spool_max_entries < 1:
+        raise ConfigError("holds.spool_max_entries: must be at least 1")
     if config.holds.settle_budget_ms < 100:
         raise ConfigError("holds.settle_budget_ms: must be at least 100")
     if not 1 <= config.ledger.batch_max_rows <= 10_000:
         raise ConfigError("ledger.batch_max_rows: must be between 1 and 10000")
     if config.server.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes: must be at least 1024")
+    for name in ("header_read_timeout_ms", "body_read_timeout_ms", "keepalive_timeout_ms"):
+        if getattr(config.server, name) < 100:
+            raise ConfigError(f"server.{name}: must be at least 100")
+    if config.server.ops_max_connections < 1:
+        raise ConfigError("server.ops_max_connections: must be at least 1")
+    if config.auth.failed_auth_max and config.auth.failed_auth_window_ms < 1_000:
+        raise ConfigError("auth.failed_auth_window_ms: must be at least 1000")
 
 
 def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> Config:

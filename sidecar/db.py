@@ -60,8 +60,8 @@ class GrantConflict(Exception):
     """The same grant id was used before with a different amount or kind."""
 
 
-class BalanceLimitExceeded(ValueError):
-    """The grant would push the balance past MAX_AMOUNT_MICRO (money stays exact in Lua below it)."""
+class BalanceLimitExceeded(Exception):
+    """The grant would push the balance past MAX_AMOUNT_MICRO (nothing is recorded)."""
 
     def __init__(self, workspace_id: str, balance_micro: int, amount_micro: int) -> None:
         super().__init__(

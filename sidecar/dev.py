@@ -500,7 +500,11 @@ async def serve(
         upstream = choose_upstream(env, lambda: mock_url)
         for note in provider_notes(env, upstream):
             print(note, file=out, flush=True)
-        config_env = {**env, "SIDECAR_ADMIN_TOKEN": _admin_token(env, state)}
+        config_env = {
+            "SIDECAR_SPOOL_DIR": str(data_dir / "spool"),
+            **env,
+            "SIDECAR_ADMIN_TOKEN": _admin_token(env, state),
+        }
         _write_state(data_dir, state)
         raw = dev_config_raw(args.port, urls.redis, urls.database, upstream)
         config = parse_config(raw, PRICING, config_env, source="dev")

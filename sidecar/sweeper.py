@@ -1,7 +1,8 @@
 """The hold sweeper: voids holds whose deadline passed and records those calls as `expired`.
 
-A hold outlives the longest call it covers (config enforces it), so a hold past its deadline belongs
-to a sidecar that died mid-call.
+A live call pushes its hold's deadline forward (State.extend_hold) per attempt and when its relay
+starts, so a hold past its deadline belongs to a sidecar that died mid-call. The deadline is checked
+again by Redis time inside expire.lua, so a hold extended after it was listed here is left alone.
 """
 
 from __future__ import annotations
@@ -10,23 +11,20 @@ import asyncio
 import logging
 
 import asyncpg
-import orjson
 from redis.exceptions import RedisError
 
 from sidecar import db
 from sidecar.config import HoldConfig
 from sidecar.observability.metrics import Metrics
-from sidecar.state.store import State
+from sidecar.state.store import ExpireOutcome, ExpireStatus, State
 
 log = logging.getLogger("sidecar.sweeper")
 
 
 async def sweep_workspace(state: State, ws: str, batch_max: int) -> int:
     voided = 0
-    for hold_id, meta in await state.due_holds(ws, batch_max):
-        template = orjson.loads(meta) if meta else {}
-        key_id = template.get("key_id") or ""
-        if await state.expire(ws, hold_id, "expired", key_id, template.get("idempotency_key")):
+    for hold_id in await state.due_holds(ws, batch_max):
+        if await state.expire(ws, hold_id, ExpireStatus.EXPIRED) is ExpireOutcome.VOIDED:
             voided += 1
     return voided
 

@@ -27,6 +27,13 @@ def test_the_example_config_loads() -> None:
     assert config.pricing.minimum_charge_micro == 1
 
 
+def test_routing_fields_are_allowed_per_model() -> None:
+    model = {**minimal()["models"][0], "allow_routing_fields": ["models", "route"]}
+    config = parse_config({**minimal(), "models": [model]}, PRICING, {})
+    assert config.model("m").allow_routing_fields == ("models", "route")
+    assert parse_config(minimal(), PRICING, {}).model("m").allow_routing_fields == ()
+
+
 def test_environment_overrides() -> None:
     env = {"SIDECAR_REDIS_URL": "redis://r:1/0", "SIDECAR_DATABASE_URL": "postgresql://d/x", "SIDECAR_ADMIN_TOKEN": "t"}
     config = parse_config(minimal(redis_url="redis://ignored"), PRICING, env)
@@ -75,6 +82,11 @@ def test_environment_overrides() -> None:
             },
             PRICING,
             "providers[0].forward_headers: credentials",
+        ),
+        (
+            {**minimal(), "models": [{**minimal()["models"][0], "allow_routing_fields": ["models", "transforms"]}]},
+            PRICING,
+            "models[0].allow_routing_fields: must be a list of models, route, provider, plugins",
         ),
         (minimal(), {"models": {"other": {"input": "1", "output": "1"}}}, "pricing: models.m: missing"),
         (minimal(), {"models": {"m": {"input": "1"}}}, "models.m.output: required"),

@@ -422,7 +422,7 @@ async def test_sidecar_killed_mid_stream_hold_expires(tmp_path, private_redis, m
         provider_url = str(sc.provider.make_url("/v1"))
         fast_expiry = {
             "holds": {"ttl_ms": 3000, "sweep_interval_ms": 200, "settle_budget_ms": 400},
-            "upstream": {"total_timeout_ms": 1000, "first_byte_timeout_ms": 1000},
+            "upstream": {"total_timeout_ms": 1000, "first_byte_timeout_ms": 1000, "usage_wait_after_hangup_ms": 0},
             "server": {"drain_timeout_ms": 500},
         }
         first = await SidecarProcess.serve(
@@ -494,7 +494,7 @@ async def test_sigterm_drains_in_flight_stream_and_flushes(tmp_path, private_red
             migrated_database_url,
             str(sc.provider.make_url("/v1")),
             server={"drain_timeout_ms": int(drain_s * 1000)},
-            holds={"ttl_ms": 20_000, "settle_budget_ms": 2_000},
+            holds={"ttl_ms": 25_000, "settle_budget_ms": 2_000},
             upstream={"total_timeout_ms": 10_000, "first_byte_timeout_ms": 2_000},
         )
         chunks = 30

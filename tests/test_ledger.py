@@ -213,7 +213,7 @@ async def test_rows_in_the_default_partition_move_into_their_new_partition(fresh
 async def test_a_grant_past_the_balance_limit_is_refused(sidecar: Sidecar) -> None:
     ws = await sidecar.workspace(credits_micro=MAX_AMOUNT_MICRO - 10)
     status, body = await sidecar.admin("POST", f"/workspaces/{ws.id}/grants", {"grant_id": "over", "amount_micro": 11})
-    assert status == 409 and body["error"]["code"] == "balance_limit_exceeded", body
+    assert status == 409 and body["error"]["code"] == "balance_limit", body
     assert "limit" in body["error"]["message"]
     status, _ = await sidecar.admin("POST", f"/workspaces/{ws.id}/grants", {"grant_id": "at", "amount_micro": 10})
     assert status == 201

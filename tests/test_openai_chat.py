@@ -76,11 +76,11 @@ def test_usage_from_a_body() -> None:
     )
     assert chat.read_body(b"not json").usage is None
     assert chat.read_body(b'{"usage": null}').usage is None
-    # Nonsense counts never turn into negative or float tokens.
+    # Nonsense counts never turn into negative, float or zero tokens: the usage is missing (estimated).
     odd = openai_common.usage_from_object(
         {"prompt_tokens": -5, "completion_tokens": 2.5, "prompt_tokens_details": None}
     )
-    assert odd == Usage()
+    assert odd is None
 
 
 def test_rewrite_injects_cap_and_usage_and_keeps_the_rest() -> None:

@@ -20,10 +20,11 @@ import httpx2
 import openai
 import orjson
 import pytest
+import pytest_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
-from support.harness import PLATFORM_KEY, PRICING, Sidecar, Workspace, chat_body
+from support.harness import PLATFORM_KEY, PRICING, Sidecar, Workspace, chat_body, start_sidecar, stop_sidecar
 
 from sidecar import mock_provider
 from sidecar.config import parse_pricing
@@ -689,8 +690,20 @@ DISCONNECT_CASES = {
 }
 
 
+@pytest_asyncio.fixture
+async def sidecar_no_usage_wait(redis_client, redis_url: str, migrated_database_url: str) -> AsyncIterator[Sidecar]:
+    """A sidecar that stops reading the provider as soon as the client hangs up: what it bills then is
+    its estimate of what was observed."""
+    instance = await start_sidecar(redis_url, migrated_database_url, upstream={"usage_wait_after_hangup_ms": 0})
+    try:
+        yield instance
+    finally:
+        await stop_sidecar(instance)
+
+
 @pytest.mark.parametrize("case", list(DISCONNECT_CASES))
-async def test_client_disconnect_mid_stream_bills_what_was_observed(sidecar: Sidecar, case: str) -> None:
+async def test_client_disconnect_mid_stream_bills_what_was_observed(sidecar_no_usage_wait: Sidecar, case: str) -> None:
+    sidecar = sidecar_no_usage_wait
     path, model, payload, text_of = DISCONNECT_CASES[case]
     ws = await sidecar.workspace(credits_micro=CREDITS)
     body = orjson.dumps(payload)
@@ -699,7 +712,7 @@ async def test_client_disconnect_mid_stream_bills_what_was_observed(sidecar: Sid
         "Content-Type": "application/json",
         "x-mock-chunks": "60",
         "x-mock-delay-ms": "20",
-        # A cut stream is remembered under its key but not replayed: a retry is refused, not billed.
+        # A cut stream is not kept under its key: the client's retry runs again (and is billed as a new call).
         "Idempotency-Key": f"disconnect-{case}",
     }
     if case == "anthropic-progress":
@@ -727,9 +740,6 @@ async def test_client_disconnect_mid_stream_bills_what_was_observed(sidecar: Sid
     assert await sidecar.svc.state.active_holds(ws.id) == 0
     assert (await sidecar.redis_account(ws.id))[1] == 0, "nothing left held"
 
-    # A retry with the same key is neither replayed (the stream was cut) nor billed again.
-    status, _, refused = await post(sidecar, path, body, headers)
-    assert status == 409 and b"idempotency_key_used" in refused
     seen_tokens = received.count(b'"tok')
     seen_chars = sum(text_of(name, data) for name, data in sse_events(received) if isinstance(data, dict))
     # The sidecar observed at least what the client got, and less than the whole answer.
@@ -757,7 +767,46 @@ async def test_client_disconnect_mid_stream_bills_what_was_observed(sidecar: Sid
     assert row["hold_micro"] == hold_micro([model], len(body), 100)
     identity = await sidecar.assert_identity(ws.id)
     assert_billed(row, identity, cost)
-    assert identity["usage_rows"] == 1, "the replay is not billed again"
+    assert identity["usage_rows"] == 1
+
+    # The cut stream is not replayed under its key, nor does the key block the client's retry: it runs.
+    retry_headers = {k: v for k, v in headers.items() if k not in ("x-mock-chunks", "x-mock-delay-ms")}
+    status, _, _ = await post(sidecar, path, body, retry_headers)
+    assert status == 200
+    await sidecar.flush()
+    statuses = sorted(r["status"] for r in await sidecar.ledger(ws.id))
+    assert statuses == ["cancelled", "completed"]
+
+
+@pytest.mark.parametrize("case", ["chat", "anthropic"])
+async def test_client_disconnect_reads_on_for_the_providers_usage(sidecar: Sidecar, case: str) -> None:
+    """After a hang-up the sidecar keeps reading (not relaying) the provider's stream until its usage
+    arrives, and bills that exact count, not an estimate from bytes (issue 15.12)."""
+    path, model, payload, _ = DISCONNECT_CASES[case]
+    ws = await sidecar.workspace(credits_micro=CREDITS)
+    body = orjson.dumps(payload)
+    headers = {**bearer(ws), "Content-Type": "application/json", "x-mock-chunks": "40", "x-mock-delay-ms": "10"}
+    received = b""
+    async with sidecar.http.post(sidecar.data.make_url(path), data=body, headers=headers) as resp:
+        assert resp.status == 200
+        while received.count(b'"tok') < 3:
+            chunk = await asyncio.wait_for(resp.content.readany(), 5)
+            assert chunk, "the stream ended before the client left"
+            received += chunk
+        resp.close()
+    rows = []
+    for _ in range(100):  # bounded: 5 s
+        await sidecar.flush()
+        rows = await sidecar.ledger(ws.id)
+        if rows:
+            break
+        await asyncio.sleep(0.05)
+    [row] = rows
+    assert row["status"] == "cancelled"
+    assert row["estimated"] is False, "the provider's own count, not an estimate"
+    assert row["output_tokens"] == 40, "every token the provider generated (and charged the platform for)"
+    cost = cost_micro(model, input=row["input_tokens"], output=40)
+    assert_billed(row, await sidecar.assert_identity(ws.id), cost)
 
 
 MID_STREAM_ERRORS = {
@@ -896,6 +945,8 @@ async def test_openrouter_only_fields_reach_openrouter_and_nothing_else(sidecar:
     assert {k: to_router[k] for k in routed} == routed
 
     # The plain mock (like api.openai.com) answers 400 to a top-level `usage`: the sidecar must strip it.
+    # (`provider` is a routing field gpt-4o-mini does not allow: refused, see the routing tests.)
+    routed.pop("provider")
     status, _, raw = await post(sidecar, "/v1/chat/completions", orjson.dumps(chat_body(TEXT, **routed)), bearer(ws))
     assert status == 200, raw
     to_openai = sidecar.recorded[-1].json_body
@@ -905,6 +956,226 @@ async def test_openrouter_only_fields_reach_openrouter_and_nothing_else(sidecar:
     identity = await sidecar.assert_identity(ws.id)
     expected = cost_micro("router-requested", input=101, output=8) + cost_micro("gpt-4o-mini", input=101, output=8)
     assert identity["usage_rows"] == 2 and identity["debits"] == expected
+
+
+# ================================================================================================================
+# 5b. What a hold covers: input the body does not bound, routing the client chooses, features with their own price
+# ================================================================================================================
+
+WINDOW = 128000  # the harness's context_window_tokens for these models
+UNBOUNDED_INPUT = {
+    # Media found by parsing, whatever the key's escapes or spacing: the body's bytes do not bound its tokens.
+    "chat-escaped-image-key": (
+        "/v1/chat/completions",
+        "gpt-4o-mini",
+        b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},'
+        b' {"type" : "\\u0069mage_url", "\\u0069mage_url" : {"url": "https://example.com/a.png"}}]}]}',
+    ),
+    "chat-file-id": (
+        "/v1/chat/completions",
+        "gpt-4o-mini",
+        b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":[{"type":"file","file":{"file_id":"file-1"}}]}]}',
+    ),
+    "anthropic-spaced-image": (
+        "/v1/messages",
+        "claude-test",
+        b'{"model": "claude-test", "max_tokens": 100, "messages": [{"role": "user", "content": [{"type" : "image",'
+        b' "source": {"type": "url", "url": "https://example.com/a.png"}}, {"type": "text", "text": "hi"}]}]}',
+    ),
+    "anthropic-document": (
+        "/v1/messages",
+        "claude-test",
+        b'{"model":"claude-test","max_tokens":100,"messages":[{"role":"user","content":[{"type":"document",'
+        b'"source":{"type":"file","file_id":"file_1"}}]}]}',
+    ),
+    # Server-side context and server tools: input stored or fetched at the provider.
+    "responses-previous-response": (
+        "/v1/responses",
+        "gpt-4o-mini",
+        b'{"model":"gpt-4o-mini","input":"and then?","previous_response_id":"resp_123"}',
+    ),
+    "responses-conversation": (
+        "/v1/responses",
+        "gpt-4o-mini",
+        b'{"model":"gpt-4o-mini","input":"and then?","conversation":"conv_123"}',
+    ),
+    "responses-stored-prompt": (
+        "/v1/responses",
+        "gpt-4o-mini",
+        b'{"model":"gpt-4o-mini","prompt":{"id":"pmpt_1","version":"2"}}',
+    ),
+    "responses-mcp-tool": (
+        "/v1/responses",
+        "gpt-4o-mini",
+        b'{"model":"gpt-4o-mini","input":"hi","tools":[{"type":"mcp","server_label":"x","server_url":"https://x"}]}',
+    ),
+    "anthropic-web-fetch": (
+        "/v1/messages",
+        "claude-test",
+        b'{"model":"claude-test","max_tokens":100,"messages":[{"role":"user","content":"hi"}],'
+        b'"tools":[{"type":"web_fetch_20250910","name":"web_fetch"}]}',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNBOUNDED_INPUT))
+async def test_input_the_body_does_not_bound_is_held_at_the_context_window(sidecar: Sidecar, case: str) -> None:
+    path, model, body = UNBOUNDED_INPUT[case]
+    ws = await sidecar.workspace(credits_micro=10 * CREDITS)
+    status, _, raw = await post(sidecar, path, body, bearer(ws))
+    assert status == 200, raw
+    row, _ = await one_row(sidecar, ws)
+    assert row["hold_micro"] == hold_micro([model], WINDOW, 100) > hold_micro([model], len(body), 100)
+
+
+async def test_text_only_input_is_still_held_at_the_body_size(sidecar: Sidecar) -> None:
+    ws = await sidecar.workspace(credits_micro=CREDITS)
+    # Keys and words that only look like media inside text or a tool's schema are not media.
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"image_url": {}}}}}
+    body = orjson.dumps(chat_body('"image_url": {"type": "image"}', tools=[tool]))
+    status, _, raw = await post(sidecar, "/v1/chat/completions", body, bearer(ws))
+    assert status == 200, raw
+    row, _ = await one_row(sidecar, ws)
+    assert row["hold_micro"] == hold_micro(["gpt-4o-mini"], len(body), 100)
+
+
+ROUTING_REFUSED = [
+    # gpt-4o-mini allows no routing field; router-model allows provider, route and models, not plugins.
+    ("/v1/chat/completions", chat_body(TEXT, provider={"order": ["x"]}), "provider"),
+    ("/v1/chat/completions", chat_body(TEXT, models=["router/dear"]), "models"),
+    ("/v1/chat/completions", chat_body(TEXT, route="fallback"), "route"),
+    ("/v1/chat/completions", chat_body(TEXT, model="router-model", plugins=[{"id": "response-healing"}]), "plugins"),
+    ("/v1/responses", {"model": "router-model", "input": TEXT, "plugins": [{"id": "file-parser"}]}, "plugins"),
+    (
+        "/v1/messages",
+        {"model": "claude-test", "max_tokens": 5, "messages": ANTHROPIC_MESSAGES, "models": ["a"]},
+        "models",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "payload", "field"), ROUTING_REFUSED)
+async def test_routing_fields_a_model_does_not_allow_are_a_clear_400(
+    sidecar: Sidecar, path: str, payload: dict, field: str
+) -> None:
+    ws = await sidecar.workspace(credits_micro=CREDITS)
+    before = len(sidecar.recorded) + len(openrouter_requests(sidecar))
+    status, _, raw = await post(sidecar, path, orjson.dumps(payload), bearer(ws))
+    assert status == 400, raw
+    error = orjson.loads(raw)["error"]
+    assert error["type"] == "invalid_request_error" and f"'{field}'" in error["message"]
+    if path != "/v1/messages":
+        assert error["param"] == field
+    else:
+        assert orjson.loads(raw)["type"] == "error"
+    assert len(sidecar.recorded) + len(openrouter_requests(sidecar)) == before, "nothing went upstream"
+    assert await sidecar.ledger(ws.id) == []
+    assert (await sidecar.redis_account(ws.id)) == (CREDITS, 0)
+
+
+async def test_openrouter_models_are_held_at_the_dearest_listed(sidecar: Sidecar) -> None:
+    ws = await sidecar.workspace(credits_micro=CREDITS)
+    body = orjson.dumps(
+        chat_body(TEXT, model="router-model", models=["router/served", "router/dear"], route="fallback")
+    )
+    status, _, raw = await post(
+        sidecar, "/v1/chat/completions", body, {**bearer(ws), "x-mock-served-model": "router/dear"}
+    )
+    assert status == 200, raw
+    assert openrouter_requests(sidecar)[-1].json_body["models"] == ["router/served", "router/dear"]
+    row, identity = await one_row(sidecar, ws)
+    assert (
+        row["hold_micro"]
+        == hold_micro(["router/dear"], len(body), 100)
+        > hold_micro(["router-requested"], len(body), 100)
+    )
+    assert row["upstream_model"] == "router/dear"
+    assert_billed(row, identity, cost_micro("router/dear", input=101, output=8))
+
+    # A listed model the cost profile cannot price is refused before anything is held.
+    body = orjson.dumps(chat_body(TEXT, model="router-model", models=["openai/o1-pro"]))
+    status, _, raw = await post(sidecar, "/v1/chat/completions", body, bearer(ws))
+    assert status == 400 and "'openai/o1-pro'" in orjson.loads(raw)["error"]["message"], raw
+
+
+UNPRICED_FEATURES = [
+    ("/v1/chat/completions", chat_body(TEXT, web_search_options={}), {}, "web_search_options"),
+    ("/v1/chat/completions", chat_body(TEXT, modalities=["text", "audio"], audio={"voice": "alloy"}), {}, "modalities"),
+    (
+        "/v1/chat/completions",
+        chat_body([{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]),
+        {},
+        "input_audio",
+    ),
+    ("/v1/chat/completions", chat_body(TEXT, service_tier="priority"), {}, "service_tier"),
+    ("/v1/chat/completions", chat_body(TEXT, model="router-model", models=["openai/gpt-4o:online"]), {}, "models"),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": TEXT, "tools": [{"type": "web_search"}]}, {}, "tools"),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": TEXT, "tools": [{"type": "code_interpreter"}]}, {}, "tools"),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": TEXT, "background": True}, {}, "background"),
+    (
+        "/v1/messages",
+        {
+            "model": "claude-test",
+            "max_tokens": 5,
+            "messages": ANTHROPIC_MESSAGES,
+            "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+        },
+        {},
+        "tools",
+    ),
+    (
+        "/v1/messages",
+        {"model": "claude-test", "max_tokens": 5, "messages": ANTHROPIC_MESSAGES},
+        {"anthropic-beta": "prompt-caching-2024-07-31, context-1m-2025-08-07"},
+        "anthropic-beta",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "payload", "headers", "param"), UNPRICED_FEATURES)
+async def test_features_the_cost_profile_cannot_price_are_a_clear_400(
+    sidecar: Sidecar, path: str, payload: dict, headers: dict, param: str
+) -> None:
+    ws = await sidecar.workspace(credits_micro=CREDITS)
+    before = len(sidecar.recorded) + len(openrouter_requests(sidecar))
+    status, _, raw = await post(sidecar, path, orjson.dumps(payload), {**bearer(ws), **headers})
+    assert status == 400, raw
+    body = orjson.loads(raw)
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["code"] == "unsupported_feature" and "cannot be metered" in body["error"]["message"]
+    if path == "/v1/messages":
+        assert body["type"] == "error"
+    else:
+        assert body["error"]["param"] == param
+    assert len(sidecar.recorded) + len(openrouter_requests(sidecar)) == before, "nothing went upstream"
+    assert await sidecar.ledger(ws.id) == []
+
+
+ABSURD_NUMBERS = [
+    ("/v1/chat/completions", chat_body(TEXT, max_tokens=2**63), "max_tokens"),
+    ("/v1/chat/completions", chat_body(TEXT, max_completion_tokens=2**64 - 1), "max_completion_tokens"),
+    ("/v1/chat/completions", chat_body(TEXT, max_tokens=10**12), "max_tokens"),
+    ("/v1/chat/completions", chat_body(TEXT, n=2**63), "n"),
+    ("/v1/chat/completions", chat_body(TEXT, n=129), "n"),
+    ("/v1/chat/completions", chat_body(TEXT, max_tokens=-1), "max_tokens"),
+    ("/v1/chat/completions", chat_body(TEXT, max_tokens=1.5), "max_tokens"),
+    ("/v1/completions", {"model": "gpt-4o-mini", "prompt": TEXT, "best_of": 2**63}, "best_of"),
+    ("/v1/completions", {"model": "gpt-4o-mini", "prompt": TEXT, "max_tokens": 2**63}, "max_tokens"),
+    ("/v1/completions", {"model": "gpt-4o-mini", "prompt": [TEXT] * 40, "n": 128}, "prompt"),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": TEXT, "max_output_tokens": 2**63}, "max_output_tokens"),
+    ("/v1/messages", {"model": "claude-test", "max_tokens": 2**63, "messages": ANTHROPIC_MESSAGES}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("path", "payload", "param"), ABSURD_NUMBERS)
+async def test_absurd_caps_and_counts_are_a_clear_400(sidecar: Sidecar, path: str, payload: dict, param: str) -> None:
+    ws = await sidecar.workspace(credits_micro=CREDITS)
+    status, _, raw = await post(sidecar, path, orjson.dumps(payload), bearer(ws))
+    assert status == 400, raw
+    body = orjson.loads(raw)
+    assert body["error"]["type"] == "invalid_request_error" and param in body["error"]["message"]
+    assert await sidecar.ledger(ws.id) == []
+    assert (await sidecar.redis_account(ws.id)) == (CREDITS, 0)
 
 
 # ================================================================================================================
@@ -1035,11 +1306,12 @@ def test_recorded_streams_count_streamed_text_for_estimates() -> None:
     feed(reader, [ANTHROPIC_STREAM[:cut]])
     usage, estimated = reader.observed(1000)
     assert estimated and usage.input_tokens == 2095 and usage.cache_read_tokens == 512
-    assert usage.output_tokens == ceil4(len("Hello") + len(' \\"world\\" \\u00e9'))
+    # The text as decoded (UTF-8 bytes), not as the provider escaped it.
+    assert usage.output_tokens == ceil4(len(b"Hello") + len(' "world" \u00e9'.encode()))
 
     cut = RESPONSES_STREAM.index(b"event: response.completed")
     reader = openai_responses.PROTOCOL.stream_reader(RequestFacts("gpt-4o-mini", True, None))
     feed(reader, [RESPONSES_STREAM[:cut]])
     usage, estimated = reader.observed(1000)
     assert estimated and usage.input_tokens == 250
-    assert usage.output_tokens == ceil4(len("Hi") + len(' \\"there\\" \\u00e9'))
+    assert usage.output_tokens == ceil4(len(b"Hi") + len(' "there" \u00e9'.encode()))

@@ -30,7 +30,10 @@ def validation_request(provider: ProviderConfig, key: str) -> tuple[str, dict[st
 async def validate(session: aiohttp.ClientSession, provider: ProviderConfig, key: str, timeout_ms: int) -> None:
     url, headers = validation_request(provider, key)
     try:
-        async with asyncio.timeout(timeout_ms / 1000), session.get(url, headers=headers) as response:
+        async with (
+            asyncio.timeout(timeout_ms / 1000),
+            session.get(url, headers=headers, allow_redirects=False) as response,
+        ):
             status = response.status
             await response.read()
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -39,5 +42,5 @@ async def validate(session: aiohttp.ClientSession, provider: ProviderConfig, key
         ) from None
     if status in (401, 403):
         raise KeyRejected(f"{provider.name} rejected this key (HTTP {status}); nothing was stored")
-    if status >= 400:
+    if status >= 300:  # a redirect is never followed: the key would go wherever it points
         raise ValidationUnavailable(f"{provider.name} answered HTTP {status} while validating; nothing was stored")

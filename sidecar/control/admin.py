@@ -4,49 +4,53 @@
 Every route needs `Authorization: Bearer <admin token>` holding the route's permission. Tokens are
 configured as SHA-256 digests (`admin_tokens`), plus SIDECAR_ADMIN_TOKEN with every permission. A
 created API key is returned once and never again; lists show its last 4 characters only.
+
+Admin tokens are PLATFORM-WIDE: a permission holds for every workspace (README, "Admin API"). Until
+workspace-scoped tokens exist, no token may be handed to a tenant.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 
-import orjson
 from aiohttp import web
 
-from sidecar import db
-from sidecar.auth import hash_key, new_key
-from sidecar.money import MoneyError, format_micro, parse_credits
+from sidecar import db, serving
+from sidecar.auth import FailedAuthLimiter, hash_key, new_key
+from sidecar.control import byok
+from sidecar.control.http import (
+    INT32_MAX,
+    PERMISSION,
+    SERVICES,
+    AdminError,
+    bounded_int,
+    error_body,
+    error_response,
+    existing_workspace,
+    json_response,
+    read_object,
+    valid_id,
+    valid_name,
+)
+from sidecar.money import MAX_AMOUNT_MICRO, MoneyError, format_micro, parse_credits
 from sidecar.services import Services
 
-SERVICES = web.AppKey("control_services", Services)
-_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-MAX_GRANT_MICRO = 10**15  # one billion credits: a typo guard, far above any real grant
-
-
-class AdminError(Exception):
-    def __init__(self, status: int, message: str, code: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
-
-
-PERMISSION = web.AppKey("route_permissions", dict)
+MAX_GRANT_MICRO = MAX_AMOUNT_MICRO  # a typo guard, far above any real grant; keeps Redis arithmetic exact
 
 
 def _permissions_of(svc: Services, authorization: str) -> frozenset[str] | None:
     if authorization[:7].lower() != "bearer ":
         return None
-    digest = hashlib.sha256(authorization[7:].strip().encode()).digest()
+    token = authorization[7:].strip()
+    if not token.isascii():  # a token is ASCII; other bytes (e.g. Latin-1 from a broken client) match nothing
+        return None
+    digest = hashlib.sha256(token.encode()).digest()
     found = None
-    for token in svc.config.admin_tokens:  # every token compared, in constant time each
-        if hmac.compare_digest(token.sha256, digest):
-            found = token.permissions
+    for configured in svc.config.admin_tokens:  # every token compared, in constant time each
+        if hmac.compare_digest(configured.sha256, digest):
+            found = configured.permissions
     return found
 
 
@@ -63,53 +67,28 @@ async def _admin_guard(request: web.Request, handler):
             raise AdminError(403, f"this admin token lacks the {needed or 'required'} permission", "permission_denied")
         return await handler(request)
     except AdminError as error:
-        body = {"error": {"message": error.message, "type": "admin_error", "code": error.code}}
-        return _json(body, error.status)
-
-
-async def _body(request: web.Request) -> dict:
-    try:
-        payload = orjson.loads(await request.read() or b"{}")
-    except orjson.JSONDecodeError:
-        raise AdminError(400, "request body is not valid JSON", "invalid_json") from None
-    if not isinstance(payload, dict):
-        raise AdminError(400, "request body must be a JSON object", "invalid_json")
-    return payload
-
-
-def _id(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value):
-        raise AdminError(400, f"{what} must be 1-64 characters of letters, digits, '_', '.', '-'", "invalid_id")
-    return value
-
-
-async def _workspace(request: web.Request) -> str:
-    ws = _id(request.match_info["ws"], "workspace id")
-    async with request.app[SERVICES].pool.acquire() as conn:
-        if not await db.workspace_exists(conn, ws):
-            raise AdminError(404, f"workspace {ws!r} does not exist", "workspace_not_found")
-    return ws
+        return error_response(error.status, error.message, error.code)
 
 
 async def create_workspace(request: web.Request) -> web.Response:
-    payload = await _body(request)
-    ws = _id(payload.get("id") or f"ws_{secrets.token_hex(6)}", "id")
-    name = str(payload.get("name") or ws)[:200]
+    payload = await read_object(request)
+    ws = valid_id(payload.get("id") or f"ws_{secrets.token_hex(6)}", "id")
+    name = valid_name(payload.get("name"), ws)
     async with request.app[SERVICES].pool.acquire() as conn:
         created = await db.create_workspace(conn, ws, name)
-    return _json({"id": ws, "name": name, "created": created}, 201 if created else 200)
+    return json_response({"id": ws, "name": name, "created": created}, 201 if created else 200)
 
 
 async def create_office(request: web.Request) -> web.Response:
-    ws = await _workspace(request)
-    payload = await _body(request)
-    office = _id(payload.get("id") or f"of_{secrets.token_hex(6)}", "id")
+    ws = await existing_workspace(request)
+    payload = await read_object(request)
+    office = valid_id(payload.get("id") or f"of_{secrets.token_hex(6)}", "id")
     async with request.app[SERVICES].pool.acquire() as conn:
         owner = await db.office_workspace(conn, office)
         if owner is not None and owner != ws:
             raise AdminError(409, f"office {office!r} belongs to another workspace", "office_conflict")
-        created = await db.create_office(conn, office, ws, str(payload.get("name") or office)[:200])
-    return _json({"id": office, "workspace_id": ws, "created": created}, 201 if created else 200)
+        created = await db.create_office(conn, office, ws, valid_name(payload.get("name"), office))
+    return json_response({"id": office, "workspace_id": ws, "created": created}, 201 if created else 200)
 
 
 def _key_view(record: db.ApiKeyRecord) -> dict:
@@ -128,24 +107,25 @@ def _key_view(record: db.ApiKeyRecord) -> dict:
 
 async def create_key(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
-    ws = await _workspace(request)
-    payload = await _body(request)
-    rpm = payload.get("rate_limit_rpm", svc.config.auth.default_rpm)
-    if isinstance(rpm, bool) or not isinstance(rpm, int) or not 1 <= rpm <= 1_000_000:
-        raise AdminError(400, "rate_limit_rpm must be an integer from 1 to 1000000", "invalid_rate_limit")
+    ws = await existing_workspace(request)
+    payload = await read_object(request)
+    rpm = bounded_int(
+        payload.get("rate_limit_rpm", svc.config.auth.default_rpm), "rate_limit_rpm", 1, 1_000_000, "invalid_rate_limit"
+    )
     tpm = payload.get("tokens_per_minute")
-    if tpm is not None and (isinstance(tpm, bool) or not isinstance(tpm, int) or not 1 <= tpm <= 10**10):
-        raise AdminError(400, "tokens_per_minute must be null or an integer from 1 to 10^10", "invalid_rate_limit")
+    if tpm is not None:  # an `integer` column
+        tpm = bounded_int(tpm, "tokens_per_minute (or null)", 1, INT32_MAX, "invalid_rate_limit")
+    name = valid_name(payload.get("name"), "default")
     office = payload.get("office_id")
     async with svc.pool.acquire() as conn:
-        if office is not None and await db.office_workspace(conn, _id(office, "office_id")) != ws:
+        if office is not None and await db.office_workspace(conn, valid_id(office, "office_id")) != ws:
             raise AdminError(404, f"office {office!r} does not exist in this workspace", "office_not_found")
         raw = new_key()
         record = db.ApiKeyRecord(
             id=f"key_{secrets.token_hex(8)}",
             workspace_id=ws,
             office_id=office,
-            name=str(payload.get("name") or "default")[:200],
+            name=name,
             key_hash=hash_key(raw),
             last4=raw[-4:],
             rate_limit_rpm=rpm,
@@ -154,23 +134,23 @@ async def create_key(request: web.Request) -> web.Response:
             tokens_per_minute=tpm,
         )
         await db.insert_api_key(conn, record)
-    return _json({**_key_view(record), "key": raw}, 201)
+    return json_response({**_key_view(record), "key": raw}, 201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    ws = await _workspace(request)
+    ws = await existing_workspace(request)
     async with request.app[SERVICES].pool.acquire() as conn:
         records = await db.list_api_keys(conn, ws)
-    return _json({"data": [_key_view(r) for r in records]})
+    return json_response({"data": [_key_view(r) for r in records]})
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    ws = await _workspace(request)
+    ws = await existing_workspace(request)
     async with request.app[SERVICES].pool.acquire() as conn:
-        record = await db.revoke_api_key(conn, ws, request.match_info["key_id"])
+        record = await db.revoke_api_key(conn, ws, valid_id(request.match_info["key_id"], "key id"))
     if record is None:
         raise AdminError(404, "no such key in this workspace", "key_not_found")
-    return _json(_key_view(record))
+    return json_response(_key_view(record))
 
 
 def _amount_micro(payload: dict) -> int:
@@ -190,9 +170,9 @@ def _amount_micro(payload: dict) -> int:
 
 async def grant(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
-    ws = await _workspace(request)
-    payload = await _body(request)
-    grant_id = _id(payload.get("grant_id"), "grant_id")
+    ws = await existing_workspace(request)
+    payload = await read_object(request)
+    grant_id = valid_id(payload.get("grant_id"), "grant_id")
     kind = payload.get("kind", "grant")
     if kind not in ("grant", "topup"):
         raise AdminError(400, "kind must be 'grant' or 'topup'", "invalid_kind")
@@ -204,7 +184,7 @@ async def grant(request: web.Request) -> web.Response:
             409, "this grant_id was already used with a different amount or kind", "grant_conflict"
         ) from None
     except db.BalanceLimitExceeded as exc:
-        raise AdminError(409, str(exc), "balance_limit_exceeded") from None
+        raise AdminError(409, str(exc), "balance_limit") from None
     body = {
         "grant_id": grant_id,
         "event_id": str(result.event_id),
@@ -213,17 +193,17 @@ async def grant(request: web.Request) -> web.Response:
         "amount": format_micro(amount),
         "created": result.created,
     }
-    return _json(body, 201 if result.created else 200)
+    return json_response(body, 201 if result.created else 200)
 
 
 async def balance(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
-    ws = await _workspace(request)
+    ws = await existing_workspace(request)
     await svc.balances.ensure_loaded(ws)
     account = await svc.state.account(ws)
     async with svc.pool.acquire() as conn:
         settled_micro, _ = await db.account_snapshot(conn, ws)
-    return _json(
+    return json_response(
         {
             "workspace_id": ws,
             "balance_micro": account.balance_micro,
@@ -250,9 +230,11 @@ ROUTES = (
 
 
 def build_control_app(svc: Services) -> web.Application:
-    from sidecar.control import byok
-
-    app = web.Application(middlewares=[_admin_guard], client_max_size=1024 * 1024)
+    config = svc.config
+    limiter = FailedAuthLimiter(config.auth.failed_auth_max, config.auth.failed_auth_window_ms)
+    guard = serving.guard(error_body, config.server.body_read_timeout_ms / 1000, limiter)
+    app = web.Application(middlewares=[guard, _admin_guard], client_max_size=1024 * 1024)
+    app[serving.ERROR_BODY] = error_body
     app[SERVICES] = svc
     app[PERMISSION] = {}
     for method, path, handler, permission in ROUTES + byok.ROUTES:

@@ -10,16 +10,16 @@ from sidecar import db
 from sidecar.byok import keys as byok_keys
 from sidecar.byok.validate import KeyRejected, ValidationUnavailable, validate
 from sidecar.byok.vault import binding
-from sidecar.control.admin import SERVICES, AdminError, _body, _id, _json, _workspace
+from sidecar.control.http import SERVICES, AdminError, existing_workspace, json_response, read_object, valid_id
 
 MAX_KEY_CHARS = 512
 
 
 async def _scope(request: web.Request) -> tuple[str, str | None]:
-    ws = await _workspace(request)
+    ws = await existing_workspace(request)
     office = request.match_info.get("office")
     if office is not None:
-        _id(office, "office id")
+        valid_id(office, "office id")
         async with request.app[SERVICES].pool.acquire() as conn:
             if await db.office_workspace(conn, office) != ws:
                 raise AdminError(404, f"office {office!r} does not exist in this workspace", "office_not_found")
@@ -29,7 +29,7 @@ async def _scope(request: web.Request) -> tuple[str, str | None]:
 async def add_key(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
     ws, office = await _scope(request)
-    payload = await _body(request)
+    payload = await read_object(request)
     provider_name = payload.get("provider")
     provider = svc.config.providers.get(provider_name) if isinstance(provider_name, str) else None
     if provider is None:
@@ -53,7 +53,7 @@ async def add_key(request: web.Request) -> web.Response:
     async with svc.pool.acquire() as conn:
         stored = await byok_keys.insert(conn, ws, office, provider.name, sealed, key[-4:])
     svc.byok.forget(ws)
-    return _json(stored.view(), 201)
+    return json_response(stored.view(), 201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -61,18 +61,19 @@ async def list_keys(request: web.Request) -> web.Response:
     ws, office = await _scope(request)
     async with svc.pool.acquire() as conn:
         stored = await byok_keys.list_keys(conn, ws, office)
-    return _json({"data": [k.view() for k in stored]})
+    return json_response({"data": [k.view() for k in stored]})
 
 
 async def _set_status(request: web.Request, status: str) -> web.Response:
     svc = request.app[SERVICES]
     ws, office = await _scope(request)
     async with svc.pool.acquire() as conn:
-        stored = await byok_keys.set_status(conn, ws, office, request.match_info["key_id"], status)
+        key_id = valid_id(request.match_info["key_id"], "key id")
+        stored = await byok_keys.set_status(conn, ws, office, key_id, status)
     if stored is None:
         raise AdminError(404, "no such BYOK key in this scope", "byok_key_not_found")
     svc.byok.forget(ws)
-    return _json(stored.view())
+    return json_response(stored.view())
 
 
 async def deactivate(request: web.Request) -> web.Response:

@@ -1,7 +1,9 @@
 """Structured JSON logs, one object per line, with the request id of the call being served.
 
 Log records carry facts through `extra=`; only the keys in _FIELDS are emitted, so nothing secret
-can ride along by accident.
+can ride along by accident. And every line, tracebacks included, goes through scrub.for_logs before
+it is written: known credentials and anything credential-shaped (a bearer token, an x-api-key value,
+an `sk-` key, as in the raw header line aiohttp quotes when a request is malformed) are redacted.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import sys
 import time
 
 import orjson
+
+from sidecar import scrub
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -41,7 +45,7 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrub.for_logs(record.getMessage()),
         }
         request_id = request_id_var.get()
         if request_id:
@@ -49,9 +53,11 @@ class JsonFormatter(logging.Formatter):
         for name in _FIELDS:
             value = record.__dict__.get(name)
             if value is not None:
-                entry[name] = value
+                entry[name] = scrub.for_logs(value) if isinstance(value, str) else value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = scrub.for_logs(self.formatException(record.exc_info))
+        elif record.exc_text:
+            entry["exc"] = scrub.for_logs(record.exc_text)
         return orjson.dumps(entry, default=str).decode()
 
 

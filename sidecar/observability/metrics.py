@@ -77,6 +77,14 @@ class Metrics:
             registry=r,
         )
         self.holds_expired = Counter("sidecar_holds_expired", "Holds voided by the sweeper", registry=r)
+        self.spooled = Counter(
+            "sidecar_settlements_spooled",
+            "Settlements written to the disk spool: Redis did not take them in time",
+            registry=r,
+        )
+        self.settlements_lost = Counter(
+            "sidecar_settlements_lost", "Settlements neither taken by Redis nor spooled (alert on any)", registry=r
+        )
         self.dependency_errors = Counter(
             "sidecar_dependency_errors", "Redis or Postgres errors on the request path", ["dependency"], registry=r
         )

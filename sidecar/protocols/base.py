@@ -10,13 +10,17 @@ from dataclasses import dataclass
 
 import orjson
 
-from sidecar.pricing import Usage
+from sidecar.pricing import CostProfile, ModelPrice, Usage
 from sidecar.protocols.errors import SidecarError
 from sidecar.sse import SSEEvent
 
 # Request fields only OpenRouter understands; real OpenAI answers 400 to them, so they are removed
 # before a call goes to any other provider.
 OPENROUTER_ONLY_FIELDS = ("usage", "provider", "models", "route", "transforms", "plugins")
+# OpenRouter fields with which a client chooses what serves the call (another model, another provider,
+# a plugin with its own fee): refused unless the model's config allow-lists them.
+ROUTING_FIELDS = ("models", "route", "provider", "plugins")
+MAX_ROUTING_MODELS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +30,11 @@ class RequestFacts:
     max_output_tokens: int | None  # the client's own cap, if it sent one
     choices: int = 1  # `n`: the output cap applies to each choice
     client_wants_usage: bool = False  # OpenAI streams: the client itself asked for the usage chunk
+    # True when the input's tokens are not bounded by the body's bytes (media, server-side context,
+    # server tools, plugins): the hold then assumes the model's whole context window.
+    input_unbounded: bool = False
+    routing_fields: tuple[str, ...] = ()  # the ROUTING_FIELDS the client sent
+    routing_models: tuple[str, ...] = ()  # OpenRouter's `models`: any of them may serve the call
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,15 +46,16 @@ class BodyFacts:
 
 class StreamReader:
     """Reads a stream on the side while it is relayed. `observe` returns False for an event the
-    client must not see (the usage chunk the sidecar asked for on the client's behalf)."""
+    client must not see (the usage chunk the sidecar asked for on the client's behalf). It never
+    raises on what a provider sends: a malformed event is a provider error or missing usage."""
 
     __slots__ = ("content_chars", "done", "error", "model", "usage")
 
     def __init__(self) -> None:
-        self.usage: Usage | None = None
-        self.error: str | None = None
-        self.done = False
-        self.content_chars = 0
+        self.usage: Usage | None = None  # the provider's latest readable count, None when missing
+        self.error: str | None = None  # the provider reported an error (mid-stream or terminal)
+        self.done = False  # the protocol's end-of-stream marker arrived
+        self.content_chars = 0  # UTF-8 bytes of the output text relayed, for estimates
         self.model: str | None = None
 
     def observe(self, event: SSEEvent) -> bool:
@@ -53,7 +63,8 @@ class StreamReader:
 
     @property
     def has_final_usage(self) -> bool:
-        """The provider's own count for the whole call has arrived."""
+        """The provider's own count for the whole call has arrived: reading on cannot change the bill
+        (a relay that lost its client may stop reading the upstream here)."""
         return self.usage is not None and self.done
 
     def observed(self, request_bytes: int) -> tuple[Usage, bool]:
@@ -101,6 +112,9 @@ class Protocol:
                 out.pop(name, None)
         return out
 
+    def check_headers(self, headers) -> None:
+        """Refuse request headers that turn on features the cost profile cannot price."""
+
     def read_body(self, body: bytes) -> BodyFacts:
         raise NotImplementedError
 
@@ -116,26 +130,6 @@ class Protocol:
 
     def client_key(self, headers) -> str | None:
         return bearer_token(headers.get("Authorization"))
-
-
-# Request parts whose tokens are not bounded by their bytes (an image URL is a few bytes and
-# hundreds of tokens): their presence bounds the input by the model's context window instead.
-_MEDIA_MARKERS = (
-    b'"image_url"',
-    b'"input_audio"',
-    b'"input_image"',
-    b'"input_file"',
-    b'"file_id"',
-    b'"file_data"',
-    b'"type":"image"',
-    b'"type": "image"',
-    b'"type":"document"',
-    b'"type": "document"',
-)
-
-
-def may_carry_media(body: bytes) -> bool:
-    return any(marker in body for marker in _MEDIA_MARKERS)
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -162,12 +156,18 @@ def loads_object(data: bytes) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def positive_int(payload: dict, name: str) -> int | None:
+# Bounds on the request's numbers the hold is computed from: far above any real model's limits, far
+# below what would overflow the money arithmetic or the JSON encoder (orjson stops at 2^64).
+MAX_OUTPUT_TOKENS = 1_000_000_000
+MAX_CHOICES = 128
+
+
+def positive_int(payload: dict, name: str, maximum: int = MAX_OUTPUT_TOKENS) -> int | None:
     value = payload.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SidecarError("invalid_request", f"'{name}' must be a positive integer", param=name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise SidecarError("invalid_request", f"'{name}' must be an integer between 1 and {maximum}", param=name)
     return value
 
 
@@ -188,27 +188,232 @@ def require_stream_flag(payload: dict) -> bool:
 MAX_TOKEN_COUNT = 10**12  # no call uses more; a larger count from a provider is nonsense, clamped
 
 
-def count(value: object) -> int:
-    """A token count from a provider: anything but a non-negative int counts as 0."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+def count(value: object) -> int | None:
+    """A token count from a provider, or None when it is not one. Strict: only a JSON integer >= 0
+    is a count; a float, a string, a bool, a negative number or an absent field means the provider's
+    usage is missing (so the call is estimated), never 0."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return min(value, MAX_TOKEN_COUNT)
-    return 0
+    return None
+
+
+def optional_count(value: object) -> int | None:
+    """A count the provider may leave out (a detail such as cached tokens): absent or null is 0,
+    anything else must be a count."""
+    return 0 if value is None else count(value)
+
+
+def optional_object(value: object) -> dict | None:
+    """A nested usage object the provider may leave out: absent or null is {}, a non-object is None."""
+    if value is None:
+        return {}
+    return value if isinstance(value, dict) else None
 
 
 def estimate_tokens(chars: int) -> int:
-    """~4 characters per token: the usual rule of thumb for English text with BPE tokenizers."""
+    """~4 bytes per token: the usual rule of thumb for English text with BPE tokenizers."""
     return -(-chars // 4)
 
 
-def json_string_length(data: bytes, key: bytes) -> int:
-    """Length of the JSON string value after `"key":"` in `data` (0 if absent): a cheap measure of
-    streamed text for estimates, without parsing the event."""
-    marker = b'"' + key + b'":"'
-    start = data.find(marker)
-    if start < 0:
-        return 0
-    start += len(marker)
-    end = data.find(b'"', start)
-    while end > 0 and data[end - 1] == 0x5C:  # an escaped quote
-        end = data.find(b'"', end + 1)
-    return max(end - start, 0) if end > 0 else 0
+def text_bytes(value: object) -> int:
+    """The UTF-8 size of a streamed text fragment (0 for anything that is not a string): output
+    estimates are read from the parsed event, so JSON spacing and escapes do not change them."""
+    return len(value.encode("utf-8", "replace")) if isinstance(value, str) else 0
+
+
+def error_text(value: object, default: str = "error") -> str:
+    """A provider's error, whatever its shape (an object with a message, a string, anything), bounded."""
+    if isinstance(value, dict):
+        value = value.get("message") or value.get("type") or value.get("code") or value
+    return str(value or default)[:500]
+
+
+# --- what the request lets the provider do beyond its bytes (issue 15.11, 15.14, 15.4) -------------------
+
+# Content parts, by key or by `type`, whose tokens are not bounded by their bytes (an image URL is a few
+# bytes and hundreds of tokens, a file id a whole PDF), in every protocol's shape: OpenAI chat
+# (image_url, file), Responses (input_image, input_file, item_reference), Anthropic (image, document,
+# container_upload, search results by file).
+_MEDIA_KEYS = frozenset(
+    {"image_url", "input_image", "input_file", "file_id", "file_data", "file_url", "video_url", "input_video"}
+)
+_MEDIA_TYPES = frozenset(
+    {
+        "image",
+        "image_url",
+        "input_image",
+        "file",
+        "input_file",
+        "document",
+        "video",
+        "video_url",
+        "input_video",
+        "container_upload",
+        "item_reference",  # a Responses input item stored server-side
+    }
+)
+# Audio is priced per audio token, a class the cost profile does not have: refused (issue 15.14).
+_AUDIO_KEYS = frozenset({"input_audio", "audio", "audio_url"})
+_AUDIO_TYPES = frozenset({"input_audio", "audio", "audio_url", "output_audio"})
+# Subtrees that describe data rather than carry it (JSON schemas of tools and formats, metadata): a
+# property named "image_url" in a tool's schema is not an image.
+_DESCRIPTIVE_KEYS = frozenset({"parameters", "input_schema", "schema", "json_schema", "metadata"})
+# Server tools with a fee of their own (per search, per container, per generated image), which the
+# cost profile cannot express: refused. Any other non-client tool runs server-side with input the
+# body does not bound (web fetch, MCP, computer use screenshots): the input is held at the window.
+_FEE_TOOL_PREFIXES = ("web_search", "file_search", "code_interpreter", "code_execution", "image_generation")
+_CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
+# OpenRouter plugins with a fee of their own (issue 15.14).
+_FEE_PLUGINS = frozenset({"web"})
+_FEE_PDF_ENGINES = frozenset({"mistral-ocr"})
+_PRICED_SERVICE_TIERS = frozenset({"auto", "default", "flex", "standard_only"})
+_MAX_WALK_NODES = 1_000_000  # the body is at most server.max_body_bytes; this only bounds the loop
+
+
+def unpriced(feature: str, param: str) -> SidecarError:
+    return SidecarError(
+        "invalid_request",
+        f"{feature} is not supported by this gateway: its price cannot be metered",
+        code="unsupported_feature",
+        param=param,
+    )
+
+
+def content_is_unbounded(payload: dict) -> bool:
+    """Walk the parsed request (so escaped or spaced keys are seen as what they are) for media parts;
+    refuse audio anywhere, so the whole request is walked."""
+    stack: list[object] = [payload]
+    media = False
+    for _ in range(_MAX_WALK_NODES):
+        if not stack:
+            return media
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(item for item in node if isinstance(item, dict | list))
+            continue
+        for key, value in node.items():  # only dicts and lists are ever pushed
+            if key in _DESCRIPTIVE_KEYS or value is None:
+                continue
+            kind = value if key == "type" and isinstance(value, str) else None
+            if key in _AUDIO_KEYS or kind in _AUDIO_TYPES:
+                raise unpriced("audio input or output", kind or key)
+            if key in _MEDIA_KEYS or kind in _MEDIA_TYPES:
+                media = True
+            if isinstance(value, dict | list):
+                stack.append(value)
+    raise SidecarError("invalid_request", "the request body is nested too deeply or has too many parts")
+
+
+def tools_are_unbounded(payload: dict) -> bool:
+    """True when a server tool is present; refuses server tools with a fee of their own."""
+    tools = payload.get("tools")
+    unbounded = False
+    if not isinstance(tools, list):
+        return False
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind is None or (isinstance(kind, str) and kind in _CLIENT_TOOL_TYPES):
+            continue
+        if not isinstance(kind, str) or kind.startswith(_FEE_TOOL_PREFIXES):
+            raise unpriced(f"the server tool {str(kind)[:60]!r}", "tools")
+        unbounded = True
+    return unbounded
+
+
+def refuse_unpriced_options(payload: dict) -> None:
+    """Request options that change the price per token in ways the cost profile cannot express."""
+    if payload.get("web_search_options") is not None:
+        raise unpriced("web search", "web_search_options")
+    modalities = payload.get("modalities")
+    if isinstance(modalities, list) and "audio" in modalities:
+        raise unpriced("audio output", "modalities")
+    tier = payload.get("service_tier")
+    if tier is not None and not (isinstance(tier, str) and tier in _PRICED_SERVICE_TIERS):
+        raise unpriced(f"the service tier {str(tier)[:40]!r}", "service_tier")
+
+
+def routing_of(payload: dict) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """OpenRouter routing the client asked for: (the ROUTING_FIELDS sent, the `models` listed, whether
+    a plugin makes the input unbounded). Plugins and models with a fee of their own are refused."""
+    sent = tuple(name for name in ROUTING_FIELDS if payload.get(name) is not None)
+    models: tuple[str, ...] = ()
+    if "models" in sent:
+        listed = payload["models"]
+        if (
+            not isinstance(listed, list)
+            or not 1 <= len(listed) <= MAX_ROUTING_MODELS
+            or not all(isinstance(m, str) and m for m in listed)
+        ):
+            raise SidecarError(
+                "invalid_request",
+                f"'models' must be a list of 1 to {MAX_ROUTING_MODELS} model ids",
+                param="models",
+            )
+        if any(m.endswith(":online") for m in listed):
+            raise unpriced("web search (a ':online' model)", "models")
+        models = tuple(listed)
+    plugins = payload.get("plugins")
+    if plugins is not None:
+        if not isinstance(plugins, list):
+            raise SidecarError("invalid_request", "'plugins' must be a list", param="plugins")
+        for plugin in plugins:
+            plugin_id = plugin.get("id") if isinstance(plugin, dict) else None
+            pdf = plugin.get("pdf") if isinstance(plugin, dict) else None
+            engine = pdf.get("engine") if isinstance(pdf, dict) else None
+            if _named(plugin_id, _FEE_PLUGINS) or _named(engine, _FEE_PDF_ENGINES):
+                raise unpriced(f"the plugin {str(plugin_id or engine)[:40]!r}", "plugins")
+    return sent, models, bool(plugins)
+
+
+def _named(value: object, names: frozenset[str]) -> bool:
+    return isinstance(value, str) and value in names
+
+
+def check_routing(facts: RequestFacts, allowed: tuple[str, ...]) -> None:
+    """Refuse, naming the field, every routing field the model's config does not allow."""
+    for name in facts.routing_fields:
+        if name not in allowed:
+            raise SidecarError(
+                "invalid_request",
+                f"'{name}' is not allowed for this model: it could make the provider serve a dearer model "
+                "or add fees beyond what the call is priced for",
+                code="routing_field_not_allowed",
+                param=name,
+            )
+
+
+def routing_prices(facts: RequestFacts, profile: CostProfile) -> list[ModelPrice]:
+    """The price of every model OpenRouter may serve instead (its `models`); an unpriced one is refused."""
+    prices = []
+    for name in facts.routing_models:
+        price = profile.price_of(name)
+        if price is None:
+            raise SidecarError("invalid_request", f"the model {name[:100]!r} in 'models' has no price", param="models")
+        prices.append(price)
+    return prices
+
+
+def request_facts(
+    payload: dict,
+    model: str,
+    stream: bool,
+    max_output_tokens: int | None,
+    server_context_keys: tuple[str, ...] = (),
+    **extra,
+) -> RequestFacts:
+    """The facts every protocol shares, with what makes the input unbounded decided from the parsed
+    request. `server_context_keys`: top-level fields that pull input stored at the provider."""
+    refuse_unpriced_options(payload)
+    routing_fields, routing_models, plugins = routing_of(payload)
+    server_context = any(payload.get(key) not in (None, False) for key in server_context_keys)
+    tools = tools_are_unbounded(payload)
+    media = content_is_unbounded(payload)
+    return RequestFacts(
+        model=model,
+        stream=stream,
+        max_output_tokens=max_output_tokens,
+        input_unbounded=server_context or tools or media or plugins,
+        routing_fields=routing_fields,
+        routing_models=routing_models,
+        **extra,
+    )

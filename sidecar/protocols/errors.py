@@ -18,6 +18,7 @@ KINDS: dict[str, tuple[int, str]] = {
     "conflict": (409, "conflict_error"),
     "too_large": (413, "invalid_request_error"),
     "rate_limited": (429, "rate_limit_error"),
+    "client_closed": (499, "api_error"),  # nginx's code: the client hung up; nobody reads this answer
     "internal": (500, "api_error"),
     "upstream": (502, "api_error"),
     "unavailable": (503, "service_unavailable"),

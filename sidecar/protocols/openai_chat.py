@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from sidecar.protocols import openai_common as common
 from sidecar.protocols.base import (
+    MAX_CHOICES,
     BodyFacts,
     Protocol,
     RequestFacts,
     StreamReader,
     loads_object,
     positive_int,
+    request_facts,
     require_model,
     require_stream_flag,
 )
 from sidecar.protocols.errors import SidecarError
-
-# Text, tool-call arguments, refusals and reasoning all count as output when estimating.
-STREAMED_TEXT_KEYS = (b"content", b"arguments", b"refusal", b"reasoning_content", b"reasoning")
 
 
 class ChatCompletions(Protocol):
@@ -36,11 +35,12 @@ class ChatCompletions(Protocol):
         if options is not None and not isinstance(options, dict):
             raise SidecarError("invalid_request", "'stream_options' must be an object", param="stream_options")
         caps = [c for c in (positive_int(payload, "max_completion_tokens"), positive_int(payload, "max_tokens")) if c]
-        return RequestFacts(
-            model=model,
-            stream=stream,
-            max_output_tokens=min(caps) if caps else None,
-            choices=positive_int(payload, "n") or 1,
+        return request_facts(
+            payload,
+            model,
+            stream,
+            min(caps) if caps else None,
+            choices=positive_int(payload, "n", MAX_CHOICES) or 1,
             client_wants_usage=bool(stream and options and options.get("include_usage") is True),
         )
 
@@ -59,7 +59,7 @@ class ChatCompletions(Protocol):
         )
 
     def stream_reader(self, facts: RequestFacts) -> StreamReader:
-        return common.DataStreamReader(facts, STREAMED_TEXT_KEYS)
+        return common.DataStreamReader(facts, common.chat_choice_text_bytes)
 
     def error_body(self, error: SidecarError) -> bytes:
         return common.error_body(error)

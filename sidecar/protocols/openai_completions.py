@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from sidecar.protocols import openai_common as common
-from sidecar.protocols.base import RequestFacts, StreamReader, positive_int, require_model, require_stream_flag
+from sidecar.protocols.base import (
+    MAX_CHOICES,
+    RequestFacts,
+    StreamReader,
+    positive_int,
+    request_facts,
+    require_model,
+    require_stream_flag,
+)
 from sidecar.protocols.errors import SidecarError
 from sidecar.protocols.openai_chat import ChatCompletions
+
+MAX_PROMPTS = 32  # with MAX_CHOICES: bounds the worst case a hold is priced at
 
 
 class Completions(ChatCompletions):
@@ -25,18 +35,25 @@ class Completions(ChatCompletions):
         if options is not None and not isinstance(options, dict):
             raise SidecarError("invalid_request", "'stream_options' must be an object", param="stream_options")
         # `best_of` candidates are generated (and billed) server-side even though only `n` return.
-        choices = max(positive_int(payload, "n") or 1, positive_int(payload, "best_of") or 1)
+        choices = max(positive_int(payload, "n", MAX_CHOICES) or 1, positive_int(payload, "best_of", MAX_CHOICES) or 1)
         prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list) else 1
-        return RequestFacts(
-            model=model,
-            stream=stream,
-            max_output_tokens=positive_int(payload, "max_tokens"),
+        if choices * prompts > MAX_CHOICES * MAX_PROMPTS:
+            raise SidecarError(
+                "invalid_request",
+                f"at most {MAX_CHOICES * MAX_PROMPTS} completions per request (prompts x n or best_of)",
+                param="prompt",
+            )
+        return request_facts(
+            payload,
+            model,
+            stream,
+            positive_int(payload, "max_tokens"),
             choices=choices * prompts,
             client_wants_usage=bool(stream and options and options.get("include_usage") is True),
         )
 
     def stream_reader(self, facts: RequestFacts) -> StreamReader:
-        return common.DataStreamReader(facts, (b"text",))
+        return common.DataStreamReader(facts, common.completion_choice_text_bytes)
 
 
 PROTOCOL = Completions()

@@ -4,8 +4,25 @@ from __future__ import annotations
 
 from sidecar.pricing import Usage
 from sidecar.protocols import openai_common as common
-from sidecar.protocols.base import BodyFacts, Protocol, RequestFacts, StreamReader, loads_object, require_model
+from sidecar.protocols.base import (
+    BodyFacts,
+    Protocol,
+    RequestFacts,
+    StreamReader,
+    count,
+    loads_object,
+    request_facts,
+    require_model,
+)
 from sidecar.protocols.errors import SidecarError
+
+
+def usage_from_object(usage: object) -> Usage | None:
+    """`{"prompt_tokens": N, "total_tokens": N}`: input only; None when it is missing or does not parse."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = count(usage.get("prompt_tokens"))
+    return None if prompt is None else Usage(input_tokens=prompt)
 
 
 class Embeddings(Protocol):
@@ -21,14 +38,11 @@ class Embeddings(Protocol):
             raise SidecarError("invalid_request", "'input' must be a string or a list", param="input")
         if payload.get("stream"):
             raise SidecarError("invalid_request", "embeddings cannot be streamed", param="stream")
-        return RequestFacts(model=model, stream=False, max_output_tokens=None)
+        return request_facts(payload, model, False, None)
 
     def read_body(self, body: bytes) -> BodyFacts:
         payload = loads_object(body) or {}
-        usage = common.usage_from_object(payload.get("usage"))
-        if usage is not None:
-            usage = Usage(input_tokens=usage.total_input_tokens)  # embeddings produce no output tokens
-        return BodyFacts(usage, common.model_of(payload), common.error_of(payload))
+        return BodyFacts(usage_from_object(payload.get("usage")), common.model_of(payload), common.error_of(payload))
 
     def stream_reader(self, facts: RequestFacts) -> StreamReader:
         raise AssertionError("embeddings are never streamed")

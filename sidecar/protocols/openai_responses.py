@@ -12,11 +12,16 @@ from sidecar.protocols.base import (
     RequestFacts,
     StreamReader,
     count,
-    json_string_length,
+    error_text,
     loads_object,
+    optional_count,
+    optional_object,
     positive_int,
+    request_facts,
     require_model,
     require_stream_flag,
+    text_bytes,
+    unpriced,
 )
 from sidecar.protocols.errors import SidecarError
 from sidecar.sse import SSEEvent
@@ -25,15 +30,21 @@ TERMINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed
 
 
 def usage_from_object(usage: object) -> Usage | None:
-    """Responses usage: input_tokens INCLUDES cached tokens; output_tokens includes reasoning."""
+    """Responses usage: input_tokens INCLUDES cached tokens; output_tokens includes reasoning. None
+    when it is missing or does not parse (the caller then estimates)."""
     if not isinstance(usage, dict):
         return None
     total_input = count(usage.get("input_tokens"))
     output = count(usage.get("output_tokens"))
-    input_details = usage.get("input_tokens_details") or {}
-    output_details = usage.get("output_tokens_details") or {}
-    cached = min(count(input_details.get("cached_tokens")) if isinstance(input_details, dict) else 0, total_input)
-    reasoning = count(output_details.get("reasoning_tokens")) if isinstance(output_details, dict) else 0
+    input_details = optional_object(usage.get("input_tokens_details"))
+    output_details = optional_object(usage.get("output_tokens_details"))
+    if total_input is None or output is None or input_details is None or output_details is None:
+        return None
+    cached = optional_count(input_details.get("cached_tokens"))
+    reasoning = optional_count(output_details.get("reasoning_tokens"))
+    if cached is None or reasoning is None:
+        return None
+    cached = min(cached, total_input)
     return Usage(
         input_tokens=total_input - cached,
         output_tokens=output,
@@ -42,7 +53,15 @@ def usage_from_object(usage: object) -> Usage | None:
     )
 
 
+# Streamed deltas that are not model output text (audio is base64 bytes, and refused anyway).
+_NOT_TEXT_DELTAS = ("response.audio.delta",)
+# Server-side input: a previous response, a conversation, a stored prompt.
+SERVER_CONTEXT_FIELDS = ("previous_response_id", "conversation", "prompt")
+
+
 class ResponsesStreamReader(StreamReader):
+    """Every event is parsed; its `type` names it (the SDK reads the type, not the SSE event name)."""
+
     __slots__ = ()
 
     def observe(self, event: SSEEvent) -> bool:
@@ -52,30 +71,32 @@ class ResponsesStreamReader(StreamReader):
         if data == common.DONE_DATA:  # not part of this protocol, tolerated
             self.done = True
             return True
-        kind = event.event or ""
-        if kind == "response.output_text.delta":
-            self.content_chars += json_string_length(data, b"delta")
-            return True
-        if kind in TERMINAL_EVENTS or kind == "error" or (not kind and b'"type":"response.' in data):
-            self._observe_json(data)
-        return True
-
-    def _observe_json(self, data: bytes) -> None:
         payload = loads_object(data)
         if payload is None:
-            return
+            return True
         kind = payload.get("type")
-        if kind == "error":
-            self.error = str(payload.get("message") or payload.get("code") or "error")[:500]
+        if not isinstance(kind, str):
+            kind = event.event or ""
+        if kind.endswith(".delta") and kind not in _NOT_TEXT_DELTAS:
+            self.content_chars += text_bytes(payload.get("delta"))
+        elif kind == "error":
+            self.error = error_text(payload.get("message") or payload.get("error") or payload.get("code"))
+        elif kind in TERMINAL_EVENTS:
+            self._observe_terminal(kind, payload.get("response"))
+        elif kind.startswith("response.") and self.model is None:
+            response = payload.get("response")
+            self.model = common.model_of(response) if isinstance(response, dict) else None
+        return True
+
+    def _observe_terminal(self, kind: str, response: object) -> None:
+        self.done = True
+        if not isinstance(response, dict):  # unreadable: the call's usage is missing, estimated
+            self.usage = None
             return
-        if kind in TERMINAL_EVENTS:
-            response = payload.get("response") or {}
-            self.usage = usage_from_object(response.get("usage")) or self.usage
-            self.model = common.model_of(response) or self.model
-            self.done = True
-            if kind == "response.failed":
-                error = response.get("error") or {}
-                self.error = str(error.get("message") if isinstance(error, dict) else error or "failed")[:500]
+        self.usage = usage_from_object(response.get("usage"))
+        self.model = common.model_of(response) or self.model
+        if kind == "response.failed":
+            self.error = error_text(response.get("error"), "failed")
 
 
 class Responses(Protocol):
@@ -90,10 +111,15 @@ class Responses(Protocol):
         model = require_model(payload)
         if "input" in payload and not isinstance(payload["input"], str | list):
             raise SidecarError("invalid_request", "'input' must be a string or a list", param="input")
-        return RequestFacts(
-            model=model,
-            stream=require_stream_flag(payload),
-            max_output_tokens=positive_int(payload, "max_output_tokens"),
+        if payload.get("background") not in (None, False):
+            # The answer (and its usage) would be fetched later, past the sidecar: nothing to meter.
+            raise unpriced("background mode", "background")
+        return request_facts(
+            payload,
+            model,
+            require_stream_flag(payload),
+            positive_int(payload, "max_output_tokens"),
+            server_context_keys=SERVER_CONTEXT_FIELDS,
         )
 
     def read_body(self, body: bytes) -> BodyFacts:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from sidecar.auth import Caller
 from sidecar.config import ModelConfig, Target
 from sidecar.pricing import ModelPrice
-from sidecar.protocols.base import Protocol
+from sidecar.protocols.base import Protocol, StreamReader
 
 
 def now_ms() -> int:
@@ -42,7 +42,7 @@ class Call:
     relayed: list[bytes] | None = None  # kept only when an idempotency key asks for a replayable outcome
     relayed_bytes: int = 0
     relay_keep_max_bytes: int = 0
-    writing: bool = False  # a write to the client is in progress (a timeout then is the client's)
+    reader: StreamReader | None = None  # the relayed stream's reader: what was observed so far
     rate_headers: dict[str, str] = field(default_factory=dict)
 
     @property

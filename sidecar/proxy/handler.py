@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 import aiohttp
 import asyncpg
@@ -27,13 +28,15 @@ from sidecar.db import POSTGRES_ERRORS
 from sidecar.observability.logging import request_id_var
 from sidecar.pricing import Usage
 from sidecar.protocols import ALL as PROTOCOLS
-from sidecar.protocols.base import Protocol, RequestFacts, may_carry_media, parse_json
+from sidecar.protocols.base import Protocol, RequestFacts, check_routing, parse_json, routing_prices
 from sidecar.protocols.errors import SidecarError, payment_required
 from sidecar.proxy import credentials
 from sidecar.proxy.call import Call, now_ms
+from sidecar.proxy.outcome import Ending, failed
 from sidecar.proxy.relay import (
     MAX_UPSTREAM_ERROR_BYTES,
-    UpstreamError,
+    UpstreamErrorAnswer,
+    cancelled_outcome,
     first_byte,
     relay_body,
     relay_stream,
@@ -41,7 +44,7 @@ from sidecar.proxy.relay import (
 )
 from sidecar.proxy.settlement import event, settle
 from sidecar.services import Services
-from sidecar.state.store import Admission, AdmitResult
+from sidecar.state.store import Admission, AdmitResult, ExpireStatus, GrowHold
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -92,6 +95,7 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
     call.request_bytes = len(body)
     payload = parse_json(body)
     facts = call.protocol.read_request(payload)
+    call.protocol.check_headers(request.headers)
     call.model = _resolve_model(svc, facts.model)
     call.targets = _eligible_targets(svc, call)
     call.session_id = _header_value(request, "x-session-id", 128)
@@ -113,23 +117,28 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
         raise
     if admitted.outcome is Admission.DUPLICATE:
         return _replay(admitted, call)
+
     svc.metrics.holds_active.inc()
+    outcome = None
     try:
-        return await _forward(request, svc, call, payload, facts, first)
-    except SidecarError:
-        raise
-    except asyncio.CancelledError:
-        # Cancelled (shutdown past its drain time) before a relay step settled: settle now. If the
-        # relay already settled, this second settle changes nothing.
-        await settle(svc, call, "cancelled", None, error="cancelled before the call finished")
+        ending = await _forward(request, svc, call, payload, facts, first)
+        outcome = ending.outcome
+    except asyncio.CancelledError:  # a shutdown past its drain time: bill what was observed
+        outcome = cancelled_outcome(call)
         raise
     except Exception:
         # A bug or an answer nothing foresaw: the call still ends in exactly one settlement.
         log.exception("unexpected error after admission")
-        await settle(svc, call, "failed", None, error="internal error in the sidecar")
-        raise SidecarError("internal", "the sidecar failed to complete the call; nothing was charged") from None
+        ending = failed(
+            "internal error in the sidecar",
+            SidecarError("internal", "the sidecar failed to complete the call; nothing was charged"),
+        )
+        outcome = ending.outcome
     finally:
+        # THE settlement of the call: every way the call ends passes here, once.
+        settled = await settle(svc, call, outcome)
         svc.metrics.holds_active.dec()
+    return await ending.reply(settled)
 
 
 # --- before admission: who, what, and the worst case -----------------------------------------------
@@ -178,20 +187,21 @@ def _eligible_targets(svc: Services, call: Call) -> tuple[Target, ...]:
 def _ceiling_micro(svc: Services, call: Call, facts: RequestFacts, body: bytes) -> int:
     """The hold: the worst case over every target the call may end up on, so a fallback never costs
     more than the client was held for."""
-    max_input_tokens = _max_input_tokens(body, call.model)
+    check_routing(facts, call.model.allow_routing_fields)
+    max_input_tokens = _max_input_tokens(facts, body, call.model)
     max_output_tokens = call.output_cap * facts.choices
     call.ceiling_tokens = max_input_tokens + max_output_tokens
     pricing = svc.config.pricing
-    return max(
-        pricing.ceiling_micro(pricing.price_of(t.price), max_input_tokens, max_output_tokens) for t in call.targets
-    )
+    # OpenRouter's `models` (when the model allows it) may serve the call instead: held at the dearest.
+    prices = [pricing.price_of(t.price) for t in call.targets] + routing_prices(facts, pricing)
+    return max(pricing.ceiling_micro(price, max_input_tokens, max_output_tokens) for price in prices)
 
 
-def _max_input_tokens(body: bytes, model: ModelConfig) -> int:
+def _max_input_tokens(facts: RequestFacts, body: bytes, model: ModelConfig) -> int:
     # Every text token covers at least one byte of the request body (byte-level BPE), and the body
-    # also holds JSON syntax, so its length bounds text input. Images, audio and files cost more
-    # tokens than their bytes (a URL is short): then only the context window bounds the input.
-    if may_carry_media(body):
+    # also holds JSON syntax, so its length bounds text input. Media, server-side context, server
+    # tools and plugins cost tokens the body does not bound: then only the context window does.
+    if facts.input_unbounded:
         return model.context_window_tokens
     return min(len(body), model.context_window_tokens)
 
@@ -228,6 +238,7 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
                 max_unflushed=MAX_LEDGER_BACKLOG,
                 ceiling_tokens=call.ceiling_tokens,
                 token_limit=caller.tokens_per_minute or 0,
+                route=call.protocol.route,
             )
             if result.outcome is not Admission.NEED_LOAD:
                 return _check_admission(svc, call, result)
@@ -246,9 +257,7 @@ async def _void_lost_admission(svc: Services, call: Call) -> None:
     """The admission script may have run though its reply was lost: release that hold now (best
     effort; otherwise the sweeper does at its deadline), so nothing stays held for a call never sent."""
     try:
-        await svc.state.expire(
-            call.caller.workspace_id, call.request_id, "failed", call.caller.key_id, call.idempotency_key
-        )
+        await svc.state.expire(call.caller.workspace_id, call.request_id, ExpireStatus.FAILED)
     except (RedisError, OSError):
         pass
 
@@ -296,6 +305,20 @@ def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitRes
         raise SidecarError(
             "conflict", "this Idempotency-Key was used with a different request body", code="idempotency_key_reused"
         )
+    if outcome is Admission.TOO_MANY_CONCURRENT:
+        svc.metrics.child(svc.metrics.rate_limited, route).inc()
+        raise SidecarError(
+            "rate_limited",
+            f"too many concurrent calls for this {result.limited_by}; retry when one of them ends",
+            code="concurrency_limit_exceeded",
+            headers={"Retry-After": "1"},
+        )
+    if outcome is Admission.CEILING_TOO_LARGE:
+        raise SidecarError(
+            "invalid_request",
+            "this request's worst-case price is larger than any balance can hold; lower its output cap",
+            code="ceiling_too_large",
+        )
     assert outcome is Admission.BACKLOG, outcome
     raise SidecarError("unavailable", "the ledger is behind; retry shortly", code="ledger_backlog")
 
@@ -309,7 +332,7 @@ def _rate_headers(limit: int, remaining: int, reset_ms: int) -> dict[str, str]:
 
 
 def _replay(result: AdmitResult, call: Call) -> web.Response:
-    if result.replay_status == 0:
+    if not result.replayable:
         raise SidecarError(
             "conflict",
             "this Idempotency-Key already completed; its response was too large to replay",
@@ -327,10 +350,11 @@ def _replay(result: AdmitResult, call: Call) -> web.Response:
 # --- forward, with fallback between targets ---------------------------------------------------------
 
 
-class _Unreachable(Exception):
-    def __init__(self, reason: str, timed_out: bool) -> None:
-        super().__init__(reason)
-        self.reason, self.timed_out = reason, timed_out
+@dataclass(frozen=True, slots=True)
+class NextTarget:
+    """This target did not take the call before any byte reached the client: try the next one."""
+
+    reason: str
 
 
 async def _forward(
@@ -340,7 +364,7 @@ async def _forward(
     payload: dict,
     facts: RequestFacts,
     first: credentials.Credential,
-) -> web.StreamResponse:
+) -> Ending:
     if call.idempotency_key:
         call.relayed = []
         call.relay_keep_max_bytes = svc.config.billing.idempotency_max_body_bytes
@@ -350,45 +374,59 @@ async def _forward(
         call.target, call.attempts = target, attempt
         provider = svc.config.providers[target.provider]
         call.price = svc.config.pricing.price_of(target.price)
-        credential = first if attempt == 1 else await _credential(svc, call, provider)
-        opened = await _open_with(svc, call, provider, target, payload, facts, request.headers, credential, last)
-        if opened is None:
-            continue  # the next target
-        upstream, sent_at = opened
+        credential = first
+        if attempt > 1:
+            await _extend_hold(svc, call)
+            credential = await _credential(svc, call, provider)
+            if isinstance(credential, Ending):
+                return credential
+        body = call.protocol.rewrite_request(
+            payload, facts, target.upstream_model, call.output_cap, provider.openrouter
+        )
+        step = await _attempt(svc, call, provider, body, request.headers, credential, last)
+        if isinstance(step, NextTarget):
+            call.fallback_reason = step.reason
+            continue
+        if isinstance(step, Ending):
+            return step
+        upstream, sent_at = step
         try:
             return await _relay(request, svc, call, facts, upstream)
         finally:
-            if not isinstance(upstream, UpstreamError):
-                upstream.release()
+            upstream.release()
             svc.metrics.child(svc.metrics.upstream_latency, provider.name).observe(time.perf_counter() - sent_at)
-    raise AssertionError("unreachable: the last target always returns or raises")
+    raise AssertionError("unreachable: the last target always returns an ending")
 
 
-async def _credential(svc: Services, call: Call, provider: ProviderConfig) -> credentials.Credential:
+async def _credential(svc: Services, call: Call, provider: ProviderConfig) -> credentials.Credential | Ending:
     try:
         return await credentials.choose(svc, call, provider)
     except SidecarError as error:
-        await settle(svc, call, "failed", None, error=error.message)
-        raise
+        return failed(error.message, error)
 
 
-async def _open_with(
+def _next_or_fail(last: bool, reason: str, error: SidecarError) -> NextTarget | Ending:
+    """Before any byte reached the client, a target that did not take the call hands it to the next
+    one; the last target's failure ends the call, charged nothing."""
+    return failed(reason, error) if last else NextTarget(reason)
+
+
+async def _attempt(
     svc: Services,
     call: Call,
     provider: ProviderConfig,
-    target: Target,
-    payload: dict,
-    facts: RequestFacts,
+    body: bytes,
     client_headers,
     credential: credentials.Credential,
     last: bool,
-) -> tuple[aiohttp.ClientResponse | UpstreamError, float] | None:
+) -> tuple[aiohttp.ClientResponse, float] | NextTarget | Ending:
     """Send the call to one target: with the customer's key, then (if the provider refuses that key
-    before any byte reached the client) with the platform's. None: move on to the next target."""
-    body = call.protocol.rewrite_request(payload, facts, target.upstream_model, call.output_cap, provider.openrouter)
+    before any byte reached the client) with the platform's."""
     for _ in range(2):  # at most: the customer's key, then the platform's
-        if credential.stored is None and not await _ready_for_platform_key(svc, call, provider, last):
-            return None
+        if credential.stored is None:
+            ready = await _ready_for_platform_key(svc, call, provider, last)
+            if ready is not None:
+                return ready
         call.byok = credential.stored is not None
         sent_at = time.perf_counter()
         try:
@@ -397,14 +435,13 @@ async def _open_with(
             svc.metrics.child(
                 svc.metrics.upstream_attempts, provider.name, "timeout" if exc.timed_out else "unreachable"
             ).inc()
-            if not last:
-                call.fallback_reason = f"{provider.name}: {exc.reason}"
-                return None
-            await settle(svc, call, "failed", None, error=f"upstream unreachable: {exc.reason}")
-            kind = "timeout" if exc.timed_out else "upstream"
-            raise SidecarError(
-                kind, "the provider did not answer; nothing was charged", code="upstream_unavailable"
-            ) from None
+            error = SidecarError(
+                "timeout" if exc.timed_out else "upstream",
+                "the provider did not answer; nothing was charged",
+                code="upstream_unavailable",
+            )
+            reason = f"{provider.name}: {exc.reason}" if not last else f"upstream unreachable: {exc.reason}"
+            return _next_or_fail(last, reason, error)
         svc.metrics.child(svc.metrics.upstream_attempts, provider.name, str(upstream.status)).inc()
         svc.metrics.child(svc.metrics.upstream_ttfb, provider.name).observe(time.perf_counter() - sent_at)
         if credential.stored is not None and upstream.status in credentials.BYOK_REFUSAL_STATUSES:
@@ -413,18 +450,17 @@ async def _open_with(
             upstream.release()
             if reason is None:  # an answer about the call itself: the next target, or relay it as is
                 if upstream.status in FALLBACK_STATUSES and not last:
-                    call.fallback_reason = f"{provider.name}: answered {upstream.status}"
-                    return None
-                return UpstreamError(upstream.status, upstream.headers, error_body), sent_at
+                    return NextTarget(f"{provider.name}: answered {upstream.status}")
+                return relay_upstream_error(call, UpstreamErrorAnswer(upstream.status, upstream.headers, error_body))
             await _byok_refused(svc, call, provider, credential, reason)
+            await _extend_hold(svc, call)
             credential = credentials.PLATFORM
             continue
         if credential.stored is not None:
             await svc.byok.mark_used(credential.stored)
         if upstream.status in FALLBACK_STATUSES and not last:
             upstream.release()
-            call.fallback_reason = f"{provider.name}: answered {upstream.status}"
-            return None
+            return NextTarget(f"{provider.name}: answered {upstream.status}")
         return upstream, sent_at
     raise AssertionError("unreachable: the platform key is the last credential")
 
@@ -445,33 +481,52 @@ async def _byok_refused(
     await svc.byok.mark_failing(credential.stored, reason, svc.config.byok.failure_cooldown_ms / 1000)
 
 
-async def _ready_for_platform_key(svc: Services, call: Call, provider: ProviderConfig, last: bool) -> bool:
+async def _ready_for_platform_key(
+    svc: Services, call: Call, provider: ProviderConfig, last: bool
+) -> NextTarget | Ending | None:
     """Before the platform's key is used: it must exist, and the call must hold its credits ceiling
-    (a call that started on the customer's key held nothing). False: try the next target."""
+    (a call that started on the customer's key held nothing). None: ready."""
     if not svc.upstreams.has_credentials(provider.name):
-        if not last:
-            call.fallback_reason = f"{provider.name}: no platform key configured"
-            return False
-        await settle(svc, call, "failed", None, error=f"{provider.name}: no platform key configured")
-        raise SidecarError("unavailable", f"provider {provider.name!r} has no platform key configured")
+        error = SidecarError("unavailable", f"provider {provider.name!r} has no platform key configured")
+        return _next_or_fail(last, f"{provider.name}: no platform key configured", error)
     if call.hold_micro >= call.credits_ceiling_micro:
-        return True
+        return None
     ws = call.caller.workspace_id
     for _ in range(ADMIT_ATTEMPTS):
-        outcome = await svc.state.grow_hold(ws, call.request_id, call.credits_ceiling_micro)
-        if outcome == 1:
+        try:
+            grown = await svc.state.grow_hold(ws, call.request_id, call.credits_ceiling_micro)
+        except RedisError:
+            break
+        if grown is GrowHold.RAISED:
             call.hold_micro = call.credits_ceiling_micro
-            return True
-        if outcome == -2:
+            return None
+        if grown is GrowHold.NEED_LOAD:
             await svc.balances.ensure_loaded(ws)
             continue
-        if outcome == -3:
+        if grown in (GrowHold.INSUFFICIENT, GrowHold.CEILING_TOO_LARGE):
             svc.metrics.child(svc.metrics.payment_required, call.protocol.route).inc()
-            await settle(svc, call, "failed", None, error="insufficient credits for the platform key")
-            raise payment_required()
+            return failed("insufficient credits for the platform key", payment_required())
         break
-    await settle(svc, call, "failed", None, error="the hold could not be raised for the platform key")
-    raise SidecarError("unavailable", "metering is unavailable; nothing was charged, retry shortly")
+    error = SidecarError("unavailable", "metering is unavailable; nothing was charged, retry shortly")
+    return failed("the hold could not be raised for the platform key", error)
+
+
+async def _extend_hold(svc: Services, call: Call) -> None:
+    """Push the hold's deadline past the longest this call may still take (one more attempt and its
+    relay), so the sweeper never voids a call that is still running. Best effort: on a Redis error
+    the deadline set at admission stands."""
+    timeouts = svc.config.upstream
+    ttl_ms = (
+        timeouts.first_byte_timeout_ms
+        + timeouts.total_timeout_ms
+        + timeouts.usage_wait_after_hangup_ms
+        + svc.config.server.drain_timeout_ms
+        + svc.config.holds.settle_budget_ms
+    )
+    try:
+        await svc.state.extend_hold(call.caller.workspace_id, call.request_id, ttl_ms)
+    except RedisError as exc:
+        log.warning("could not extend a hold's deadline", extra={"error": type(exc).__name__})
 
 
 async def _open(
@@ -483,6 +538,7 @@ async def _open(
                 provider.base_url + call.protocol.upstream_path,
                 data=body,
                 headers=svc.upstreams.headers(provider, client_headers, key),
+                allow_redirects=False,  # a redirect would carry the key and the prompt elsewhere
             )
     except TimeoutError:
         raise _Unreachable("timeout", timed_out=True) from None
@@ -490,18 +546,18 @@ async def _open(
         raise _Unreachable(type(exc).__name__, timed_out=False) from None
 
 
+class _Unreachable(Exception):
+    def __init__(self, reason: str, timed_out: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.timed_out = reason, timed_out
+
+
 async def _relay(
-    request: web.Request,
-    svc: Services,
-    call: Call,
-    facts: RequestFacts,
-    upstream: aiohttp.ClientResponse | UpstreamError,
-) -> web.StreamResponse:
-    if isinstance(upstream, UpstreamError):
-        return await relay_upstream_error(svc, call, upstream)
-    if upstream.status >= 400:
+    request: web.Request, svc: Services, call: Call, facts: RequestFacts, upstream: aiohttp.ClientResponse
+) -> Ending:
+    if upstream.status >= 300:  # an error, or a redirect that is never followed
         body = await upstream.content.read(MAX_UPSTREAM_ERROR_BYTES)
-        return await relay_upstream_error(svc, call, UpstreamError(upstream.status, upstream.headers, body))
+        return relay_upstream_error(call, UpstreamErrorAnswer(upstream.status, upstream.headers, body))
     first_byte(call)
     if facts.stream:
         return await relay_stream(request, svc, call, facts, upstream)

@@ -1,14 +1,16 @@
-"""Relaying the provider's answer to the client, and settling however it ends.
+"""Relaying the provider's answer to the client. Never settles: each relay returns an `Ending` (how
+the call ended, and what the client gets once the lifecycle has settled it).
 
 Streams are relayed event by event as they arrive (never buffered whole); usage is read on the side.
-Every path ends in exactly one settlement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 
 import aiohttp
 from aiohttp import web
@@ -18,9 +20,12 @@ from sidecar.pricing import Usage
 from sidecar.protocols.base import RequestFacts, StreamReader, estimate_tokens
 from sidecar.protocols.errors import SidecarError
 from sidecar.proxy.call import Call, now_ms
-from sidecar.proxy.settlement import settle
+from sidecar.proxy.outcome import CallStatus, Ending, Outcome, Replay, refusal
 from sidecar.services import Services
 from sidecar.sse import SSEError, SSEFramer
+from sidecar.state.store import SettleResult
+
+log = logging.getLogger("sidecar.proxy")
 
 MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
 MAX_UPSTREAM_ERROR_BYTES = 64 * 1024
@@ -28,66 +33,130 @@ PASSED_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
 
 
 @dataclass(frozen=True, slots=True)
-class UpstreamError:
-    """A provider's error answer, its body already read (bounded)."""
+class UpstreamErrorAnswer:
+    """A provider's error answer, its body already read (bounded). A value, not an exception."""
 
     status: int
     headers: Mapping[str, str]
     body: bytes
 
 
-class ClientGone(Exception):
-    """The client closed its connection while the response was relayed."""
+class StreamEnd(Enum):
+    """Why a relayed stream stopped."""
+
+    UPSTREAM_DONE = "the provider ended the stream"
+    UPSTREAM_BROKE = "the provider's stream broke off"
+    CLIENT_GONE = "client disconnected"
+    CLIENT_SLOW = "client too slow to read the stream"
+    TOTAL_TIMEOUT = "cut off by the sidecar: total timeout"
+    IDLE_TIMEOUT = "cut off by the sidecar: the provider went idle"
+    SIDECAR_FAULT = "cut off by an internal error in the sidecar"
+
+
+# The client stopped the stream: the provider may still send its usage if we keep reading.
+_CLIENT_ENDS = (StreamEnd.CLIENT_GONE, StreamEnd.CLIENT_SLOW)
+# The sidecar stopped the stream: tokens were relayed, so what was observed is billed (never 0).
+_SIDECAR_ENDS = (StreamEnd.TOTAL_TIMEOUT, StreamEnd.IDLE_TIMEOUT, StreamEnd.SIDECAR_FAULT)
+
+
+class _ClientGone(Exception):
+    def __init__(self, end: StreamEnd) -> None:
+        self.end = end
 
 
 def base_headers(call: Call) -> dict[str, str]:
     return {**call.rate_headers, "x-request-id": call.request_id}
 
 
-async def relay_upstream_error(svc: Services, call: Call, upstream: UpstreamError) -> web.Response:
-    """A provider error before any byte reached the client: costs nothing, and the client sees it."""
-    body = upstream.body
-    await settle(svc, call, "failed", None, error=f"upstream answered {upstream.status}")
+def first_byte(call: Call) -> None:
+    call.first_byte_ms = now_ms()
+
+
+# --- an error answer before any byte reached the client ---------------------------------------------
+
+
+def relay_upstream_error(call: Call, upstream: UpstreamErrorAnswer) -> Ending:
+    """Costs nothing, and the client sees the provider's answer."""
+    outcome = Outcome.failed(f"upstream answered {upstream.status}")
     if upstream.status in (401, 403):
         # The platform's own credentials were refused. The provider's message may quote part of the
         # key, and the client's key is fine: say so in our words.
-        raise SidecarError(
+        error = SidecarError(
             "upstream",
             "the provider refused the platform credentials; nothing was charged",
             code="upstream_auth_failed",
         )
+        return Ending(outcome, refusal(error))
     headers = base_headers(call)
     for name in PASSED_ERROR_HEADERS:
         if name in upstream.headers:
             headers[name] = upstream.headers[name]
-    return web.Response(status=upstream.status, body=body, content_type="application/json", headers=headers)
+
+    async def reply(_: SettleResult | None) -> web.StreamResponse:
+        return web.Response(
+            status=upstream.status, body=upstream.body, content_type="application/json", headers=headers
+        )
+
+    return Ending(outcome, reply)
 
 
-async def relay_body(svc: Services, call: Call, upstream: aiohttp.ClientResponse) -> web.Response:
+# --- a whole JSON answer ----------------------------------------------------------------------------
+
+
+async def relay_body(svc: Services, call: Call, upstream: aiohttp.ClientResponse) -> Ending:
+    timeout_s = svc.config.upstream.total_timeout_ms / 1000
     try:
-        body = await _read_bounded(upstream, svc.config.upstream.total_timeout_ms / 1000)
+        try:
+            body = await _read_bounded(upstream, timeout_s)
+        except asyncio.CancelledError:
+            if not _client_left(svc):
+                raise
+            # The client hung up while the provider works: its answer still says what it used.
+            body = await _read_bounded(upstream, min(timeout_s, svc.config.upstream.usage_wait_after_hangup_ms / 1000))
+            return _abandoned_body(call, body)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        await settle(svc, call, "failed", None, error=f"upstream broke: {type(exc).__name__}")
-        raise SidecarError(
-            "upstream", "the provider's answer broke off; nothing was charged", code="upstream_error"
-        ) from None
+        error = SidecarError("upstream", "the provider's answer broke off; nothing was charged", code="upstream_error")
+        return Ending(Outcome.failed(f"upstream broke: {type(exc).__name__}"), refusal(error))
     facts = call.protocol.read_body(body)
     call.served_model = facts.model or call.served_model
+    headers = base_headers(call)
     if facts.error is not None and facts.usage is None:
         # A 200 that carries an error (OpenRouter reports late failures so): nothing was served.
-        await settle(svc, call, "failed", None, error=f"provider error in a 200 body: {facts.error}")
-        return web.Response(status=200, body=body, content_type="application/json", headers=base_headers(call))
-    usage, estimated = facts.usage, facts.usage is None
-    if usage is None:  # a provider that sent no usage: estimate, flag, and still cap at the hold
+        outcome = Outcome.failed(f"provider error in a 200 body: {facts.error}")
+    elif facts.usage is None:  # a provider that sent no usage: estimate, flag, and still cap at the hold
         usage = Usage(input_tokens=estimate_tokens(call.request_bytes), output_tokens=estimate_tokens(len(body)))
-    settled = await settle(svc, call, "completed", usage, estimated=estimated, response=(200, "application/json", body))
-    headers = base_headers(call)
-    if settled is not None:
-        headers["x-sidecar-cost-micro"] = str(settled.charged_micro)
-        headers["x-sidecar-cost"] = format_micro(settled.charged_micro)
-        if settled.balance_after_micro is not None:
-            headers["x-sidecar-balance-micro"] = str(settled.balance_after_micro)
-    return web.Response(status=200, body=body, content_type="application/json", headers=headers)
+        outcome = Outcome(CallStatus.COMPLETED, usage, estimated=True, replay=Replay(200, "application/json", body))
+    else:
+        outcome = Outcome(CallStatus.COMPLETED, facts.usage, replay=Replay(200, "application/json", body))
+
+    async def reply(settled: SettleResult | None) -> web.StreamResponse:
+        if settled is not None and outcome.status is CallStatus.COMPLETED:
+            headers["x-sidecar-cost-micro"] = str(settled.charged_micro)
+            headers["x-sidecar-cost"] = format_micro(settled.charged_micro)
+            if settled.balance_after_micro is not None:
+                headers["x-sidecar-balance-micro"] = str(settled.balance_after_micro)
+        return web.Response(status=200, body=body, content_type="application/json", headers=headers)
+
+    return Ending(outcome, reply)
+
+
+def _abandoned_body(call: Call, body: bytes) -> Ending:
+    facts = call.protocol.read_body(body)
+    call.served_model = facts.model or call.served_model
+    outcome = Outcome(CallStatus.CANCELLED, facts.usage, error=StreamEnd.CLIENT_GONE.value)
+    return Ending(outcome, refusal(SidecarError("client_closed", "the client closed the connection")))
+
+
+def _client_left(svc: Services) -> bool:
+    """aiohttp cancels a handler whose client hung up (when run with handler_cancellation, as its test
+    server is). That is the client leaving, not a reason to stop metering: absorb it and go on to
+    bill the call. A cancellation while the sidecar shuts down is not absorbed."""
+    if svc.draining:
+        return False
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return True
 
 
 async def _read_bounded(upstream: aiohttp.ClientResponse, timeout_s: float) -> bytes:
@@ -101,9 +170,12 @@ async def _read_bounded(upstream: aiohttp.ClientResponse, timeout_s: float) -> b
     return b"".join(parts)
 
 
+# --- a stream ----------------------------------------------------------------------------------------
+
+
 async def relay_stream(
     request: web.Request, svc: Services, call: Call, facts: RequestFacts, upstream: aiohttp.ClientResponse
-) -> web.StreamResponse:
+) -> Ending:
     response = web.StreamResponse(
         status=200,
         headers={
@@ -113,85 +185,163 @@ async def relay_stream(
             "X-Accel-Buffering": "no",
         },
     )
-    reader = call.protocol.stream_reader(facts)
-    status, error = "completed", None
+    reader = call.reader = call.protocol.stream_reader(facts)
+    try:
+        end = await _relay_until_end(request, svc, call, upstream, response, reader)
+    except asyncio.CancelledError:
+        if not _client_left(svc):
+            raise
+        end = StreamEnd.CLIENT_GONE
+    if end in _CLIENT_ENDS and not (reader.done or reader.has_final_usage):
+        await _read_on_for_usage(svc, call, upstream, reader)
+    outcome = stream_outcome(svc, call, reader, end)
+
+    async def reply(_: SettleResult | None) -> web.StreamResponse:
+        if end in _CLIENT_ENDS:
+            return response
+        if outcome.status is not CallStatus.COMPLETED and reader.error is None:
+            await _try(response.write(call.protocol.stream_error(end.value)))
+        await _try(response.write_eof())
+        return response
+
+    return Ending(outcome, reply)
+
+
+async def _relay_until_end(
+    request: web.Request,
+    svc: Services,
+    call: Call,
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    reader: StreamReader,
+) -> StreamEnd:
+    timeouts = svc.config.upstream
     try:
         try:
             await response.prepare(request)
         except (ConnectionError, RuntimeError):
-            raise ClientGone() from None
-        async with asyncio.timeout(svc.config.upstream.total_timeout_ms / 1000):
-            await _pump(upstream, response, reader, call)
-        if reader.error is not None:
-            status, error = "failed", f"provider error mid-stream: {reader.error}"
-        elif not (reader.done or reader.has_final_usage):
-            status, error = "failed", "upstream stream ended before completion"
-    except ClientGone:
-        status, error = "cancelled", "client disconnected"
-    except asyncio.CancelledError:
-        await _settle_stream(svc, call, reader, "cancelled", "client disconnected")
-        raise
-    except (aiohttp.ClientError, TimeoutError, OSError, SSEError) as exc:
-        if isinstance(exc, TimeoutError) and call.writing:  # the client read too slowly: it left, in effect
-            status, error = "cancelled", "client too slow to read the stream"
-        elif reader.has_final_usage:  # the provider finished and counted: only the tail was lost
-            status, error = "completed", None
-        else:
-            status, error = "failed", f"upstream broke mid-stream: {type(exc).__name__}"
-            await _try(response.write(call.protocol.stream_error("the provider's stream broke off")))
-    await _settle_stream(svc, call, reader, status, error)
-    if status != "cancelled":
-        await _try(response.write_eof())
-    return response
+            return StreamEnd.CLIENT_GONE
+        async with asyncio.timeout(timeouts.total_timeout_ms / 1000):
+            await _pump(upstream, response, reader, call, timeouts.write_timeout_ms / 1000)
+        return StreamEnd.UPSTREAM_DONE
+    except _ClientGone as gone:
+        return gone.end
+    except aiohttp.ServerTimeoutError:  # aiohttp's read timeout: no byte for upstream.idle_timeout_ms
+        return StreamEnd.IDLE_TIMEOUT
+    except TimeoutError:
+        return StreamEnd.TOTAL_TIMEOUT
+    except (aiohttp.ClientError, OSError, SSEError):
+        return StreamEnd.UPSTREAM_BROKE
+    except Exception:
+        # The 200 is already on the wire: no error response can follow it. End the stream with the
+        # protocol's error event instead, and settle what was relayed.
+        log.exception("unexpected error while relaying a stream")
+        return StreamEnd.SIDECAR_FAULT
 
 
 async def _pump(
-    upstream: aiohttp.ClientResponse, response: web.StreamResponse, reader: StreamReader, call: Call
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    reader: StreamReader,
+    call: Call,
+    write_timeout_s: float,
 ) -> None:
     framer = SSEFramer()
     async for chunk in upstream.content.iter_any():
         events = framer.feed(chunk)
         if events:
-            await _relay_events(events, response, reader, call)
+            await _relay_events(events, response, reader, call, write_timeout_s)
             if reader.error is not None:
                 return
     tail = framer.flush()  # a last event without its blank line
     if tail is not None:
-        await _relay_events([tail], response, reader, call)
+        await _relay_events([tail], response, reader, call, write_timeout_s)
 
 
-async def _relay_events(events: list, response: web.StreamResponse, reader: StreamReader, call: Call) -> None:
+async def _relay_events(
+    events: list, response: web.StreamResponse, reader: StreamReader, call: Call, write_timeout_s: float
+) -> None:
     out = b"".join([event.raw for event in events if reader.observe(event)])
     if not out:
         return
     call.keep_relayed(out)
-    call.writing = True
     try:
-        await response.write(out)
+        async with asyncio.timeout(write_timeout_s):
+            await response.write(out)
+    except TimeoutError:  # the client stopped reading: it left, in effect
+        raise _ClientGone(StreamEnd.CLIENT_SLOW) from None
     except (ConnectionError, RuntimeError):  # RuntimeError: aiohttp's "transport is closing"
-        raise ClientGone() from None
-    call.writing = False
+        raise _ClientGone(StreamEnd.CLIENT_GONE) from None
 
 
-async def _settle_stream(svc: Services, call: Call, reader: StreamReader, status: str, error: str | None) -> None:
+async def _read_on_for_usage(svc: Services, call: Call, upstream: aiohttp.ClientResponse, reader: StreamReader) -> None:
+    """The client left before the provider sent its usage. Keep reading the provider's stream, relaying
+    nothing, until its usage arrives (bounded in time): the exact count beats an estimate from bytes,
+    which misses images, cached prefixes and reasoning tokens."""
+    wait_s = svc.config.upstream.usage_wait_after_hangup_ms / 1000
+    if wait_s <= 0:
+        return
+    framer = SSEFramer()
+    try:
+        async with asyncio.timeout(wait_s):
+            async for chunk in upstream.content.iter_any():
+                for event in framer.feed(chunk):
+                    reader.observe(event)
+                if reader.done or reader.has_final_usage or reader.error is not None:
+                    return
+    except (TimeoutError, aiohttp.ClientError, OSError, SSEError):
+        return
+    except Exception:  # a reader bug must not stop the settlement: bill what was observed
+        log.exception("unexpected error while reading on for usage")
+
+
+def stream_outcome(svc: Services, call: Call, reader: StreamReader, end: StreamEnd) -> Outcome:
     call.served_model = reader.model or call.served_model
-    usage, estimated = reader.usage, False
-    billed_as_observed = status in ("completed", "cancelled") or svc.config.billing.bill_observed_on_upstream_failure
-    if billed_as_observed and (status != "completed" or usage is None):
-        # No final usage (the client left, or a provider that sends none): bill what was observed,
-        # estimated and flagged where the provider did not count it.
+    if end is StreamEnd.UPSTREAM_DONE and reader.error is not None:
+        return _failed_stream(svc, call, reader, f"provider error mid-stream: {reader.error}")
+    if end is StreamEnd.UPSTREAM_DONE and not (reader.done or reader.has_final_usage):
+        return _failed_stream(svc, call, reader, "upstream stream ended before completion")
+    if end in (StreamEnd.UPSTREAM_DONE, StreamEnd.UPSTREAM_BROKE) and reader.has_final_usage:
+        # The provider finished and counted (only a tail may have been lost): complete.
+        relayed = call.relayed_body()
+        replay = Replay(200, "text/event-stream", relayed) if relayed is not None else None
+        return Outcome(CallStatus.COMPLETED, reader.usage, replay=replay)
+    if end is StreamEnd.UPSTREAM_DONE:  # done, but the provider sent no usage: estimate and flag
         usage, estimated = reader.observed(call.request_bytes)
-    # Only a complete stream is worth replaying to a retry; a cut one is remembered, not replayed.
-    relayed = call.relayed_body() if status == "completed" else None
-    await settle(
-        svc,
-        call,
-        status,
-        usage,
-        estimated=estimated,
-        error=error,
-        response=(200, "text/event-stream", relayed) if relayed is not None else None,
-    )
+        relayed = call.relayed_body()
+        replay = Replay(200, "text/event-stream", relayed) if relayed is not None else None
+        return Outcome(CallStatus.COMPLETED, usage, estimated, replay=replay)
+    if end is StreamEnd.UPSTREAM_BROKE:
+        return _failed_stream(svc, call, reader, f"upstream broke mid-stream: {end.value}")
+    # The client left or the sidecar cut the stream: bill the provider's count if it came, else what
+    # was observed, flagged as estimated.
+    assert end in _CLIENT_ENDS or end in _SIDECAR_ENDS, end
+    if reader.has_final_usage:
+        return Outcome(CallStatus.CANCELLED, reader.usage, error=end.value)
+    usage, estimated = reader.observed(call.request_bytes)
+    return Outcome(CallStatus.CANCELLED, usage, estimated, error=end.value)
+
+
+def cancelled_outcome(call: Call) -> Outcome:
+    """The handler was cancelled (a shutdown past its drain time) mid-call: bill what was observed."""
+    reader = call.reader
+    if reader is None:
+        return Outcome(CallStatus.CANCELLED, None, error="cancelled before the call finished")
+    call.served_model = reader.model or call.served_model
+    if reader.has_final_usage:
+        return Outcome(CallStatus.CANCELLED, reader.usage, error="cancelled before the call finished")
+    usage, estimated = reader.observed(call.request_bytes)
+    return Outcome(CallStatus.CANCELLED, usage, estimated, error="cancelled before the call finished")
+
+
+def _failed_stream(svc: Services, call: Call, reader: StreamReader, error: str) -> Outcome:
+    """A provider failure mid-stream: 0 by default; the observed usage when the operator chose to bill it."""
+    if not svc.config.billing.bill_observed_on_upstream_failure:
+        return Outcome.failed(error)
+    if reader.has_final_usage:
+        return Outcome.failed(error, reader.usage)
+    usage, estimated = reader.observed(call.request_bytes)
+    return Outcome.failed(error, usage, estimated)
 
 
 async def _try(step) -> None:
@@ -199,7 +349,3 @@ async def _try(step) -> None:
         await step
     except (ConnectionError, RuntimeError):
         pass
-
-
-def first_byte(call: Call) -> None:
-    call.first_byte_ms = now_ms()

@@ -1,26 +1,35 @@
 """Settlement: the call's ledger event and the one Lua call that resolves its hold.
 
-Runs in a task of its own, so a handler cancelled by a disconnecting client cannot stop it half-way;
-shutdown waits for these tasks.
+A settlement is retried for the whole settle budget; what Redis still cannot take is spooled to disk
+(`proxy/spool.py`) and replayed by `run_spool` until it lands, exactly once (the script resolves a
+hold at most once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import uuid
 
+import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
+from sidecar.db import POSTGRES_ERRORS
 from sidecar.pricing import Usage
 from sidecar.proxy.call import Call, now_ms
+from sidecar.proxy.outcome import CallStatus, Outcome, Replay
 from sidecar.services import Services
-from sidecar.state.store import NeedLoad, SettleResult
+from sidecar.state.store import SETTLED_RETENTION_MS, IdempotencyRecord, SettleOutcome, SettleResult
 
 log = logging.getLogger("sidecar.proxy")
 
-SETTLE_ATTEMPTS = 5
+SETTLE_RETRY_FIRST_S = 0.05
+SETTLE_RETRY_MAX_S = 1.0
+SETTLE_ATTEMPTS_MAX = 10_000  # the budget bounds the retries in time; this only bounds the loop
+SPOOL_INTERVAL_S = 1.0
+SPOOL_BATCH_MAX = 500
 _TOKEN_CLASSES = (
     "input_tokens",
     "output_tokens",
@@ -66,58 +75,69 @@ def event(call: Call, status: str, usage: Usage, upstream_cost_micro: int, estim
     }
 
 
-async def settle(
-    svc: Services,
-    call: Call,
-    status: str,
-    usage: Usage | None,
-    estimated: bool = False,
-    error: str | None = None,
-    response: tuple[int, str, bytes] | None = None,
-) -> SettleResult | None:
-    task = asyncio.ensure_future(_settle_now(svc, call, status, usage or Usage(), estimated, error, response))
+async def settle(svc: Services, call: Call, outcome: Outcome) -> SettleResult | None:
+    """Resolve the call's hold from its outcome: the one settlement of a call.
+
+    Runs in a task of its own, so a handler cancelled (a client gone, a shutdown) cannot stop it
+    half-way; shutdown waits for these tasks. None: Redis could not take it within the budget, and the
+    settlement was spooled to disk for later."""
+    task = asyncio.ensure_future(_settle_now(svc, call, outcome))
     svc.settling.add(task)
     task.add_done_callback(svc.settling.discard)
     return await asyncio.shield(task)
 
 
-async def _settle_now(
-    svc: Services,
-    call: Call,
-    status: str,
-    usage: Usage,
-    estimated: bool,
-    error: str | None,
-    response: tuple[int, str, bytes] | None,
-) -> SettleResult | None:
+def settle_args(svc: Services, call: Call, outcome: Outcome) -> dict:
+    """The settle script's arguments for this outcome (also what a spooled settlement stores)."""
     config, pricing, caller = svc.config, svc.config.pricing, call.caller
-    billable = status in ("completed", "cancelled") or (
-        status == "failed" and config.billing.bill_observed_on_upstream_failure
-    )
+    usage = outcome.usage or Usage()
+    billable = outcome.status is not CallStatus.FAILED or config.billing.bill_observed_on_upstream_failure
     price = _price(svc, call)
     cost_micro = pricing.cost_micro(price, usage) if billable else 0
     upstream_cost_micro = pricing.upstream_cost_micro(price, usage)
-    body_event = orjson.dumps(event(call, status, usage, upstream_cost_micro, estimated, error))
-    replay_status, content_type, body = response or (0, "", b"")
-    if len(body) > config.billing.idempotency_max_body_bytes:
-        replay_status, body = 0, b""  # remembered as done, too large to replay
-    tokens_used = usage.total_input_tokens + usage.output_tokens
-    result = await _settle_with_retries(
-        svc, call, cost_micro, body_event, status, replay_status, content_type, body, tokens_used
+    body_event = orjson.dumps(
+        event(call, outcome.status.value, usage, upstream_cost_micro, outcome.estimated, outcome.error)
     )
+    replay = outcome.replay
+    if replay is not None and len(replay.body) > config.billing.idempotency_max_body_bytes:
+        replay = Replay(0, "", b"")  # remembered as done, too large to replay
+    return {
+        "ws": caller.workspace_id,
+        "key_id": caller.key_id,
+        "hold_id": call.request_id,
+        "cost_micro": cost_micro,
+        "billed": not call.byok,  # BYOK: priced and recorded, never charged
+        "event": body_event,
+        "idempotency_key": call.idempotency_key,
+        # Only a completed answer is kept for a retry to replay; after a failure or a hang-up the
+        # client has no answer, so the key is freed and its retry runs.
+        "idempotency": IdempotencyRecord.REPLAY if outcome.status is CallStatus.COMPLETED else IdempotencyRecord.FORGET,
+        "status": replay.status if replay else 0,
+        "content_type": replay.content_type if replay else "",
+        "body": replay.body if replay else b"",
+        "idempotency_ttl_ms": config.billing.idempotency_ttl_ms,
+        "tokens_used": usage.total_input_tokens + usage.output_tokens,
+        "route": call.protocol.route,
+    }
+
+
+async def _settle_now(svc: Services, call: Call, outcome: Outcome) -> SettleResult | None:
+    args = settle_args(svc, call, outcome)
+    result = await _settle_within_budget(svc, args)
     if result is None:
+        _spool(svc, args)
         return None
-    svc.flusher.note_workspace(caller.workspace_id)
-    _observe(svc, call, status, usage, result)
+    svc.flusher.note_workspace(call.caller.workspace_id)
+    _observe(svc, call, outcome, result)
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
             "call settled",
             extra={
-                "workspace_id": caller.workspace_id,
-                "key_id": caller.key_id,
+                "workspace_id": call.caller.workspace_id,
+                "key_id": call.caller.key_id,
                 "model": call.model.name,
                 "provider": call.provider,
-                "status": status,
+                "status": outcome.status.value,
                 "cost_micro": result.charged_micro,
                 "duration_ms": now_ms() - call.started_ms,
             },
@@ -137,54 +157,104 @@ def _price(svc: Services, call: Call):
     return call.price or pricing.price_of(target.price)
 
 
-async def _settle_with_retries(
-    svc: Services,
-    call: Call,
-    cost_micro: int,
-    body_event: bytes,
-    status: str,
-    replay_status: int,
-    content_type: str,
-    body: bytes,
-    tokens_used: int,
-) -> SettleResult | None:
-    caller = call.caller
-    delay_s = 0.05
-    # Bounded in attempts and in time: the hold's TTL is sized to outlive this budget.
-    deadline = asyncio.get_running_loop().time() + svc.config.holds.settle_budget_ms / 1000
-    for _ in range(SETTLE_ATTEMPTS):
-        if asyncio.get_running_loop().time() >= deadline:
-            break
+async def _settle_within_budget(svc: Services, args: dict) -> SettleResult | None:
+    """Retry the settle script until it answers or `holds.settle_budget_ms` is spent. None: spent."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + svc.config.holds.settle_budget_ms / 1000
+    delay_s = SETTLE_RETRY_FIRST_S
+    # Bounded by the budget in time; the attempt count bound only guards against a zero-time loop.
+    for _ in range(SETTLE_ATTEMPTS_MAX):
         try:
-            return await svc.state.settle(
-                ws=caller.workspace_id,
-                key_id=caller.key_id,
-                hold_id=call.request_id,
-                cost_micro=cost_micro,
-                billed=not call.byok,  # BYOK: priced and recorded, never charged
-                event=body_event,
-                idempotency_key=call.idempotency_key,
-                keep_outcome=status != "failed",
-                status=replay_status,
-                content_type=content_type,
-                body=body,
-                idempotency_ttl_ms=svc.config.billing.idempotency_ttl_ms,
-                tokens_used=tokens_used,
-            )
-        except NeedLoad:
-            await svc.balances.ensure_loaded(caller.workspace_id)
+            return await _settle_once(svc, args)
         except (RedisError, OSError) as exc:
             svc.metrics.child(svc.metrics.dependency_errors, "redis").inc()
             log.warning("settle failed, retrying", extra={"error": type(exc).__name__})
-            await asyncio.sleep(min(delay_s, max(deadline - asyncio.get_running_loop().time(), 0)))
-            delay_s *= 4
-    # The hold stays; the sweeper voids it at its deadline and records the call as expired.
-    log.error("settlement failed; the hold will expire", extra={"status": status})
+        left_s = deadline - loop.time()
+        if left_s <= 0:
+            break
+        await asyncio.sleep(min(delay_s, left_s))
+        delay_s = min(delay_s * 2, SETTLE_RETRY_MAX_S)
     return None
 
 
-def _observe(svc: Services, call: Call, status: str, usage: Usage, result: SettleResult) -> None:
-    svc.metrics.child(svc.metrics.settlements, status).inc()
+async def _settle_once(svc: Services, args: dict) -> SettleResult:
+    result = await svc.state.settle(**args)
+    for _ in range(2):  # not loaded -> load -> settle
+        if result.outcome is not SettleOutcome.NEED_LOAD:
+            return result
+        await svc.balances.ensure_loaded(args["ws"])
+        result = await svc.state.settle(**args)
+    raise RedisError("the workspace's balance could not be loaded for settlement")
+
+
+# --- the spool: settlements Redis could not take in time --------------------------------------------
+
+
+def _spool(svc: Services, args: dict) -> None:
+    record = {
+        **args,
+        "event": args["event"].decode(),
+        "body": base64.b64encode(args["body"]).decode(),
+        "spooled_at_ms": now_ms(),
+    }
+    try:
+        stored = svc.spool.put(args["hold_id"], record)
+    except OSError as exc:
+        stored = False
+        log.error("could not write the settlement spool", extra={"error": f"{type(exc).__name__}: {exc.strerror}"})
+    if stored:
+        svc.metrics.spooled.inc()
+        log.error(
+            "settlement spooled: Redis did not answer within the settle budget", extra={"hold_id": args["hold_id"]}
+        )
+    else:
+        # The hold stays; the sweeper voids it at its deadline and records the call as expired.
+        svc.metrics.settlements_lost.inc()
+        log.critical("settlement lost: Redis unreachable and the spool full", extra={"hold_id": args["hold_id"]})
+
+
+async def replay_spool(svc: Services, batch_max: int = SPOOL_BATCH_MAX) -> int:
+    """Settle what the spool holds, oldest first. Returns how many were settled; stops at the first
+    Redis error (it is still down: the next round tries again)."""
+    done = 0
+    for path in svc.spool.pending(batch_max):
+        record = svc.spool.read(path)
+        if now_ms() - record.pop("spooled_at_ms") > SETTLED_RETENTION_MS:
+            # Past the time Redis remembers a resolved hold, a replay could settle a call twice.
+            log.critical("spooled settlement too old to replay; set aside", extra={"hold_id": record["hold_id"]})
+            svc.spool.bury(path)
+            continue
+        record["event"] = record["event"].encode()
+        record["body"] = base64.b64decode(record["body"])
+        record["idempotency"] = IdempotencyRecord(record["idempotency"])
+        try:
+            await _settle_once(svc, record)
+        except (RedisError, OSError):
+            break
+        svc.spool.remove(path)
+        svc.flusher.note_workspace(record["ws"])
+        done += 1
+    return done
+
+
+async def run_spool(svc: Services, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            if await replay_spool(svc):
+                log.info("spooled settlements replayed")
+        except (*POSTGRES_ERRORS, OSError) as exc:  # a load from Postgres failed: try again next round
+            log.warning("spool replay failed; will retry", extra={"error": type(exc).__name__})
+        except asyncpg.PostgresError:  # not an outage (db.POSTGRES_OUTAGE): a bug, said loudly; the loop lives on
+            log.exception("spool replay failed on a postgres error that is not an outage; will retry")
+        try:
+            await asyncio.wait_for(stop.wait(), SPOOL_INTERVAL_S)
+        except TimeoutError:
+            pass
+
+
+def _observe(svc: Services, call: Call, outcome: Outcome, result: SettleResult) -> None:
+    svc.metrics.child(svc.metrics.settlements, outcome.status.value).inc()
+    usage = outcome.usage or Usage()
     if not (result.resolved_now and result.charged_micro) or call.byok:
         return
     model = call.model.name

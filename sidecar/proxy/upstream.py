@@ -2,6 +2,11 @@
 
 Client headers are not forwarded wholesale: only a short allow-list crosses, so client credentials,
 cookies and hop-by-hop headers never leave the sidecar. The platform key is injected here.
+
+Redirects are never followed: a provider answering 3xx would get the prompt re-posted, with the
+key (aiohttp strips only `Authorization` across hosts, not `x-api-key`), wherever it points. Every
+session refuses a 3xx with RedirectRefused, a ClientError, so callers treat it as the provider's
+failure (the call falls back or fails unbilled; a key being validated is not stored).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 
 import aiohttp
 
+from sidecar import scrub
 from sidecar.config import Config, ProviderConfig
 
 log = logging.getLogger("sidecar.upstream")
@@ -21,6 +27,23 @@ ANTHROPIC_VERSION = "2023-06-01"
 OPENROUTER_HEADERS = ("http-referer", "x-title")
 
 
+class RedirectRefused(aiohttp.ClientError):
+    """The provider answered a redirect; it is not followed."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the provider answered HTTP {status} (a redirect); redirects are never followed")
+        self.status = status
+
+
+async def refuse_redirects(request: aiohttp.ClientRequest, handler) -> aiohttp.ClientResponse:
+    """A client middleware: runs for every hop, so it stops a redirect before aiohttp follows it."""
+    response = await handler(request)
+    if 300 <= response.status < 400:
+        response.close()
+        raise RedirectRefused(response.status)
+    return response
+
+
 class Upstreams:
     def __init__(self, config: Config, env: dict[str, str] | None = None) -> None:
         self.config = config
@@ -29,6 +52,8 @@ class Upstreams:
             name: (env.get(p.api_key_env) if p.api_key_env else None) for name, p in config.providers.items()
         }
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        for key in self._keys.values():
+            scrub.remember(key)  # a platform key never reaches a log line
 
     async def start(self) -> None:
         timeouts = self.config.upstream
@@ -45,6 +70,7 @@ class Upstreams:
                 ),
                 auto_decompress=True,
                 skip_auto_headers=("User-Agent",),
+                middlewares=(refuse_redirects,),
             )
             if self.config.providers[name].api_key_env and not self._keys[name]:
                 log.warning(

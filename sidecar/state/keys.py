@@ -50,5 +50,30 @@ def tokens(ws: str, key_id: str) -> str:
     return f"{tag(ws)}:tpm:{key_id}"
 
 
-def idempotency(ws: str, key_id: str, idempotency_key: str) -> str:
-    return f"{tag(ws)}:idem:{key_id}:{idempotency_key}"
+def idempotency(ws: str, key_id: str, route: str, idempotency_key: str) -> str:
+    """Scoped by route: the same key sent to another route is another request (the client's key is last,
+    since it may hold any printable character; key ids and routes hold no colon)."""
+    return f"{tag(ws)}:idem:{key_id}:{route}:{idempotency_key}"
+
+
+def hold_keys(ws: str) -> str:
+    """Hash: live hold id -> the API key id that holds it (what the per-key concurrency count follows)."""
+    return f"{tag(ws)}:hold_key"
+
+
+def hold_idempotency(ws: str) -> str:
+    """Hash: live hold id -> the Redis key of its idempotency record (when the call sent one)."""
+    return f"{tag(ws)}:hold_idem"
+
+
+def live_per_key(ws: str) -> str:
+    """Hash: API key id -> number of its live holds (concurrent calls)."""
+    return f"{tag(ws)}:live_keys"
+
+
+def idempotency_bytes(ws: str) -> str:
+    """Hash: time bucket start (ms) -> replay bytes stored in that bucket, for the per-workspace bound."""
+    return f"{tag(ws)}:idem_bytes"
+
+
+IDEMPOTENCY_BYTES_TOTAL = "{sidecar}:idem_bytes"  # the same, over every workspace (its own slot)

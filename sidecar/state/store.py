@@ -1,19 +1,26 @@
-"""Typed calls to the Lua scripts. Knows Redis, nothing of HTTP."""
+"""Typed calls to the Lua scripts. Knows Redis, nothing of HTTP.
+
+Every script reply is decoded here, once, into a typed result with a named outcome: no caller reads
+a reply's positions or a script's sentinel numbers.
+"""
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from importlib import resources
 
 import redis.asyncio as aioredis
 
+from sidecar.money import MAX_AMOUNT_MICRO
 from sidecar.state import keys
 from sidecar.state.batching import ScriptBatcher
 
 SETTLED_RETENTION_MS = 3_600_000  # how long "this hold is resolved" is remembered: far past any retry
+EVICT_MAX_PER_CALL = 1_000  # rate-window entries one admission may drop: bounds its work inside Redis
+HOLD_TTL_MAX_MS = 10**12  # ~31 years: any configured TTL fits; keeps now_ms + ttl_ms exact in Lua
 
 
 class Admission(IntEnum):
@@ -27,6 +34,58 @@ class Admission(IntEnum):
     BACKLOG = 7
     ALREADY_RESOLVED = 8
     OVER_TOKEN_LIMIT = 9
+    TOO_MANY_CONCURRENT = 10  # limited_by says whether the key's or the workspace's limit
+    CEILING_TOO_LARGE = 11  # at or above MAX_AMOUNT_MICRO: no balance can ever cover it (not sent to Redis)
+
+
+class SettleOutcome(IntEnum):
+    SETTLED = 0
+    ALREADY_RESOLVED = 1  # nothing changed
+    NEED_LOAD = 2  # the workspace's balance is not in Redis (restarted empty): load it, then settle again
+
+
+class ExpireOutcome(IntEnum):
+    VOIDED = 1
+    NOT_DUE = 0  # its deadline (by Redis time, now) has not passed: the call is still running
+    ALREADY_RESOLVED = -1
+    TOMBSTONED = -2  # not held (yet): a late admission of this hold id will be refused
+
+
+class ExpireStatus(StrEnum):
+    EXPIRED = "expired"  # the deadline passed: the sidecar that held it died
+    FAILED = "failed"  # admission's reply was lost: the call was never sent
+
+
+class GrowHold(IntEnum):
+    RAISED = 1  # or already as high
+    ALREADY_RESOLVED = -1
+    NEED_LOAD = -2
+    INSUFFICIENT = -3
+    CEILING_TOO_LARGE = -4  # at or above MAX_AMOUNT_MICRO (not sent to Redis)
+
+
+class HoldExtension(IntEnum):
+    NOT_LIVE = 0  # resolved or unknown: nothing changed
+    EXTENDED = 1
+    ALREADY_LATER = 2  # its deadline was already at least that far: never shortened
+
+
+class IdempotencyRecord(StrEnum):
+    """What settlement does with the call's idempotency record."""
+
+    REPLAY = "replay"  # keep the outcome: a retry gets the stored answer (only a completed call)
+    FORGET = "forget"  # delete it: a retry runs again (failed or cancelled: the client has no answer)
+
+
+@dataclass(frozen=True, slots=True)
+class StateLimits:
+    """Bounds the scripts enforce; 0 = none. The service takes them from config `limits` (whose
+    defaults are the sensible ones); a bare State, as tools and tests make, has none."""
+
+    concurrent_calls_per_key: int = 0
+    concurrent_calls_per_workspace: int = 0
+    replay_bytes_per_workspace: int = 0
+    replay_bytes_total: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,23 +97,36 @@ class AdmitResult:
     available_micro: int = 0
     now_us: int = 0  # Redis server time of the admission
     tokens_remaining: int = -1  # in the token window, when the key has a token limit
-    limited_by: str = ""  # "requests" or "tokens", when rate limited
+    limited_by: str = ""  # "requests" or "tokens" when rate limited; "key" or "workspace" when too many concurrent
     replay_status: int = 0
     replay_content_type: str = ""
     replay_body: bytes = b""
 
+    @property
+    def replayable(self) -> bool:
+        """DUPLICATE with a stored answer; False: remembered as done, its answer was not kept."""
+        return self.outcome is Admission.DUPLICATE and self.replay_status != 0
+
 
 @dataclass(frozen=True, slots=True)
 class SettleResult:
-    resolved_now: bool  # False: this hold was already resolved, nothing changed
+    outcome: SettleOutcome
     charged_micro: int = 0
     balance_after_micro: int | None = None
     hold_micro: int = 0
     hold_lost: bool = False
+    replay_stored: bool = False  # the response body was kept for replay under the idempotency key
+
+    @property
+    def resolved_now(self) -> bool:
+        """False: this hold was already resolved (or not loaded), nothing changed."""
+        return self.outcome is SettleOutcome.SETTLED
 
 
-class NeedLoad(Exception):
-    """The workspace's balance is not in Redis: load it from Postgres, then retry."""
+@dataclass(frozen=True, slots=True)
+class HoldDeadline:
+    outcome: HoldExtension
+    deadline_ms: int = 0  # Redis time; 0 when not live
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +143,7 @@ def _script_source(name: str) -> str:
     return (resources.files("sidecar.state") / "lua" / f"{name}.lua").read_text()
 
 
-def _resolution_keys(ws: str, key_id: str, idempotency_key: str | None) -> list[str]:
+def _resolution_keys(ws: str, record_key: str) -> list[str]:
     """The keys every script that resolves a hold touches (settle.lua, expire.lua), in their KEYS order."""
     return [
         keys.acct(ws),
@@ -80,12 +152,54 @@ def _resolution_keys(ws: str, key_id: str, idempotency_key: str | None) -> list[
         keys.hold_meta(ws),
         keys.settled(ws),
         keys.stream(ws),
-        keys.idempotency(ws, key_id, idempotency_key or ""),
+        record_key,
     ]
+
+
+def _record_key(ws: str, key_id: str, route: str, idempotency_key: str | None) -> str:
+    """The idempotency record's key; without an idempotency key, a key no record ever has (same slot)."""
+    return keys.idempotency(ws, key_id, route, idempotency_key or "")
 
 
 def _int_or_none(value: bytes | str | int) -> int | None:
     return None if value in (b"", "") else int(value)
+
+
+def _decode_admit(reply: list) -> AdmitResult:
+    outcome = Admission(int(reply[0]))
+    if outcome is Admission.ADMITTED:
+        return AdmitResult(
+            outcome,
+            remaining=int(reply[1]),
+            reset_ms=int(reply[2]),
+            now_us=int(reply[6]),
+            tokens_remaining=int(reply[7]),
+        )
+    if outcome is Admission.RATE_LIMITED:
+        return AdmitResult(outcome, retry_after_ms=int(reply[1]), reset_ms=int(reply[2]), limited_by=reply[3].decode())
+    if outcome is Admission.INSUFFICIENT:
+        return AdmitResult(outcome, available_micro=int(reply[1]), remaining=int(reply[2]), reset_ms=int(reply[3]))
+    if outcome is Admission.DUPLICATE:
+        return AdmitResult(
+            outcome, replay_status=int(reply[1]), replay_content_type=reply[2].decode(), replay_body=reply[3]
+        )
+    if outcome is Admission.TOO_MANY_CONCURRENT:
+        return AdmitResult(outcome, limited_by=reply[1].decode())
+    return AdmitResult(outcome)
+
+
+def _decode_settle(reply: list, with_body: bool) -> SettleResult:
+    outcome = SettleOutcome(int(reply[0]))
+    if outcome is not SettleOutcome.SETTLED:
+        return SettleResult(outcome)
+    return SettleResult(
+        outcome,
+        charged_micro=int(reply[1]),
+        balance_after_micro=_int_or_none(reply[2]),
+        hold_micro=int(reply[3]),
+        hold_lost=int(reply[4]) == 1,
+        replay_stored=with_body and int(reply[6]) == 1,  # reply[6]: the record was this hold's
+    )
 
 
 class State:
@@ -95,8 +209,9 @@ class State:
     scripts (admit, settle) go through the batcher, which pipelines concurrent calls.
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, limits: StateLimits | None = None) -> None:
         self.redis = client
+        self.limits = limits or StateLimits()
         self._batcher = ScriptBatcher(client)
         self._admit = client.register_script(_script_source("admit"))
         self._settle = client.register_script(_script_source("settle"))
@@ -104,7 +219,18 @@ class State:
         self._load = client.register_script(_script_source("load"))
         self._apply = client.register_script(_script_source("apply"))
         self._grow = client.register_script(_script_source("grow_hold"))
-        self._all = (self._admit, self._settle, self._expire, self._load, self._apply, self._grow)
+        self._extend = client.register_script(_script_source("extend_hold"))
+        self._reserve = client.register_script(_script_source("reserve_bytes"))
+        self._all = (
+            self._admit,
+            self._settle,
+            self._expire,
+            self._load,
+            self._apply,
+            self._grow,
+            self._extend,
+            self._reserve,
+        )
 
     async def load_scripts(self) -> None:
         for script in self._all:
@@ -129,9 +255,12 @@ class State:
         max_unflushed: int,
         ceiling_tokens: int = 0,
         token_limit: int = 0,
+        route: str = "",
     ) -> AdmitResult:
-        assert ceiling_micro >= 0 and rate_limit > 0
-        idem_key = keys.idempotency(ws, key_id, idempotency_key or "")
+        assert ceiling_micro >= 0 and rate_limit > 0 and ceiling_tokens >= 0 and token_limit >= 0
+        assert 0 < hold_ttl_ms <= HOLD_TTL_MAX_MS
+        if ceiling_micro >= MAX_AMOUNT_MICRO:
+            return AdmitResult(Admission.CEILING_TOO_LARGE)
         reply = await self._batcher.run(
             self._admit,
             keys=[
@@ -140,10 +269,13 @@ class State:
                 keys.hold_deadlines(ws),
                 keys.hold_meta(ws),
                 keys.rate(ws, key_id),
-                idem_key,
+                _record_key(ws, key_id, route, idempotency_key),
                 keys.stream(ws),
                 keys.settled(ws),
                 keys.tokens(ws, key_id),
+                keys.hold_keys(ws),
+                keys.live_per_key(ws),
+                keys.hold_idempotency(ws),
             ],
             args=[
                 hold_id,
@@ -157,28 +289,13 @@ class State:
                 max_unflushed,
                 ceiling_tokens,
                 token_limit,
+                key_id,
+                self.limits.concurrent_calls_per_key,
+                self.limits.concurrent_calls_per_workspace,
+                EVICT_MAX_PER_CALL,
             ],
         )
-        outcome = Admission(int(reply[0]))
-        if outcome is Admission.ADMITTED:
-            return AdmitResult(
-                outcome,
-                remaining=int(reply[1]),
-                reset_ms=int(reply[2]),
-                now_us=int(reply[6]),
-                tokens_remaining=int(reply[7]),
-            )
-        if outcome is Admission.RATE_LIMITED:
-            return AdmitResult(
-                outcome, retry_after_ms=int(reply[1]), reset_ms=int(reply[2]), limited_by=reply[3].decode()
-            )
-        if outcome is Admission.INSUFFICIENT:
-            return AdmitResult(outcome, available_micro=int(reply[1]), remaining=int(reply[2]), reset_ms=int(reply[3]))
-        if outcome is Admission.DUPLICATE:
-            return AdmitResult(
-                outcome, replay_status=int(reply[1]), replay_content_type=reply[2].decode(), replay_body=reply[3]
-            )
-        return AdmitResult(outcome)
+        return _decode_admit(reply)
 
     async def settle(
         self,
@@ -189,25 +306,44 @@ class State:
         billed: bool,
         event: bytes,
         idempotency_key: str | None,
-        keep_outcome: bool,
+        idempotency: IdempotencyRecord,
         status: int,
         content_type: str,
         body: bytes,
         idempotency_ttl_ms: int,
         tokens_used: int = 0,
+        route: str = "",
     ) -> SettleResult:
-        """Raises NeedLoad when Redis lost the workspace (restarted empty) during the call."""
-        assert cost_micro >= 0
-        idem_mode = ("keep" if keep_outcome else "drop") if idempotency_key else ""
+        """Resolve the hold once. NEED_LOAD: Redis lost the workspace (restarted empty) during the call.
+
+        A body is kept for replay only within the replay-bytes bounds; past them the call is still
+        remembered as done, with status 0 (too large to replay)."""
+        assert cost_micro >= 0 and tokens_used >= 0 and isinstance(idempotency, IdempotencyRecord)
+        # A billed call is charged at most its hold (< MAX_AMOUNT_MICRO); only a BYOK call's recorded
+        # cost can be larger, and that figure is for display: bounded, so every number stays exact.
+        cost_micro = min(cost_micro, MAX_AMOUNT_MICRO - 1)
+        record_key = _record_key(ws, key_id, route, idempotency_key)
+        reservations: list[tuple[str, str]] | None = []
+        replaying = bool(idempotency_key) and idempotency is IdempotencyRecord.REPLAY
+        if replaying and body:
+            reservations = await self._reserve_replay_bytes(ws, len(body), idempotency_ttl_ms)
+            if reservations is None:  # over a bound: remembered as done, not replayable
+                status, content_type, body, reservations = 0, "", b"", []
         reply = await self._batcher.run(
             self._settle,
-            keys=[*_resolution_keys(ws, key_id, idempotency_key), keys.tokens(ws, key_id)],
+            keys=[
+                *_resolution_keys(ws, record_key),
+                keys.tokens(ws, key_id),
+                keys.hold_keys(ws),
+                keys.live_per_key(ws),
+                keys.hold_idempotency(ws),
+            ],
             args=[
                 hold_id,
                 cost_micro,
                 "1" if billed else "0",
                 event,
-                idem_mode,
+                idempotency.value if idempotency_key else "",
                 status,
                 content_type,
                 body,
@@ -216,36 +352,63 @@ class State:
                 tokens_used,
             ],
         )
-        if int(reply[0]) == 2:
-            raise NeedLoad(ws)
-        if int(reply[0]) == 1:
-            return SettleResult(resolved_now=False)
-        return SettleResult(
-            resolved_now=True,
-            charged_micro=int(reply[1]),
-            balance_after_micro=_int_or_none(reply[2]),
-            hold_micro=int(reply[3]),
-            hold_lost=int(reply[4]) == 1,
-        )
+        result = _decode_settle(reply, replaying and bool(body))
+        if reservations and not result.replay_stored:
+            await self._release_replay_bytes(reservations, len(body), idempotency_ttl_ms)
+        return result
 
-    async def due_holds(self, ws: str, batch_max: int) -> list[tuple[str, bytes]]:
-        """Holds past their deadline (by Redis time), with their event templates."""
+    async def _reserve_replay_bytes(self, ws: str, size_bytes: int, ttl_ms: int) -> list[tuple[str, str]] | None:
+        """Count a body against the workspace's and the overall bound, before it is written. None: over
+        a bound. Conservative: a body counted and then not kept is released, but a settle whose reply is
+        lost keeps its count (it may have stored the body); a count lasts only the record TTL."""
+        reserved: list[tuple[str, str]] = []
+        for key, bound in (
+            (keys.idempotency_bytes(ws), self.limits.replay_bytes_per_workspace),
+            (keys.IDEMPOTENCY_BYTES_TOTAL, self.limits.replay_bytes_total),
+        ):
+            if bound <= 0:
+                continue
+            bucket = await self._reserve(keys=[key], args=[size_bytes, bound, ttl_ms, ""])
+            if not bucket:
+                await self._release_replay_bytes(reserved, size_bytes, ttl_ms)
+                return None
+            reserved.append((key, bucket.decode() if isinstance(bucket, bytes) else str(bucket)))
+        return reserved
+
+    async def _release_replay_bytes(self, reserved: list[tuple[str, str]], size_bytes: int, ttl_ms: int) -> None:
+        for key, bucket in reserved:
+            await self._reserve(keys=[key], args=[size_bytes, 0, ttl_ms, bucket])
+
+    async def due_holds(self, ws: str, batch_max: int) -> list[str]:
+        """Ids of holds past their deadline (by Redis time) when listed; expire() checks again."""
         seconds, micros = await self.redis.time()
         now_ms = seconds * 1000 + micros // 1000
         ids = await self.redis.zrangebyscore(keys.hold_deadlines(ws), "-inf", now_ms, start=0, num=batch_max)
-        if not ids:
-            return []
-        metas = await self.redis.hmget(keys.hold_meta(ws), ids)
-        return [(i.decode(), m or b"{}") for i, m in zip(ids, metas, strict=True)]
+        return [i.decode() for i in ids]
 
-    async def expire(self, ws: str, hold_id: str, status: str, key_id: str, idempotency_key: str | None) -> bool:
-        """Void a hold that will never be settled and record its call (see expire.lua)."""
-        assert status in ("expired", "failed")
+    async def expire(self, ws: str, hold_id: str, status: ExpireStatus) -> ExpireOutcome:
+        """Void a hold that will never be settled and record its call (see expire.lua). EXPIRED voids
+        only a hold whose deadline has passed by Redis time when the script runs."""
+        status = ExpireStatus(status)
+        # The hold knows its own idempotency record (admission wrote it): no caller has to rebuild it.
+        record_key = await self.redis.hget(keys.hold_idempotency(ws), hold_id)
+        record_key = record_key.decode() if record_key else _record_key(ws, "", "", None)
         reply = await self._expire(
-            keys=_resolution_keys(ws, key_id, idempotency_key),
-            args=[hold_id, status, SETTLED_RETENTION_MS],
+            keys=[
+                *_resolution_keys(ws, record_key),
+                keys.hold_keys(ws),
+                keys.live_per_key(ws),
+                keys.hold_idempotency(ws),
+            ],
+            args=[hold_id, status.value, SETTLED_RETENTION_MS],
         )
-        return int(reply) == 1
+        return ExpireOutcome(int(reply))
+
+    async def extend_hold(self, ws: str, hold_id: str, ttl_ms: int) -> HoldDeadline:
+        """Push a live hold's deadline to now + ttl_ms (Redis time); never shortens it."""
+        assert 0 < ttl_ms <= HOLD_TTL_MAX_MS
+        reply = await self._extend(keys=[keys.holds(ws), keys.hold_deadlines(ws)], args=[hold_id, ttl_ms])
+        return HoldDeadline(HoldExtension(int(reply[0])), int(reply[1]))
 
     async def load(
         self,
@@ -276,9 +439,12 @@ class State:
         """1 applied, 0 already included, -1 not loaded."""
         return int(await self._apply(keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token]))
 
-    async def grow_hold(self, ws: str, hold_id: str, amount_micro: int) -> int:
-        """1 raised, -1 already resolved, -2 need load, -3 insufficient (see grow_hold.lua)."""
-        return int(await self._grow(keys=[keys.acct(ws), keys.holds(ws)], args=[hold_id, amount_micro]))
+    async def grow_hold(self, ws: str, hold_id: str, amount_micro: int) -> GrowHold:
+        """Raise a live hold to amount_micro (see grow_hold.lua)."""
+        assert amount_micro >= 0
+        if amount_micro >= MAX_AMOUNT_MICRO:
+            return GrowHold.CEILING_TOO_LARGE
+        return GrowHold(int(await self._grow(keys=[keys.acct(ws), keys.holds(ws)], args=[hold_id, amount_micro])))
 
     async def account(self, ws: str) -> Account | None:
         balance, held = await self.redis.hmget(keys.acct(ws), "balance", "held")

@@ -7,7 +7,9 @@ import asyncio
 import base64
 import hashlib
 import secrets
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +73,8 @@ PRICING = {
         # OpenRouter: the requested model's price, and the model OpenRouter says actually served.
         "router-requested": {"input": "2.00", "output": "8.00"},
         "router/served": {"input": "1.00", "output": "4.00"},
+        # A dearer model a client may list in OpenRouter's `models`: the hold must cover it.
+        "router/dear": {"input": "20.00", "output": "80.00"},
     },
 }
 
@@ -129,6 +133,7 @@ def _models() -> list[dict]:
             "targets": [
                 {"provider": "mock-openrouter", "upstream_model": "router/requested", "price": "router-requested"}
             ],
+            "allow_routing_fields": ["provider", "route", "models"],
             "default_max_output_tokens": 100,
             **window,
         },
@@ -144,8 +149,9 @@ def base_config(provider_url: str, extra_urls: dict[str, str] | None = None, **o
             "first_byte_timeout_ms": 5000,
             "idle_timeout_ms": 5000,
             "total_timeout_ms": 20000,
+            "usage_wait_after_hangup_ms": 2000,
         },
-        "holds": {"ttl_ms": 30000, "sweep_interval_ms": 200, "settle_budget_ms": 2000},
+        "holds": {"ttl_ms": 40000, "sweep_interval_ms": 200, "settle_budget_ms": 2000},
         "ledger": {"batch_max_rows": 500, "batch_max_age_ms": 20, "claim_idle_ms": 1000, "workspace_refresh_ms": 60000},
         "providers": _providers({"mock": provider_url, **(extra_urls or {})}),
         "models": _models(),
@@ -161,10 +167,19 @@ def base_config(provider_url: str, extra_urls: dict[str, str] | None = None, **o
 
 
 def build_config(
-    redis_url: str, database_url: str, provider_url: str, extra_urls: dict[str, str] | None = None, **overrides: Any
+    redis_url: str,
+    database_url: str,
+    provider_url: str,
+    extra_urls: dict[str, str] | None = None,
+    more_providers: list[dict] = (),
+    more_models: list[dict] = (),
+    **overrides: Any,
 ) -> Config:
     env = {"SIDECAR_REDIS_URL": redis_url, "SIDECAR_DATABASE_URL": database_url, "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN}
-    return parse_config(base_config(provider_url, extra_urls, **overrides), PRICING, env, source="tests")
+    raw = base_config(provider_url, extra_urls, **overrides)
+    raw["providers"] = [*raw["providers"], *more_providers]
+    raw["models"] = [*raw["models"], *more_models]
+    return parse_config(raw, PRICING, env, source="tests")
 
 
 @dataclass
@@ -290,6 +305,8 @@ async def start_sidecar(
     provider_options: mock_provider.MockOptions | None = None,
     provider_url: str | None = None,
     env: dict[str, str] | None = None,
+    more_providers: list[dict] = (),
+    more_models: list[dict] = (),
     **overrides: Any,
 ) -> Sidecar:
     """`provider_url` points the sidecar elsewhere than at the mock (which still runs, for `recorded`)."""
@@ -304,8 +321,11 @@ async def start_sidecar(
         "mock-openrouter": str(router.make_url("/api/v1")),
     }
     main_url = provider_url or str(provider.make_url("/v1"))
-    config = build_config(redis_url, database_url, main_url, extra_urls, **overrides)
+    spool_dir = tempfile.mkdtemp(prefix="sidecar-spool-")
+    overrides["holds"] = {"spool_dir": spool_dir, **overrides.get("holds", {})}
+    config = build_config(redis_url, database_url, main_url, extra_urls, more_providers, more_models, **overrides)
     svc = await open_services(config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY, **(env or {"SIDECAR_KEK": TEST_KEK})})
+    svc.spool.open()
     data = TestServer(build_data_app(svc))
     control = TestServer(build_control_app(svc))
     await data.start_server()
@@ -324,6 +344,7 @@ async def stop_sidecar(sidecar: Sidecar) -> None:
     for server in sidecar.extra:
         await server.close()
     await close_services(sidecar.svc)
+    shutil.rmtree(sidecar.svc.spool.directory, ignore_errors=True)
 
 
 def _closed_port() -> int:

@@ -35,6 +35,7 @@ def write_config(
     raw["redis_url"] = redis_url
     raw["database_url"] = database_url
     raw["pricing_file"] = "pricing.yaml"
+    raw["holds"] = {"spool_dir": str(directory / "spool"), **raw["holds"]}
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "pricing.yaml").write_text(yaml.safe_dump(PRICING))
     path = directory / "sidecar.yaml"

@@ -1,18 +1,25 @@
--- Admission: rate limit, idempotency and the hold of the price ceiling, all or nothing.
--- Every check happens before the first write, so a refused call leaves no trace.
+-- Admission: rate limit, concurrency limit, idempotency and the hold of the price ceiling, all or nothing.
+-- Every check happens before the first write that concerns this call, so a refused call leaves no
+-- trace. (Entries that already left the rate window are dropped first: that changes no answer.)
 --
 -- KEYS: 1 acct (hash: balance, held, gen, pgv)   2 holds (hash id -> amount)
 --       3 hold_dl (zset id -> deadline ms)       4 hold_meta (hash id -> event template)
 --       5 rl (zset of admitted calls, score = µs) 6 idem (hash)   7 stream (ledger stream)
---       8 settled (zset of resolved hold ids)     9 tpm (hash id -> tokens, for the calls in rl)
+--       8 settled (zset of resolved hold ids)     9 tpm (hash id -> tokens, for the calls in rl, and
+--         '#sum' -> the running total of those tokens)
+--       10 hold_key (hash id -> key id)  11 live_keys (hash key id -> live holds)
+--       12 hold_idem (hash id -> idem record key)
 -- ARGV: 1 hold_id  2 ceiling_micro  3 rate_limit  4 window_ms  5 hold_ttl_ms  6 idem_fingerprint ('' = none)
 --       7 idem_ttl_ms  8 meta  9 max_unflushed (ledger backlog bound)
 --       10 ceiling_tokens (input + output bound)  11 token_limit (per window; 0 = none)
+--       12 key_id  13 concurrent_per_key (0 = none)  14 concurrent_per_workspace (0 = none)
+--       15 evict_max (entries leaving the window dropped per call: bounds the work of one call)
 -- Returns: {0 admitted, remaining, reset_ms, balance, held, gen, now_us, tokens_remaining}
 --          {1 rate_limited, retry_after_ms, reset_ms, 'requests' | 'tokens'}
 --          {2 insufficient, available, remaining, reset_ms}
 --          {3 duplicate, status, content_type, body}     {4 in_progress}   {5 idem_conflict}
 --          {6 need_load}   {7 backlog, stream_length}   {8 already_resolved}   {9 over_token_limit}
+--          {10 too_many_concurrent, 'key' | 'workspace'}
 --
 -- Safe to run twice for the same hold id (a client retry after a lost reply): the second run sees
 -- its own hold and answers as the first did, without holding again.
@@ -24,25 +31,39 @@ local window_ms = tonumber(ARGV[4])
 local fingerprint = ARGV[6]
 local ceiling_tokens = tonumber(ARGV[10])
 local token_limit = tonumber(ARGV[11])
+local key_id = ARGV[12]
+local per_key_max = tonumber(ARGV[13])
+local per_ws_max = tonumber(ARGV[14])
+local evict_max = tonumber(ARGV[15])
+local SUM = '#sum'  -- not a hold id (those are hex)
 
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
 local window_start_us = now_us - window_ms * 1000
--- Exclusive lower bound, formatted as an integer: Lua's default number formatting rounds to 14 digits.
+-- Bounds formatted as integers: Lua's default number formatting rounds to 14 digits.
 local after_start = string.format('(%d', window_start_us)
+local window_start = string.format('%d', window_start_us)
 
--- Tokens of the calls admitted in the window: their ceilings, corrected to actual usage at settle.
-local function tokens_in_window()
-  if token_limit <= 0 then return 0 end
-  local members = redis.call('ZRANGEBYSCORE', KEYS[5], after_start, '+inf')
-  if #members == 0 then return 0 end
-  local used = 0
-  for first = 1, #members, 1000 do  -- in slices: unpack is bounded by Lua's stack
-    local slice = redis.call('HMGET', KEYS[9], unpack(members, first, math.min(first + 999, #members)))
-    for _, tokens in ipairs(slice) do used = used + tonumber(tokens or '0') end
+-- Drop (at most evict_max of) the calls that left the window, and their tokens from the running sum:
+-- admission then costs O(entries leaving), never O(window). When more were waiting than one call may
+-- drop, the sum still counts the rest: it over-counts (refuses early), never admits past the limit.
+local function evict_leaving()
+  local leaving = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', window_start, 'LIMIT', 0, evict_max)
+  if #leaving == 0 then return false end
+  local tokens = redis.call('HMGET', KEYS[9], unpack(leaving))
+  local gone = 0
+  for _, n in ipairs(tokens) do if n then gone = gone + tonumber(n) end end
+  if gone > 0 and redis.call('HINCRBY', KEYS[9], SUM, string.format('%d', -gone)) < 0 then
+    redis.call('HSET', KEYS[9], SUM, 0)
   end
-  return used
+  redis.call('HDEL', KEYS[9], unpack(leaving))
+  redis.call('ZREM', KEYS[5], unpack(leaving))
+  return #leaving == evict_max and redis.call('ZCOUNT', KEYS[5], '-inf', window_start) > 0
+end
+
+local function tokens_in_window()
+  return tonumber(redis.call('HGET', KEYS[9], SUM) or '0')
 end
 
 local function admitted_reply(balance, held, gen)
@@ -55,10 +76,13 @@ local function admitted_reply(balance, held, gen)
   return {0, math.max(limit - in_window, 0), reset_ms, balance, held, gen, now_us, tokens_left}
 end
 
+local evicting_behind = evict_leaving()
+
 if redis.call('HEXISTS', KEYS[2], hold_id) == 1 then
   local acct = redis.call('HMGET', KEYS[1], 'balance', 'held', 'gen')
   return admitted_reply(tonumber(acct[1] or '0'), tonumber(acct[2] or '0'), acct[3] or '')
 end
+-- Resolved, or voided before it arrived (a "failed" expire leaves this tombstone): never hold again.
 if redis.call('ZSCORE', KEYS[8], hold_id) then return {8} end
 
 if fingerprint ~= '' then
@@ -82,7 +106,25 @@ local admitted = redis.call('ZCOUNT', KEYS[5], after_start, '+inf')
 if admitted >= limit then return limited('requests') end
 if token_limit > 0 then
   if ceiling_tokens > token_limit then return {9} end
-  if tokens_in_window() + ceiling_tokens > token_limit then return limited('tokens') end
+  if tokens_in_window() + ceiling_tokens > token_limit then
+    -- Still dropping a backlog of calls that left the window: the sum over-counts; retry at once.
+    if evicting_behind then return {1, 1, now_ms + 1, 'tokens'} end
+    return limited('tokens')
+  end
+end
+
+-- Live holds: the holds hash is exactly the workspace's live calls; live_keys counts them per key.
+if per_ws_max > 0 and redis.call('HLEN', KEYS[2]) >= per_ws_max then return {10, 'workspace'} end
+if per_key_max > 0 then
+  if redis.call('EXISTS', KEYS[11]) == 0 and redis.call('HLEN', KEYS[10]) > 0 then
+    -- The counts were lost (evicted, or a partial restore) while holds live: rebuild them from the
+    -- holds' own record. Bounded by the workspace's live holds.
+    local owners = redis.call('HVALS', KEYS[10])
+    local counts = {}
+    for _, owner in ipairs(owners) do counts[owner] = (counts[owner] or 0) + 1 end
+    for owner, n in pairs(counts) do redis.call('HSET', KEYS[11], owner, n) end
+  end
+  if tonumber(redis.call('HGET', KEYS[11], key_id) or '0') >= per_key_max then return {10, 'key'} end
 end
 
 local backlog = redis.call('XLEN', KEYS[7])
@@ -101,28 +143,26 @@ if ceiling > 0 then
   end
 end
 
--- Writes. From here on the call is admitted.
-local window_start = string.format('%d', window_start_us)
-local leaving = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', window_start, 'LIMIT', 0, 1000)
-if #leaving > 0 then
-  redis.call('HDEL', KEYS[9], unpack(leaving))
-  redis.call('ZREM', KEYS[5], unpack(leaving))
-end
-redis.call('ZADD', KEYS[5], now_us, hold_id)
+-- Writes. From here on the call is admitted. Every number written is formatted as an integer.
+redis.call('ZADD', KEYS[5], string.format('%d', now_us), hold_id)
 redis.call('PEXPIRE', KEYS[5], window_ms + 1000)
 if token_limit > 0 then
-  redis.call('HSET', KEYS[9], hold_id, ceiling_tokens)
+  redis.call('HSET', KEYS[9], hold_id, ARGV[10])
+  redis.call('HINCRBY', KEYS[9], SUM, ARGV[10])
   redis.call('PEXPIRE', KEYS[9], window_ms + 1000)
 end
 if ceiling > 0 then
-  held = redis.call('HINCRBY', KEYS[1], 'held', ceiling)
+  held = redis.call('HINCRBY', KEYS[1], 'held', ARGV[2])
 end
-redis.call('HSET', KEYS[2], hold_id, ceiling)
-redis.call('ZADD', KEYS[3], now_ms + tonumber(ARGV[5]), hold_id)
+redis.call('HSET', KEYS[2], hold_id, ARGV[2])
+redis.call('ZADD', KEYS[3], string.format('%d', now_ms + tonumber(ARGV[5])), hold_id)
 redis.call('HSET', KEYS[4], hold_id, ARGV[8])
+redis.call('HSET', KEYS[10], hold_id, key_id)
+redis.call('HINCRBY', KEYS[11], key_id, 1)
 if fingerprint ~= '' then
   redis.call('HSET', KEYS[6], 'fp', fingerprint, 'state', 'pending', 'hold', hold_id)
   redis.call('PEXPIRE', KEYS[6], tonumber(ARGV[7]))
+  redis.call('HSET', KEYS[12], hold_id, KEYS[6])
 end
 
 return admitted_reply(balance, held, gen)

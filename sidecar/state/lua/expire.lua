@@ -2,15 +2,26 @@
 -- (the sidecar that took it died), `failed` when admission's own reply was lost (nothing was sent).
 -- Frees the call's idempotency key, so the client's retry is not refused as "in progress".
 --
+-- A `failed` expire may reach Redis before the admission it voids (that admission delayed on the
+-- network): then it leaves the hold id in `settled`, and the late admission answers "already
+-- resolved" without holding anything or claiming the idempotency key.
+--
 -- KEYS: 1 acct  2 holds  3 hold_dl  4 hold_meta  5 settled  6 stream  7 idem (may not exist)
--- ARGV: 1 hold_id  2 status ('expired' checks the deadline; 'failed' does not)  3 settled_retention_ms
--- Returns: 1 voided, 0 nothing to do (already resolved, or not yet due)
+--       8 hold_key  9 live_keys  10 hold_idem
+-- ARGV: 1 hold_id  2 status ('expired' checks the deadline, by Redis time, now; 'failed' does not)
+--       3 settled_retention_ms
+-- Returns: 1 voided, 0 not yet due, -1 already resolved, -2 not held yet: tombstone left
 
 local hold_id = ARGV[1]
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local hold = redis.call('HGET', KEYS[2], hold_id)
-if not hold then return 0 end
+if not hold then
+  if redis.call('ZSCORE', KEYS[5], hold_id) then return -1 end
+  if ARGV[2] ~= 'failed' then return -1 end
+  redis.call('ZADD', KEYS[5], string.format('%d', now_ms), hold_id)
+  return -2
+end
 if ARGV[2] == 'expired' then
   local deadline = redis.call('ZSCORE', KEYS[3], hold_id)
   if deadline and tonumber(deadline) > now_ms then return 0 end
@@ -19,17 +30,25 @@ end
 hold = tonumber(hold)
 local balance = ''
 if redis.call('HEXISTS', KEYS[1], 'balance') == 1 then
-  if hold > 0 and redis.call('HINCRBY', KEYS[1], 'held', -hold) < 0 then redis.call('HSET', KEYS[1], 'held', 0) end
+  if hold > 0 and redis.call('HINCRBY', KEYS[1], 'held', string.format('%d', -hold)) < 0 then
+    redis.call('HSET', KEYS[1], 'held', 0)
+  end
   balance = redis.call('HGET', KEYS[1], 'balance')
 end
 local gen = redis.call('HGET', KEYS[1], 'gen') or ''
 local meta = redis.call('HGET', KEYS[4], hold_id) or '{}'
+local owner = redis.call('HGET', KEYS[8], hold_id)
+if owner then
+  if redis.call('HINCRBY', KEYS[9], owner, -1) <= 0 then redis.call('HDEL', KEYS[9], owner) end
+  redis.call('HDEL', KEYS[8], hold_id)
+end
+redis.call('HDEL', KEYS[10], hold_id)
 redis.call('HDEL', KEYS[2], hold_id)
 redis.call('ZREM', KEYS[3], hold_id)
 redis.call('HDEL', KEYS[4], hold_id)
-redis.call('ZADD', KEYS[5], now_ms, hold_id)
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now_ms - tonumber(ARGV[3]))
+redis.call('ZADD', KEYS[5], string.format('%d', now_ms), hold_id)
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', string.format('%d', now_ms - tonumber(ARGV[3])))
 redis.call('XADD', KEYS[6], '*', 'e', meta, 'cost', 0, 'impact', 0, 'after', balance,
-  'at', now_ms, 'gen', gen, 'lost', 0, 'status', ARGV[2])
+  'at', string.format('%d', now_ms), 'gen', gen, 'lost', 0, 'status', ARGV[2])
 if redis.call('HGET', KEYS[7], 'hold') == hold_id then redis.call('DEL', KEYS[7]) end
 return 1

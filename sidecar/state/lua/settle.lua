@@ -1,12 +1,15 @@
--- Settlement: resolve a hold exactly once, debit the balance, append the ledger event, and record
--- the outcome under the idempotency key. A second settle of the same hold changes nothing.
+-- Settlement: resolve a hold exactly once, debit the balance, append the ledger event, and record the
+-- outcome under the idempotency key. A second settle of the same hold changes nothing.
 --
 -- KEYS: 1 acct  2 holds  3 hold_dl  4 hold_meta  5 settled (zset id -> resolved ms)  6 stream  7 idem
---       8 tpm (the key's token-window hash)
+--       8 tpm (the key's token-window hash)  9 hold_key  10 live_keys  11 hold_idem
 -- ARGV: 1 hold_id  2 cost_micro (actual cost, before the cap)  3 billed ('1' debits the balance, '0' BYOK
---       or failed: records only)  4 event (opaque JSON, relayed to the ledger)  5 idem ('' none, 'keep', 'drop')
---       6 status  7 content_type  8 body  9 idem_ttl_ms  10 settled_retention_ms  11 tokens_used
--- Returns: {0 settled, cost recorded (charged when billed), balance_after ('' if not loaded), hold_micro, lost_hold (0/1), now_ms}
+--       or failed: records only)  4 event (opaque JSON, relayed to the ledger)
+--       5 idempotency ('' none, 'replay': keep the outcome for replay, 'forget': delete the record)
+--       6 status  7 content_type  8 body ('' with status 0: remembered as done, not replayable)
+--       9 idem_ttl_ms  10 settled_retention_ms  11 tokens_used
+-- Returns: {0 settled, cost recorded (charged when billed), balance_after ('' if not loaded), hold_micro,
+--           lost_hold (0/1), now_ms, record (1 the idempotency record was written or deleted, 0 untouched)}
 --          {1 already_resolved}   {2 need_load}
 
 local hold_id = ARGV[1]
@@ -41,30 +44,51 @@ end
 local balance_after = ''
 if redis.call('HEXISTS', KEYS[1], 'balance') == 1 then
   -- `held` never goes below zero, even if the account was rebuilt while this hold lived.
-  if hold > 0 and redis.call('HINCRBY', KEYS[1], 'held', -hold) < 0 then redis.call('HSET', KEYS[1], 'held', 0) end
+  if hold > 0 and redis.call('HINCRBY', KEYS[1], 'held', string.format('%d', -hold)) < 0 then
+    redis.call('HSET', KEYS[1], 'held', 0)
+  end
   if debit > 0 then
-    balance_after = redis.call('HINCRBY', KEYS[1], 'balance', -debit)
+    balance_after = string.format('%d', redis.call('HINCRBY', KEYS[1], 'balance', string.format('%d', -debit)))
   else
     balance_after = redis.call('HGET', KEYS[1], 'balance')
   end
 end
 local gen = redis.call('HGET', KEYS[1], 'gen') or ''
 
+-- The hold's concurrency slot: freed once, by whichever script resolves the hold.
+local owner = redis.call('HGET', KEYS[9], hold_id)
+if owner then
+  if redis.call('HINCRBY', KEYS[10], owner, -1) <= 0 then redis.call('HDEL', KEYS[10], owner) end
+  redis.call('HDEL', KEYS[9], hold_id)
+end
+redis.call('HDEL', KEYS[11], hold_id)
 redis.call('HDEL', KEYS[2], hold_id)
 redis.call('ZREM', KEYS[3], hold_id)
 redis.call('HDEL', KEYS[4], hold_id)
-redis.call('ZADD', KEYS[5], now_ms, hold_id)
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now_ms - tonumber(ARGV[10]))
-redis.call('XADD', KEYS[6], '*', 'e', ARGV[4], 'cost', charged, 'impact', -debit, 'after', balance_after,
-  'at', now_ms, 'gen', gen, 'lost', lost, 'status', '')
+redis.call('ZADD', KEYS[5], string.format('%d', now_ms), hold_id)
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', string.format('%d', now_ms - tonumber(ARGV[10])))
+redis.call('XADD', KEYS[6], '*', 'e', ARGV[4], 'cost', string.format('%d', charged),
+  'impact', string.format('%d', -debit), 'after', balance_after, 'at', string.format('%d', now_ms),
+  'gen', gen, 'lost', lost, 'status', '')
 
 -- The token window counted this call at its ceiling; from now on it counts what it used.
-if redis.call('HEXISTS', KEYS[8], hold_id) == 1 then redis.call('HSET', KEYS[8], hold_id, ARGV[11]) end
-
-if ARGV[5] == 'keep' then
-  redis.call('HSET', KEYS[7], 'state', 'done', 'status', ARGV[6], 'ctype', ARGV[7], 'body', ARGV[8])
-  redis.call('PEXPIRE', KEYS[7], tonumber(ARGV[9]))
-elseif ARGV[5] == 'drop' then
-  redis.call('DEL', KEYS[7])
+local counted = redis.call('HGET', KEYS[8], hold_id)
+if counted then
+  redis.call('HSET', KEYS[8], hold_id, ARGV[11])
+  if redis.call('HINCRBY', KEYS[8], '#sum', string.format('%d', tonumber(ARGV[11]) - tonumber(counted))) < 0 then
+    redis.call('HSET', KEYS[8], '#sum', 0)
+  end
 end
-return {0, charged, balance_after, hold, lost, now_ms}
+
+-- The record is this call's only while it names this hold: once it expired, another call may own it.
+local record = 0
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[7], 'hold') == hold_id then
+  record = 1
+  if ARGV[5] == 'replay' then
+    redis.call('HSET', KEYS[7], 'state', 'done', 'status', ARGV[6], 'ctype', ARGV[7], 'body', ARGV[8])
+    redis.call('PEXPIRE', KEYS[7], tonumber(ARGV[9]))
+  else
+    redis.call('DEL', KEYS[7])
+  end
+end
+return {0, charged, balance_after, hold, lost, now_ms, record}

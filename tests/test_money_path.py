@@ -1,0 +1,216 @@
+"""Money-path hardening (issue 15): calls that must not end unpaid because of the sidecar's own limits,
+a Redis outage as they end, or a fallback longer than the hold's first deadline.
+
+Prices (tests/support/harness.py): gpt-4o-mini costs 5 micro-credits per input token and 25 per output
+token; the mock provider's usage is a pure function of the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+
+import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
+
+from sidecar.mock_provider import prompt_tokens_for
+from sidecar.proxy.settlement import replay_spool
+from sidecar.sweeper import sweep_all
+
+CREDITS = 1_000_000
+INPUT_MICRO, OUTPUT_MICRO = 5, 25
+JSON = {"Content-Type": "application/json"}
+
+
+async def _rows(sc: Sidecar, ws: str, want: int = 1) -> list:
+    rows: list = []
+    for _ in range(100):  # bounded: 5 s
+        await sc.flush()
+        rows = await sc.ledger(ws)
+        if len(rows) >= want:
+            break
+        await asyncio.sleep(0.05)
+    return rows
+
+
+async def _stream(sc: Sidecar, key: str, body: dict, headers: dict) -> bytes:
+    async with sc.http.post(
+        sc.data.make_url("/v1/chat/completions"),
+        data=orjson.dumps(body),
+        headers={"Authorization": f"Bearer {key}", **JSON, **headers},
+    ) as resp:
+        assert resp.status == 200, await resp.read()
+        return await resp.read()
+
+
+# --- 15.3: the sidecar's own cut-offs bill what was observed ------------------------------------------
+
+
+async def test_total_timeout_cut_bills_what_was_relayed(redis_client, redis_url, migrated_database_url) -> None:
+    sc = await start_sidecar(redis_url, migrated_database_url, upstream={"total_timeout_ms": 800})
+    try:
+        ws = await sc.workspace(credits_micro=CREDITS)
+        body = chat_body("cut me off", stream=True, max_tokens=100)
+        raw = await _stream(sc, ws.key, body, {"x-mock-chunks": "60", "x-mock-delay-ms": "40"})
+        assert b"tok3" in raw and b"[DONE]" not in raw
+        assert b"total timeout" in raw, "the client is told the sidecar cut the stream"
+        [row] = await _rows(sc, ws.id)
+        assert row["status"] == "cancelled" and row["estimated"] is True
+        assert "total timeout" in row["error"]
+        # Tokens were relayed: what was observed is billed, never 0.
+        assert row["output_tokens"] >= 3
+        assert 0 < row["cost_micro"] <= row["hold_micro"]
+        identity = await sc.assert_identity(ws.id)
+        assert identity["debits"] == row["cost_micro"]
+    finally:
+        await stop_sidecar(sc)
+
+
+async def test_idle_timeout_cut_bills_what_was_relayed(redis_client, redis_url, migrated_database_url) -> None:
+    sc = await start_sidecar(redis_url, migrated_database_url, upstream={"idle_timeout_ms": 300})
+    try:
+        ws = await sc.workspace(credits_micro=CREDITS)
+        body = chat_body("stall after the role chunk", stream=True)
+        raw = await _stream(sc, ws.key, body, {"x-mock-chunks": "5", "x-mock-delay-ms": "1500"})
+        assert b"went idle" in raw
+        [row] = await _rows(sc, ws.id)
+        assert row["status"] == "cancelled" and "idle" in row["error"]
+        assert row["cost_micro"] > 0, "the input was sent and used: the call is not free"
+        await sc.assert_identity(ws.id)
+    finally:
+        await stop_sidecar(sc)
+
+
+# --- 15.1: a Redis outage as the call ends: retried, then spooled, then settled once ------------------
+
+
+async def test_redis_down_at_settlement_is_spooled_and_settled_once(private_redis, migrated_database_url) -> None:
+    sc = await start_sidecar(private_redis.url, migrated_database_url, holds={"settle_budget_ms": 1000})
+    try:
+        ws = await sc.workspace(credits_micro=CREDITS)
+        body = chat_body("finish while redis is down", stream=True, stream_options={"include_usage": True})
+        headers = {"Authorization": f"Bearer {ws.key}", **JSON, "x-mock-chunks": "20", "x-mock-delay-ms": "40"}
+        async with sc.http.post(
+            sc.data.make_url("/v1/chat/completions"), data=orjson.dumps(body), headers=headers
+        ) as resp:
+            assert resp.status == 200
+            seen = b""
+            while seen.count(b"tok") < 3:
+                seen += await asyncio.wait_for(resp.content.readany(), 5)
+            private_redis.kill()  # Redis dies while tokens flow; the stream itself needs no Redis
+            seen += await asyncio.wait_for(resp.read(), 10)
+        assert b"[DONE]" in seen, "the client got its whole answer"
+
+        for _ in range(100):  # the settle budget (1 s) runs out, then the settlement is spooled
+            if sc.svc.spool.size() == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert sc.svc.spool.size() == 1
+        [spooled] = sc.svc.spool.pending(10)
+        copy = spooled.read_bytes()
+
+        private_redis.restart()  # AOF: the hold is still there
+        assert await replay_spool(sc.svc) == 1
+        assert sc.svc.spool.size() == 0
+
+        # A replay whose first try did land (its reply lost) changes nothing.
+        spooled.write_bytes(copy)
+        assert await replay_spool(sc.svc) == 1
+        assert sc.svc.spool.size() == 0
+
+        [row] = await _rows(sc, ws.id)
+        expected = INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 20
+        assert row["status"] == "completed" and row["cost_micro"] == expected
+        identity = await sc.assert_identity(ws.id)
+        assert identity["debits"] == expected and identity["usage_rows"] == 1
+    finally:
+        with contextlib.suppress(Exception):
+            await stop_sidecar(sc)
+
+
+# --- 15.2: a fallback over several stalled targets outlives the hold's first deadline ---------------
+
+
+async def _stalling_provider() -> TestServer:
+    """Accepts the call and never answers: each attempt on it waits out the first-byte timeout."""
+
+    async def stall(request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stall)
+    server = TestServer(app)
+    await server.start_server()
+    return server
+
+
+async def test_fallback_over_stalled_targets_keeps_its_hold(redis_client, redis_url, migrated_database_url) -> None:
+    stalling = await _stalling_provider()
+    stall_url = str(stalling.make_url("/v1"))
+    timing = {
+        # A hold outlives one attempt; three stalled attempts and a stream take longer than that.
+        "upstream": {"first_byte_timeout_ms": 800, "total_timeout_ms": 2500, "usage_wait_after_hangup_ms": 0},
+        "server": {"drain_timeout_ms": 100},
+        "holds": {"ttl_ms": 3800, "settle_budget_ms": 300},
+    }
+    common = {"protocol": "openai", "base_url": stall_url, "api_key_env": "MOCK_PLATFORM_KEY"}
+    stalls = [{"name": f"stall{i}", **common} for i in range(3)]
+    targets = [{"provider": f"stall{i}", "upstream_model": "gpt-4o-mini", "price": "gpt-4o-mini"} for i in range(3)]
+    model = {
+        "name": "slow-fallback",
+        "targets": [*targets, {"provider": "mock", "upstream_model": "gpt-4o-mini", "price": "gpt-4o-mini"}],
+        "default_max_output_tokens": 100,
+        "context_window_tokens": 128000,
+    }
+    sc = await start_sidecar(redis_url, migrated_database_url, more_providers=stalls, more_models=[model], **timing)
+    stop = asyncio.Event()
+
+    async def sweep_while_running() -> None:
+        while not stop.is_set():
+            await sweep_all(sc.svc.state, sc.svc.pool, sc.svc.config.holds)
+            await asyncio.sleep(0.1)
+
+    sweeper = asyncio.create_task(sweep_while_running())
+    try:
+        ws = await sc.workspace(credits_micro=CREDITS)
+        body = chat_body("fall back three times", model="slow-fallback", stream=True)
+        raw = await _stream(sc, ws.key, body, {"x-mock-chunks": "28", "x-mock-delay-ms": "80"})
+        assert b"[DONE]" in raw
+        stop.set()
+        await sweeper
+        [row] = await _rows(sc, ws.id)
+        assert row["status"] == "completed", "a running call's hold was voided by the sweeper"
+        assert row["attempts"] == 4 and row["cost_micro"] > 0
+        await sc.assert_identity(ws.id)
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await sweeper
+        await stop_sidecar(sc)
+        await stalling.close()
+
+
+# --- the spool directory must be writable at start ---------------------------------------------------
+
+
+def test_spool_refuses_an_unwritable_directory(tmp_path) -> None:
+    from sidecar.proxy.spool import Spool
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    spool = Spool(blocker / "spool", max_entries=10)
+    try:
+        spool.open()
+    except OSError:
+        pass
+    else:
+        raise AssertionError("a spool under a regular file cannot be created")
+    good = Spool(tmp_path / "spool", max_entries=1)
+    good.open()
+    assert good.put("a" * 32, {"x": 1}) is True
+    assert good.put("b" * 32, {"x": 2}) is False, "the spool is bounded"
+    shutil.rmtree(tmp_path / "spool")
