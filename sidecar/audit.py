@@ -32,6 +32,7 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, write_to_textfile
+from redis.exceptions import RedisError
 
 from sidecar.balances import sync_token
 from sidecar.ledger.migrate import default_partition_rows
@@ -42,6 +43,7 @@ STREAM_READ_MAX = 10_000  # stream entries read per workspace; beyond it the Red
 CONFIRM_ATTEMPTS = 3  # a Redis difference must persist this many looks to be reported
 CONFIRM_PAUSE_S = 0.2
 LIST_MAX = 20  # doubled requests listed per workspace (the count is always exact)
+UNREACHABLE = (RedisError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class Kind(StrEnum):

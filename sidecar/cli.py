@@ -97,7 +97,11 @@ def _audit(args: argparse.Namespace) -> int:
         backlog_age_max_ms=args.backlog_age_max_ms,
         owed_age_max_ms=args.owed_age_max_ms,
     )
-    report = asyncio.run(audit.run(redis_url, database_url, limits, args.workspace or None))
+    try:
+        report = asyncio.run(audit.run(redis_url, database_url, limits, args.workspace or None))
+    except audit.UNREACHABLE as exc:  # exit 2, not 1: nothing was audited, which is not "drift found"
+        print(f"sidecar audit: could not read Redis or Postgres: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     print(report.text())
     if args.textfile or args.pushgateway:
         audit.export_metrics(report, args.textfile, args.pushgateway)

@@ -118,3 +118,13 @@ def test_metrics_name_every_kind() -> None:
     text = export_metrics(Report(workspaces=2))
     names = {s.labels.get("kind") for m in text.collect() for s in m.samples if s.name == "sidecar_audit_findings"}
     assert names == {k.value for k in Kind}
+
+
+async def test_the_cli_says_when_it_could_not_audit(migrated_database_url: str) -> None:
+    argv = ["-m", "sidecar.cli", "audit", "--redis-url", "redis://127.0.0.1:1/0", "--database-url"]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, migrated_database_url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2, err  # not 1: nothing was audited, no drift was found
+    assert b"could not read Redis or Postgres" in err
