@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 
 import aiohttp
+import asyncpg
 import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -72,6 +73,13 @@ async def serve(request: web.Request, protocol: Protocol) -> web.StreamResponse:
         status = response.status
         return response
     except SidecarError as error:
+        status = error.status
+        return _error_response(call, error)
+    except asyncpg.PostgresError:
+        # Not an outage (those are answered 503 where they happen, see db.POSTGRES_OUTAGE): a SQL bug.
+        # Logged, answered 500 in the client's protocol, never "retry shortly".
+        log.exception("postgres refused a query of the request lifecycle")
+        error = SidecarError("internal", "the sidecar failed to handle the call; nothing was charged")
         status = error.status
         return _error_response(call, error)
     finally:

@@ -12,6 +12,7 @@ import base64
 import logging
 import uuid
 
+import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
@@ -244,6 +245,8 @@ async def run_spool(svc: Services, stop: asyncio.Event) -> None:
                 log.info("spooled settlements replayed")
         except (*POSTGRES_ERRORS, OSError) as exc:  # a load from Postgres failed: try again next round
             log.warning("spool replay failed; will retry", extra={"error": type(exc).__name__})
+        except asyncpg.PostgresError:  # not an outage (db.POSTGRES_OUTAGE): a bug, said loudly; the loop lives on
+            log.exception("spool replay failed on a postgres error that is not an outage; will retry")
         try:
             await asyncio.wait_for(stop.wait(), SPOOL_INTERVAL_S)
         except TimeoutError:

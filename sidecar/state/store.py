@@ -7,6 +7,7 @@ a reply's positions or a script's sentinel numbers.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from importlib import resources
@@ -409,10 +410,28 @@ class State:
         reply = await self._extend(keys=[keys.holds(ws), keys.hold_deadlines(ws)], args=[hold_id, ttl_ms])
         return HoldDeadline(HoldExtension(int(reply[0])), int(reply[1]))
 
-    async def load(self, ws: str, balance_micro: int, pg_version: int) -> bool:
-        """Set the balance if Redis has none. Only the first of concurrent loaders wins."""
+    async def load(
+        self,
+        ws: str,
+        balance_micro: int,
+        pg_version: int,
+        run_id: str = "",
+        replacing_gen: str = "",
+        resolved_holds: Sequence[str] = (),
+    ) -> bool:
+        """Set the balance read from Postgres, with `held` rebuilt from the live holds (see load.lua).
+        replacing_gen '': only if Redis has no balance (the first of concurrent loaders wins); else
+        replace the load `replacing_gen` if it is still the live one (Redis restarted stale)."""
         reply = await self._load(
-            keys=[keys.acct(ws), keys.applied(ws)], args=[balance_micro, pg_version, secrets.token_hex(8)]
+            keys=[
+                keys.acct(ws),
+                keys.applied(ws),
+                keys.holds(ws),
+                keys.hold_deadlines(ws),
+                keys.hold_meta(ws),
+                keys.settled(ws),
+            ],
+            args=[balance_micro, pg_version, secrets.token_hex(8), run_id, replacing_gen, *resolved_holds],
         )
         return int(reply) == 1
 
