@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 from redis.exceptions import RedisError
 from support.harness import ADMIN_TOKEN, PLATFORM_KEY, Sidecar, chat_body, start_sidecar, stop_sidecar
 
-from sidecar.embedded import find_redis_server, free_port
+from sidecar.devtools.embedded import find_redis_server, free_port
 from sidecar.observability.logging import JsonFormatter
 from sidecar.ops import build_ops_app, eviction_policy, eviction_problem
 
