@@ -26,7 +26,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from sidecar import db
 from sidecar.state import keys
-from sidecar.state.store import State
+from sidecar.state.store import Applied, State
 
 log = logging.getLogger("sidecar.balances")
 
@@ -109,7 +109,7 @@ class Balances:
     async def apply_committed(self, ws: str, pg_version: int, delta_micro: int, token: str) -> None:
         """Bring a change Postgres committed at `pg_version` into the Redis balance, exactly once."""
         for _ in range(APPLY_ATTEMPTS):
-            if await self.state.apply(ws, pg_version, delta_micro, token) >= 0:
+            if await self.state.apply(ws, pg_version, delta_micro, token) is not Applied.NOT_LOADED:
                 return
             await self.ensure_loaded(ws)
         raise RuntimeError(f"could not apply committed change {token} to workspace {ws}")

@@ -64,6 +64,14 @@ class GrowHold(IntEnum):
     CEILING_TOO_LARGE = -4  # at or above MAX_AMOUNT_MICRO (not sent to Redis)
 
 
+class Applied(IntEnum):
+    """apply.lua's answer for a change Postgres committed."""
+
+    APPLIED = 1
+    ALREADY_INCLUDED = 0  # the loaded balance (or an earlier apply) already has it
+    NOT_LOADED = -1  # load the balance first (which may include the change), then apply again
+
+
 class HoldExtension(IntEnum):
     NOT_LIVE = 0  # resolved or unknown: nothing changed
     EXTENDED = 1
@@ -435,9 +443,9 @@ class State:
         )
         return int(reply) == 1
 
-    async def apply(self, ws: str, pg_version: int, delta_micro: int, token: str) -> int:
-        """1 applied, 0 already included, -1 not loaded."""
-        return int(await self._apply(keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token]))
+    async def apply(self, ws: str, pg_version: int, delta_micro: int, token: str) -> Applied:
+        reply = await self._apply(keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token])
+        return Applied(int(reply))
 
     async def grow_hold(self, ws: str, hold_id: str, amount_micro: int) -> GrowHold:
         """Raise a live hold to amount_micro (see grow_hold.lua)."""
