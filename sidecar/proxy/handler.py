@@ -138,9 +138,9 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
         )
         outcome = ending.outcome
     finally:
+        svc.metrics.holds_active.dec()
         # THE settlement of the call: every way the call ends passes here, once.
         settled = await settle(svc, call, outcome)
-        svc.metrics.holds_active.dec()
     return await ending.reply(settled)
 
 
