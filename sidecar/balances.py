@@ -22,10 +22,9 @@ import uuid
 from collections.abc import Iterable
 
 import asyncpg
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from sidecar import db
-from sidecar.state import keys
 from sidecar.state.store import Applied, State
 
 log = logging.getLogger("sidecar.balances")
@@ -37,15 +36,6 @@ def sync_token(pg_version: int, gen: str) -> str:
     """The token that makes an owed change apply once (apply.lua): a grant's is its grant id, a
     flushed batch's is the account version and the Redis load its events were settled under."""
     return gen if gen.startswith("grant:") else f"flush:{pg_version}:{gen}"
-
-
-async def redis_run_id(state: State) -> str:
-    """The Redis server's run_id, or '' where INFO is refused (then a stale restart goes unnoticed
-    here, and only `sidecar audit` reports its drift)."""
-    try:
-        return str((await state.redis.info("server")).get("run_id", ""))
-    except ResponseError:
-        return ""
 
 
 class Balances:
@@ -70,8 +60,8 @@ class Balances:
         keeps the account row locked until Redis has the new balance: a flush committing meanwhile
         would otherwise skip applying its events (their load still looked live) and then be missing
         from a balance read before it."""
-        run_id = await redis_run_id(self.state)
-        hold_ids = [h.decode() for h in await self.state.redis.hkeys(keys.holds(ws))]
+        run_id = await self.state.run_id()
+        hold_ids = await self.state.hold_ids(ws)
         async with self.pool.acquire() as conn, conn.transaction():
             balance_micro, version = await db.account_snapshot(conn, ws, lock=bool(replacing_gen))
             resolved = await db.recorded_events(conn, _event_ids(hold_ids))
@@ -89,19 +79,19 @@ class Balances:
         """Reload from Postgres every workspace whose Redis balance was loaded under another Redis
         run_id (see the module docstring). Cheap when nothing changed: one INFO per call. Returns
         the number of workspaces reloaded."""
-        run_id = await redis_run_id(self.state)
+        run_id = await self.state.run_id()
         if not run_id or run_id == self._run_id_seen:
             return 0
         reloaded = 0
         for ws in workspaces:
-            gen, loaded_under = await self.state.redis.hmget(keys.acct(ws), "gen", "run")
-            if gen is None or (loaded_under is not None and loaded_under.decode() == run_id):
+            gen, loaded_under = await self.state.load_marks(ws)
+            if gen is None or loaded_under == run_id:
                 continue  # not loaded (the next use loads it), or loaded by this Redis
             log.warning(
                 "redis was restarted or failed over with its data: reloading the balance from postgres",
                 extra={"workspace_id": ws},
             )
-            if await self._load(ws, replacing_gen=gen.decode()):
+            if await self._load(ws, replacing_gen=gen):
                 reloaded += 1
         self._run_id_seen = run_id
         return reloaded

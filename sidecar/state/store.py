@@ -13,6 +13,7 @@ from enum import IntEnum, StrEnum
 from importlib import resources
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from sidecar.money import MAX_AMOUNT_MICRO
 from sidecar.state import keys
@@ -459,6 +460,22 @@ class State:
         if balance is None:
             return None
         return Account(int(balance), int(held or 0))
+
+    async def run_id(self) -> str:
+        """The Redis server's run_id, or '' where INFO is refused (then a stale restart goes unnoticed
+        by the data plane, and only `sidecar audit` reports its drift)."""
+        try:
+            return str((await self.redis.info("server")).get("run_id", ""))
+        except ResponseError:
+            return ""
+
+    async def hold_ids(self, ws: str) -> list[str]:
+        return [h.decode() for h in await self.redis.hkeys(keys.holds(ws))]
+
+    async def load_marks(self, ws: str) -> tuple[str | None, str | None]:
+        """The live load's `gen` and the Redis run_id it was loaded under (None: not loaded / unknown)."""
+        gen, run = await self.redis.hmget(keys.acct(ws), "gen", "run")
+        return (gen.decode() if gen is not None else None, run.decode() if run is not None else None)
 
     async def generation(self, ws: str) -> str | None:
         gen = await self.redis.hget(keys.acct(ws), "gen")
