@@ -100,6 +100,9 @@ class HoldConfig:
     spool_max_entries: int = 100_000
     sweep_interval_ms: int = 5_000
     sweep_batch_max: int = 200
+    # How long past its deadline a hold is left to its own call before the sweeper voids it: room for a
+    # settlement spooled while Redis was down to be replayed once Redis is back (proxy/spool.py).
+    sweep_grace_ms: int = 60_000
 
 
 @dataclass(frozen=True)

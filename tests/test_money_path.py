@@ -248,3 +248,41 @@ async def test_cancellation_during_settlement_keeps_the_completed_outcome(sideca
     assert row["status"] == "completed"
     assert row["cost_micro"] == INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 6
     await sidecar.assert_identity(ws.id)
+
+
+async def test_a_spooled_settlement_outlives_its_holds_deadline(private_redis, migrated_database_url) -> None:
+    """Redis stays down past the hold's deadline; when it is back the sweeper leaves the hold alone for
+    `holds.sweep_grace_ms`, so the spooled settlement lands and the call is billed, not expired at 0."""
+    timing = {
+        "upstream": {"first_byte_timeout_ms": 500, "total_timeout_ms": 1500, "usage_wait_after_hangup_ms": 0},
+        "server": {"drain_timeout_ms": 100},
+        "holds": {"ttl_ms": 2500, "settle_budget_ms": 300, "sweep_grace_ms": 5000},
+    }
+    sc = await start_sidecar(private_redis.url, migrated_database_url, **timing)
+    try:
+        ws = await sc.workspace(credits_micro=CREDITS)
+        body = chat_body("outlive the deadline", stream=True, stream_options={"include_usage": True})
+        headers = {"Authorization": f"Bearer {ws.key}", **JSON, "x-mock-chunks": "10", "x-mock-delay-ms": "50"}
+        async with sc.http.post(
+            sc.data.make_url("/v1/chat/completions"), data=orjson.dumps(body), headers=headers
+        ) as resp:
+            seen = await asyncio.wait_for(resp.content.readany(), 5)
+            private_redis.kill()
+            seen += await asyncio.wait_for(resp.read(), 10)
+        assert b"[DONE]" in seen
+        for _ in range(100):
+            if sc.svc.spool.size() == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert sc.svc.spool.size() == 1
+        await asyncio.sleep(2.6)  # past the hold's deadline while Redis is still down
+        private_redis.restart()
+        assert await sweep_all(sc.svc.state, sc.svc.pool, sc.svc.config.holds) == 0, "within the grace"
+        assert await replay_spool(sc.svc) == 1
+        [row] = await _rows(sc, ws.id)
+        assert row["status"] == "completed"
+        assert row["cost_micro"] == INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 10
+        await sc.assert_identity(ws.id)
+    finally:
+        with contextlib.suppress(Exception):
+            await stop_sidecar(sc)

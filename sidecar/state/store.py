@@ -388,16 +388,18 @@ class State:
         for key, bucket in reserved:
             await self._reserve(keys=[key], args=[size_bytes, 0, ttl_ms, bucket])
 
-    async def due_holds(self, ws: str, batch_max: int) -> list[str]:
-        """Ids of holds past their deadline (by Redis time) when listed; expire() checks again."""
+    async def due_holds(self, ws: str, batch_max: int, grace_ms: int = 0) -> list[str]:
+        """Ids of holds past their deadline by more than grace_ms (Redis time) when listed; expire()
+        checks again."""
         seconds, micros = await self.redis.time()
-        now_ms = seconds * 1000 + micros // 1000
-        ids = await self.redis.zrangebyscore(keys.hold_deadlines(ws), "-inf", now_ms, start=0, num=batch_max)
+        due_ms = seconds * 1000 + micros // 1000 - grace_ms
+        ids = await self.redis.zrangebyscore(keys.hold_deadlines(ws), "-inf", due_ms, start=0, num=batch_max)
         return [i.decode() for i in ids]
 
-    async def expire(self, ws: str, hold_id: str, status: ExpireStatus) -> ExpireOutcome:
+    async def expire(self, ws: str, hold_id: str, status: ExpireStatus, grace_ms: int = 0) -> ExpireOutcome:
         """Void a hold that will never be settled and record its call (see expire.lua). EXPIRED voids
-        only a hold whose deadline has passed by Redis time when the script runs."""
+        only a hold whose deadline has passed, by more than grace_ms, by Redis time when the script runs."""
+        assert grace_ms >= 0
         status = ExpireStatus(status)
         # The hold knows its own idempotency record (admission wrote it): no caller has to rebuild it.
         record_key = await self.redis.hget(keys.hold_idempotency(ws), hold_id)
@@ -409,7 +411,7 @@ class State:
                 keys.live_per_key(ws),
                 keys.hold_idempotency(ws),
             ],
-            args=[hold_id, status.value, SETTLED_RETENTION_MS],
+            args=[hold_id, status.value, SETTLED_RETENTION_MS, grace_ms],
         )
         return ExpireOutcome(int(reply))
 
