@@ -198,14 +198,15 @@ async def relay_stream(
         },
     )
     reader = call.reader = call.protocol.stream_reader(facts)
+    framer = SSEFramer()  # one per stream: reading on after a hang-up resumes mid-event where the relay stopped
     try:
-        end = await _relay_until_end(request, svc, call, upstream, response, reader)
+        end = await _relay_until_end(request, svc, call, upstream, response, framer)
     except asyncio.CancelledError:
         if not _client_left(svc):
             raise
         end = StreamEnd.CLIENT_GONE
     if end in _CLIENT_ENDS and not (reader.done or reader.has_final_usage):
-        await _read_on_for_usage(svc, call, upstream, reader)
+        await _read_on_for_usage(svc, upstream, framer, reader)
     outcome = stream_outcome(svc, call, reader, end)
 
     async def reply(_: SettleResult | None) -> web.StreamResponse:
@@ -225,7 +226,7 @@ async def _relay_until_end(
     call: Call,
     upstream: aiohttp.ClientResponse,
     response: web.StreamResponse,
-    reader: StreamReader,
+    framer: SSEFramer,
 ) -> StreamEnd:
     timeouts = svc.config.upstream
     try:
@@ -234,7 +235,7 @@ async def _relay_until_end(
         except (ConnectionError, RuntimeError):
             return StreamEnd.CLIENT_GONE
         async with asyncio.timeout(timeouts.total_timeout_ms / 1000):
-            await _pump(upstream, response, reader, call, timeouts.write_timeout_ms / 1000)
+            await _pump(upstream, framer, response, call, timeouts.write_timeout_ms / 1000)
         return StreamEnd.UPSTREAM_DONE
     except _ClientGone as gone:
         return gone.end
@@ -253,12 +254,12 @@ async def _relay_until_end(
 
 async def _pump(
     upstream: aiohttp.ClientResponse,
+    framer: SSEFramer,
     response: web.StreamResponse,
-    reader: StreamReader,
     call: Call,
     write_timeout_s: float,
 ) -> None:
-    framer = SSEFramer()
+    reader = call.reader
     async for chunk in upstream.content.iter_any():
         events = framer.feed(chunk)
         if events:
@@ -287,14 +288,15 @@ async def _relay_events(
         raise _ClientGone(StreamEnd.CLIENT_GONE) from None
 
 
-async def _read_on_for_usage(svc: Services, call: Call, upstream: aiohttp.ClientResponse, reader: StreamReader) -> None:
+async def _read_on_for_usage(
+    svc: Services, upstream: aiohttp.ClientResponse, framer: SSEFramer, reader: StreamReader
+) -> None:
     """The client left before the provider sent its usage. Keep reading the provider's stream, relaying
     nothing, until its usage arrives (bounded in time): the exact count beats an estimate from bytes,
     which misses images, cached prefixes and reasoning tokens."""
     wait_s = svc.config.upstream.usage_wait_after_hangup_ms / 1000
     if wait_s <= 0:
         return
-    framer = SSEFramer()
     try:
         async with asyncio.timeout(wait_s):
             async for chunk in upstream.content.iter_any():
