@@ -36,6 +36,7 @@ from sidecar.state.store import State, StateLimits
 
 log = logging.getLogger("sidecar.app")
 
+SHUTDOWN_SETTLE_S = 5.0
 REDIS_MAX_CONNECTIONS = 128
 REDIS_POOL_WAIT_S = 5.0
 
@@ -205,9 +206,11 @@ class Runtime:
         # handlers (streams included) before cancelling what is left.
         for runner in self._runners:
             await runner.cleanup()
-        # A settlement retries for its whole budget, then spools: wait for as long, so none is cut off.
+        # Settlements still retrying (Redis unreachable) spool after SHUTDOWN_SETTLE_S rather than use
+        # their whole budget: the process's grace period ends before that, the spool outlives it.
+        svc.settle_cutoff_s = asyncio.get_running_loop().time() + SHUTDOWN_SETTLE_S
         if svc.settling:
-            await asyncio.wait(list(svc.settling), timeout=svc.config.holds.settle_budget_ms / 1000 + 5)
+            await asyncio.wait(list(svc.settling), timeout=SHUTDOWN_SETTLE_S + 5)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

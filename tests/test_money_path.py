@@ -286,3 +286,34 @@ async def test_a_spooled_settlement_outlives_its_holds_deadline(private_redis, m
     finally:
         with contextlib.suppress(Exception):
             await stop_sidecar(sc)
+
+
+async def test_at_shutdown_a_stuck_settlement_spools_at_the_cutoff(private_redis, migrated_database_url) -> None:
+    """The settle budget may be longer than the pod's grace period: once shutdown sets the cutoff, a
+    settlement still waiting for Redis goes to the spool instead of being killed with the process."""
+    sc = await start_sidecar(
+        private_redis.url, migrated_database_url, holds={"settle_budget_ms": 20_000, "ttl_ms": 60_000}
+    )
+    try:
+        ws = await sc.workspace(credits_micro=CREDITS)
+        body = chat_body("finish during shutdown", stream=True, stream_options={"include_usage": True})
+        headers = {"Authorization": f"Bearer {ws.key}", **JSON, "x-mock-chunks": "10", "x-mock-delay-ms": "30"}
+        loop = asyncio.get_running_loop()
+        async with sc.http.post(
+            sc.data.make_url("/v1/chat/completions"), data=orjson.dumps(body), headers=headers
+        ) as resp:
+            seen = await asyncio.wait_for(resp.content.readany(), 5)
+            private_redis.kill()
+            sc.svc.settle_cutoff_s = loop.time() + 0.5  # as Runtime.shutdown sets it
+            started = loop.time()
+            seen += await asyncio.wait_for(resp.read(), 10)
+        assert b"[DONE]" in seen
+        assert sc.svc.spool.size() == 1, "spooled at the cutoff, not after the 20 s budget"
+        assert loop.time() - started < 5
+        private_redis.restart()
+        assert await replay_spool(sc.svc) == 1
+        [row] = await _rows(sc, ws.id)
+        assert row["status"] == "completed"
+    finally:
+        with contextlib.suppress(Exception):
+            await stop_sidecar(sc)

@@ -159,7 +159,8 @@ def _price(svc: Services, call: Call):
 
 
 async def _settle_within_budget(svc: Services, args: dict) -> SettleResult | None:
-    """Retry the settle script until it answers or `holds.settle_budget_ms` is spent. None: spent."""
+    """Retry the settle script until it answers or `holds.settle_budget_ms` is spent (or, at shutdown,
+    the cutoff passed). None: spent, spool it."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + svc.config.holds.settle_budget_ms / 1000
     delay_s = SETTLE_RETRY_FIRST_S
@@ -170,7 +171,8 @@ async def _settle_within_budget(svc: Services, args: dict) -> SettleResult | Non
         except (RedisError, OSError) as exc:
             svc.metrics.child(svc.metrics.dependency_errors, "redis").inc()
             log.warning("settle failed, retrying", extra={"error": type(exc).__name__})
-        left_s = deadline - loop.time()
+        cutoff = deadline if svc.settle_cutoff_s is None else min(deadline, svc.settle_cutoff_s)
+        left_s = cutoff - loop.time()
         if left_s <= 0:
             break
         await asyncio.sleep(min(delay_s, left_s))
