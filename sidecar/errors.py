@@ -12,7 +12,7 @@ re-based here; this module imports nothing of the package, so anything may impor
     │   └── AdminError              admin API (control/http.py): its own status (400 401 403 404 409 502 503),
     │                               answered in the admin envelope
     ├── DomainError                 a rule or a dependency said no, below HTTP: never answered as it is;
-    │   │                           the caller turns it into an ApiError, a fallback or a stream's end
+    │   │                           its caller makes it an ApiError, a fallback, a stream's end, a dead letter
     │   ├── MoneyError              (ValueError) not an exact amount -> admin 400 invalid_amount;
     │   │                           in the config file, a ConfigError
     │   ├── GrantConflict           a grant id reused with another amount or kind -> admin 409 grant_conflict
@@ -23,6 +23,8 @@ re-based here; this module imports nothing of the package, so anything may impor
     │   │   │                       `sidecar kek rotate`: the key is reported and left as it is
     │   │   └── KekMissing          its KEK is not configured -> at start, the sidecar refuses to start
     │   ├── BudgetExceeded          buffered answers past the process's byte budget -> proxy 503, unbilled
+    │   ├── InvalidEvent            (ValueError) a stream entry that cannot become a ledger row -> the
+    │   │                           flusher dead-letters it; never reaches a client
     │   ├── SSEError                (ValueError) a provider's stream breaks a framing bound -> the stream
     │   │                           ends as the provider's failure (docs/architecture.md, the lifecycle)
     │   └── RedirectRefused         (aiohttp.ClientError) a provider answered 3xx -> as if unreachable:
