@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from sidecar.errors import StartupError
 from sidecar.money import MoneyError, parse_credits, parse_price_per_million
 from sidecar.pricing import CostProfile, ModelPrice, TokenPrices
 from sidecar.protocols.base import ROUTING_FIELDS
@@ -39,7 +40,7 @@ _NEVER_FORWARDED = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(StartupError, ValueError):
     pass
 
 

@@ -8,6 +8,7 @@ from datetime import datetime
 
 import asyncpg
 
+from sidecar.errors import DomainError
 from sidecar.money import MAX_AMOUNT_MICRO, format_micro
 
 # A Postgres that is down, starting, stopping, failing over, overloaded or cut off mid-query: an
@@ -56,11 +57,11 @@ class GrantResult:
     pg_version: int  # the account version the grant committed at
 
 
-class GrantConflict(Exception):
+class GrantConflict(DomainError):
     """The same grant id was used before with a different amount or kind."""
 
 
-class BalanceLimitExceeded(Exception):
+class BalanceLimitExceeded(DomainError):
     """The grant would push the balance past MAX_AMOUNT_MICRO (nothing is recorded)."""
 
     def __init__(self, workspace_id: str, balance_micro: int, amount_micro: int) -> None:

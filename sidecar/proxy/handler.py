@@ -26,6 +26,7 @@ from sidecar import scrub
 from sidecar.auth import Caller
 from sidecar.config import ModelConfig, ProviderConfig, Target
 from sidecar.db import POSTGRES_ERRORS
+from sidecar.errors import ControlFlow
 from sidecar.observability.logging import request_id_var
 from sidecar.pricing import Usage
 from sidecar.protocols import ALL as PROTOCOLS
@@ -553,7 +554,7 @@ async def _open(
         raise _Unreachable(type(exc).__name__, timed_out=False) from None
 
 
-class _Unreachable(Exception):
+class _Unreachable(ControlFlow):
     def __init__(self, reason: str, timed_out: bool) -> None:
         super().__init__(reason)
         self.reason, self.timed_out = reason, timed_out

@@ -15,6 +15,7 @@ from enum import Enum
 import aiohttp
 from aiohttp import web
 
+from sidecar.errors import ControlFlow
 from sidecar.money import format_micro
 from sidecar.pricing import Usage
 from sidecar.protocols.base import RequestFacts, StreamReader, estimate_tokens
@@ -60,7 +61,7 @@ _CLIENT_ENDS = (StreamEnd.CLIENT_GONE, StreamEnd.CLIENT_SLOW)
 _SIDECAR_ENDS = (StreamEnd.TOTAL_TIMEOUT, StreamEnd.IDLE_TIMEOUT, StreamEnd.SIDECAR_FAULT)
 
 
-class _ClientGone(Exception):
+class _ClientGone(ControlFlow):
     def __init__(self, end: StreamEnd) -> None:
         self.end = end
 
