@@ -21,7 +21,7 @@ from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
 from sidecar.byok import keys as byok_keys
 from sidecar.byok.keys import Resolver
-from sidecar.byok.vault import KekMissing, KeyRing, Vault, check_startup
+from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_startup
 from sidecar.config import Config
 from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
@@ -125,7 +125,10 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
 async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
     """The BYOK vault from SIDECAR_KEK / SIDECAR_KEK_FILE. Refuse to start when stored BYOK keys could
     not be opened: calls would otherwise silently move to the platform key and the customer's credits."""
-    ring = KeyRing.from_env(os.environ if env is None else env)
+    try:
+        ring = KeyRing.from_env(os.environ if env is None else env)
+    except VaultError as exc:  # a malformed SIDECAR_KEK / SIDECAR_KEK_FILE: say which, in one line
+        raise SystemExit(f"sidecar: {exc}") from None
     async with pg_pool.acquire() as conn:
         stored_kek_ids = await byok_keys.kek_ids(conn)
     try:
