@@ -11,7 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from sidecar.observability.metrics import RedisCheck
+from sidecar.observability.metrics import Metrics, RedisCheck
 from sidecar.services import Services
 
 log = logging.getLogger("sidecar.ops")
@@ -35,7 +35,7 @@ async def readyz(request: web.Request) -> web.Response:
             checks["scripts"] = "ok" if await svc.state.scripts_loaded() else "not loaded"
             if checks["scripts"] != "ok":
                 await svc.state.load_scripts()
-            policy, aof = await check_redis_safety(svc)
+            policy, aof = await check_redis_safety(svc.state.redis, svc.metrics)
             problem = eviction_problem(policy)
             if policy is None:
                 warnings.append(problem)
@@ -87,12 +87,12 @@ async def aof_enabled(redis: aioredis.Redis) -> bool | None:
     return None if value is None else int(value) == 1
 
 
-async def check_redis_safety(svc: Services) -> tuple[str | None, bool | None]:
+async def check_redis_safety(redis: aioredis.Redis, metrics: Metrics) -> tuple[str | None, bool | None]:
     """Read the eviction policy and AOF state, and export both as gauges (the alerts read them)."""
-    policy = await eviction_policy(svc.state.redis)
-    aof = await aof_enabled(svc.state.redis)
-    svc.metrics.redis_noeviction.set(_check(None if policy is None else policy == "noeviction"))
-    svc.metrics.redis_aof_enabled.set(_check(aof))
+    policy = await eviction_policy(redis)
+    aof = await aof_enabled(redis)
+    metrics.redis_noeviction.set(_check(None if policy is None else policy == "noeviction"))
+    metrics.redis_aof_enabled.set(_check(aof))
     return policy, aof
 
 
@@ -134,7 +134,7 @@ async def metrics(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(_CHECK_TIMEOUT_S):
             svc.metrics.ledger_lag.set(await svc.flusher.backlog())
-            await check_redis_safety(svc)
+            await check_redis_safety(svc.state.redis, svc.metrics)
     except Exception:  # the gauges keep their last values when Redis is away
         pass
     body = generate_latest(svc.metrics.registry)

@@ -4,7 +4,9 @@ expression uses; the rules file has the Prometheus rule shape; the Redis safety 
 
 from __future__ import annotations
 
+import asyncio
 import re
+import subprocess
 from pathlib import Path
 
 import orjson
@@ -13,12 +15,15 @@ import yaml
 from aiohttp.test_utils import TestServer
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from redis.exceptions import RedisError
 from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
 from support.promql import reads
 
 from sidecar.audit import Report, export_metrics
 from sidecar.devtools import mock_provider
-from sidecar.ops import build_ops_app
+from sidecar.devtools.embedded import find_redis_server, free_port
+from sidecar.observability.metrics import Metrics, RedisCheck
+from sidecar.ops import build_ops_app, check_redis_safety
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "ai-metering-sidecar"
@@ -212,3 +217,28 @@ async def test_redis_safety_gauges_follow_the_redis_settings(private_redis, migr
     finally:
         await stop_sidecar(sc)
         await probe.aclose()
+
+
+async def test_redis_safety_gauges_say_unknown_where_redis_refuses_config_and_info(tmp_path) -> None:
+    port = free_port()
+    argv = [str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)]
+    argv += ["--rename-command", "CONFIG", "", "--rename-command", "INFO", ""]  # as some managed services do
+    server = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = aioredis.Redis(port=port)
+    metrics = Metrics()
+    try:
+        for _ in range(100):
+            try:
+                await client.ping()
+                break
+            except (OSError, RedisError):
+                await asyncio.sleep(0.05)
+        metrics.redis_noeviction.set(RedisCheck.ON)  # a value read earlier must not survive an unreadable one
+        metrics.redis_aof_enabled.set(RedisCheck.OFF)
+        assert await check_redis_safety(client, metrics) == (None, None)
+        text = generate_latest(metrics.registry).decode()
+        assert "sidecar_redis_noeviction -1.0" in text and "sidecar_redis_aof_enabled -1.0" in text
+    finally:
+        await client.aclose()
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 10)
