@@ -433,6 +433,11 @@ class State:
         """Set the balance read from Postgres, with `held` rebuilt from the live holds (see load.lua).
         replacing_gen '': only if Redis has no balance (the first of concurrent loaders wins); else
         replace the load `replacing_gen` if it is still the live one (Redis restarted stale)."""
+        records: list[str] = []
+        if resolved_holds:
+            found = await self.redis.hmget(keys.hold_idempotency(ws), list(resolved_holds))
+            # Every key in KEYS (Redis Cluster): a hold without a record gets a placeholder of its slot.
+            records = [r.decode() if r else f"{keys.tag(ws)}:no_record" for r in found]
         reply = await self._load(
             keys=[
                 keys.acct(ws),
@@ -441,6 +446,10 @@ class State:
                 keys.hold_deadlines(ws),
                 keys.hold_meta(ws),
                 keys.settled(ws),
+                keys.hold_keys(ws),
+                keys.live_per_key(ws),
+                keys.hold_idempotency(ws),
+                *records,
             ],
             args=[balance_micro, pg_version, secrets.token_hex(8), run_id, replacing_gen, *resolved_holds],
         )
