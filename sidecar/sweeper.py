@@ -41,13 +41,26 @@ async def sweep_all(state: State, pool: asyncpg.Pool, config: HoldConfig) -> int
 
 
 async def run(state: State, pool: asyncpg.Pool, config: HoldConfig, metrics: Metrics, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    grace_s = config.sweep_grace_ms / 1000
+    # Since when Redis has answered every round. After an outage (and at start) nothing is voided until
+    # Redis has been back for the grace: the spools of every replica (one pass a second) replay first,
+    # so a call whose settlement waited out the outage is billed, not expired at 0.
+    available_since: float | None = None
     while not stop.is_set():
         try:
-            voided = await sweep_all(state, pool, config)
-            if voided:
-                metrics.holds_expired.inc(voided)
-                log.warning("voided expired holds", extra={"holds": voided})
-        except (RedisError, OSError, asyncpg.PostgresError, ValueError) as exc:
+            await state.ping()
+            if available_since is None:
+                available_since = loop.time()
+            if loop.time() - available_since >= grace_s:
+                voided = await sweep_all(state, pool, config)
+                if voided:
+                    metrics.holds_expired.inc(voided)
+                    log.warning("voided expired holds", extra={"holds": voided})
+        except (RedisError, OSError) as exc:
+            available_since = None
+            log.warning("hold sweep failed; will retry", extra={"error": type(exc).__name__})
+        except (asyncpg.PostgresError, ValueError) as exc:
             log.warning("hold sweep failed; will retry", extra={"error": type(exc).__name__})
         try:
             await asyncio.wait_for(stop.wait(), config.sweep_interval_ms / 1000)

@@ -43,6 +43,7 @@ class SettleOutcome(IntEnum):
     SETTLED = 0
     ALREADY_RESOLVED = 1  # nothing changed
     NEED_LOAD = 2  # the workspace's balance is not in Redis (restarted empty): load it, then settle again
+    ALREADY_EXPIRED = 3  # nothing changed: the sweeper voided the hold (the call is recorded expired, at 0)
 
 
 class ExpireOutcome(IntEnum):
@@ -346,6 +347,7 @@ class State:
                 keys.hold_keys(ws),
                 keys.live_per_key(ws),
                 keys.hold_idempotency(ws),
+                keys.expired_holds(ws),
             ],
             args=[
                 hold_id,
@@ -410,6 +412,7 @@ class State:
                 keys.hold_keys(ws),
                 keys.live_per_key(ws),
                 keys.hold_idempotency(ws),
+                keys.expired_holds(ws),
             ],
             args=[hold_id, status.value, SETTLED_RETENTION_MS, grace_ms],
         )
@@ -471,6 +474,9 @@ class State:
         if balance is None:
             return None
         return Account(int(balance), int(held or 0))
+
+    async def ping(self) -> None:
+        await self.redis.ping()
 
     async def run_id(self) -> str:
         """The Redis server's run_id, or '' where INFO is refused (then a stale restart goes unnoticed
