@@ -10,7 +10,14 @@ STAMP := $(VENV)/.installed-from-pyproject
 TEST_TIMEOUT_S ?= 1500
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint run soak bench
+.PHONY: venv test lint run soak bench wheelhouse image chart-check
+
+# The container image (docs/deploy.md). PYTHON_IMAGE: a base with python3 >= 3.11 and its venv module.
+IMAGE ?= ai-metering-sidecar:0.1.0
+PYTHON_IMAGE ?= python:3.11-slim
+DOCKER ?= docker
+HELM ?= helm
+CHART := helm/ai-metering-sidecar
 
 venv: $(STAMP)
 
@@ -34,3 +41,22 @@ soak: venv
 
 bench: venv
 	$(BIN)/python -m bench
+
+# The wheels the image installs from (runtime dependencies + the build backend), built here so that
+# `make image` needs no package index. Build it with the Python minor version of the image's base.
+wheelhouse: venv
+	rm -f wheelhouse/*.whl
+	$(BIN)/pip wheel --quiet --wheel-dir wheelhouse . 'setuptools>=68'
+	# The sidecar itself is built from the sources inside the image, without its development tools.
+	rm -f wheelhouse/ai_metering_sidecar-*.whl
+
+# The classic builder (DOCKER_BUILDKIT=0) works without buildx; BuildKit works too.
+image:
+	$(DOCKER) build --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) -t $(IMAGE) .
+
+# Lint and render the chart with several value sets, and load each rendered config with the sidecar's
+# own loader. Needs a helm binary (HELM=/path/to/helm); the chart's default config is also checked by
+# tests/test_chart_config.py without helm.
+chart-check: venv
+	@command -v $(HELM) >/dev/null 2>&1 || { echo "chart-check: no helm binary (set HELM=/path/to/helm)"; exit 2; }
+	$(BIN)/python -m tests.chart_check --helm $(HELM) --chart $(CHART)
