@@ -43,10 +43,13 @@ bench: venv
 	$(BIN)/python -m bench
 
 # The wheels the image installs from (runtime dependencies + the build backend), built here so that
-# `make image` needs no package index. Build it with the Python minor version of the image's base.
+# `make image` needs no package index. pip resolves environment markers for THIS interpreter, so the
+# base's Python must have the same minor version, and WHEELHOUSE_EXTRA adds what markers ask for only
+# on other patch releases: redis-py needs async-timeout before Python 3.11.3 (Debian 12 has 3.11.2).
+WHEELHOUSE_EXTRA ?= 'async-timeout>=4.0.3'
 wheelhouse: venv
 	rm -f wheelhouse/*.whl
-	$(BIN)/pip wheel --quiet --wheel-dir wheelhouse . 'setuptools>=68'
+	$(BIN)/pip wheel --quiet --wheel-dir wheelhouse . 'setuptools>=68' $(WHEELHOUSE_EXTRA)
 	# The sidecar itself is built from the sources inside the image, without its development tools.
 	rm -f wheelhouse/ai_metering_sidecar-*.whl
 

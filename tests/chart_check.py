@@ -99,7 +99,7 @@ def check_rendered(docs: list[dict], expect: dict[str, object]) -> list[str]:
         except Exception as exc:
             problems.append(f"ConfigMap {name}: sidecar.yaml does not load: {exc}")
     if not configs:
-        return [*problems, "no ConfigMap with a sidecar.yaml was rendered"]
+        return problems or ["no ConfigMap with a sidecar.yaml was rendered"]
     for kind in ("Deployment", "CronJob", "Job"):
         for workload in by_kind.get(kind, []):
             problems += check_workload(kind, workload, configs)
