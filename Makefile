@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-from-pyproject
 TEST_TIMEOUT_S ?= 1500
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint run soak bench wheelhouse image chart-check
+.PHONY: venv test lint run soak bench wheelhouse image image-check chart-check
 
 # The container image (docs/deploy.md). PYTHON_IMAGE: a base with python3 >= 3.11 and its venv module.
 IMAGE ?= ai-metering-sidecar:0.1.0
@@ -56,6 +56,14 @@ wheelhouse: venv
 # The classic builder (DOCKER_BUILDKIT=0) works without buildx; BuildKit works too.
 image:
 	$(DOCKER) build --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) -t $(IMAGE) .
+
+# What the image must be, checked inside it: no development tools in the installed package, `sidecar
+# dev` answers in one line, the spool directory is writable by the user the sidecar runs as.
+image-check:
+	$(DOCKER) run --rm --entrypoint sh $(IMAGE) -c \
+	  'cd /opt/venv/lib/python3*/site-packages/sidecar && test -f cli.py && ! find . -path "*devtools*" | grep .'
+	$(DOCKER) run --rm $(IMAGE) dev 2>&1 | grep 'not available in this installation'
+	$(DOCKER) run --rm --entrypoint sh $(IMAGE) -c 'test -w /var/lib/sidecar/spool'
 
 # Lint and render the chart with several value sets, and load each rendered config with the sidecar's
 # own loader. Needs a helm binary (HELM=/path/to/helm); the chart's default config is also checked by
