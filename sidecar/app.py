@@ -104,7 +104,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     except Exception:
         log.warning("could not load Lua scripts at start; they load on first use")
     return Services(
-        spool=Spool(config.holds.spool_dir, config.holds.spool_max_entries),
+        spool=Spool(config.holds.spool_dir, config.holds.spool_entries_max),
         config=config,
         state=state,
         pool=pg_pool,
@@ -141,7 +141,7 @@ def build_data_app(svc: Services) -> web.Application:
     config = svc.config
     limiter = FailedAuthLimiter(config.auth.failed_auth_max, config.auth.failed_auth_window_ms)
     guard = serving.guard(serving.protocol_error_body, config.server.body_read_timeout_ms / 1000, limiter)
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[guard])
+    app = web.Application(client_max_size=config.server.body_bytes_max, middlewares=[guard])
     app[serving.ERROR_BODY] = serving.protocol_error_body
     app[handler.SERVICES] = svc
     handler.add_routes(app)

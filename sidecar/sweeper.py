@@ -34,7 +34,7 @@ async def sweep_all(state: State, pool: asyncpg.Pool, config: HoldConfig) -> int
         workspaces = await db.workspace_ids(conn)
     voided = 0
     for ws in workspaces:
-        voided += await sweep_workspace(state, ws, config.sweep_batch_max)
+        voided += await sweep_workspace(state, ws, config.sweep_batch_holds_max)
     return voided
 
 

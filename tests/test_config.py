@@ -16,7 +16,7 @@ PRICING = {"models": {"m": {"input": "1", "output": "2"}}}
 def minimal(**extra) -> dict:
     return {
         "providers": [{"name": "p", "protocol": "openai", "base_url": "http://x/v1", "api_key_env": "K"}],
-        "models": [{"name": "m", "provider": "p", "default_max_output_tokens": 10, "context_window_tokens": 1000}],
+        "models": [{"name": "m", "provider": "p", "max_output_tokens_default": 10, "context_window_tokens": 1000}],
         **extra,
     }
 
@@ -24,7 +24,7 @@ def minimal(**extra) -> dict:
 def test_the_example_config_loads() -> None:
     config = load_config(ROOT / "config" / "sidecar.example.yaml", env={})
     assert config.model("gpt-4o-mini-2024-07-18").name == "gpt-4o-mini"
-    assert config.pricing.minimum_charge_micro == 1
+    assert config.pricing.charge_micro_min == 1
 
 
 def test_routing_fields_are_allowed_per_model() -> None:
@@ -49,14 +49,14 @@ def test_environment_overrides() -> None:
         (minimal(holds={"ttl_ms": 1000}), PRICING, "holds.ttl_ms: must exceed"),
         (minimal(colour="blue"), PRICING, "colour: unknown key"),
         (
-            {**minimal(), "models": [{"name": "m", "provider": "nope", "default_max_output_tokens": 1}]},
+            {**minimal(), "models": [{**minimal()["models"][0], "provider": "nope"}]},
             PRICING,
             "models[0].provider: unknown provider 'nope'",
         ),
         (
             {**minimal(), "models": [{"name": "m", "provider": "p"}]},
             PRICING,
-            "models[0].default_max_output_tokens: required",
+            "models[0].max_output_tokens_default: required",
         ),
         (
             {**minimal(), "providers": [{"name": "p", "protocol": "grpc", "base_url": "http://x"}]},

@@ -62,8 +62,8 @@ async def served(redis_client, redis_url, migrated_database_url) -> AsyncIterato
             "header_read_timeout_ms": HEADER_TIMEOUT_MS,
             "body_read_timeout_ms": BODY_TIMEOUT_MS,
             "keepalive_timeout_ms": KEEPALIVE_TIMEOUT_MS,
-            "max_connections": MAX_CONNECTIONS,
-            "ops_max_connections": OPS_MAX_CONNECTIONS,
+            "connections_max": MAX_CONNECTIONS,
+            "ops_connections_max": OPS_MAX_CONNECTIONS,
         },
     )
     lines, records = io.StringIO(), []

@@ -110,7 +110,7 @@ async def create_key(request: web.Request) -> web.Response:
     ws = await existing_workspace(request)
     payload = await read_object(request)
     rpm = bounded_int(
-        payload.get("rate_limit_rpm", svc.config.auth.default_rpm), "rate_limit_rpm", 1, 1_000_000, "invalid_rate_limit"
+        payload.get("rate_limit_rpm", svc.config.auth.rpm_default), "rate_limit_rpm", 1, 1_000_000, "invalid_rate_limit"
     )
     tpm = payload.get("tokens_per_minute")
     if tpm is not None:  # an `integer` column

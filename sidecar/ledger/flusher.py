@@ -1,6 +1,6 @@
 """The ledger flusher: per-workspace Redis streams -> Postgres, in batches.
 
-Each cycle reads up to `batch_max_rows` entries through one consumer group, workspaces taken in
+Each cycle reads up to `batch_rows_max` entries through one consumer group, workspaces taken in
 turn, and writes them in ONE transaction: COPY into a staging table, INSERT ... ON CONFLICT DO
 NOTHING, account balances updated from the rows actually inserted. Only then are the entries
 acknowledged and deleted from the streams. A crash anywhere before the acknowledgement replays the
@@ -107,13 +107,13 @@ class Flusher:
                 self._on_failure()
                 log.exception("ledger flush failed; entries stay pending and will be retried")
                 await _sleep_or_stop(stop, backoff_ms / 1000)
-                backoff_ms = min(backoff_ms * 2, self.config.retry_backoff_max_ms)
+                backoff_ms = min(backoff_ms * 2, self.config.retry_backoff_ms_max)
                 continue
-            # Batches form by age: a settled event waits at most batch_max_age_ms, and a backlog is
+            # Batches form by age: a settled event waits at most batch_age_ms_max, and a backlog is
             # drained back to back. Settles do not wake the flusher: one flush per call would cost
             # more than the call itself.
             if not (flushed and self._more_waiting):
-                await _sleep_or_stop(stop, self.config.batch_max_age_ms / 1000)
+                await _sleep_or_stop(stop, self.config.batch_age_ms_max / 1000)
 
     async def drain(self, timeout_s: float) -> None:
         """At shutdown: flush until the streams are empty or the time is up."""
@@ -173,7 +173,7 @@ class Flusher:
         self._groups_ready.add(ws)
 
     async def _read_batch(self) -> list[Entry]:
-        budget = self.config.batch_max_rows
+        budget = self.config.batch_rows_max
         share = max(budget // 4, 1)  # no workspace takes more than a quarter of a batch
         claim = time.monotonic() - self._last_claim_at > self.config.claim_idle_ms / 2000
         if claim:

@@ -267,7 +267,7 @@ _CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
 _FEE_PLUGINS = frozenset({"web"})
 _FEE_PDF_ENGINES = frozenset({"mistral-ocr"})
 _PRICED_SERVICE_TIERS = frozenset({"auto", "default", "flex", "standard_only"})
-_MAX_WALK_NODES = 1_000_000  # the body is at most server.max_body_bytes; this only bounds the loop
+_MAX_WALK_NODES = 1_000_000  # the body is at most server.body_bytes_max; this only bounds the loop
 
 
 def unpriced(feature: str, param: str) -> SidecarError:

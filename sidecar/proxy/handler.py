@@ -93,7 +93,7 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
     call.session_id = _header_value(request, "x-session-id", 128)
     call.idempotency_key = _header_value(request, "idempotency-key", 255)
     call.output_cap = (
-        (facts.max_output_tokens or call.model.default_max_output_tokens) if call.protocol.has_output else 0
+        (facts.max_output_tokens or call.model.max_output_tokens_default) if call.protocol.has_output else 0
     )
     call.credits_ceiling_micro = _ceiling_micro(svc, call, facts, body)
     # The first target's credential decides the billing path: the customer's own key takes no hold.
@@ -151,7 +151,7 @@ async def _read_body(request: web.Request) -> bytes:
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SERVICES].config.server.max_body_bytes
+        limit = request.app[SERVICES].config.server.body_bytes_max
         raise SidecarError("too_large", f"request body exceeds the limit of {limit} bytes") from None
 
 
@@ -359,7 +359,7 @@ async def _forward(
 ) -> Ending:
     if call.idempotency_key:
         call.relayed = []
-        call.relay_keep_max_bytes = svc.config.billing.idempotency_max_body_bytes
+        call.relay_keep_max_bytes = svc.config.billing.idempotency_body_bytes_max
     svc.metrics.overhead.observe(time.perf_counter() - call.started_perf)
     for attempt, target in enumerate(call.targets, start=1):
         last = attempt == len(call.targets)
@@ -588,7 +588,7 @@ async def list_models(request: web.Request) -> web.Response:
                 "created_at": "1970-01-01T00:00:00Z",
                 "owned_by": model.provider,
                 "aliases": list(model.aliases),
-                "max_output_tokens_default": model.default_max_output_tokens,
+                "max_output_tokens_default": model.max_output_tokens_default,
                 "pricing": {  # credits per 1M tokens, exact decimal strings
                     cls: _per_million(getattr(sell, cls))
                     for cls in ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")

@@ -98,7 +98,7 @@ def settle_args(svc: Services, call: Call, outcome: Outcome) -> dict:
         event(call, outcome.status.value, usage, upstream_cost_micro, outcome.estimated, outcome.error)
     )
     replay = outcome.replay
-    if replay is not None and len(replay.body) > config.billing.idempotency_max_body_bytes:
+    if replay is not None and len(replay.body) > config.billing.idempotency_body_bytes_max:
         replay = Replay(0, "", b"")  # remembered as done, too large to replay
     return {
         "ws": caller.workspace_id,
