@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-from-pyproject
 TEST_TIMEOUT_S ?= 1500
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint run soak bench
+.PHONY: venv test lint run soak bench schema
 
 venv: $(STAMP)
 
@@ -34,3 +34,7 @@ soak: venv
 
 bench: venv
 	$(BIN)/python -m bench
+
+# The Helm chart's values.schema.json, from the config's types (tests/test_config.py checks it is current).
+schema: venv
+	$(BIN)/sidecar schema > helm/ai-metering-sidecar/values.schema.json

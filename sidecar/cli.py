@@ -1,4 +1,4 @@
-"""The one CLI: `sidecar serve | control | dev | migrate | mock-provider`."""
+"""The one CLI: `sidecar serve | control | dev | migrate | mock-provider | kek | token-hash | schema`."""
 
 from __future__ import annotations
 
@@ -129,6 +129,7 @@ def _main(argv: list[str] | None) -> int:
     rotate = kek_sub.add_parser("rotate", help="re-wrap every stored data key under the newest configured KEK")
     rotate.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file (env SIDECAR_CONFIG)")
     sub.add_parser("token-hash", help="read an admin token on stdin, print the SHA-256 to put in admin_tokens")
+    sub.add_parser("schema", help="print the JSON Schema of the Helm chart's values (make schema writes it)")
     dev = sub.add_parser("dev", help="everything on one machine, with embedded Redis/Postgres and a mock provider")
     dev.add_argument("--data-dir", default=".sidecar-dev", help="where embedded Redis/Postgres keep their data")
     dev.add_argument("--port", type=int, default=8080)
@@ -149,6 +150,13 @@ def _main(argv: list[str] | None) -> int:
         if not token:
             parser.error("token-hash: give the token on standard input")
         print(hashlib.sha256(token.encode()).hexdigest())
+        return 0
+    if args.command == "schema":
+        import json
+
+        from sidecar.config import values_schema
+
+        print(json.dumps(values_schema(), indent=2))
         return 0
     if args.command == "kek":
         return _kek(args)

@@ -103,7 +103,7 @@ class ServerConfig(_Strict):
 
 
 class AuthConfig(_Strict):
-    cache_ttl_ms: Natural = 2_000
+    cache_ttl_ms: Annotated[int, Meta(ge=0, le=5_000, description="so a revoked key stops working within 5 s")] = 2_000
     rpm_default: Positive = 40
     rate_window_ms: WindowMs = 60_000
     # A source address with this many failed authentications in a window is refused (429) until
@@ -112,8 +112,6 @@ class AuthConfig(_Strict):
     failed_auth_window_ms: Natural = 60_000
 
     def __post_init__(self) -> None:
-        if self.cache_ttl_ms > 5_000:
-            raise ValueError("cache_ttl_ms: must be at most 5000, so a revoked key stops working within 5 s")
         if self.failed_auth_max and self.failed_auth_window_ms < 1_000:
             raise ValueError("failed_auth_window_ms: must be at least 1000")
 
@@ -495,10 +493,10 @@ def _in_our_words(message: str, kind: type) -> str:
         return f"{path}: unknown {path.rsplit('.', 1)[-1]} {found[1]} (known: {values})"
     if found := re.fullmatch(r"Expected `(.+)`, got `(.+)`", text):
         return f"{path}: must be {_TYPE_WORDS.get(found[1], found[1])}, got {found[2]}"
-    if found := re.fullmatch(r"Expected `int` >= (\d+)", text):
-        return f"{path}: must be " + ("a non-negative integer" if found[1] == "0" else f"at least {found[1]}")
-    if found := re.fullmatch(r"Expected `int` <= (\d+)", text):
-        return f"{path}: must be at most {found[1]}"
+    if found := re.fullmatch(r"Expected `int` ([<>])= (\d+)", text):
+        bound = ("at least " if found[1] == ">" else "at most ") + found[2]
+        why = _type_at(kind, path, why=True)
+        return f"{path}: must be {'a non-negative integer' if bound == 'at least 0' else bound}" + why
     if found := re.fullmatch(r"Expected `(?:array|str)` of length >= 1", text):
         return f"{path}: must not be empty"
     if found := re.fullmatch(r"Expected `array` of length <= (\d+)", text):
@@ -512,19 +510,18 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _type_at(kind: type, path: str) -> Any:
-    """The msgspec.inspect type at `path` ('models[0].targets[1]') of struct `kind`."""
+def _type_at(kind: type, path: str, why: bool = False) -> Any:
+    """The msgspec.inspect type at `path` ('models[0].targets[1]') of struct `kind`; with `why`, the reason
+    its Meta gives for its bounds, as ' (reason)', or ''."""
     node: Any = msgspec.inspect.type_info(kind)
+    reason = ""
     for step in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        node = node.item_type if step.startswith("[") else next(f.type for f in node.fields if f.name == step)
+        reason = ""
         while isinstance(node, msgspec.inspect.Metadata):
+            reason = reason or (node.extra_json_schema or {}).get("description", "")
             node = node.type
-        if step.startswith("["):
-            node = node.item_type
-        else:
-            node = next(f.type for f in node.fields if f.name == step)
-        while isinstance(node, msgspec.inspect.Metadata):
-            node = node.type
-    return node
+    return (f" ({reason})" if reason else "") if why else node
 
 
 def _read_yaml(path: Path) -> Any:
@@ -571,7 +568,10 @@ def values_schema() -> dict:
             "deprecated": True,
             "description": f"renamed {new}",
         }
-    return {
+    for definition in definitions.values():
+        if not definition.get("required", True):  # draft-04 readers refuse an empty list
+            del definition["required"]
+    schema = {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "ai-metering-sidecar values",
         "type": "object",
@@ -581,3 +581,4 @@ def values_schema() -> dict:
         },
         "definitions": definitions,
     }
+    return msgspec.json.decode(msgspec.json.encode(schema))  # plain JSON values: tuple defaults become lists
