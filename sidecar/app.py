@@ -35,7 +35,7 @@ from sidecar.state.store import State, StateLimits
 
 log = logging.getLogger("sidecar.app")
 
-REDIS_MAX_CONNECTIONS = 128
+REDIS_CONNECTIONS_MAX = 128
 REDIS_POOL_WAIT_S = 5.0
 
 
@@ -49,7 +49,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     # A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing.
     redis_pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url,
-        max_connections=REDIS_MAX_CONNECTIONS,
+        max_connections=REDIS_CONNECTIONS_MAX,
         timeout=REDIS_POOL_WAIT_S,
         socket_timeout=5,
         socket_connect_timeout=2,

@@ -13,7 +13,7 @@ from types import ModuleType
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.observability.logging import setup_logging
 
-DEFAULT_CONFIG = os.environ.get("SIDECAR_CONFIG", "config/sidecar.yaml")
+CONFIG_PATH_DEFAULT = os.environ.get("SIDECAR_CONFIG", "config/sidecar.yaml")
 
 
 def _load(path: str) -> Config:
@@ -121,13 +121,13 @@ def _main(argv: list[str] | None) -> int:
         ("migrate", "apply the Postgres schema migrations"),
     ):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file (env SIDECAR_CONFIG)")
+        cmd.add_argument("--config", default=CONFIG_PATH_DEFAULT, help="YAML config file (env SIDECAR_CONFIG)")
         cmd.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "INFO"))
     kek = sub.add_parser("kek", help="key-encryption keys of the BYOK vault")
     kek_sub = kek.add_subparsers(dest="kek_command", required=True)
     kek_sub.add_parser("generate", help="print a new random KEK (id:base64) for SIDECAR_KEK / SIDECAR_KEK_FILE")
     rotate = kek_sub.add_parser("rotate", help="re-wrap every stored data key under the newest configured KEK")
-    rotate.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file (env SIDECAR_CONFIG)")
+    rotate.add_argument("--config", default=CONFIG_PATH_DEFAULT, help="YAML config file (env SIDECAR_CONFIG)")
     sub.add_parser("token-hash", help="read an admin token on stdin, print the SHA-256 to put in admin_tokens")
     sub.add_parser("schema", help="print the JSON Schema of the Helm chart's values (make schema writes it)")
     dev = sub.add_parser("dev", help="everything on one machine, with embedded Redis/Postgres and a mock provider")

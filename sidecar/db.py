@@ -8,7 +8,7 @@ from datetime import datetime
 
 import asyncpg
 
-from sidecar.money import MAX_AMOUNT_MICRO
+from sidecar.money import AMOUNT_MICRO_MAX
 
 # A Postgres that is down, starting, stopping or cut off mid-query.
 POSTGRES_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -43,7 +43,7 @@ class GrantConflict(Exception):
 
 
 class BalanceLimitExceeded(Exception):
-    """The grant would take the balance past money.MAX_AMOUNT_MICRO (nothing was recorded)."""
+    """The grant would take the balance past money.AMOUNT_MICRO_MAX (nothing was recorded)."""
 
 
 async def create_pool(database_url: str, max_size: int = 10) -> asyncpg.Pool:
@@ -132,7 +132,7 @@ async def grant(
     conn: asyncpg.Connection, workspace_id: str, grant_id: str, kind: str, amount_micro: int
 ) -> GrantResult:
     """Record a grant in the ledger and the account, once per grant id, in one transaction."""
-    assert 0 < amount_micro <= MAX_AMOUNT_MICRO and kind in ("grant", "topup")
+    assert 0 < amount_micro <= AMOUNT_MICRO_MAX and kind in ("grant", "topup")
     async with conn.transaction():
         event_id = uuid.uuid4()
         inserted = await conn.fetchval(
@@ -160,7 +160,7 @@ async def grant(
             workspace_id,
             amount_micro,
         )
-        if account["balance_micro"] > MAX_AMOUNT_MICRO:  # raising rolls the whole grant back
+        if account["balance_micro"] > AMOUNT_MICRO_MAX:  # raising rolls the whole grant back
             raise BalanceLimitExceeded(workspace_id)
         await conn.execute(
             "INSERT INTO ledger (event_id, created_at, kind, status, workspace_id, cost_micro, "

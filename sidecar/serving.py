@@ -39,7 +39,7 @@ log = logging.getLogger("sidecar.serving")
 # (path or None when unknown, HTTP status, message, code) -> the JSON body of the error.
 ErrorBody = Callable[[str | None, int, str, str], bytes]
 ERROR_BODY = web.AppKey("error_body", object)
-FILE_LIMIT_CEILING = 65_536
+OPEN_FILES_MAX = 65_536
 _HEAD_PREFIX_BYTES = 256  # enough of a request's first line to know its path
 
 
@@ -327,14 +327,14 @@ async def start(app: web.Application, host: str, port: int, limits: Limits, shut
 def raise_file_limit() -> int:
     """Lift the soft open-file limit to the hard one (bounded); returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = min(hard if hard != resource.RLIM_INFINITY else FILE_LIMIT_CEILING, FILE_LIMIT_CEILING)
+    wanted = min(hard if hard != resource.RLIM_INFINITY else OPEN_FILES_MAX, OPEN_FILES_MAX)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
         except (ValueError, OSError):
             pass
-    return soft if soft != resource.RLIM_INFINITY else FILE_LIMIT_CEILING
+    return soft if soft != resource.RLIM_INFINITY else OPEN_FILES_MAX
 
 
 def data_limits(server_config, file_limit: int) -> Limits:

@@ -21,9 +21,9 @@ from sidecar.state.store import ExpireOutcome, ExpireStatus, State
 log = logging.getLogger("sidecar.sweeper")
 
 
-async def sweep_workspace(state: State, ws: str, batch_max: int) -> int:
+async def sweep_workspace(state: State, ws: str, holds_max: int) -> int:
     voided = 0
-    for hold_id in await state.due_holds(ws, batch_max):
+    for hold_id in await state.due_holds(ws, holds_max):
         if await state.expire(ws, hold_id, ExpireStatus.EXPIRED) is ExpireOutcome.VOIDED:
             voided += 1
     return voided

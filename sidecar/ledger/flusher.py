@@ -37,7 +37,7 @@ log = logging.getLogger("sidecar.flusher")
 _EVENT_ID = COLUMNS.index("event_id")
 _WORKSPACE = COLUMNS.index("workspace_id")
 _IMPACT = COLUMNS.index("balance_impact_micro")
-MAX_DEAD_LETTERS = 100_000  # per workspace; the stream is capped so a flood of bad events stays bounded
+DEAD_LETTERS_MAX = 100_000  # per workspace; the stream is capped so a flood of bad events stays bounded
 
 _STAGE_DDL = "CREATE TEMP TABLE IF NOT EXISTS ledger_stage (LIKE ledger INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 _INSERT = (
@@ -318,7 +318,7 @@ class Flusher:
         fields = dict(entry.fields or {})
         fields[b"dead_reason"] = reason[:1000].encode()
         fields[b"dead_entry_id"] = entry.entry_id
-        await self.redis.xadd(keys.dead_letters(entry.workspace_id), fields, maxlen=MAX_DEAD_LETTERS, approximate=True)
+        await self.redis.xadd(keys.dead_letters(entry.workspace_id), fields, maxlen=DEAD_LETTERS_MAX, approximate=True)
 
     async def _acknowledge(self, entries: list[Entry]) -> None:
         by_stream: dict[str, list[bytes]] = defaultdict(list)
