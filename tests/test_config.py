@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -287,3 +288,21 @@ def test_the_chart_values_are_a_valid_config() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     config = parse_config(values["config"], values["pricing"], {})
     assert config.server.host == "0.0.0.0" and config.model("gpt-4o-mini") is not None
+
+
+def test_the_chart_schema_checks_values_as_helm_does() -> None:
+    """Helm validates the values against values.schema.json (JSON Schema draft 7) before rendering."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert list(validator.iter_errors(values)) == []
+    values["config"]["server"] |= {"body_bytes_max": 10, "prot": 1}
+    values["config"]["ledger"] = {"batch_max_rows": 5}  # an old name: still accepted
+    values["config"]["models"][0]["allow_routing_fields"] = ["transforms"]
+    found = sorted((".".join(map(str, e.absolute_path)), e.validator) for e in validator.iter_errors(values))
+    assert found == [
+        ("config.models.0.allow_routing_fields.0", "enum"),
+        ("config.server", "additionalProperties"),
+        ("config.server.body_bytes_max", "minimum"),
+    ]
