@@ -438,7 +438,7 @@ def _renamed(raw: dict, root: str) -> dict:
     """A copy of `raw` with every old key of RENAMED under `root` moved to its new name, each with a warning."""
     raw = dict(raw)
     for old, new in RENAMED.items():
-        if old.startswith(root) and (root or not old.startswith("pricing.")):
+        if old.startswith("pricing.") == (root == "pricing."):  # sidecar.yaml's keys, or pricing.yaml's
             *parents, old_key = old.removeprefix(root).split(".")
             _rename_in(raw, parents, old_key, new.rsplit(".", 1)[1], root)
     return raw
@@ -487,12 +487,14 @@ def _in_our_words(message: str, kind: type) -> str:
     if found := re.fullmatch(r"Object missing required field `(.+)`", text):
         return f"{_join(path, found[1])}: required"
     if found := re.fullmatch(r"Invalid enum value (.+)", text):
-        values = ", ".join(_DECLARED_ORDER.get(_type_at(kind, path).values, ()))
+        declared = _type_at(kind, path).values
+        values = ", ".join(_DECLARED_ORDER.get(declared, declared))
         if listed := re.fullmatch(r"(.*)\[\d+\]", path):
             return f"{listed[1]}: must be a list of {values}, got {found[1]}"
         return f"{path}: unknown {path.rsplit('.', 1)[-1]} {found[1]} (known: {values})"
     if found := re.fullmatch(r"Expected `(.+)`, got `(.+)`", text):
-        return f"{path}: must be {_TYPE_WORDS.get(found[1], found[1])}, got {found[2]}"
+        got = {"object": "a mapping", "array": "a list"}.get(found[2], found[2])
+        return f"{path}: must be {_TYPE_WORDS.get(found[1], found[1])}, got {got}"
     if found := re.fullmatch(r"Expected `int` ([<>])= (\d+)", text):
         bound = ("at least " if found[1] == ">" else "at most ") + found[2]
         why = _type_at(kind, path, why=True)

@@ -138,7 +138,7 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
             minimal(billing={"bill_observed_on_upstream_failure": 1}),
             "billing.bill_observed_on_upstream_failure: must be true or false",
         ),
-        (minimal(server=[1]), "server: must be a mapping, got array"),
+        (minimal(server=[1]), "server: must be a mapping, got a list"),
         (minimal(auth={"failed_auth_window_ms": 10}), "auth.failed_auth_window_ms: must be at least 1000"),
         (minimal(server={"prot": 80}), "server.prot: unknown key (known: body_bytes_max, body_read_timeout_ms,"),
         ({**minimal(), "providers": []}, "providers: must not be empty"),
