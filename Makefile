@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-from-pyproject
 TEST_TIMEOUT_S ?= 1500
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint run soak bench schema
+.PHONY: venv test lint run soak bench schema rules-check
 
 venv: $(STAMP)
 
@@ -38,3 +38,21 @@ bench: venv
 # The Helm chart's values.schema.json, from the config's types (tests/test_config.py checks it is current).
 schema: venv
 	$(BIN)/sidecar schema > helm/ai-metering-sidecar/values.schema.json
+
+# The alert rules: promtool's syntax check and its unit tests (tests/alerts/rules_test.yaml). promtool
+# comes with Debian's `prometheus` package. With HELM=/path/to/helm, the PrometheusRule the chart
+# renders is checked too. Not part of `make test`: CI machines need not have promtool.
+PROMTOOL ?= promtool
+HELM ?=
+RULES := helm/ai-metering-sidecar/alerts/rules.yaml
+
+rules-check: venv
+	$(PROMTOOL) check rules $(RULES)
+	$(PROMTOOL) test rules tests/alerts/rules_test.yaml
+ifneq ($(HELM),)
+	rendered=$$(mktemp --suffix=.yaml) && \
+	$(HELM) template rules-check helm/ai-metering-sidecar --set metrics.prometheusRule.enabled=true \
+		--show-only templates/prometheusrule.yaml \
+		| $(BIN)/python -c 'import sys, yaml; yaml.safe_dump(yaml.safe_load(sys.stdin)["spec"], sys.stdout)' > $$rendered && \
+	$(PROMTOOL) check rules $$rendered; status=$$?; rm -f $$rendered; exit $$status
+endif

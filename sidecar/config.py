@@ -22,6 +22,7 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
+from sidecar.errors import StartupError
 from sidecar.money import MoneyError, parse_credits, parse_price_per_million
 from sidecar.pricing import CostProfile, ModelPrice, TokenPrices
 from sidecar.protocols.base import ROUTING_FIELDS
@@ -75,7 +76,7 @@ _NEVER_FORWARDED = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(StartupError, ValueError):
     pass
 
 
@@ -126,6 +127,9 @@ class UpstreamConfig(_Strict):
     # After a client hangs up mid-stream, keep reading (not relaying) the provider's stream this long
     # for its usage count: an estimate from bytes misses images, cached prefixes and reasoning.
     usage_wait_after_hangup_ms: Natural = 30_000
+    # Memory all buffered (non-streamed) answers of the process may hold at once; past it a call is
+    # refused with 503 rather than let a few huge answers exhaust the process.
+    buffered_answers_bytes_max: Positive = 256 * 1024 * 1024
     pool_connections_max: Natural = 512  # per provider; 0: no limit
 
 
@@ -137,6 +141,9 @@ class HoldConfig(_Strict):
     spool_entries_max: Positive = 100_000
     sweep_interval_ms: Natural = 5_000
     sweep_batch_holds_max: Natural = 200
+    # How long past its deadline a hold is left to its own call before the sweeper voids it: room for a
+    # settlement spooled while Redis was down to be replayed once Redis is back (proxy/spool.py).
+    sweep_grace_ms: Natural = 60_000
 
 
 class LedgerConfig(_Strict):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from sidecar.errors import DomainError
+
 MICRO_PER_CREDIT = 1_000_000
 PRICE_SCALE = 1_000_000_000  # a price is stored as (micro-credits per token) * PRICE_SCALE
 PRICE_DECIMALS_MAX = 9
@@ -20,7 +22,7 @@ AMOUNT_MICRO_MAX = 10**15  # a billion credits
 _DECIMAL_RE = re.compile(r"^(0|[1-9][0-9]{0,11})(?:\.([0-9]{1,9}))?$")
 
 
-class MoneyError(ValueError):
+class MoneyError(DomainError, ValueError):
     pass
 
 

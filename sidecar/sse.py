@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sidecar.errors import DomainError
+
 __all__ = ["EVENT_BYTES_MAX_DEFAULT", "SSEError", "SSEEvent", "SSEFramer"]
 
 EVENT_BYTES_MAX_DEFAULT = 4 * 1024 * 1024
@@ -34,7 +36,7 @@ _BOM = b"\xef\xbb\xbf"
 _BLANK_LINE_WITH_CR = re.compile(rb"\n\n|\n\r|\r\r")
 
 
-class SSEError(ValueError):
+class SSEError(DomainError, ValueError):
     """The upstream stream breaks a framing bound (an event larger than max_event_bytes)."""
 
 

@@ -52,6 +52,13 @@ def test_environment_overrides() -> None:
     assert (config.redis_url, config.database_url, config.admin_token) == ("redis://r:1/0", "postgresql://d/x", "t")
 
 
+def test_the_environment_moves_the_spool() -> None:
+    raw = minimal(holds={"spool_dir": "/from/file", "spool_entries_max": 7})
+    holds = parse_config(raw, PRICING, {"SIDECAR_SPOOL_DIR": "/from/env"}).holds
+    assert (holds.spool_dir, holds.spool_entries_max) == ("/from/env", 7)
+    assert parse_config(raw, PRICING, {"SIDECAR_SPOOL_DIR": ""}).holds.spool_dir == "/from/file"
+
+
 @pytest.mark.parametrize(
     ("raw", "pricing", "expected"),
     [
@@ -173,6 +180,8 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
             "models[1].name: model name or alias 'm' is defined twice",
         ),
         ({**minimal(), "providers": minimal()["providers"] * 2}, "providers[1].name: duplicate provider 'p'"),
+        (minimal(upstream={"buffered_answers_bytes_max": 0}), "upstream.buffered_answers_bytes_max: must be at least"),
+        (minimal(holds={"sweep_grace_ms": -1}), "holds.sweep_grace_ms: must be a non-negative integer"),
         (
             minimal(admin_tokens=[{"name": "a", "sha256": "ab", "permissions": ["READ"]}]),
             "admin_tokens[0].sha256: must be the 64 hex digits",

@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from sidecar import db
+from sidecar.errors import ApiError
 from sidecar.services import Services
 
 SERVICES = web.AppKey("control_services", Services)
@@ -21,7 +22,7 @@ INT32_MAX = 2**31 - 1  # Postgres `integer`: a larger value would fail in the da
 NAME_CHARS_MAX = 200
 
 
-class AdminError(Exception):
+class AdminError(ApiError):
     def __init__(self, status: int, message: str, code: str) -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code

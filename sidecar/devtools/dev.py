@@ -33,6 +33,7 @@ from sidecar import db
 from sidecar.auth import hash_key, new_key
 from sidecar.config import ConfigError, parse_config
 from sidecar.devtools import embedded, mock_provider
+from sidecar.errors import StartupError
 from sidecar.money import format_micro
 
 HOST = "127.0.0.1"
@@ -72,7 +73,7 @@ PRICING: dict[str, Any] = {
 }
 
 
-class DevError(Exception):
+class DevError(StartupError):
     """A start-up problem the user can fix; printed as one line, without a traceback."""
 
 

@@ -126,6 +126,8 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar.errors import ControlFlow
+
 __all__ = [
     "FAULT_HEADERS",
     "FLAVORS",
@@ -329,7 +331,7 @@ def openrouter_cost(prompt_tokens: int, completion_tokens: int) -> float:
 # ---- errors ---------------------------------------------------------------------------------------------
 
 
-class _BadRequest(Exception):
+class _BadRequest(ControlFlow):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message

@@ -15,10 +15,12 @@ Single event loop, no awaits inside: no lock is needed.
 
 from __future__ import annotations
 
+from sidecar.errors import DomainError
+
 BUDGET_BYTES_DEFAULT = 256 * 1024 * 1024
 
 
-class BudgetExceeded(Exception):
+class BudgetExceeded(DomainError):
     """Granting these bytes would take buffered answers past the process's budget."""
 
     def __init__(self, wanted_bytes: int, in_use_bytes: int, limit_bytes: int) -> None:

@@ -17,13 +17,16 @@ import uuid
 from dataclasses import dataclass
 
 import aiohttp
+import asyncpg
 import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from sidecar import scrub
 from sidecar.auth import Caller
 from sidecar.config import ModelConfig, ProviderConfig, Target
 from sidecar.db import POSTGRES_ERRORS
+from sidecar.errors import ControlFlow
 from sidecar.observability.logging import request_id_var
 from sidecar.pricing import Usage
 from sidecar.protocols import ALL as PROTOCOLS
@@ -33,7 +36,7 @@ from sidecar.proxy import credentials
 from sidecar.proxy.call import Call, now_ms
 from sidecar.proxy.outcome import Ending, failed
 from sidecar.proxy.relay import (
-    MAX_UPSTREAM_ERROR_BYTES,
+    UPSTREAM_ERROR_BYTES_MAX,
     UpstreamErrorAnswer,
     cancelled_outcome,
     first_byte,
@@ -48,7 +51,7 @@ from sidecar.state.store import Admission, AdmitResult, ExpireStatus, GrowHold
 log = logging.getLogger("sidecar.proxy")
 
 SERVICES = web.AppKey("services", Services)
-MAX_LEDGER_BACKLOG = 1_000_000  # per workspace stream: past this, Postgres is too far behind to admit more
+LEDGER_BACKLOG_MAX = 1_000_000  # per workspace stream: past this, Postgres is too far behind to admit more
 ADMIT_ATTEMPTS = 3
 # Before the first byte reached the client, these answers send the call to the next target.
 FALLBACK_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
@@ -73,7 +76,16 @@ async def serve(request: web.Request, protocol: Protocol) -> web.StreamResponse:
     except SidecarError as error:
         status = error.status
         return _error_response(call, error)
+    except asyncpg.PostgresError:
+        # Not an outage (those are answered 503 where they happen, see db.POSTGRES_OUTAGE): a SQL bug.
+        # Logged, answered 500 in the client's protocol, never "retry shortly".
+        log.exception("postgres refused a query of the request lifecycle")
+        error = SidecarError("internal", "the sidecar failed to handle the call; nothing was charged")
+        status = error.status
+        return _error_response(call, error)
     finally:
+        if call.buffered is not None:
+            call.buffered.release()
         model = call.model.name if call.model else "unknown"
         svc.metrics.child(svc.metrics.requests, protocol.route, model, str(status)).inc()
         request_id_var.reset(token)
@@ -127,9 +139,9 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
         )
         outcome = ending.outcome
     finally:
+        svc.metrics.holds_active.dec()
         # THE settlement of the call: every way the call ends passes here, once.
         settled = await settle(svc, call, outcome)
-        svc.metrics.holds_active.dec()
     return await ending.reply(settled)
 
 
@@ -227,7 +239,7 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
                 fingerprint=fingerprint,
                 idempotency_ttl_ms=config.billing.idempotency_ttl_ms,
                 meta=meta,
-                max_unflushed=MAX_LEDGER_BACKLOG,
+                unflushed_max=LEDGER_BACKLOG_MAX,
                 ceiling_tokens=call.ceiling_tokens,
                 token_limit=caller.tokens_per_minute or 0,
                 route=call.protocol.route,
@@ -420,6 +432,9 @@ async def _attempt(
             if ready is not None:
                 return ready
         call.byok = credential.stored is not None
+        call.scrubber = svc.upstreams.scrubber(provider.name, credential.key if call.byok else None)
+        if call.byok:
+            scrub.call_secrets.set((credential.key,))  # and from this call's log lines
         sent_at = time.perf_counter()
         try:
             upstream = await _open(svc, provider, call, body, client_headers, credential.key)
@@ -437,7 +452,7 @@ async def _attempt(
         svc.metrics.child(svc.metrics.upstream_attempts, provider.name, str(upstream.status)).inc()
         svc.metrics.child(svc.metrics.upstream_ttfb, provider.name).observe(time.perf_counter() - sent_at)
         if credential.stored is not None and upstream.status in credentials.BYOK_REFUSAL_STATUSES:
-            error_body = await upstream.content.read(MAX_UPSTREAM_ERROR_BYTES)
+            error_body = await upstream.content.read(UPSTREAM_ERROR_BYTES_MAX)
             reason = credentials.refusal(upstream.status, error_body)
             upstream.release()
             if reason is None:  # an answer about the call itself: the next target, or relay it as is
@@ -460,6 +475,7 @@ async def _attempt(
 async def _byok_refused(
     svc: Services, call: Call, provider: ProviderConfig, credential: credentials.Credential, reason: str
 ) -> None:
+    reason = call.scrubber.text(reason)  # the provider's words may quote the key it refused
     call.byok_fallback_reason = f"customer key …{credential.stored.last4} {reason}"
     svc.metrics.child(svc.metrics.byok_fallbacks, provider.name, reason.split(" (")[0][:60]).inc()
     log.warning(
@@ -538,7 +554,7 @@ async def _open(
         raise _Unreachable(type(exc).__name__, timed_out=False) from None
 
 
-class _Unreachable(Exception):
+class _Unreachable(ControlFlow):
     def __init__(self, reason: str, timed_out: bool) -> None:
         super().__init__(reason)
         self.reason, self.timed_out = reason, timed_out
@@ -548,7 +564,7 @@ async def _relay(
     request: web.Request, svc: Services, call: Call, facts: RequestFacts, upstream: aiohttp.ClientResponse
 ) -> Ending:
     if upstream.status >= 300:  # an error, or a redirect that is never followed
-        body = await upstream.content.read(MAX_UPSTREAM_ERROR_BYTES)
+        body = await upstream.content.read(UPSTREAM_ERROR_BYTES_MAX)
         return relay_upstream_error(call, UpstreamErrorAnswer(upstream.status, upstream.headers, body))
     first_byte(call)
     if facts.stream:
