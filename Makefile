@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-from-pyproject
 TEST_TIMEOUT_S ?= 1500
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint run soak bench rules-check wheelhouse image image-check chart-check
+.PHONY: venv test lint run soak bench schema rules-check wheelhouse image image-check chart-check
 
 # The container image (docs/deploy.md). PYTHON_IMAGE: a base with python3 >= 3.11 and its venv module.
 IMAGE ?= ai-metering-sidecar:0.1.0
@@ -41,6 +41,10 @@ soak: venv
 
 bench: venv
 	$(BIN)/python -m bench
+
+# The Helm chart's values.schema.json, from the config's types (tests/test_config.py checks it is current).
+schema: venv
+	$(BIN)/sidecar schema > helm/ai-metering-sidecar/values.schema.json
 
 # The alert rules: promtool's syntax check and its unit tests (tests/alerts/rules_test.yaml). promtool
 # comes with Debian's `prometheus` package. When a helm binary is found (HELM), the PrometheusRule the

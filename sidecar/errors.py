@@ -16,7 +16,7 @@ re-based here; this module imports nothing of the package, so anything may impor
     │   ├── MoneyError              (ValueError) not an exact amount -> admin 400 invalid_amount;
     │   │                           in the config file, a ConfigError
     │   ├── GrantConflict           a grant id reused with another amount or kind -> admin 409 grant_conflict
-    │   ├── BalanceLimitExceeded    a grant past money.MAX_AMOUNT_MICRO -> admin 409 balance_limit
+    │   ├── BalanceLimitExceeded    a grant past money.AMOUNT_MICRO_MAX -> admin 409 balance_limit
     │   ├── KeyRejected             the provider refused a BYOK key -> admin 400 key_rejected
     │   ├── ValidationUnavailable   the provider could not be asked -> admin 502 validation_unavailable
     │   ├── VaultError              a sealed key cannot be opened -> proxy 500 byok_key_unusable;

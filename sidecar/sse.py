@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 from sidecar.errors import DomainError
 
-__all__ = ["DEFAULT_MAX_EVENT_BYTES", "SSEError", "SSEEvent", "SSEFramer"]
+__all__ = ["EVENT_BYTES_MAX_DEFAULT", "SSEError", "SSEEvent", "SSEFramer"]
 
-DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
+EVENT_BYTES_MAX_DEFAULT = 4 * 1024 * 1024
 
 _CR = 0x0D
 _LF = 0x0A
@@ -55,7 +55,7 @@ class SSEEvent:
 
 
 class SSEFramer:
-    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+    def __init__(self, max_event_bytes: int = EVENT_BYTES_MAX_DEFAULT) -> None:
         if max_event_bytes <= 0:
             raise ValueError("max_event_bytes must be positive")
         self._max_event_bytes = max_event_bytes

@@ -23,9 +23,9 @@ from sidecar.state.store import ExpireOutcome, ExpireStatus, State
 log = logging.getLogger("sidecar.sweeper")
 
 
-async def sweep_workspace(state: State, ws: str, batch_max: int, grace_ms: int = 0) -> int:
+async def sweep_workspace(state: State, ws: str, holds_max: int, grace_ms: int = 0) -> int:
     voided = 0
-    for hold_id in await state.due_holds(ws, batch_max, grace_ms):
+    for hold_id in await state.due_holds(ws, holds_max, grace_ms):
         if await state.expire(ws, hold_id, ExpireStatus.EXPIRED, grace_ms) is ExpireOutcome.VOIDED:
             voided += 1
     return voided
@@ -36,7 +36,7 @@ async def sweep_all(state: State, pool: asyncpg.Pool, config: HoldConfig) -> int
         workspaces = await db.workspace_ids(conn)
     voided = 0
     for ws in workspaces:
-        voided += await sweep_workspace(state, ws, config.sweep_batch_max, config.sweep_grace_ms)
+        voided += await sweep_workspace(state, ws, config.sweep_batch_holds_max, config.sweep_grace_ms)
     return voided
 
 

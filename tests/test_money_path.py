@@ -163,7 +163,7 @@ async def test_fallback_over_stalled_targets_keeps_its_hold(redis_client, redis_
     model = {
         "name": "slow-fallback",
         "targets": [*targets, {"provider": "mock", "upstream_model": "gpt-4o-mini", "price": "gpt-4o-mini"}],
-        "default_max_output_tokens": 100,
+        "max_output_tokens_default": 100,
         "context_window_tokens": 128000,
     }
     sc = await start_sidecar(redis_url, migrated_database_url, more_providers=stalls, more_models=[model], **timing)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from sidecar.errors import DomainError
 
-DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
+BUDGET_BYTES_DEFAULT = 256 * 1024 * 1024
 
 
 class BudgetExceeded(DomainError):
@@ -34,7 +34,7 @@ class BudgetExceeded(DomainError):
 class ByteBudget:
     __slots__ = ("in_use_bytes", "limit_bytes", "peak_bytes", "refusals")
 
-    def __init__(self, limit_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+    def __init__(self, limit_bytes: int = BUDGET_BYTES_DEFAULT) -> None:
         if limit_bytes < 1:
             raise ValueError("limit_bytes must be positive")
         self.limit_bytes = limit_bytes

@@ -29,8 +29,8 @@ from sidecar.state.store import SettleResult
 
 log = logging.getLogger("sidecar.proxy")
 
-MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
-MAX_UPSTREAM_ERROR_BYTES = 64 * 1024
+UPSTREAM_BODY_BYTES_MAX = 64 * 1024 * 1024
+UPSTREAM_ERROR_BYTES_MAX = 64 * 1024
 PASSED_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
 
 
@@ -175,13 +175,13 @@ def _client_left(svc: Services) -> bool:
 
 
 async def _read_bounded(upstream: aiohttp.ClientResponse, timeout_s: float, held: Reservation) -> bytes:
-    """The whole answer, bounded per call (MAX_UPSTREAM_BODY_BYTES) and over the process (`held`
+    """The whole answer, bounded per call (UPSTREAM_BODY_BYTES_MAX) and over the process (`held`
     reserves each chunk, and the joined copy, before keeping it)."""
     parts, size = [], 0
     async with asyncio.timeout(timeout_s):
         async for chunk in upstream.content.iter_any():
             size += len(chunk)
-            if size > MAX_UPSTREAM_BODY_BYTES:
+            if size > UPSTREAM_BODY_BYTES_MAX:
                 raise aiohttp.ClientPayloadError("upstream body exceeds the sidecar's limit")
             held.grow(len(chunk))
             parts.append(chunk)

@@ -26,9 +26,9 @@ from sidecar.state.store import SETTLED_RETENTION_MS, IdempotencyRecord, SettleO
 log = logging.getLogger("sidecar.proxy")
 
 SETTLE_RETRY_FIRST_S = 0.05
-SETTLE_RETRY_MAX_S = 1.0
+SETTLE_RETRY_S_MAX = 1.0
 SETTLE_ATTEMPTS_MAX = 10_000  # the budget bounds the retries in time; this only bounds the loop
-SETTLE_ATTEMPT_MIN_S = 0.05
+SETTLE_ATTEMPT_S_MIN = 0.05
 SPOOL_INTERVAL_S = 1.0
 # A spooled settlement is replayed only this long after its first try: well inside the time Redis
 # remembers a resolved hold (SETTLED_RETENTION_MS), whatever the clocks' skew.
@@ -104,7 +104,7 @@ def settle_args(svc: Services, call: Call, outcome: Outcome) -> dict:
         event(call, outcome.status.value, usage, upstream_cost_micro, outcome.estimated, outcome.error)
     )
     replay = outcome.replay
-    if replay is not None and len(replay.body) > config.billing.idempotency_max_body_bytes:
+    if replay is not None and len(replay.body) > config.billing.idempotency_body_bytes_max:
         replay = Replay(0, "", b"")  # remembered as done, too large to replay
     return {
         "ws": caller.workspace_id,
@@ -174,7 +174,7 @@ async def _settle_within_budget(svc: Services, args: dict) -> SettleResult | Non
     for _ in range(SETTLE_ATTEMPTS_MAX):
         cutoff = deadline if svc.settle_cutoff_s is None else min(deadline, svc.settle_cutoff_s)
         try:
-            async with asyncio.timeout(max(cutoff - loop.time(), SETTLE_ATTEMPT_MIN_S)):
+            async with asyncio.timeout(max(cutoff - loop.time(), SETTLE_ATTEMPT_S_MIN)):
                 return await _settle_once(svc, args)
         except (RedisError, OSError, TimeoutError, *POSTGRES_OUTAGE) as exc:
             # Redis, or Postgres loading a balance Redis lost: both come back. A reply lost here is
@@ -190,7 +190,7 @@ async def _settle_within_budget(svc: Services, args: dict) -> SettleResult | Non
         if left_s <= 0:
             break
         await asyncio.sleep(min(delay_s, left_s))
-        delay_s = min(delay_s * 2, SETTLE_RETRY_MAX_S)
+        delay_s = min(delay_s * 2, SETTLE_RETRY_S_MAX)
     return None
 
 

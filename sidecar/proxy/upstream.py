@@ -62,7 +62,7 @@ class Upstreams:
         timeouts = self.config.upstream
         for name in self.config.providers:
             connector = aiohttp.TCPConnector(
-                limit=timeouts.pool_size, keepalive_timeout=30, enable_cleanup_closed=True, ttl_dns_cache=300
+                limit=timeouts.pool_connections_max, keepalive_timeout=30, enable_cleanup_closed=True, ttl_dns_cache=300
             )
             self._sessions[name] = aiohttp.ClientSession(
                 connector=connector,
