@@ -134,7 +134,7 @@ class UpstreamConfig(_Strict):
 
 
 class HoldConfig(_Strict):
-    ttl_ms: Natural = 900_000
+    ttl_ms: Annotated[int, Meta(ge=0, le=7 * 86_400_000)] = 900_000  # at most a week: Lua keeps now + ttl exact
     settle_budget_ms: TimeoutMs = 60_000  # how long a call may keep retrying its settlement
     # Settlements Redis could not take within the budget wait here, on disk, to be replayed.
     spool_dir: str = "/var/lib/sidecar/spool"
