@@ -321,5 +321,5 @@ def test_a_hold_ttl_past_a_week_is_refused() -> None:
     """Lua computes now + ttl as a double: a bound keeps it exact (review finding)."""
     from support.harness import build_config
 
-    with pytest.raises(ConfigError, match="holds.ttl_ms: must be at most 604800000"):
+    with pytest.raises(ConfigError, match=r"holds\.ttl_ms: must be at most 604800000"):
         build_config("redis://x", "postgresql://x", "http://x", holds={"ttl_ms": 10**13})
