@@ -84,6 +84,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         pg_pool,
         balances,
         config.ledger,
+        served=frozenset(config.server.workspaces),
         on_batch=metrics.on_flush,
         on_failure=metrics.flush_failures.inc,
         on_dead_letter=metrics.dead_letters.inc,
@@ -113,7 +114,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         state=state,
         pool=pg_pool,
         balances=balances,
-        auth=Authenticator(pg_pool, config.auth.cache_ttl_ms),
+        auth=Authenticator(pg_pool, config.auth.cache_ttl_ms, workspaces=frozenset(config.server.workspaces)),
         upstreams=upstreams,
         metrics=metrics,
         flusher=flusher,
@@ -179,10 +180,11 @@ class Runtime:
                     "set it (or SIDECAR_SPOOL_DIR) to a durable directory the sidecar may write"
                 ) from None
             await self._serve(build_data_app(svc), host, port, limits)
+            served = frozenset(svc.config.server.workspaces)
             self._tasks.append(asyncio.create_task(settlement.run_spool(svc, self.stop)))
             self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
             self._tasks.append(
-                asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop))
+                asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop, served))
             )
         if self.control_plane:
             control_port = control_port if control_port is not None else port

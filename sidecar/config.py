@@ -101,6 +101,14 @@ class ServerConfig(_Strict):
     # open-file limit, so upstream connections, Postgres, Redis and the ops port keep descriptors.
     connections_max: Natural = 0
     ops_connections_max: Positive = 64  # the ops port's own budget: probes and scrapes only
+    # The workspaces this data plane serves (a deployment per workspace, README "Deploying"): keys of
+    # any other workspace get 401, and the sweeper and flusher leave other workspaces to their own
+    # deployment. Empty: every workspace.
+    workspaces: tuple[Name, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(set(self.workspaces)) != len(self.workspaces):
+            raise ValueError("workspaces: a workspace is listed twice")
 
 
 class AuthConfig(_Strict):
