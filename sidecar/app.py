@@ -190,7 +190,8 @@ class Runtime:
             control_port = control_port if control_port is not None else port
             await self._serve(build_control_app(svc), host, control_port, limits)
         # Its own listener and connection budget: /healthz answers while the data port is flooded.
-        await self._serve(build_ops_app(svc), host, ops_port, serving.ops_limits(svc.config.server))
+        ops_host = svc.config.server.ops_host or host
+        await self._serve(build_ops_app(svc), ops_host, ops_port, serving.ops_limits(svc.config.server))
 
     async def _serve(self, app: web.Application, host: str, port: int, limits: serving.Limits) -> None:
         runner = await serving.start(app, host, port, limits, self.svc.config.server.drain_timeout_ms / 1000)

@@ -88,6 +88,9 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: Natural = 8080
     ops_port: Natural = 9090
+    # Where the ops port listens; "": as `host`. In the agent's own pod the data port listens on
+    # 127.0.0.1 (only the agent calls it) while probes and scrapes reach the ops port on 0.0.0.0.
+    ops_host: str = ""
     body_bytes_max: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
     drain_timeout_ms: Natural = 30_000
     # Slow and idle clients (README, security): a request's head must arrive within
