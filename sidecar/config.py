@@ -91,6 +91,10 @@ class ServerConfig(_Strict):
     # Where the ops port listens; "": as `host`. In the agent's own pod the data port listens on
     # 127.0.0.1 (only the agent calls it) while probes and scrapes reach the ops port on 0.0.0.0.
     ops_host: str = ""
+    # The data port may be shared by several `sidecar serve` processes on one host (SO_REUSEPORT): a
+    # new process starts beside the old one, which drains on SIGTERM while the new one takes every new
+    # connection. Each process still needs its own ops_port.
+    reuse_port: bool = True
     body_bytes_max: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
     drain_timeout_ms: Natural = 30_000
     # Slow and idle clients (README, security): a request's head must arrive within
