@@ -76,12 +76,12 @@ def write_configs(directory: Path, provider_url: str, ports: dict[str, tuple[int
         path.chmod(0o644)
 
 
-async def wait_ready(url: str, timeout_s: float) -> None:
+async def wait_ready(url: str, timeout_s: float, headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
         while time.monotonic() < deadline:
             try:
-                async with http.get(url) as resp:
+                async with http.get(url, headers=headers) as resp:
                     if resp.status == 200:
                         return
             except (aiohttp.ClientError, TimeoutError):
@@ -115,7 +115,9 @@ async def run(args: argparse.Namespace) -> list[str]:
                 cwd=directory.parent,
                 env=dict(os.environ),
             )
-            await wait_ready(f"http://127.0.0.1:{mock_port}/v1/models", READY_TIMEOUT_S)
+            await wait_ready(
+                f"http://127.0.0.1:{mock_port}/v1/models", READY_TIMEOUT_S, {"Authorization": f"Bearer {PLATFORM_KEY}"}
+            )
 
             out = docker(
                 args.docker,
@@ -206,7 +208,8 @@ async def run(args: argparse.Namespace) -> list[str]:
             labels = json.loads(docker(args.docker, "inspect", "--format", "{{json .Config.Labels}}", args.image))
             oci = {k.removeprefix("org.opencontainers.image."): v for k, v in labels.items()}
             report.append(f"HEALTHCHECK: {health}; OCI labels: {oci}")
-        except SmokeError:
+        except SmokeError as exc:
+            report.append(f"FAILED: {exc}")
             for name in names.values():
                 report.append(f"--- {name} logs:\n" + docker(args.docker, "logs", "--tail", "30", name, check=False))
             raise SmokeError("\n".join(report)) from None
