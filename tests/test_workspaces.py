@@ -5,6 +5,7 @@ workspaces' ledger streams to the deployment that serves them."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 
@@ -12,9 +13,11 @@ import msgspec
 import pytest
 import pytest_asyncio
 from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
+from support.scripts import admit
 
 from sidecar.config import ConfigError, parse_config
 from sidecar.state import keys
+from sidecar.sweeper import sweep_all
 
 CREDITS = 1_000_000
 
@@ -95,6 +98,40 @@ async def test_the_flusher_leaves_other_workspaces_streams_alone(
 
     await sidecar.flush()
     assert len(await sidecar.ledger(other.id)) == 1
+
+
+async def _expiring_hold(sidecar: Sidecar, ws, hold_id: str) -> None:
+    meta = {
+        "event_id": f"00000000-0000-0000-0000-{hold_id[-12:]}",
+        "status": "expired",
+        "workspace_id": ws.id,
+        "key_id": ws.key_id,
+        "request_id": hold_id,
+        "model": "gpt-4o-mini",
+        "hold_micro": 5_000,
+        "started_at": 1,
+    }
+    result = await admit(
+        sidecar.svc.state, ws.id, ceiling=5_000, limit=10, hold_id=hold_id, key_id=ws.key_id, hold_ttl_ms=1,
+        meta=msgspec.json.encode(meta),
+    )  # fmt: skip
+    assert result.outcome == 0
+
+
+async def test_the_sweeper_voids_only_its_own_workspaces_holds(restricted: Sidecar, served_id: str):
+    served = await restricted.workspace(credits_micro=CREDITS, ws_id=served_id)
+    other = await restricted.workspace(credits_micro=CREDITS)
+    await _expiring_hold(restricted, served, "0" * 31 + "a")
+    await _expiring_hold(restricted, other, "0" * 31 + "b")
+    await asyncio.sleep(0.01)
+    svc = restricted.svc
+    served_only = frozenset(svc.config.server.workspaces)
+    assert await sweep_all(svc.state, svc.pool, svc.config.holds, served_only) == 1
+    assert await svc.state.active_holds(served.id) == 0
+    assert await svc.state.active_holds(other.id) == 1, "another deployment's hold was voided"
+    # The deployment serving every workspace voids it.
+    assert await sweep_all(svc.state, svc.pool, svc.config.holds) == 1
+    assert await svc.state.active_holds(other.id) == 0
 
 
 def test_a_workspace_listed_twice_is_a_config_error():
