@@ -311,6 +311,7 @@ class Config:
     pricing: CostProfile
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = field(default="<defaults>", compare=False)
+    pricing_by_hand: frozenset[str] = frozenset()  # the price entries of pricing.yaml; the rest: the catalog
 
     def model(self, public_name: str) -> ModelConfig | None:
         return self.models.get(public_name)
@@ -345,9 +346,14 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
                 f"the cost profile's currency is {pricing.currency}"
             )
     priced = dict(pricing.models)
+    upstream_by_hand = frozenset(
+        name
+        for name, entry in (pricing_raw.get("models") or {}).items()
+        if isinstance(entry, dict) and "upstream" in entry
+    )
     models: dict[str, ModelConfig] = {}
     for i, given in enumerate(file.models):
-        model = _with_targets(given, providers, pricing, priced, at, f"models[{i}].")
+        model = _with_targets(given, providers, pricing, priced, at, f"models[{i}].", upstream_by_hand)
         for public in (model.name, *model.aliases):
             if public in models:
                 raise ConfigError(f"models[{i}].name: model name or alias {public!r} is defined twice")
@@ -357,6 +363,7 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
             models[model.name] = model
     if not models:
         raise ConfigError("models: no model is configured or offered (give models, or a provider's offer)")
+    by_hand = frozenset(pricing.models)
     pricing = CostProfile(pricing.name, pricing.currency, pricing.charge_micro_min, priced)
     bootstrap = env.get("SIDECAR_ADMIN_TOKEN") or None
     admin_tokens = [AdminToken(t.name, bytes.fromhex(t.sha256), t.permissions) for t in file.admin_tokens]
@@ -384,13 +391,20 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
         models=models,
         pricing=pricing,
         source=source,
+        pricing_by_hand=by_hand,
     )
     _check_hold_outlives_call(config)
     return config
 
 
 def _with_targets(
-    model: ModelConfig, providers: dict, pricing: CostProfile, priced: dict[str, ModelPrice], at: datetime, path: str
+    model: ModelConfig,
+    providers: dict,
+    pricing: CostProfile,
+    priced: dict[str, ModelPrice],
+    at: datetime,
+    path: str,
+    upstream_by_hand: frozenset[str] = frozenset(),
 ) -> ModelConfig:
     """`targets: [{provider, upstream_model, price}]`, or the one-target shorthand `provider` + `upstream_model`,
     as the full list, each target's provider known and its price found: in pricing.yaml, else in the
@@ -417,9 +431,14 @@ def _with_targets(
         provider = providers[target.provider]
         upstream_model = target.upstream_model or model.name
         price = target.price or model.name
-        if price in pricing.models and provider.price_source and j == 0:  # priced by hand; its window known?
+        if price in pricing.models and provider.price_source:  # a sell price by hand: the rest from the catalog
             known = catalog.find(provider.price_source, upstream_model, at)
-            catalog_window = known.context_window_tokens if known else None
+            if known is not None and j == 0:
+                catalog_window = known.context_window_tokens
+            if known is not None and known.prices is not None and price not in upstream_by_hand:
+                by_hand = pricing.models[price]
+                if priced[price] == by_hand:  # the first target priced from a catalog gives the upstream price
+                    priced[price] = ModelPrice(model=price, sell=by_hand.sell, upstream=known.prices)
         if price not in pricing.models:
             if provider.price_source is None:
                 raise ConfigError(

@@ -266,3 +266,63 @@ def test_a_fallback_target_priced_from_another_catalog_gets_its_own_price() -> N
     first, second = loaded.model("opus").targets
     assert (first.price, second.price) == ("opus", "opus@openrouter")
     assert loaded.pricing.price_of(second.price).upstream == catalog.find("openrouter", second.upstream_model).prices
+
+
+def test_a_sell_price_by_hand_takes_its_upstream_price_from_the_catalog() -> None:
+    pricing = {"models": {"fast": {"input": "0.2", "output": "0.8"}, "pinned": {"input": "1", "output": "1"}}}
+    pricing["models"]["pinned"]["upstream"] = {"input": "0.5", "output": "0.5"}
+    models = [
+        {"name": "fast", "provider": "openai", "upstream_model": "gpt-4o-mini"},
+        {"name": "pinned", "provider": "openai", "upstream_model": "gpt-4o-mini"},
+    ]
+    loaded = config([provider()], models, pricing)
+    fast, pinned = loaded.pricing.price_of("fast"), loaded.pricing.price_of("pinned")
+    assert (fast.sell.input, fast.upstream.input) == (200_000_000, 150_000_000)
+    assert (pinned.sell.input, pinned.upstream.input) == (1_000_000_000, 500_000_000)  # an upstream by hand wins
+    assert loaded.pricing_by_hand == {"fast", "pinned"}
+
+
+# --- `sidecar catalog` ----------------------------------------------------------------------------------
+
+
+def test_the_catalog_command_shows_offers_prices_and_what_the_catalog_says_differently(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    (tmp_path / "sidecar.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "providers": [
+                    provider(offer=["o3-mini"], markup_percent="10"),
+                    provider("anthropic", protocol="anthropic"),
+                ],
+                "models": [
+                    {"name": "fast", "provider": "openai", "upstream_model": "gpt-4o-mini"},
+                    {"name": "opus", "provider": "anthropic", "upstream_model": "claude-opus-4-5"},
+                ],
+            }
+        )
+    )
+    pinned = {"input": "0.2", "output": "0.8", "upstream": {"input": "0.1", "output": "0.5"}}
+    (tmp_path / "pricing.yaml").write_text(yaml.safe_dump({"models": {"fast": pinned}}))
+    sidecar = Path(sys.executable).with_name("sidecar")
+    run = [str(sidecar), "catalog", "--config", str(tmp_path / "sidecar.yaml")]
+    shown = subprocess.run([*run, "--json"], capture_output=True, text=True, check=True, timeout=60).stdout
+    rows = {r["upstream_model"]: r for r in map(json.loads, shown.splitlines())}
+    assert set(rows) == {"gpt-4o-mini", "o3-mini", "claude-opus-4-5"}
+    assert rows["o3-mini"]["model"] == "o3-mini" and rows["o3-mini"]["price_from"] == "catalog"
+    assert (rows["o3-mini"]["upstream"]["input"], rows["o3-mini"]["sell"]["input"]) == ("1.1", "1.21")
+    assert rows["gpt-4o-mini"]["price_from"] == "pricing.yaml"
+    assert rows["gpt-4o-mini"]["note"] == "catalog upstream differs: 0.15/0.6/0.075/0.15/0.15"
+    assert rows["claude-opus-4-5"]["sell"]["cache_write_1h"] == "10"
+    everything = subprocess.run(
+        [*run, "--provider", "anthropic", "--all"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert "context-length tiers" in everything and "genai-prices 0.2.3" in everything
+    assert "o3-mini" not in everything
+    unknown = subprocess.run([*run, "--provider", "nope"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "no provider 'nope'" in unknown.stderr
