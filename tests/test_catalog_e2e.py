@@ -57,3 +57,28 @@ async def test_a_catalog_model_is_listed_and_billed_as_genai_prices_computes(
         assert identity["account_balance"] == CREDITS - row["cost_micro"]
     finally:
         await stop_sidecar(sidecar)
+
+
+async def test_the_fees_a_catalog_model_is_offered_despite_are_refused_per_request(
+    redis_client, redis_url, migrated_database_url
+) -> None:
+    """gpt-4o's catalog entry has per-search fees and audio prices the profile cannot express; it is
+    offered because every request that would incur them gets a 400 and never reaches the provider."""
+    sidecar = await start_sidecar(redis_url, migrated_database_url, more_models=CATALOG_MODELS)
+    try:
+        ws = await sidecar.workspace(credits_micro=CREDITS)
+        before = len(sidecar.recorded)
+        for extra in (
+            {"web_search_options": {}},
+            {"tools": [{"type": "web_search_preview"}]},
+            {"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]},
+            {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+        ):
+            status, _, raw = await sidecar.chat(ws, chat_body(model="cat-4o", **extra))
+            assert status == 400, (extra, raw)
+            assert orjson.loads(raw)["error"]["code"] == "unsupported_feature", raw
+        assert len(sidecar.recorded) == before
+        identity = await sidecar.assert_identity(ws.id)
+        assert identity["account_balance"] == CREDITS
+    finally:
+        await stop_sidecar(sidecar)
