@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from decimal import Decimal
 from fractions import Fraction
 from functools import cache
@@ -58,8 +58,17 @@ class CatalogError(DomainError, ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class PriceChange:
+    """A dated price of the snapshot, in force from `effective_at` (00:00 UTC of its start date)."""
+
+    effective_at: datetime
+    prices: TokenPrices
+
+
+@dataclass(frozen=True, slots=True)
 class CatalogModel:
-    """One model of a provider in the snapshot, priced (`prices`) or refused (`refused`, why)."""
+    """One model of a provider in the snapshot, priced (`prices`, and the dated `changes` to come) or
+    refused (`refused`, why)."""
 
     provider_id: str
     model_id: str
@@ -67,6 +76,7 @@ class CatalogModel:
     context_window_tokens: int | None
     prices: TokenPrices | None
     refused: str | None
+    changes: tuple[PriceChange, ...] = ()
 
     @property
     def offerable(self) -> bool:
@@ -100,7 +110,7 @@ def _provider(provider_id: str):
 def models_of(provider_id: str, at: datetime | None = None) -> list[CatalogModel]:
     """Every model the snapshot lists for this provider, as priced at `at` (default: now)."""
     provider = _provider(provider_id)
-    return [_entry(provider.id, model, at or datetime.now(tz=UTC)) for model in provider.models]
+    return [describe(provider.id, model, at or datetime.now(tz=UTC)) for model in provider.models]
 
 
 def find(provider_id: str, model_ref: str, at: datetime | None = None) -> CatalogModel | None:
@@ -108,7 +118,7 @@ def find(provider_id: str, model_ref: str, at: datetime | None = None) -> Catalo
     as genai-prices' own calc_price resolves it), or None."""
     provider = _provider(provider_id)
     model = provider.find_model(model_ref, all_providers=_snapshot().providers)
-    return None if model is None else _entry(provider.id, model, at or datetime.now(tz=UTC))
+    return None if model is None else describe(provider.id, model, at or datetime.now(tz=UTC))
 
 
 def offered(provider_id: str, patterns: tuple[str, ...], at: datetime | None = None) -> list[CatalogModel]:
@@ -120,15 +130,42 @@ def is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
-def _entry(provider_id: str, model, at: datetime) -> CatalogModel:
-    prices, refused = None, None
+def describe(provider_id: str, model, at: datetime) -> CatalogModel:
+    """A genai-prices ModelInfo as priced at `at` by this catalog, or the reason it cannot be."""
+    prices, refused, changes = None, None, ()
     try:
         if not model.is_match(model.id):  # e.g. 'ft:gpt-4o' stands for the fine-tunes 'ft:gpt-4o:<org>:...'
             raise CatalogError("its id names a family of models, not a model a call can ask for")
         prices = _token_prices(model, at, provider_id)
+        changes = _changes(model, at, provider_id)
     except CatalogError as exc:
-        refused = str(exc)
-    return CatalogModel(provider_id, model.id, model.name, model.context_window, prices, refused)
+        prices, refused = None, str(exc)
+    return CatalogModel(provider_id, model.id, model.name, model.context_window, prices, refused, changes)
+
+
+def _changes(model, at: datetime, provider_id: str) -> tuple[PriceChange, ...]:
+    """The snapshot's price changes dated after `at`; one the profile cannot express refuses the model now,
+    so that it is not offered at a price it would have to drop."""
+    from genai_prices import types
+
+    if not isinstance(model.prices, list):
+        return ()
+    today = at.astimezone(UTC).date()
+    starts = sorted(
+        {
+            c.constraint.start_date
+            for c in model.prices
+            if isinstance(c.constraint, types.StartDateConstraint) and c.constraint.start_date > today
+        }
+    )
+    changes = []
+    for start in starts:
+        effective_at = datetime.combine(start, time(), tzinfo=UTC)
+        try:
+            changes.append(PriceChange(effective_at, _token_prices(model, effective_at, provider_id)))
+        except CatalogError as exc:
+            raise CatalogError(f"its price changes on {start} to one that cannot be billed: {exc}") from None
+    return tuple(changes)
 
 
 def _token_prices(model, at: datetime, provider_id: str) -> TokenPrices:

@@ -81,15 +81,12 @@ def _offered_row(config: Config, provider: str, source: str | None, model: str, 
         note = "catalog upstream differs: " + _text(known.prices)
     elif known is not None and known.prices is None and source:
         note = f"catalog cannot price it ({known.refused})"
-    return Row(
-        provider,
-        target.upstream_model,
-        model,
-        "catalog" if from_catalog else "pricing.yaml",
-        price.upstream,
-        price.sell,
-        note,
-    )
+    for change in config.pricing.changes.get(target.price, ()):
+        when = datetime.fromtimestamp(change.effective_ms / 1000, UTC).date()
+        note = f"{note}; " if note else ""
+        note += f"from {when}: upstream {_text(change.upstream)}, sell {_text(change.sell)}"
+    price_from = "catalog" if from_catalog else "pricing.yaml"
+    return Row(provider, target.upstream_model, model, price_from, price.upstream, price.sell, note)
 
 
 def _text(prices: TokenPrices | None) -> str:

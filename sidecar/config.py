@@ -331,7 +331,7 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
             raise ConfigError(f"providers[{i}].name: duplicate provider {provider.name!r}")
         providers[provider.name] = provider
     pricing = parse_pricing(pricing_raw, "pricing")
-    at = datetime.now(tz=UTC)  # catalog prices in force now; a dated change applies at the next start
+    at = datetime.now(tz=UTC)  # catalog prices in force now; the dated changes after it go to pricing.changes
     for i, provider in enumerate(file.providers):
         if provider.price_source is None:
             continue
@@ -345,7 +345,7 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
                 f"providers[{i}].price_source: the catalog's prices are in {catalog.CATALOG_CURRENCY}, "
                 f"the cost profile's currency is {pricing.currency}"
             )
-    priced = dict(pricing.models)
+    priced = _Priced(dict(pricing.models), {})
     upstream_by_hand = frozenset(
         name
         for name, entry in (pricing_raw.get("models") or {}).items()
@@ -364,7 +364,7 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
     if not models:
         raise ConfigError("models: no model is configured or offered (give models, or a provider's offer)")
     by_hand = frozenset(pricing.models)
-    pricing = CostProfile(pricing.name, pricing.currency, pricing.charge_micro_min, priced)
+    pricing = CostProfile(pricing.name, pricing.currency, pricing.charge_micro_min, priced.models, priced.changes)
     bootstrap = env.get("SIDECAR_ADMIN_TOKEN") or None
     admin_tokens = [AdminToken(t.name, bytes.fromhex(t.sha256), t.permissions) for t in file.admin_tokens]
     if bootstrap:  # the environment's token may do everything
@@ -397,11 +397,19 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
     return config
 
 
+@dataclass
+class _Priced:
+    """The cost profile's entries as they are found: pricing.yaml's, then the catalog's."""
+
+    models: dict[str, ModelPrice]
+    changes: dict[str, tuple[ModelPrice, ...]]  # the catalog's dated price changes, by entry
+
+
 def _with_targets(
     model: ModelConfig,
     providers: dict,
     pricing: CostProfile,
-    priced: dict[str, ModelPrice],
+    priced: _Priced,
     at: datetime,
     path: str,
     upstream_by_hand: frozenset[str] = frozenset(),
@@ -437,8 +445,8 @@ def _with_targets(
                 catalog_window = known.context_window_tokens
             if known is not None and known.prices is not None and price not in upstream_by_hand:
                 by_hand = pricing.models[price]
-                if priced[price] == by_hand:  # the first target priced from a catalog gives the upstream price
-                    priced[price] = ModelPrice(model=price, sell=by_hand.sell, upstream=known.prices)
+                if priced.models[price] == by_hand:  # the first target priced from a catalog gives the upstream
+                    priced.models[price] = ModelPrice(model=price, sell=by_hand.sell, upstream=known.prices)
         if price not in pricing.models:
             if provider.price_source is None:
                 raise ConfigError(
@@ -472,7 +480,7 @@ def _catalog_price(
     provider: ProviderConfig,
     upstream_model: str,
     price: str,
-    priced: dict[str, ModelPrice],
+    priced: _Priced,
     at: datetime,
     where: str,
 ) -> catalog.CatalogModel:
@@ -495,8 +503,18 @@ def _catalog_price(
     except catalog.CatalogError as exc:
         raise ConfigError(str(exc)) from None
     found = ModelPrice(model=price, sell=sell, upstream=entry.prices)
-    if priced.setdefault(price, found) != found:
+    if priced.models.setdefault(price, found) != found:
         raise ConfigError(f"{where}price: {price!r} is priced twice, differently (markup or upstream model)")
+    if entry.changes:
+        dated = []
+        for change in entry.changes:
+            try:
+                sell = catalog.with_markup(change.prices, markup, f"{where}upstream_model: {upstream_model!r}")
+            except catalog.CatalogError as exc:
+                raise ConfigError(f"{exc} (its price from {change.effective_at.date()})") from None
+            effective_ms = int(change.effective_at.timestamp() * 1000)
+            dated.append(ModelPrice(model=price, sell=sell, upstream=change.prices, effective_ms=effective_ms))
+        priced.changes[price] = tuple(dated)
     return entry
 
 
@@ -505,7 +523,7 @@ def _offered_models(
     taken: dict[str, ModelConfig],
     providers: dict,
     pricing: CostProfile,
-    priced: dict[str, ModelPrice],
+    priced: _Priced,
     at: datetime,
     path: str,
 ) -> list[ModelConfig]:

@@ -326,3 +326,84 @@ def test_the_catalog_command_shows_offers_prices_and_what_the_catalog_says_diffe
     assert "o3-mini" not in everything
     unknown = subprocess.run([*run, "--provider", "nope"], capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "no provider 'nope'" in unknown.stderr
+
+
+# --- dated price changes (issue 16.5, without the ledger's record) -----------------------------------
+
+DATED = [(pid, m) for pid in ("google",) for m in catalog.models_of(pid, AT) if m.offerable and m.changes]
+
+
+def test_a_dated_price_change_of_the_snapshot_applies_from_its_date_without_a_restart() -> None:
+    assert DATED, "the snapshot has no dated price change to test with"
+    _, model = DATED[0]
+    [change] = model.changes
+    loaded = config([provider("google", offer=[model.model_id], markup_percent="10", context_window_tokens=1000)])
+    key = loaded.model(model.model_id).targets[0].price
+    effective_ms = int(change.effective_at.timestamp() * 1000)
+    assert change.effective_at.time().isoformat() == "00:00:00" and change.effective_at > AT
+    before = loaded.pricing.price_of(key, effective_ms - 1)
+    after = loaded.pricing.price_of(key, effective_ms)
+    assert before.upstream == catalog.find("google", model.model_id, AT).prices
+    assert after.upstream == catalog.find("google", model.model_id, change.effective_at).prices
+    assert after.upstream != before.upstream and after.effective_ms == effective_ms
+    assert after.sell == catalog.with_markup(after.upstream, Decimal(10), "x")
+    assert loaded.pricing.price_of(key) == before  # now
+    from sidecar import catalog_report
+
+    [row] = catalog_report.rows(loaded)
+    assert f"from {change.effective_at.date()}: upstream " in row.note and row.upstream == before.upstream
+
+
+@settings(max_examples=30, deadline=None)
+@given(usage=usages(), days_after=st.integers(min_value=0, max_value=400))
+def test_after_a_dated_change_the_cost_still_equals_genai_prices(usage: Usage, days_after: int) -> None:
+    from datetime import timedelta
+
+    for provider_id, model in DATED:
+        loaded = config([provider(provider_id, offer=[model.model_id], context_window_tokens=1000)])
+        when = model.changes[-1].effective_at + timedelta(days=days_after, hours=5)
+        price = loaded.pricing.price_of(model.model_id, int(when.timestamp() * 1000))
+        theirs = genai_prices.calc_price(
+            genai_prices.Usage(
+                input_tokens=usage.total_input_tokens,
+                output_tokens=usage.output_tokens,
+                cache_read_tokens=usage.cache_read_tokens,
+                cache_write_tokens=usage.cache_write_5m_tokens + usage.cache_write_1h_tokens,
+                cache_write_5m_tokens=usage.cache_write_5m_tokens,
+                cache_write_1h_tokens=usage.cache_write_1h_tokens,
+            ),
+            model.model_id,
+            provider_id=provider_id,
+            genai_request_timestamp=when,
+        )
+        exact_micro = math.ceil(Fraction(theirs.total_price) * MICRO_PER_CREDIT)
+        expected = 0 if usage.is_empty or price.sell.is_free else max(exact_micro, loaded.pricing.charge_micro_min)
+        assert loaded.pricing.cost_micro(price, usage) == expected, (model.model_id, when, usage)
+
+
+def test_a_dated_change_the_profile_cannot_express_refuses_the_model_now() -> None:
+    from datetime import date
+
+    from genai_prices import types
+
+    def model_with(future: types.ModelPrice) -> types.ModelInfo:
+        return types.ModelInfo(
+            id="m",
+            match=types.ClauseEquals(equals="m"),
+            context_window=1000,
+            prices=[
+                types.ConditionalPrice(prices=types.ModelPrice(input_mtok=Decimal(1), output_mtok=Decimal(2))),
+                types.ConditionalPrice(
+                    constraint=types.StartDateConstraint(start_date=date(2099, 1, 1)), prices=future
+                ),
+            ],
+        )
+
+    fine = catalog.describe("openai", model_with(types.ModelPrice(input_mtok=Decimal(3), output_mtok=Decimal(4))), AT)
+    assert fine.offerable and [c.prices.output for c in fine.changes] == [4_000_000_000]
+    tiered = types.TieredPrices(base=Decimal(3), tiers=[types.Tier(start=200_000, price=Decimal(6))])
+    refused = catalog.describe("openai", model_with(types.ModelPrice(input_mtok=tiered, output_mtok=Decimal(4))), AT)
+    assert not refused.offerable
+    assert refused.refused == (
+        "its price changes on 2099-01-01 to one that cannot be billed: input_mtok has context-length tiers"
+    )
