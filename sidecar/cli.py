@@ -136,13 +136,17 @@ def _catalog(args: argparse.Namespace) -> int:
         print(f"sidecar catalog: no provider {args.provider!r} in {config.source}", file=sys.stderr)
         return 2
     found = catalog_report.rows(config, args.provider, args.all)
-    if args.json:
-        import json
+    try:
+        if args.json:
+            import json
 
-        for row in found:
-            print(json.dumps(row.as_json()))
-    else:
-        print(catalog_report.text(found))
+            for row in found:
+                print(json.dumps(row.as_json()))
+        else:
+            print(catalog_report.text(found))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `sidecar catalog | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
