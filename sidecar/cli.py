@@ -128,6 +128,28 @@ def _audit(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _catalog(args: argparse.Namespace) -> int:
+    from sidecar import catalog_report
+
+    config = _load(args.config)
+    if args.provider and args.provider not in config.providers:
+        print(f"sidecar catalog: no provider {args.provider!r} in {config.source}", file=sys.stderr)
+        return 2
+    found = catalog_report.rows(config, args.provider, args.all)
+    try:
+        if args.json:
+            import json
+
+            for row in found:
+                print(json.dumps(row.as_json()))
+        else:
+            print(catalog_report.text(found))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `sidecar catalog | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -166,6 +188,13 @@ def _main(argv: list[str] | None) -> int:
     audit.add_argument("--textfile", help="write the findings as Prometheus gauges to this file")
     audit.add_argument("--pushgateway", help="push the findings as Prometheus gauges to this Pushgateway")
     audit.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "WARNING"))
+    shown = sub.add_parser(
+        "catalog", help="what each provider offers, its upstream and sell prices (the model catalog)"
+    )
+    shown.add_argument("--config", default=CONFIG_PATH_DEFAULT, help="YAML config file (env SIDECAR_CONFIG)")
+    shown.add_argument("--provider", help="only this configured provider")
+    shown.add_argument("--all", action="store_true", help="also the catalog's models not offered, and why")
+    shown.add_argument("--json", action="store_true", help="one JSON object per line")
     sub.add_parser("token-hash", help="read an admin token on stdin, print the SHA-256 to put in admin_tokens")
     sub.add_parser("schema", help="print the JSON Schema of the Helm chart's values (make schema writes it)")
     dev = sub.add_parser("dev", help="everything on one machine, with embedded Redis/Postgres and a mock provider")
@@ -198,6 +227,8 @@ def _main(argv: list[str] | None) -> int:
         return 0
     if args.command == "kek":
         return _kek(args)
+    if args.command == "catalog":
+        return _catalog(args)
     setup_logging(args.log_level)
     _event_loop_policy()
     if args.command == "audit":

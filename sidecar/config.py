@@ -15,6 +15,8 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -22,8 +24,9 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
+from sidecar import catalog
 from sidecar.errors import StartupError
-from sidecar.money import MoneyError, parse_credits, parse_price_per_million
+from sidecar.money import MoneyError, parse_credits, parse_decimal_scaled, parse_price_per_million
 from sidecar.pricing import CostProfile, ModelPrice, TokenPrices
 from sidecar.protocols.base import ROUTING_FIELDS
 
@@ -196,8 +199,23 @@ class ProviderConfig(_Strict):
     api_key_env: str | None = None
     forward_headers: tuple[str, ...] = ()  # client headers passed upstream beyond the built-in allow-list
     openrouter: bool = False  # OpenRouter's dialect: its own request fields and attribution headers
+    # The model catalog (sidecar/catalog.py): the genai-prices provider id whose bundled prices price this
+    # provider's models by their upstream id alone (explicit prices in pricing.yaml still win).
+    price_source: str | None = None
+    # Upstream model ids (globs: "gpt-4o*") offered as models of their own, named by their id. A glob
+    # skips the models the catalog cannot price; an exact id that cannot be priced stops the start.
+    offer: tuple[Name, ...] = ()
+    # The sell price of this provider's catalog-priced models: upstream * (1 + markup/100), exactly.
+    markup_percent: str = "0"
+    # For the models `offer` adds: the output cap injected when a client sends none, and the context
+    # window of a model the catalog does not know the window of (without it such a model is skipped).
+    max_output_tokens_default: Positive = 4096
+    context_window_tokens: Annotated[int, Meta(ge=1)] | None = None
 
     def __post_init__(self) -> None:
+        if self.offer and not self.price_source:
+            raise ValueError("offer: needs price_source, the catalog the offered models are priced from")
+        _check_markup(self.markup_percent)
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url: must start with http:// or https://, got {self.base_url!r}")
         if not all(h.strip() for h in self.forward_headers):
@@ -218,10 +236,14 @@ class Target(_Strict):
 
 class ModelConfig(_Strict):
     name: Name
-    max_output_tokens_default: Positive  # injected when a client sends no cap, so the hold has a ceiling
-    # Required: it bounds the input of a call with images, audio or files, whose tokens are not
-    # bounded by their bytes, so the hold is a real worst case.
-    context_window_tokens: Positive
+    # Injected when a client sends no cap, so the hold has a ceiling. Required, unless the model's
+    # provider has a price_source (then: the provider's max_output_tokens_default).
+    max_output_tokens_default: Positive | None = None
+    # Required (or known to the catalog of its provider's price_source): it bounds the input of a call
+    # with images or files, whose tokens are not bounded by their bytes, so the hold is a real worst case.
+    context_window_tokens: Positive | None = None
+    # Sell price of a catalog-priced model: upstream * (1 + markup/100); default: its provider's markup.
+    markup_percent: str | None = None
     aliases: tuple[Name, ...] = ()
     provider: str | None = None  # with upstream_model: the one-target shorthand of `targets`
     upstream_model: str | None = None
@@ -230,6 +252,22 @@ class ModelConfig(_Strict):
     # OpenRouter routing fields (protocols.base.ROUTING_FIELDS) a client may send for this model;
     # the others get a 400. With `models` allowed, the hold is at the dearest model listed.
     allow_routing_fields: tuple[RoutingField, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.markup_percent is not None:
+            _check_markup(self.markup_percent)
+
+
+def _check_markup(text: str) -> None:
+    try:
+        parse_markup_percent(text)
+    except MoneyError as exc:
+        raise ValueError(f"markup_percent: {exc}") from None
+
+
+def parse_markup_percent(text: str) -> Decimal:
+    """'12.5' -> Decimal('12.5'): a non-negative decimal string, exact."""
+    return Decimal(parse_decimal_scaled(text, 6)) / 10**6
 
 
 class AdminTokenEntry(_Strict):
@@ -246,7 +284,7 @@ class ConfigFile(_Strict):
     """sidecar.yaml, as written."""
 
     providers: Annotated[tuple[ProviderConfig, ...], Meta(min_length=1)]
-    models: Annotated[tuple[ModelConfig, ...], Meta(min_length=1)]
+    models: tuple[ModelConfig, ...] = ()  # besides them, the models the providers `offer`
     redis_url: str = ""
     database_url: str = ""
     pricing_file: str = "pricing.yaml"  # relative to this file
@@ -288,6 +326,7 @@ class Config:
     pricing: CostProfile
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = field(default="<defaults>", compare=False)
+    pricing_by_hand: frozenset[str] = frozenset()  # the price entries of pricing.yaml; the rest: the catalog
 
     def model(self, public_name: str) -> ModelConfig | None:
         return self.models.get(public_name)
@@ -307,13 +346,40 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
             raise ConfigError(f"providers[{i}].name: duplicate provider {provider.name!r}")
         providers[provider.name] = provider
     pricing = parse_pricing(pricing_raw, "pricing")
+    at = datetime.now(tz=UTC)  # catalog prices in force now; the dated changes after it go to pricing.changes
+    for i, provider in enumerate(file.providers):
+        if provider.price_source is None:
+            continue
+        if provider.price_source not in catalog.provider_ids():
+            raise ConfigError(
+                f"providers[{i}].price_source: {catalog.CatalogError.__name__}: unknown price source "
+                f"{provider.price_source!r} (known: {', '.join(catalog.provider_ids())})"
+            )
+        if pricing.currency != catalog.CATALOG_CURRENCY:
+            raise ConfigError(
+                f"providers[{i}].price_source: the catalog's prices are in {catalog.CATALOG_CURRENCY}, "
+                f"the cost profile's currency is {pricing.currency}"
+            )
+    priced = _Priced(dict(pricing.models), {})
+    upstream_by_hand = frozenset(
+        name
+        for name, entry in (pricing_raw.get("models") or {}).items()
+        if isinstance(entry, dict) and "upstream" in entry
+    )
     models: dict[str, ModelConfig] = {}
     for i, given in enumerate(file.models):
-        model = _with_targets(given, providers, pricing, f"models[{i}].")
+        model = _with_targets(given, providers, pricing, priced, at, f"models[{i}].", upstream_by_hand)
         for public in (model.name, *model.aliases):
             if public in models:
                 raise ConfigError(f"models[{i}].name: model name or alias {public!r} is defined twice")
             models[public] = model
+    for i, provider in enumerate(file.providers):
+        for model in _offered_models(provider, models, providers, pricing, priced, at, f"providers[{i}]."):
+            models[model.name] = model
+    if not models:
+        raise ConfigError("models: no model is configured or offered (give models, or a provider's offer)")
+    by_hand = frozenset(pricing.models)
+    pricing = CostProfile(pricing.name, pricing.currency, pricing.charge_micro_min, priced.models, priced.changes)
     bootstrap = env.get("SIDECAR_ADMIN_TOKEN") or None
     admin_tokens = [AdminToken(t.name, bytes.fromhex(t.sha256), t.permissions) for t in file.admin_tokens]
     if bootstrap:  # the environment's token may do everything
@@ -340,36 +406,171 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
         models=models,
         pricing=pricing,
         source=source,
+        pricing_by_hand=by_hand,
     )
     _check_hold_outlives_call(config)
     return config
 
 
-def _with_targets(model: ModelConfig, providers: dict, pricing: CostProfile, path: str) -> ModelConfig:
+@dataclass
+class _Priced:
+    """The cost profile's entries as they are found: pricing.yaml's, then the catalog's."""
+
+    models: dict[str, ModelPrice]
+    changes: dict[str, tuple[ModelPrice, ...]]  # the catalog's dated price changes, by entry
+
+
+def _with_targets(
+    model: ModelConfig,
+    providers: dict,
+    pricing: CostProfile,
+    priced: _Priced,
+    at: datetime,
+    path: str,
+    upstream_by_hand: frozenset[str] = frozenset(),
+) -> ModelConfig:
     """`targets: [{provider, upstream_model, price}]`, or the one-target shorthand `provider` + `upstream_model`,
-    as the full list, each target's provider known and its price listed."""
+    as the full list, each target's provider known and its price found: in pricing.yaml, else in the
+    catalog of the provider's price_source (added to `priced`). The output cap and context window
+    missing from the model come from its first provider and the catalog."""
     if model.targets and (model.provider or model.upstream_model):
         raise ConfigError(f"{path}targets: give either targets or provider/upstream_model, not both")
     if not model.targets and not model.provider:
         raise ConfigError(f"{path}provider: required, must be a non-empty string (or give targets)")
     given = model.targets or (Target(provider=model.provider, upstream_model=model.upstream_model),)
+    for j, target in enumerate(given):
+        if target.provider not in providers:
+            where = f"{path}targets[{j}]." if model.targets else path
+            raise ConfigError(f"{where}provider: unknown provider {target.provider!r}")
+    first_provider = providers[given[0].provider]
+    if model.max_output_tokens_default is None and first_provider.price_source is None:
+        raise ConfigError(f"{path}max_output_tokens_default: required")
+    if model.context_window_tokens is None and first_provider.price_source is None:
+        raise ConfigError(f"{path}context_window_tokens: required")
     targets = []
+    catalog_window = None
     for j, target in enumerate(given):
         where = f"{path}targets[{j}]." if model.targets else path
-        if target.provider not in providers:
-            raise ConfigError(f"{where}provider: unknown provider {target.provider!r}")
+        provider = providers[target.provider]
+        upstream_model = target.upstream_model or model.name
         price = target.price or model.name
+        if price in pricing.models and provider.price_source:  # a sell price by hand: the rest from the catalog
+            known = catalog.find(provider.price_source, upstream_model, at)
+            if known is not None and j == 0:
+                catalog_window = known.context_window_tokens
+            if known is not None and known.prices is not None and price not in upstream_by_hand:
+                by_hand = pricing.models[price]
+                if priced.models[price] == by_hand:  # the first target priced from a catalog gives the upstream
+                    priced.models[price] = ModelPrice(model=price, sell=by_hand.sell, upstream=known.prices)
         if price not in pricing.models:
-            raise ConfigError(
-                f"pricing: models.{price}: missing, every model needs a price (used by model {model.name})"
-            )
-        targets.append(
-            Target(provider=target.provider, upstream_model=target.upstream_model or model.name, price=price)
-        )
+            if provider.price_source is None:
+                raise ConfigError(
+                    f"pricing: models.{price}: missing, every model needs a price (used by model {model.name})"
+                )
+            if target.price is None and j > 0:  # the first target's price is the model's; others differ
+                price = f"{model.name}@{provider.name}"
+            entry = _catalog_price(model, provider, upstream_model, price, priced, at, where)
+            if j == 0:
+                catalog_window = entry.context_window_tokens
+        targets.append(Target(provider=target.provider, upstream_model=upstream_model, price=price))
     first = targets[0]
+    window = model.context_window_tokens or catalog_window or first_provider.context_window_tokens
+    if window is None:
+        raise ConfigError(
+            f"{path}context_window_tokens: required: the catalog ({first_provider.price_source}) does not know "
+            f"the context window of {first.upstream_model!r}"
+        )
     return msgspec.structs.replace(
-        model, targets=tuple(targets), provider=first.provider, upstream_model=first.upstream_model
+        model,
+        targets=tuple(targets),
+        provider=first.provider,
+        upstream_model=first.upstream_model,
+        max_output_tokens_default=model.max_output_tokens_default or first_provider.max_output_tokens_default,
+        context_window_tokens=window,
     )
+
+
+def _catalog_price(
+    model: ModelConfig,
+    provider: ProviderConfig,
+    upstream_model: str,
+    price: str,
+    priced: _Priced,
+    at: datetime,
+    where: str,
+) -> catalog.CatalogModel:
+    """Price `upstream_model` from the provider's catalog with the model's (else the provider's) markup,
+    as `priced[price]`."""
+    source = f"the catalog of {provider.price_source!r} (genai-prices {catalog.package_version()})"
+    entry = catalog.find(provider.price_source, upstream_model, at)
+    if entry is None:
+        raise ConfigError(
+            f"{where}upstream_model: {upstream_model!r} is not in {source}; give its price in pricing.yaml"
+        )
+    if entry.prices is None:
+        raise ConfigError(
+            f"{where}upstream_model: {upstream_model!r} cannot be priced from {source}: {entry.refused}; "
+            "give its price in pricing.yaml"
+        )
+    markup = parse_markup_percent(model.markup_percent or provider.markup_percent)
+    try:
+        sell = catalog.with_markup(entry.prices, markup, f"{where}upstream_model: {upstream_model!r}")
+    except catalog.CatalogError as exc:
+        raise ConfigError(str(exc)) from None
+    found = ModelPrice(model=price, sell=sell, upstream=entry.prices)
+    if priced.models.setdefault(price, found) != found:
+        raise ConfigError(f"{where}price: {price!r} is priced twice, differently (markup or upstream model)")
+    if entry.changes:
+        dated = []
+        for change in entry.changes:
+            try:
+                sell = catalog.with_markup(change.prices, markup, f"{where}upstream_model: {upstream_model!r}")
+            except catalog.CatalogError as exc:
+                raise ConfigError(f"{exc} (its price from {change.effective_at.date()})") from None
+            effective_ms = int(change.effective_at.timestamp() * 1000)
+            dated.append(ModelPrice(model=price, sell=sell, upstream=change.prices, effective_ms=effective_ms))
+        priced.changes[price] = tuple(dated)
+    return entry
+
+
+def _offered_models(
+    provider: ProviderConfig,
+    taken: dict[str, ModelConfig],
+    providers: dict,
+    pricing: CostProfile,
+    priced: _Priced,
+    at: datetime,
+    path: str,
+) -> list[ModelConfig]:
+    """The models `provider.offer` adds, named by their upstream id; a name already taken (a configured
+    model or alias, or an earlier provider's offer) keeps its first meaning."""
+    found: dict[str, catalog.CatalogModel] = {}
+    for k, pattern in enumerate(provider.offer):
+        where = f"{path}offer[{k}]"
+        try:
+            matches = catalog.offered(provider.price_source, (pattern,), at)
+        except catalog.CatalogError as exc:
+            raise ConfigError(f"{path}price_source: {exc}") from None
+        if not catalog.is_glob(pattern):
+            if not matches:
+                raise ConfigError(f"{where}: {pattern!r} is not a model of the catalog of {provider.price_source!r}")
+            if not matches[0].offerable:
+                raise ConfigError(f"{where}: {pattern!r} cannot be priced from the catalog: {matches[0].refused}")
+            if not (matches[0].context_window_tokens or provider.context_window_tokens):
+                raise ConfigError(
+                    f"{where}: the catalog does not know the context window of {pattern!r}; "
+                    "set this provider's context_window_tokens or configure the model under models"
+                )
+        for entry in matches:
+            if entry.offerable and (entry.context_window_tokens or provider.context_window_tokens):
+                found.setdefault(entry.model_id, entry)
+    added = []
+    for model_id in found:
+        if model_id in taken:
+            continue
+        offered = ModelConfig(name=model_id, provider=provider.name, upstream_model=model_id)
+        added.append(_with_targets(offered, providers, pricing, priced, at, f"{path}offer: {model_id}: "))
+    return added
 
 
 def _check_hold_outlives_call(config: Config) -> None:
@@ -425,9 +626,9 @@ def parse_pricing(raw: Any, source: str) -> CostProfile:
         charge_min = parse_credits(str(raw.get("charge_min", "0")))
     except MoneyError as exc:
         raise ConfigError(f"{source}: charge_min: {exc}") from None
-    models_raw = raw.get("models")
-    if not isinstance(models_raw, dict) or not models_raw:
-        raise ConfigError(f"{source}: models: must be a non-empty mapping of model name to prices")
+    models_raw = raw.get("models") or {}  # none: every model is priced from its provider's catalog
+    if not isinstance(models_raw, dict):
+        raise ConfigError(f"{source}: models: must be a mapping of model name to prices")
     models = {}
     for name, entry in models_raw.items():
         path = f"{source}: models.{name}"

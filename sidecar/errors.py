@@ -15,6 +15,8 @@ re-based here; this module imports nothing of the package, so anything may impor
     │   │                           its caller makes it an ApiError, a fallback, a stream's end, a dead letter
     │   ├── MoneyError              (ValueError) not an exact amount -> admin 400 invalid_amount;
     │   │                           in the config file, a ConfigError
+    │   ├── CatalogError            (ValueError) the model catalog cannot price a model exactly -> in the
+    │   │                           config, a ConfigError naming the model; in `sidecar catalog`, its note
     │   ├── GrantConflict           a grant id reused with another amount or kind -> admin 409 grant_conflict
     │   ├── BalanceLimitExceeded    a grant past money.AMOUNT_MICRO_MAX -> admin 409 balance_limit
     │   ├── KeyRejected             the provider refused a BYOK key -> admin 400 key_rejected

@@ -7,7 +7,8 @@ the same formula applied to its worst case, so a call never costs more than its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from sidecar.money import PRICE_SCALE, ceil_div
 
@@ -73,6 +74,11 @@ class ModelPrice:
     model: str
     sell: TokenPrices  # what the workspace is charged
     upstream: TokenPrices  # what the platform pays the provider (margin reporting)
+    effective_ms: int = 0  # in force from (Unix ms); 0: always
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +87,19 @@ class CostProfile:
     currency: str
     charge_micro_min: int
     models: dict[str, ModelPrice]
+    # Dated price changes (the model catalog's), by entry, oldest first: a call is priced by the version
+    # in force when its price is looked up (admission), so a dated change applies without a restart.
+    changes: dict[str, tuple[ModelPrice, ...]] = field(default_factory=dict)
 
-    def price_of(self, model: str) -> ModelPrice | None:
-        return self.models.get(model)
+    def price_of(self, model: str, now_ms: int | None = None) -> ModelPrice | None:
+        price = self.models.get(model)
+        dated = self.changes.get(model)
+        if dated:
+            now_ms = _now_ms() if now_ms is None else now_ms
+            for version in dated:
+                if version.effective_ms <= now_ms:
+                    price = version
+        return price
 
     def cost_micro(self, price: ModelPrice, usage: Usage) -> int:
         """The exact cost of `usage`, rounded up once, with the minimum charge.

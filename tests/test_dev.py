@@ -375,7 +375,7 @@ async def test_demo_key_is_kept_until_revoked_and_credits_granted_once(sidecar: 
 @pytest.mark.parametrize(
     ("env", "provider", "model"),
     [
-        ({}, "mock,mock-anthropic", "claude-sonnet-4-5"),
+        ({}, "mock,mock-anthropic", dev.CLAUDE_MODEL),
         ({"OPENAI_API_KEY": "sk-x"}, "openai", "gpt-4o-mini"),
         ({"OPENROUTER_API_KEY": "sk-or-x"}, "openrouter", "openai/gpt-4o-mini"),
         ({"OPENAI_API_KEY": "sk-x", "OPENROUTER_API_KEY": "sk-or-x"}, "openai", "gpt-4o-mini"),

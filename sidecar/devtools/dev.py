@@ -50,27 +50,16 @@ MOCK_KEY = "sk-mock-dev"
 STOP_TIMEOUT_S = 30.0
 SDK_PROMPT = "Say hello"
 
-# Sell prices per 1M tokens (the public list prices of the real models). In code rather than read from
-# config/pricing.yaml so that `sidecar dev` works from any directory, including an installed package.
+# Every model is priced from the catalog of its provider's price_source (sidecar/catalog.py: genai-prices'
+# bundled snapshot), at the upstream price (no markup). Only the mock's own free model is priced here.
 PRICING: dict[str, Any] = {
     "profile": "dev",
     "currency": "USD",
     "charge_min": "0.000001",
-    "models": {
-        "gpt-4o-mini": {"input": "0.15", "output": "0.60", "cache_read": "0.075"},
-        "gpt-4o": {"input": "2.50", "output": "10.00", "cache_read": "1.25"},
-        "mock-free": {"input": "0", "output": "0"},
-        "openai/gpt-4o-mini": {"input": "0.15", "output": "0.60", "cache_read": "0.075"},
-        "openai/gpt-4o": {"input": "2.50", "output": "10.00", "cache_read": "1.25"},
-        "claude-sonnet-4-5": {
-            "input": "3.00",
-            "output": "15.00",
-            "cache_read": "0.30",
-            "cache_write_5m": "3.75",
-            "cache_write_1h": "6.00",
-        },
-    },
+    "models": {"mock-free": {"input": "0", "output": "0"}},
 }
+# Every model the catalog can price, of every provider `sidecar dev` is configured for.
+OFFER_ALL = ["*"]
 
 
 class DevError(StartupError):
@@ -185,15 +174,21 @@ def _mock_upstream(base_url: str) -> Upstream:
         "api_key_env": MOCK_KEY_ENV,
         # Lets a developer inject provider faults per call (see sidecar.devtools.mock_provider).
         "forward_headers": list(mock_provider.FAULT_HEADERS),
+        # The mock answers any model: it stands in for OpenAI, with OpenAI's catalog and prices.
+        "price_source": "openai",
+        "offer": OFFER_ALL,
+        "max_output_tokens_default": 1024,
     }
     # The same mock also speaks Anthropic Messages, so the anthropic SDK works against `sidecar dev` too.
-    anthropic = {**provider, "name": "mock-anthropic", "protocol": "anthropic"}
-    window = {"max_output_tokens_default": 1024, "context_window_tokens": 128_000}
+    anthropic = {**provider, "name": "mock-anthropic", "protocol": "anthropic", "price_source": "anthropic"}
     models = [
-        {"name": "gpt-4o-mini", "provider": "mock", **window},
-        {"name": "gpt-4o", "provider": "mock", **window},
-        {"name": "mock-free", "provider": "mock", "upstream_model": "mock-model", **window},
-        {"name": "claude-sonnet-4-5", "provider": "mock-anthropic", **window},
+        {
+            "name": "mock-free",
+            "provider": "mock",
+            "upstream_model": "mock-model",
+            "max_output_tokens_default": 1024,
+            "context_window_tokens": 128_000,
+        },
     ]
     return Upstream("mock provider (in-process)", [provider, anthropic], models, "gpt-4o-mini", uses_mock=True)
 
@@ -204,12 +199,10 @@ def _openai_upstream() -> Upstream:
         "protocol": "openai",
         "base_url": "https://api.openai.com/v1",
         "api_key_env": "OPENAI_API_KEY",
+        "price_source": "openai",
+        "offer": OFFER_ALL,
     }
-    models = [
-        {"name": name, "provider": "openai", "max_output_tokens_default": 4096, "context_window_tokens": 128_000}
-        for name in ("gpt-4o-mini", "gpt-4o")
-    ]
-    return Upstream("OpenAI (api.openai.com, your OPENAI_API_KEY)", [provider], models, "gpt-4o-mini", False)
+    return Upstream("OpenAI (api.openai.com, your OPENAI_API_KEY)", [provider], [], "gpt-4o-mini", False)
 
 
 def _openrouter_upstream() -> Upstream:
@@ -218,16 +211,12 @@ def _openrouter_upstream() -> Upstream:
         "protocol": "openai",
         "base_url": "https://openrouter.ai/api/v1",
         "api_key_env": "OPENROUTER_API_KEY",
+        "price_source": "openrouter",
+        "offer": OFFER_ALL,
     }
     models = [
-        {
-            "name": name,
-            # The short name too, so the snippets printed for OpenAI work unchanged.
-            "aliases": [name.removeprefix("openai/")],
-            "provider": "openrouter",
-            "max_output_tokens_default": 4096,
-            "context_window_tokens": 128_000,
-        }
+        # The short name too, so the snippets printed for OpenAI work unchanged. Priced from the catalog.
+        {"name": name, "aliases": [name.removeprefix("openai/")], "provider": "openrouter"}
         for name in ("openai/gpt-4o-mini", "openai/gpt-4o")
     ]
     return Upstream("OpenRouter (your OPENROUTER_API_KEY)", [provider], models, "openai/gpt-4o-mini", False)
@@ -244,32 +233,27 @@ def choose_upstream(env: dict[str, str], mock_url: Callable[[], str]) -> Upstrea
         upstream = _mock_upstream(mock_url())
     if not env.get("ANTHROPIC_API_KEY"):
         return upstream
-    claude = {
-        "name": CLAUDE_MODEL,
-        "provider": "anthropic",
-        "max_output_tokens_default": 4096,
-        "context_window_tokens": 200_000,
-    }
     return dataclasses.replace(
-        upstream,
-        providers=[*(p for p in upstream.providers if p["name"] != "mock-anthropic"), _ANTHROPIC_PROVIDER],
-        models=[*(m for m in upstream.models if m["name"] != CLAUDE_MODEL), claude],
+        upstream, providers=[*(p for p in upstream.providers if p["name"] != "mock-anthropic"), _ANTHROPIC_PROVIDER]
     )
 
 
-CLAUDE_MODEL = "claude-sonnet-4-5"
+# A Claude model the catalog prices (claude-sonnet-4-5 has a long-context tier the profile cannot express).
+CLAUDE_MODEL = "claude-haiku-4-5"
 _ANTHROPIC_PROVIDER = {
     "name": "anthropic",
     "protocol": "anthropic",
     "base_url": "https://api.anthropic.com/v1",
     "api_key_env": "ANTHROPIC_API_KEY",
+    "price_source": "anthropic",
+    "offer": OFFER_ALL,
 }
 
 
 def provider_notes(env: dict[str, str], upstream: Upstream) -> list[str]:
     notes = []
     if env.get("ANTHROPIC_API_KEY"):
-        notes.append(f"note: ANTHROPIC_API_KEY is set: {CLAUDE_MODEL} goes to Anthropic (POST /v1/messages).")
+        notes.append("note: ANTHROPIC_API_KEY is set: the Claude models go to Anthropic (POST /v1/messages).")
     if env.get("OPENAI_API_KEY") and env.get("OPENROUTER_API_KEY"):
         notes.append("note: OPENAI_API_KEY and OPENROUTER_API_KEY are both set; OpenAI is used.")
     return notes

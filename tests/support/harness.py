@@ -88,6 +88,8 @@ def _providers(urls: dict[str, str]) -> list[dict]:
         {"name": "mock-anthropic", "protocol": "anthropic", "base_url": urls["mock"], **common},
         {"name": "mock-503", "protocol": "openai", "base_url": urls.get("mock-503", urls["mock"]), **common},
         {"name": "mock-dead", "protocol": "openai", "base_url": urls.get("mock-dead", urls["mock"]), **common},
+        # Stands in for OpenAI with OpenAI's catalog prices (issue 16): offers nothing by itself.
+        {"name": "mock-catalog", "protocol": "openai", "base_url": urls["mock"], "price_source": "openai", **common},
         {
             "name": "mock-openrouter",
             "protocol": "openai",
