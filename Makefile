@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-from-pyproject
 TEST_TIMEOUT_S ?= 1500
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint run soak bench
+.PHONY: venv test lint run soak chaos bench
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ run: venv
 
 soak: venv
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+
+# 100+ random faults (Redis, Postgres, sidecar replicas, failover, a lying provider) under load, then the
+# audit; ~10 min. Figures of the last run: docs/chaos.md.
+chaos: venv
+	timeout --signal=INT --kill-after=60 1500 $(BIN)/pytest -q -s -m chaos tests/test_chaos.py $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python -m bench

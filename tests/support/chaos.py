@@ -1,0 +1,406 @@
+"""The pieces of `make chaos` (tests/test_chaos.py): a Redis primary with a replica behind a TCP proxy
+that can fail over, the faults themselves, a load generator that records what every client saw, and the
+final audit that holds the money to account against that client-side truth.
+
+Every wait is bounded, every loop has an exit, and every process started here is stopped by its owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import asyncpg
+import orjson
+import redis
+import redis.asyncio
+
+from sidecar import db
+from sidecar.devtools.embedded import PostgresServer, RedisServer
+from sidecar.state import keys
+
+HOST = "127.0.0.1"
+PROXY_CONNECT_TIMEOUT_S = 1.0
+PROXY_READ_BYTES = 64 * 1024
+CONTROL_TIMEOUT_S = 5.0
+REPLICA_SYNC_TIMEOUT_S = 10.0
+AOF_REWRITE_TIMEOUT_S = 10.0
+# A write pause (CLIENT PAUSE WRITE) must stay well inside the sidecars' 5 s socket timeout.
+WRITE_PAUSE_MS = 3000
+WRITE_PAUSE_USABLE_S = 2.0
+
+
+# --- a TCP proxy in front of Redis, so a failover is one switch -----------------------------------------
+
+
+class TcpProxy:
+    """Forwards every connection to the current backend port, on its own thread and event loop (the test's
+    loop is busy with the load). `switch()` points new connections elsewhere and cuts the live ones, as a
+    failover behind a virtual IP or a managed endpoint does."""
+
+    def __init__(self, backend_port: int) -> None:
+        self.backend_port = backend_port
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="redis-proxy", daemon=True)
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self) -> None:
+        self._thread.start()
+        self.port = self._call(self._listen())
+
+    def switch(self, backend_port: int) -> None:
+        self._call(self._switch(backend_port))
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(Exception):
+            self._call(self._close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(CONTROL_TIMEOUT_S)
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(CONTROL_TIMEOUT_S)
+
+    async def _listen(self) -> int:
+        self._server = await asyncio.start_server(self._handle, HOST, 0)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _switch(self, backend_port: int) -> None:
+        self.backend_port = backend_port
+        self._cut_all()
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self._cut_all()
+
+    def _cut_all(self) -> None:
+        for client, upstream in list(self._pairs):
+            client.transport.abort()
+            upstream.transport.abort()
+        self._pairs.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.wait_for(
+                asyncio.open_connection(HOST, self.backend_port), PROXY_CONNECT_TIMEOUT_S
+            )
+        except (OSError, TimeoutError):
+            writer.transport.abort()  # the backend is down: the client sees a refused connection, and retries
+            return
+        pair = (writer, up_writer)
+        self._pairs.add(pair)
+        pipes = [asyncio.ensure_future(_pipe(reader, up_writer)), asyncio.ensure_future(_pipe(up_reader, writer))]
+        try:
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pipes:
+                task.cancel()
+            writer.transport.abort()
+            up_writer.transport.abort()
+            self._pairs.discard(pair)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, ConnectionError):
+        while data := await reader.read(PROXY_READ_BYTES):
+            writer.write(data)
+            await writer.drain()
+
+
+# --- Redis: a primary, its replica, and the proxy the sidecars use --------------------------------------
+
+
+def _client(server: RedisServer) -> redis.Redis:
+    return redis.Redis(host=HOST, port=server.port, socket_timeout=CONTROL_TIMEOUT_S, socket_connect_timeout=2)
+
+
+def _wait(predicate, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class RedisPair:
+    """Two private redis-servers, one the replica of the other, and the proxy pointing at the primary.
+    The methods block (they start and stop processes): call them through asyncio.to_thread."""
+
+    def __init__(self, primary: RedisServer, replica: RedisServer, proxy: TcpProxy) -> None:
+        self.primary = primary
+        self.replica = replica
+        self.proxy = proxy
+
+    def attach_replica(self) -> None:
+        with contextlib.closing(_client(self.replica)) as r:
+            r.replicaof(HOST, self.primary.port)
+        self.wait_replica_synced()
+
+    def replica_synced(self) -> bool:
+        with contextlib.closing(_client(self.replica)) as r:
+            info = r.info("replication")
+        return info.get("master_link_status") == "up" and info.get("master_port") == self.primary.port
+
+    def wait_replica_synced(self) -> None:
+        _wait(self.replica_synced, REPLICA_SYNC_TIMEOUT_S, "the replica to sync")
+
+    def kill_and_restart(self) -> None:
+        """SIGKILL the primary and restart it on its AOF: nothing it acknowledged may be lost."""
+        self.primary.kill()
+        self.primary.restart()
+
+    def pause_writes(self) -> float:
+        with contextlib.closing(_client(self.primary)) as r:
+            r.execute_command("CLIENT", "PAUSE", WRITE_PAUSE_MS, "WRITE")
+        return time.monotonic()
+
+    def unpause_writes(self) -> None:
+        with contextlib.suppress(redis.RedisError), contextlib.closing(_client(self.primary)) as r:
+            r.execute_command("CLIENT", "UNPAUSE")
+
+    def snapshot(self) -> None:
+        """An RDB snapshot of the primary now (what a restore from backup, or a stale replica, brings back)."""
+        with contextlib.closing(_client(self.primary)) as r:
+            r.save()
+
+    def kill_and_restart_without_aof(self, keep_snapshot: bool) -> None:
+        """SIGKILL the primary and bring it back WITHOUT its AOF: from the last RDB snapshot (stale data)
+        or empty. Then turn the AOF back on (and wait for its rewrite) so later kills lose nothing."""
+        server = self.primary
+        server.kill()
+        shutil.rmtree(server.data_dir / "appendonlydir", ignore_errors=True)
+        if not keep_snapshot:
+            (server.data_dir / "dump.rdb").unlink(missing_ok=True)
+        server.persistent = False
+        server.restart()
+        with contextlib.closing(_client(server)) as r:
+            r.config_set("appendonly", "yes")
+
+            def rewritten() -> bool:
+                info = r.info("persistence")
+                return (
+                    info["aof_enabled"] == 1
+                    and info["aof_rewrite_in_progress"] == 0
+                    and info["aof_rewrite_scheduled"] == 0
+                    and info["aof_last_bgrewrite_status"] == "ok"
+                )
+
+            _wait(rewritten, AOF_REWRITE_TIMEOUT_S, "the AOF rewrite")
+        server.persistent = True
+        (server.data_dir / "dump.rdb").unlink(missing_ok=True)
+
+    def failover(self) -> None:
+        """A planned failover, as a managed Redis does it: writes paused on the primary, the replica caught
+        up, promoted (REPLICAOF NO ONE), the proxy switched to it; the old primary becomes its replica."""
+        old, new = self.primary, self.replica
+        with contextlib.closing(_client(old)) as o, contextlib.closing(_client(new)) as n:
+            o.execute_command("CLIENT", "PAUSE", WRITE_PAUSE_MS, "WRITE")
+            try:
+
+                def caught_up() -> bool:
+                    return int(n.info("replication")["slave_repl_offset"]) >= int(
+                        o.info("replication")["master_repl_offset"]
+                    )
+
+                _wait(caught_up, WRITE_PAUSE_USABLE_S, "the replica to catch up", interval_s=0.005)
+                n.replicaof("NO", "ONE")
+                self.proxy.switch(new.port)
+                o.replicaof(HOST, new.port)
+            finally:
+                with contextlib.suppress(redis.RedisError):
+                    o.execute_command("CLIENT", "UNPAUSE")
+        self.primary, self.replica = new, old
+        self.wait_replica_synced()
+
+    def stop(self) -> None:
+        for server in (self.primary, self.replica):
+            with contextlib.suppress(Exception):
+                server.stop()
+
+
+def kill_and_restart_postgres(server: PostgresServer) -> None:
+    server.kill()
+    server.restart()
+
+
+# --- what the clients saw -------------------------------------------------------------------------------
+
+
+@dataclass
+class CallRecord:
+    """One call as its client saw it."""
+
+    workspace: str
+    replica: str  # which sidecar process (name#incarnation) served it
+    fault: str  # the provider fault the request asked for ("" for an honest provider)
+    status: int  # HTTP status; 0 when the connection failed before a status
+    request_id: str = ""
+    complete: bool = False  # the whole body arrived (a stream reached its end)
+    cost_micro: int | None = None  # the charge the client can know: header, or honest usage x price
+    started_s: float = 0.0
+    ended_s: float = 0.0
+
+
+@dataclass
+class Truth:
+    calls: list[CallRecord] = field(default_factory=list)
+    granted_micro: Counter = field(default_factory=Counter)  # per workspace, grants the admin API confirmed
+    # replica incarnation -> monotonic time it was SIGKILLed
+    killed_at: dict[str, float] = field(default_factory=dict)
+
+
+# --- the audit ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Findings:
+    workspaces: int = 0
+    rows: int = 0
+    paid_calls: int = 0  # calls the client saw a 200 for
+    drift: list[str] = field(default_factory=list)
+    calls_without_row: list[str] = field(default_factory=list)
+    doubled_rows: list[str] = field(default_factory=list)
+    cost_mismatches: list[str] = field(default_factory=list)
+    over_hold: list[str] = field(default_factory=list)
+    backlog: list[str] = field(default_factory=list)
+    grant_mismatches: list[str] = field(default_factory=list)
+    # Allowed, counted: a 200 whose sidecar was SIGKILLed before it settled (its hold voided at the deadline).
+    expired_by_kill: int = 0
+    statuses: Counter = field(default_factory=Counter)
+
+    @property
+    def problems(self) -> dict[str, list[str]]:
+        named = {
+            "drift": self.drift,
+            "calls_without_row": self.calls_without_row,
+            "doubled_rows": self.doubled_rows,
+            "cost_mismatches": self.cost_mismatches,
+            "over_hold": self.over_hold,
+            "backlog": self.backlog,
+            "grant_mismatches": self.grant_mismatches,
+        }
+        return {name: found for name, found in named.items() if found}
+
+
+KILL_SETTLE_WINDOW_S = 2.0  # a call that ended this close before its sidecar's SIGKILL may not have settled
+
+
+async def audit(redis_url: str, database_url: str, truth: Truth, workspaces: list[str]) -> Findings:
+    """Every workspace's money from the ledger vs the accounts table vs Redis, and every call the clients
+    saw vs the rows. Run once nothing moves any more (no call in flight, streams drained, holds resolved)."""
+    found = Findings(workspaces=len(workspaces))
+    client = redis.asyncio.Redis.from_url(redis_url)
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        rows = await conn.fetch(
+            "SELECT request_id, workspace_id, status, cost_micro, hold_micro, balance_impact_micro "
+            "FROM ledger WHERE kind = 'usage' AND workspace_id = ANY($1)",
+            workspaces,
+        )
+        found.rows = len(rows)
+        found.statuses = Counter(row["status"] for row in rows)
+        by_request: dict[str, list[asyncpg.Record]] = {}
+        for row in rows:
+            by_request.setdefault(row["request_id"], []).append(row)
+            if not 0 <= row["cost_micro"] <= row["hold_micro"] or row["balance_impact_micro"] > 0:
+                found.over_hold.append(f"{row['request_id']}: {dict(row)}")
+        found.doubled_rows = [f"{rid}: {len(rs)} rows" for rid, rs in by_request.items() if len(rs) > 1]
+        for call in truth.calls:
+            if call.status != 200:
+                continue
+            found.paid_calls += 1
+            mine = by_request.get(call.request_id, [])
+            if len(mine) != 1:
+                if not mine:
+                    found.calls_without_row.append(f"{call.request_id} ({call.fault or 'honest'}, {call.replica})")
+                continue
+            [row] = mine
+            if call.cost_micro is None or row["cost_micro"] == call.cost_micro:
+                continue
+            killed = truth.killed_at.get(call.replica)
+            if row["status"] == "expired" and killed is not None and killed >= call.ended_s - KILL_SETTLE_WINDOW_S:
+                found.expired_by_kill += 1
+                continue
+            found.cost_mismatches.append(
+                f"{call.request_id}: client saw {call.cost_micro}, row {row['status']} {row['cost_micro']}"
+            )
+        for ws in workspaces:
+            identity = await db.ledger_identity(conn, ws)
+            implied = identity["grants"] + identity["topups"] - identity["debits"]
+            if identity["account_balance"] != implied:
+                found.drift.append(f"{ws}: accounts {identity['account_balance']} != ledger {implied}")
+            credited = identity["grants"] + identity["topups"]
+            if credited != truth.granted_micro[ws]:
+                found.grant_mismatches.append(f"{ws}: ledger grants {credited} != confirmed {truth.granted_micro[ws]}")
+            balance, held = await client.hmget(keys.acct(ws), "balance", "held")
+            holds = {k: int(v) for k, v in (await client.hgetall(keys.holds(ws))).items()}
+            if balance is not None and int(balance) != identity["account_balance"]:
+                found.drift.append(f"{ws}: Redis balance {int(balance)} != accounts {identity['account_balance']}")
+            if int(held or 0) != sum(holds.values()):
+                found.drift.append(f"{ws}: Redis held {int(held or 0)} != live holds {sum(holds.values())}")
+            if holds:
+                found.backlog.append(f"{ws}: {len(holds)} holds still live")
+            for stream in (keys.stream(ws), keys.dead_letters(ws)):
+                if length := await client.xlen(stream):
+                    found.backlog.append(f"{stream}: {length} entries")
+    finally:
+        await conn.close()
+        await client.aclose()
+    return found
+
+
+async def settled_everywhere(redis_url: str, workspaces: list[str]) -> bool:
+    """No live hold and no unflushed ledger entry in any workspace."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        for ws in workspaces:
+            if await client.hlen(keys.holds(ws)) or await client.xlen(keys.stream(ws)):
+                return False
+        return True
+    finally:
+        await client.aclose()
+
+
+async def unflushed_event_ids(redis_url: str, database_url: str, workspaces: list[str]) -> int:
+    """How many entries in the ledger streams are not in Postgres yet (read-only: works under a write pause)."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        event_ids: list[str] = []
+        for ws in workspaces:
+            for _id, fields in await client.xrange(keys.stream(ws)):
+                event_ids.append(orjson.loads(fields[b"e"])["event_id"])
+    finally:
+        await client.aclose()
+    if not event_ids:
+        return 0
+    conn = await asyncpg.connect(database_url, timeout=5)
+    try:
+        present = await conn.fetchval(
+            "SELECT count(DISTINCT event_id) FROM ledger WHERE event_id = ANY($1::uuid[])", event_ids
+        )
+    finally:
+        await conn.close()
+    return len(set(event_ids)) - present
+
+
+def summary_lines(found: Findings) -> list[str]:
+    lines = [
+        f"workspaces {found.workspaces}, usage rows {found.rows} {dict(found.statuses)}, paid calls {found.paid_calls}",
+        f"expired after a sidecar SIGKILL (allowed) {found.expired_by_kill}",
+    ]
+    for name, items in found.problems.items():
+        lines.append(f"{name}: {len(items)}: {items[:10]}")
+    return lines
