@@ -329,6 +329,7 @@ async def test_chaos_money_adds_up(tmp_path: Path) -> None:
                     else:
                         skipped[kind] += 1
                     fault_seconds[kind] += time.monotonic() - began
+                    truth.faults.append((began, time.monotonic(), kind))
                     print(f"[chaos {time.monotonic() - started:6.1f}s] {kind} #{faults[kind]} calls={len(truth.calls)}")
 
             workers = [asyncio.ensure_future(worker(n)) for n in range(WORKERS)]

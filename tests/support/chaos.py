@@ -150,9 +150,13 @@ class RedisPair:
         self.wait_replica_synced()
 
     def replica_synced(self) -> bool:
-        with contextlib.closing(_client(self.replica)) as r:
-            info = r.info("replication")
-        return info.get("master_link_status") == "up" and info.get("master_port") == self.primary.port
+        with contextlib.closing(_client(self.replica)) as r, contextlib.closing(_client(self.primary)) as p:
+            info, primary = r.info("replication"), p.info("replication")
+        return (
+            info.get("master_link_status") == "up"
+            and info.get("master_port") == self.primary.port
+            and info.get("master_replid") == primary["master_replid"]
+        )
 
     def wait_replica_synced(self) -> None:
         _wait(self.replica_synced, REPLICA_SYNC_TIMEOUT_S, "the replica to sync")
@@ -206,13 +210,19 @@ class RedisPair:
         """A planned failover, as a managed Redis does it: writes paused on the primary, the replica caught
         up, promoted (REPLICAOF NO ONE), the proxy switched to it; the old primary becomes its replica."""
         old, new = self.primary, self.replica
+        self.wait_replica_synced()  # after a restart of the primary the replica resyncs in full first
         with contextlib.closing(_client(old)) as o, contextlib.closing(_client(new)) as n:
             o.execute_command("CLIENT", "PAUSE", WRITE_PAUSE_MS, "WRITE")
             try:
 
                 def caught_up() -> bool:
-                    return int(n.info("replication")["slave_repl_offset"]) >= int(
-                        o.info("replication")["master_repl_offset"]
+                    # Same replication id first: after the primary restarted, the replica's offset still
+                    # counts the previous history until its full resync is done.
+                    mine, theirs = n.info("replication"), o.info("replication")
+                    return (
+                        mine.get("master_link_status") == "up"
+                        and mine["master_replid"] == theirs["master_replid"]
+                        and int(mine["slave_repl_offset"]) >= int(theirs["master_repl_offset"])
                     )
 
                 _wait(caught_up, WRITE_PAUSE_USABLE_S, "the replica to catch up", interval_s=0.005)
@@ -260,6 +270,16 @@ class Truth:
     granted_micro: Counter = field(default_factory=Counter)  # per workspace, grants the admin API confirmed
     # replica incarnation -> monotonic time it was SIGKILLed
     killed_at: dict[str, float] = field(default_factory=dict)
+    faults: list[tuple[float, float, str]] = field(default_factory=list)  # (began, ended, kind), monotonic
+
+    def faults_near(self, call: CallRecord, margin_s: float = 5.0) -> str:
+        """The faults around a call, to tell which one a finding follows."""
+        near = [
+            f"{kind}@{began - call.started_s:+.1f}s"
+            for began, ended, kind in self.faults
+            if began - margin_s <= call.ended_s and ended + margin_s >= call.started_s
+        ]
+        return ", ".join(near) or "no fault near"
 
 
 # --- the audit ------------------------------------------------------------------------------------------
@@ -325,7 +345,10 @@ async def audit(redis_url: str, database_url: str, truth: Truth, workspaces: lis
             mine = by_request.get(call.request_id, [])
             if len(mine) != 1:
                 if not mine:
-                    found.calls_without_row.append(f"{call.request_id} ({call.fault or 'honest'}, {call.replica})")
+                    found.calls_without_row.append(
+                        f"{call.request_id} ({call.fault or 'honest'}, {call.replica}, "
+                        f"{call.ended_s - call.started_s:.2f}s long; {truth.faults_near(call)})"
+                    )
                 continue
             [row] = mine
             if call.cost_micro is None or row["cost_micro"] == call.cost_micro:
@@ -335,7 +358,8 @@ async def audit(redis_url: str, database_url: str, truth: Truth, workspaces: lis
                 found.expired_by_kill += 1
                 continue
             found.cost_mismatches.append(
-                f"{call.request_id}: client saw {call.cost_micro}, row {row['status']} {row['cost_micro']}"
+                f"{call.request_id}: client saw {call.cost_micro}, row {row['status']} {row['cost_micro']} "
+                f"({truth.faults_near(call)})"
             )
         for ws in workspaces:
             identity = await db.ledger_identity(conn, ws)
