@@ -26,8 +26,9 @@ from sidecar.config import Config
 from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
 from sidecar.observability.metrics import Metrics
-from sidecar.ops import build_ops_app
+from sidecar.ops import build_ops_app, warn_if_evicting
 from sidecar.proxy import handler, settlement
+from sidecar.proxy.budget import ByteBudget
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
 from sidecar.services import Services
@@ -103,8 +104,10 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         await state.load_scripts()
     except Exception:
         log.warning("could not load Lua scripts at start; they load on first use")
+    await warn_if_evicting(client)
     return Services(
         spool=Spool(config.holds.spool_dir, config.holds.spool_max_entries),
+        buffer_budget=ByteBudget(config.upstream.buffered_answers_bytes_max),
         config=config,
         state=state,
         pool=pg_pool,

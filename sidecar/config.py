@@ -85,6 +85,9 @@ class UpstreamConfig:
     # After a client hangs up mid-stream, keep reading (not relaying) the provider's stream this long
     # for its usage count: an estimate from bytes misses images, cached prefixes and reasoning.
     usage_wait_after_hangup_ms: int = 30_000
+    # Memory all buffered (non-streamed) answers of the process may hold at once; past it a call is
+    # refused with 503 rather than let a few huge answers exhaust the process.
+    buffered_answers_bytes_max: int = 256 * 1024 * 1024
     pool_size: int = 512
 
 

@@ -214,3 +214,37 @@ def test_spool_refuses_an_unwritable_directory(tmp_path) -> None:
     assert good.put("a" * 32, {"x": 1}) is True
     assert good.put("b" * 32, {"x": 2}) is False, "the spool is bounded"
     shutil.rmtree(tmp_path / "spool")
+
+
+# --- 15.19: a shutdown's cancellation cannot turn a completed call into a cancelled one at 0 --------
+
+
+async def test_cancellation_during_settlement_keeps_the_completed_outcome(sidecar: Sidecar) -> None:
+    ws = await sidecar.workspace(credits_micro=CREDITS)
+    real_settle = sidecar.svc.state.settle
+    settling = asyncio.Event()
+
+    async def slow_settle(**kwargs):
+        settling.set()
+        await asyncio.sleep(0.3)
+        return await real_settle(**kwargs)
+
+    sidecar.svc.state.settle = slow_settle
+    body = chat_body("complete, then shut down", stream=True, stream_options={"include_usage": True})
+    headers = {"Authorization": f"Bearer {ws.key}", **JSON, "x-mock-chunks": "6"}
+    async with sidecar.http.post(
+        sidecar.data.make_url("/v1/chat/completions"), data=orjson.dumps(body), headers=headers
+    ) as resp:
+        seen = b""
+        while b"[DONE]" not in seen:
+            seen += await asyncio.wait_for(resp.content.readany(), 5)
+        await asyncio.wait_for(settling.wait(), 5)
+        # A shutdown past its drain time: the handler is cancelled while its settlement runs.
+        sidecar.svc.draining = True
+        resp.close()
+    sidecar.svc.state.settle = real_settle
+    sidecar.svc.draining = False
+    [row] = await _rows(sidecar, ws.id)
+    assert row["status"] == "completed"
+    assert row["cost_micro"] == INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 6
+    await sidecar.assert_identity(ws.id)
