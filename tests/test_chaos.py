@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -183,8 +184,9 @@ async def test_chaos_money_adds_up(tmp_path: Path) -> None:
             stopping = asyncio.Event()
             provider_mode = {"kind": ""}
 
-            async def one_call(http: aiohttp.ClientSession, local: random.Random) -> None:
-                name, process = local.choice(replicas.live())
+            async def one_call(http: aiohttp.ClientSession, local: random.Random, idempotency_key: str) -> None:
+                """One call, and with an Idempotency-Key sometimes the same request again (to any replica), as
+                a client retries: the retry must replay or redo, never bill twice."""
                 ws = local.choice(workspaces)
                 model = "mock-free" if local.random() < 0.1 else "gpt-4o-mini"
                 route = "messages" if local.random() < 0.15 else "chat"
@@ -193,56 +195,64 @@ async def test_chaos_money_adds_up(tmp_path: Path) -> None:
                 if not family and local.random() < 0.12:
                     family = local.choice(["stall", "cut", "error", "lie", "lie"])
                 fault, headers = provider_fault(local, family, stream, route == "chat")
-                abandon = stream and not fault and local.random() < 0.05
-                chunks = local.randint(1, 12)
+                abandon = stream and not fault and not idempotency_key and local.random() < 0.05
                 headers |= {"Authorization": f"Bearer {ws.key}", "Content-Type": "application/json"}
-                headers.setdefault("x-mock-chunks", str(chunks))
+                headers.setdefault("x-mock-chunks", str(local.randint(1, 12)))
+                if idempotency_key:
+                    headers["Idempotency-Key"] = idempotency_key
                 text = "chaos " * local.randint(1, 40)
                 if route == "chat":
-                    url = process.base_url + "/chat/completions"
+                    path = "/chat/completions"
                     body = {"model": model, "messages": [{"role": "user", "content": text}]}
                     if stream:
                         body |= {"stream": True, "stream_options": {"include_usage": True}}
                     if local.random() < 0.5:
                         body["max_tokens"] = local.randint(1, 60)
                 else:
-                    url = process.base_url + "/messages"
+                    path = "/messages"
                     body = {
                         "model": "claude-test",
                         "max_tokens": local.randint(1, 60),
                         "messages": [{"role": "user", "content": text}],
                         "stream": stream,
                     }
-                record = chaos.CallRecord(ws.id, name, fault + ("abandon" if abandon else ""), 0)
-                record.started_s = time.monotonic()
-                calls_by_fault[record.fault or "honest"] += 1
-                try:
-                    async with http.post(url, data=orjson.dumps(body), headers=headers) as resp:
-                        record.status = resp.status
-                        record.request_id = resp.headers.get("x-request-id", "")
-                        if abandon:
-                            await resp.content.readany()
-                            resp.close()  # the client hangs up mid-stream
-                        else:
-                            raw = await resp.read()
-                            record.complete = True
-                            if resp.status == 200:
-                                record.cost_micro = client_cost(resp.headers, raw, body, route, stream, fault)
-                except (aiohttp.ClientError, TimeoutError):
-                    pass  # a killed replica or Redis mid-call: the status (if any) is what the client saw
-                record.ended_s = time.monotonic()
-                truth.calls.append(record)
+                attempts = 1 + (idempotency_key != "" and local.random() < 0.6)
+                for _ in range(attempts):
+                    name, process = local.choice(replicas.live())
+                    record = chaos.CallRecord(ws.id, name, fault + ("abandon" if abandon else ""), 0)
+                    record.idempotency_key = idempotency_key
+                    record.started_s = time.monotonic()
+                    calls_by_fault[record.fault or "honest"] += 1
+                    try:
+                        async with http.post(process.base_url + path, data=orjson.dumps(body), headers=headers) as resp:
+                            record.status = resp.status
+                            record.request_id = resp.headers.get("x-request-id", "")
+                            record.replayed = resp.headers.get("Idempotent-Replayed") == "true"
+                            if abandon:
+                                await resp.content.readany()
+                                resp.close()  # the client hangs up mid-stream
+                            else:
+                                raw = await resp.read()
+                                record.complete = True
+                                if resp.status == 200 and not record.replayed:
+                                    record.cost_micro = client_cost(resp.headers, raw, body, route, stream, fault)
+                    except (aiohttp.ClientError, TimeoutError):
+                        pass  # a killed replica or Redis mid-call: the status (if any) is what the client saw
+                    record.ended_s = time.monotonic()
+                    truth.calls.append(record)
 
             async def worker(n: int) -> None:
                 local = random.Random(SEED * 1000 + n)
                 timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
                 async with aiohttp.ClientSession(timeout=timeout) as http:
-                    while not stopping.is_set():
+                    for i in itertools.count():
+                        if stopping.is_set():
+                            return
                         try:
                             await asyncio.wait_for(admitting.wait(), 10)
                         except TimeoutError:
                             continue
-                        await one_call(http, local)
+                        await one_call(http, local, f"chaos-{SEED}-{n}-{i}" if local.random() < 0.08 else "")
 
             pending_grants: dict[str, tuple[str, int]] = {}
 
@@ -378,6 +388,7 @@ async def test_chaos_money_adds_up(tmp_path: Path) -> None:
                 "usage_rows": found.rows,
                 "rows_by_status": dict(found.statuses),
                 "expired_after_sidecar_kill": found.expired_by_kill,
+                "idempotent_replays": found.replays,
                 "grants_confirmed_micro": sum(truth.granted_micro.values()),
                 "problems": {name: len(items) for name, items in found.problems.items()},
                 "sidecar_audit": external,

@@ -87,7 +87,7 @@ Faults are driven per request by headers (defaults come from MockOptions / the C
 - `x-mock-served-model: X`: the response's `model` is X instead of the requested one (a provider fallback).
 - `x-mock-usage-lie: KIND` (chat and completions): the usage's prompt/completion/total token counts lie
   (`USAGE_LIES`): `inflated` (x1000 + 1,000,000, far past the output cap), `negative` (-n - 1), `float`
-  (n + 0.5), `string` ("n"), `absurd` (10^30), `missing` (the three counts left out). The content is unchanged.
+  (n + 0.5), `string` ("n"), `absurd` (2^64 - 1), `missing` (the three counts left out). The content is unchanged.
 
 OpenRouter flavour (`flavor="openrouter"`): the OpenAI-compatible routes, `/messages` and `/models` are served
 under `/api/v1/...` as well as `/v1/...`; OpenAI-compatible routes then: accept a top-level `usage` field;
@@ -220,7 +220,7 @@ FAULT_HEADERS = (
 
 # How `x-mock-usage-lie` falsifies an OpenAI chat/completions usage object (a provider that lies).
 USAGE_LIES = ("inflated", "negative", "float", "string", "absurd", "missing")
-_ABSURD_TOKENS = 10**30  # beyond int64 and far beyond 2**53
+_ABSURD_TOKENS = 2**64 - 1  # beyond int64 and 2**53 (the most orjson writes)
 
 RECORDED = web.AppKey("mock_recorded_requests", deque)
 REJECTED_KEYS = web.AppKey("mock_rejected_keys", set)

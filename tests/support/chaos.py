@@ -262,6 +262,8 @@ class CallRecord:
     cost_micro: int | None = None  # the charge the client can know: header, or honest usage x price
     started_s: float = 0.0
     ended_s: float = 0.0
+    idempotency_key: str = ""
+    replayed: bool = False  # answered from the idempotency record (Idempotent-Replayed: true): no row of its own
 
 
 @dataclass
@@ -299,6 +301,7 @@ class Findings:
     grant_mismatches: list[str] = field(default_factory=list)
     # Allowed, counted: a 200 whose sidecar was SIGKILLed before it settled (its hold voided at the deadline).
     expired_by_kill: int = 0
+    replays: int = 0  # 200s answered from an idempotency record
     statuses: Counter = field(default_factory=Counter)
 
     @property
@@ -326,7 +329,8 @@ async def audit(redis_url: str, database_url: str, truth: Truth, workspaces: lis
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         rows = await conn.fetch(
-            "SELECT request_id, workspace_id, status, cost_micro, hold_micro, balance_impact_micro "
+            "SELECT request_id, workspace_id, key_id, idempotency_key, status, cost_micro, hold_micro, "
+            "balance_impact_micro "
             "FROM ledger WHERE kind = 'usage' AND workspace_id = ANY($1)",
             workspaces,
         )
@@ -338,10 +342,24 @@ async def audit(redis_url: str, database_url: str, truth: Truth, workspaces: lis
             if not 0 <= row["cost_micro"] <= row["hold_micro"] or row["balance_impact_micro"] > 0:
                 found.over_hold.append(f"{row['request_id']}: {dict(row)}")
         found.doubled_rows = [f"{rid}: {len(rs)} rows" for rid, rs in by_request.items() if len(rs) > 1]
+        # A retried call is billed at most once: one charged row per idempotency key (a failed first try
+        # costs 0 and leaves the key free for the retry, so rows at 0 may be more).
+        billed_per_key = Counter(
+            (row["workspace_id"], row["key_id"], row["idempotency_key"])
+            for row in rows
+            if row["idempotency_key"] and row["cost_micro"] > 0
+        )
+        found.doubled_rows += [f"idempotency key {key}: billed {n} times" for key, n in billed_per_key.items() if n > 1]
+        keyed_rows = Counter((row["workspace_id"], row["idempotency_key"]) for row in rows if row["idempotency_key"])
         for call in truth.calls:
             if call.status != 200:
                 continue
             found.paid_calls += 1
+            if call.replayed:  # the answer of an earlier call: that call's row is the one
+                found.replays += 1
+                if not keyed_rows[(call.workspace, call.idempotency_key)]:
+                    found.calls_without_row.append(f"replay of {call.idempotency_key}: no row for the key")
+                continue
             mine = by_request.get(call.request_id, [])
             if len(mine) != 1:
                 if not mine:
@@ -423,7 +441,7 @@ async def unflushed_event_ids(redis_url: str, database_url: str, workspaces: lis
 def summary_lines(found: Findings) -> list[str]:
     lines = [
         f"workspaces {found.workspaces}, usage rows {found.rows} {dict(found.statuses)}, paid calls {found.paid_calls}",
-        f"expired after a sidecar SIGKILL (allowed) {found.expired_by_kill}",
+        f"expired after a sidecar SIGKILL (allowed) {found.expired_by_kill}, idempotent replays {found.replays}",
     ]
     for name, items in found.problems.items():
         lines.append(f"{name}: {len(items)}: {items[:10]}")
