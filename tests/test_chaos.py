@@ -16,6 +16,7 @@ cost recorded; no row costs more than its hold. Figures are printed (run with -s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -62,7 +63,7 @@ SIDECAR_OVERRIDES = {
         "total_timeout_ms": 6000,
         "usage_wait_after_hangup_ms": 500,
     },
-    "holds": {"ttl_ms": 15000, "sweep_interval_ms": 200, "settle_budget_ms": 4000},
+    "holds": {"ttl_ms": int(chaos.HOLD_TTL_S * 1000), "sweep_interval_ms": 200, "settle_budget_ms": 4000},
     "server": {"drain_timeout_ms": 1000},
     "auth": {"cache_ttl_ms": 5000},  # cached keys keep working through a Postgres restart
 }
@@ -389,6 +390,7 @@ async def test_chaos_money_adds_up(tmp_path: Path) -> None:
                 "rows_by_status": dict(found.statuses),
                 "expired_after_sidecar_kill": found.expired_by_kill,
                 "idempotent_replays": found.replays,
+                "lost_with_redis_double_fault": len(found.lost_with_redis),
                 "grants_confirmed_micro": sum(truth.granted_micro.values()),
                 "problems": {name: len(items) for name, items in found.problems.items()},
                 "sidecar_audit": external,
@@ -396,6 +398,9 @@ async def test_chaos_money_adds_up(tmp_path: Path) -> None:
             print("\nCHAOS FIGURES " + json.dumps(figures, indent=1))
             for line in chaos.summary_lines(found):
                 print(line)
+            if path := os.environ.get("CHAOS_TRUTH"):  # every call as its client saw it, one JSON per line
+                lines = b"".join(orjson.dumps(dataclasses.asdict(call)) + b"\n" for call in truth.calls)
+                await asyncio.to_thread(Path(path).write_bytes, lines)
             if path := os.environ.get("CHAOS_FIGURES"):
                 await asyncio.to_thread(Path(path).write_text, json.dumps(figures, indent=1) + "\n")
             assert sum(faults.values()) >= MIN_FAULTS, figures
