@@ -345,6 +345,8 @@ async def test_chaos_money_adds_up(tmp_path: Path) -> None:
 
             workers = [asyncio.ensure_future(worker(n)) for n in range(WORKERS)]
             grants = asyncio.ensure_future(granter())
+            watching_done = asyncio.Event()
+            watcher = asyncio.ensure_future(chaos.watch_holds(proxy.url, ws_ids, truth, watching_done))
             try:
                 await fault_loop()
             finally:
@@ -371,6 +373,8 @@ async def test_chaos_money_adds_up(tmp_path: Path) -> None:
                     break  # the audit reports what is left
                 await asyncio.sleep(0.5)
 
+            watching_done.set()
+            await asyncio.wait_for(watcher, 10)
             found = await chaos.audit(proxy.url, postgres.url, truth, ws_ids)
             external = await external_audit(proxy.url, postgres.url, tmp_path)
             statuses = Counter(call.status for call in truth.calls)

@@ -250,6 +250,23 @@ def kill_and_restart_postgres(server: PostgresServer) -> None:
 REDIS_DATA_LOSS = ("redis_restart_empty", "redis_restart_stale")
 HOLD_TTL_S = 15.0  # holds.ttl_ms of the chaos replicas (tests/test_chaos.py SIDECAR_OVERRIDES)
 SWEEP_MARGIN_S = 2.0
+WATCH_INTERVAL_S = 0.25  # how often watch_holds looks
+
+
+async def watch_holds(redis_url: str, workspaces: list[str], truth: Truth, stop: asyncio.Event) -> None:
+    """Note when each hold is seen live, so a call without a row can say where its hold went."""
+    client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=1)
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            with contextlib.suppress(redis.RedisError, OSError):
+                for ws in workspaces:
+                    for hold in await client.hkeys(keys.holds(ws)):
+                        truth.holds_seen.setdefault(hold.decode(), [now, now])[1] = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WATCH_INTERVAL_S)
+    finally:
+        await client.aclose()
 
 
 # --- what the clients saw -------------------------------------------------------------------------------
@@ -279,17 +296,41 @@ class Truth:
     # replica incarnation -> monotonic time it was SIGKILLed
     killed_at: dict[str, float] = field(default_factory=dict)
     faults: list[tuple[float, float, str]] = field(default_factory=list)  # (began, ended, kind), monotonic
+    # hold id (= request id) -> [first, last] monotonic time a watcher saw it live in Redis
+    holds_seen: dict[str, list[float]] = field(default_factory=dict)
 
     def lost_with_redis(self, call: CallRecord) -> bool:
         """The double fault no record survives: the call's sidecar was SIGKILLed while the call was in flight
         (its hold, in Redis only, waited for its deadline), and before that deadline Redis came back without
         its AOF (empty, or from a snapshot older than the hold), so no sweeper ever saw the hold."""
         killed = self.killed_at.get(call.replica)
-        if killed is None or killed < call.started_s:
+        seen = self.holds_seen.get(call.request_id)
+        if killed is None or killed < call.started_s or seen is None:
             return False
+        last_seen = seen[1]
+        if last_seen > killed + HOLD_TTL_S + SWEEP_MARGIN_S:
+            return False  # the hold outlived its deadline: the sweepers failed it, whatever came next
         return any(
-            kind in REDIS_DATA_LOSS and killed <= began <= killed + HOLD_TTL_S + SWEEP_MARGIN_S
-            for began, _ended, kind in self.faults
+            kind in REDIS_DATA_LOSS and began <= last_seen <= ended + WATCH_INTERVAL_S
+            for began, ended, kind in self.faults
+        )
+
+    def hold_story(self, call: CallRecord) -> str:
+        """When the call's hold was seen live, relative to the call's start, and the faults then."""
+        seen = self.holds_seen.get(call.request_id)
+        if seen is None:
+            return "hold never seen"
+        first, last = seen
+        around = [
+            f"{kind}@{began - call.started_s:+.1f}s"
+            for began, ended, kind in self.faults
+            if began - 1.0 <= last + WATCH_INTERVAL_S and ended + 1.0 >= last
+        ]
+        killed = self.killed_at.get(call.replica)
+        kill = f"replica killed @{killed - call.started_s:+.1f}s" if killed is not None else "replica not killed"
+        return (
+            f"hold seen {first - call.started_s:+.1f}s..{last - call.started_s:+.1f}s, {kill}, "
+            f"faults as it vanished: {', '.join(around) or 'none'}"
         )
 
     def faults_near(self, call: CallRecord, margin_s: float = 5.0) -> str:
@@ -390,7 +431,7 @@ async def audit(redis_url: str, database_url: str, truth: Truth, workspaces: lis
                     found.calls_without_row.append(
                         f"{call.request_id} ({call.fault or 'honest'}, {call.replica}, "
                         f"{call.ended_s - call.started_s:.2f}s long, {'complete' if call.complete else 'cut'}; "
-                        f"{truth.faults_near(call)})"
+                        f"{truth.faults_near(call)}; {truth.hold_story(call)})"
                     )
                 continue
             [row] = mine
