@@ -45,8 +45,12 @@ async def run(state: State, pool: asyncpg.Pool, config: HoldConfig, metrics: Met
             if voided:
                 metrics.holds_expired.inc(voided)
                 log.warning("voided expired holds", extra={"holds": voided})
-        except (RedisError, OSError, asyncpg.PostgresError, ValueError) as exc:
+        except (RedisError, *db.POSTGRES_OUTAGE, asyncpg.PostgresError, ValueError) as exc:
             log.warning("hold sweep failed; will retry", extra={"error": type(exc).__name__})
+        except Exception:
+            # The sweeper alone records the calls of sidecars that died: whatever one sweep hits (asyncpg's
+            # InternalClientError on a connection a crash left mid-operation, say), the loop goes on.
+            log.exception("hold sweep failed on an unexpected error; will retry")
         try:
             await asyncio.wait_for(stop.wait(), config.sweep_interval_ms / 1000)
         except TimeoutError:
