@@ -33,9 +33,9 @@ soak: venv
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
 
 # 100+ random faults (Redis, Postgres, sidecar replicas, failover, a lying provider) under load, then the
-# audit; ~10 min. Figures of the last run: docs/chaos.md.
+# audit; about 5 minutes. Figures of the last run: docs/chaos.md.
 chaos: venv
-	timeout --signal=INT --kill-after=60 1500 $(BIN)/pytest -q -s -m chaos tests/test_chaos.py $(PYTEST_ARGS)
+	timeout --signal=INT --kill-after=60 1500 $(BIN)/pytest -q -s -p no:logging -m chaos tests/test_chaos.py $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python -m bench
