@@ -21,7 +21,7 @@ from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
 from sidecar.byok import keys as byok_keys
 from sidecar.byok.keys import Resolver
-from sidecar.byok.vault import KekMissing, KeyRing, Vault, check_startup
+from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_startup
 from sidecar.config import Config
 from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
@@ -36,7 +36,8 @@ from sidecar.state.store import State, StateLimits
 
 log = logging.getLogger("sidecar.app")
 
-REDIS_MAX_CONNECTIONS = 128
+SHUTDOWN_SETTLE_S = 5.0
+REDIS_CONNECTIONS_MAX = 128
 REDIS_POOL_WAIT_S = 5.0
 
 
@@ -50,7 +51,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     # A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing.
     redis_pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url,
-        max_connections=REDIS_MAX_CONNECTIONS,
+        max_connections=REDIS_CONNECTIONS_MAX,
         timeout=REDIS_POOL_WAIT_S,
         socket_timeout=5,
         socket_connect_timeout=2,
@@ -106,7 +107,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         log.warning("could not load Lua scripts at start; they load on first use")
     await warn_if_evicting(client)
     return Services(
-        spool=Spool(config.holds.spool_dir, config.holds.spool_max_entries),
+        spool=Spool(config.holds.spool_dir, config.holds.spool_entries_max),
         buffer_budget=ByteBudget(config.upstream.buffered_answers_bytes_max),
         config=config,
         state=state,
@@ -124,7 +125,10 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
 async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
     """The BYOK vault from SIDECAR_KEK / SIDECAR_KEK_FILE. Refuse to start when stored BYOK keys could
     not be opened: calls would otherwise silently move to the platform key and the customer's credits."""
-    ring = KeyRing.from_env(os.environ if env is None else env)
+    try:
+        ring = KeyRing.from_env(os.environ if env is None else env)
+    except VaultError as exc:  # a malformed SIDECAR_KEK / SIDECAR_KEK_FILE: say which, in one line
+        raise SystemExit(f"sidecar: {exc}") from None
     async with pg_pool.acquire() as conn:
         stored_kek_ids = await byok_keys.kek_ids(conn)
     try:
@@ -144,7 +148,7 @@ def build_data_app(svc: Services) -> web.Application:
     config = svc.config
     limiter = FailedAuthLimiter(config.auth.failed_auth_max, config.auth.failed_auth_window_ms)
     guard = serving.guard(serving.protocol_error_body, config.server.body_read_timeout_ms / 1000, limiter)
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[guard])
+    app = web.Application(client_max_size=config.server.body_bytes_max, middlewares=[guard])
     app[serving.ERROR_BODY] = serving.protocol_error_body
     app[handler.SERVICES] = svc
     handler.add_routes(app)
@@ -205,9 +209,11 @@ class Runtime:
         # handlers (streams included) before cancelling what is left.
         for runner in self._runners:
             await runner.cleanup()
-        # A settlement retries for its whole budget, then spools: wait for as long, so none is cut off.
+        # Settlements still retrying (Redis unreachable) spool after SHUTDOWN_SETTLE_S rather than use
+        # their whole budget: the process's grace period ends before that, the spool outlives it.
+        svc.settle_cutoff_s = asyncio.get_running_loop().time() + SHUTDOWN_SETTLE_S
         if svc.settling:
-            await asyncio.wait(list(svc.settling), timeout=svc.config.holds.settle_budget_ms / 1000 + 5)
+            await asyncio.wait(list(svc.settling), timeout=SHUTDOWN_SETTLE_S + 5)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

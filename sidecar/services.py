@@ -38,3 +38,6 @@ class Services:
     # shutdown waits for them.
     settling: set[asyncio.Task] = field(default_factory=set)
     draining: bool = False
+    # Once handlers are drained at shutdown, settlements still retrying stop at this loop time and go
+    # to the spool: the pod's grace period is finite, the spool outlives the process.
+    settle_cutoff_s: float | None = None

@@ -111,3 +111,42 @@ async def test_wrong_typed_provider_event_ends_the_stream_cleanly(
     finally:
         await stop_sidecar(sc)
         await provider.close()
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_billed_what_was_relayed(
+    redis_client, redis_url, migrated_database_url
+) -> None:
+    """A stream whose client stops reading would hold its provider connection for the whole total
+    timeout (8.5): past `upstream.write_timeout_ms` on one write the call ends as cancelled, billed."""
+    content = "x" * 60_000
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+    big = {**chunk, "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
+    stream = b"".join(b"data: " + orjson.dumps(big) + b"\n\n" for _ in range(300)) + b"data: [DONE]\n\n"
+    provider = await _hostile_provider(stream)
+    sc = await start_sidecar(
+        redis_url, migrated_database_url, provider_url=str(provider.make_url("/v1")), upstream={"write_timeout_ms": 300}
+    )
+    try:
+        ws = await sc.workspace(credits_micro=10_000_000)
+        async with sc.http.post(
+            sc.data.make_url("/v1/chat/completions"),
+            data=orjson.dumps(
+                {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            ),
+            headers={"Authorization": f"Bearer {ws.key}", "Content-Type": "application/json"},
+        ) as resp:
+            assert resp.status == 200
+            rows = []
+            for _ in range(100):  # the client reads nothing more; bounded: 10 s
+                await asyncio.sleep(0.1)
+                await sc.flush()
+                rows = await sc.ledger(ws.id)
+                if rows:
+                    break
+        [row] = rows
+        assert row["status"] == "cancelled" and row["error"] == "client too slow to read the stream"
+        assert 0 < row["cost_micro"] <= row["hold_micro"], "what was relayed is billed"
+        await sc.assert_identity(ws.id)
+    finally:
+        await stop_sidecar(sc)
+        await provider.close()

@@ -12,7 +12,7 @@ from sidecar.byok.validate import KeyRejected, ValidationUnavailable, validate
 from sidecar.byok.vault import binding
 from sidecar.control.http import SERVICES, AdminError, existing_workspace, json_response, read_object, valid_id
 
-MAX_KEY_CHARS = 512
+KEY_CHARS_MAX = 512
 
 
 async def _scope(request: web.Request) -> tuple[str, str | None]:
@@ -36,9 +36,9 @@ async def add_key(request: web.Request) -> web.Response:
         known = ", ".join(sorted(svc.config.providers))
         raise AdminError(400, f"provider must be one of: {known}", "invalid_provider")
     key = payload.get("key")
-    if not isinstance(key, str) or not 8 <= len(key.strip()) <= MAX_KEY_CHARS or not key.strip().isprintable():
+    if not isinstance(key, str) or not 8 <= len(key.strip()) <= KEY_CHARS_MAX or not key.strip().isprintable():
         raise AdminError(
-            400, f"key must be the provider's API key (8 to {MAX_KEY_CHARS} printable characters)", "invalid_key"
+            400, f"key must be the provider's API key (8 to {KEY_CHARS_MAX} printable characters)", "invalid_key"
         )
     key = key.strip()
     if svc.vault is None:

@@ -15,6 +15,7 @@ from enum import Enum
 import aiohttp
 from aiohttp import web
 
+from sidecar.errors import ControlFlow
 from sidecar.money import format_micro
 from sidecar.pricing import Usage
 from sidecar.protocols.base import RequestFacts, StreamReader, estimate_tokens
@@ -28,8 +29,8 @@ from sidecar.state.store import SettleResult
 
 log = logging.getLogger("sidecar.proxy")
 
-MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
-MAX_UPSTREAM_ERROR_BYTES = 64 * 1024
+UPSTREAM_BODY_BYTES_MAX = 64 * 1024 * 1024
+UPSTREAM_ERROR_BYTES_MAX = 64 * 1024
 PASSED_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
 
 
@@ -60,7 +61,7 @@ _CLIENT_ENDS = (StreamEnd.CLIENT_GONE, StreamEnd.CLIENT_SLOW)
 _SIDECAR_ENDS = (StreamEnd.TOTAL_TIMEOUT, StreamEnd.IDLE_TIMEOUT, StreamEnd.SIDECAR_FAULT)
 
 
-class _ClientGone(Exception):
+class _ClientGone(ControlFlow):
     def __init__(self, end: StreamEnd) -> None:
         self.end = end
 
@@ -113,8 +114,7 @@ async def relay_body(svc: Services, call: Call, upstream: aiohttp.ClientResponse
             if not _client_left(svc):
                 raise
             # The client hung up while the provider works: its answer still says what it used.
-            wait_s = min(timeout_s, svc.config.upstream.usage_wait_after_hangup_ms / 1000)
-            return _abandoned_body(call, await _read_bounded(upstream, wait_s, call.buffered))
+            return await _abandoned_body(svc, call, upstream, timeout_s)
     except BudgetExceeded:
         svc.metrics.child(svc.metrics.dependency_errors, "memory").inc()
         error = SidecarError(
@@ -148,11 +148,18 @@ async def relay_body(svc: Services, call: Call, upstream: aiohttp.ClientResponse
     return Ending(outcome, reply)
 
 
-def _abandoned_body(call: Call, body: bytes) -> Ending:
-    facts = call.protocol.read_body(body)
+async def _abandoned_body(svc: Services, call: Call, upstream: aiohttp.ClientResponse, timeout_s: float) -> Ending:
+    """The client hung up while the provider works on a whole answer: the answer still says what it
+    used, if it comes in time. Either way the call is `cancelled`, billed what is known."""
+    gone = refusal(SidecarError("client_closed", "the client closed the connection"))
+    wait_s = min(timeout_s, svc.config.upstream.usage_wait_after_hangup_ms / 1000)
+    try:
+        body = await _read_bounded(upstream, wait_s, call.buffered)
+    except (aiohttp.ClientError, TimeoutError, OSError, BudgetExceeded):
+        return Ending(Outcome(CallStatus.CANCELLED, None, error=StreamEnd.CLIENT_GONE.value), gone)
+    facts = call.protocol.read_body(call.scrubber.bytes(body))
     call.served_model = facts.model or call.served_model
-    outcome = Outcome(CallStatus.CANCELLED, facts.usage, error=StreamEnd.CLIENT_GONE.value)
-    return Ending(outcome, refusal(SidecarError("client_closed", "the client closed the connection")))
+    return Ending(Outcome(CallStatus.CANCELLED, facts.usage, error=StreamEnd.CLIENT_GONE.value), gone)
 
 
 def _client_left(svc: Services) -> bool:
@@ -168,13 +175,13 @@ def _client_left(svc: Services) -> bool:
 
 
 async def _read_bounded(upstream: aiohttp.ClientResponse, timeout_s: float, held: Reservation) -> bytes:
-    """The whole answer, bounded per call (MAX_UPSTREAM_BODY_BYTES) and over the process (`held`
+    """The whole answer, bounded per call (UPSTREAM_BODY_BYTES_MAX) and over the process (`held`
     reserves each chunk, and the joined copy, before keeping it)."""
     parts, size = [], 0
     async with asyncio.timeout(timeout_s):
         async for chunk in upstream.content.iter_any():
             size += len(chunk)
-            if size > MAX_UPSTREAM_BODY_BYTES:
+            if size > UPSTREAM_BODY_BYTES_MAX:
                 raise aiohttp.ClientPayloadError("upstream body exceeds the sidecar's limit")
             held.grow(len(chunk))
             parts.append(chunk)
@@ -198,14 +205,15 @@ async def relay_stream(
         },
     )
     reader = call.reader = call.protocol.stream_reader(facts)
+    framer = SSEFramer()  # one per stream: reading on after a hang-up resumes mid-event where the relay stopped
     try:
-        end = await _relay_until_end(request, svc, call, upstream, response, reader)
+        end = await _relay_until_end(request, svc, call, upstream, response, framer)
     except asyncio.CancelledError:
         if not _client_left(svc):
             raise
         end = StreamEnd.CLIENT_GONE
     if end in _CLIENT_ENDS and not (reader.done or reader.has_final_usage):
-        await _read_on_for_usage(svc, call, upstream, reader)
+        await _read_on_for_usage(svc, upstream, framer, reader)
     outcome = stream_outcome(svc, call, reader, end)
 
     async def reply(_: SettleResult | None) -> web.StreamResponse:
@@ -225,7 +233,7 @@ async def _relay_until_end(
     call: Call,
     upstream: aiohttp.ClientResponse,
     response: web.StreamResponse,
-    reader: StreamReader,
+    framer: SSEFramer,
 ) -> StreamEnd:
     timeouts = svc.config.upstream
     try:
@@ -234,7 +242,7 @@ async def _relay_until_end(
         except (ConnectionError, RuntimeError):
             return StreamEnd.CLIENT_GONE
         async with asyncio.timeout(timeouts.total_timeout_ms / 1000):
-            await _pump(upstream, response, reader, call, timeouts.write_timeout_ms / 1000)
+            await _pump(upstream, framer, response, call, timeouts.write_timeout_ms / 1000)
         return StreamEnd.UPSTREAM_DONE
     except _ClientGone as gone:
         return gone.end
@@ -253,12 +261,12 @@ async def _relay_until_end(
 
 async def _pump(
     upstream: aiohttp.ClientResponse,
+    framer: SSEFramer,
     response: web.StreamResponse,
-    reader: StreamReader,
     call: Call,
     write_timeout_s: float,
 ) -> None:
-    framer = SSEFramer()
+    reader = call.reader
     async for chunk in upstream.content.iter_any():
         events = framer.feed(chunk)
         if events:
@@ -287,14 +295,15 @@ async def _relay_events(
         raise _ClientGone(StreamEnd.CLIENT_GONE) from None
 
 
-async def _read_on_for_usage(svc: Services, call: Call, upstream: aiohttp.ClientResponse, reader: StreamReader) -> None:
+async def _read_on_for_usage(
+    svc: Services, upstream: aiohttp.ClientResponse, framer: SSEFramer, reader: StreamReader
+) -> None:
     """The client left before the provider sent its usage. Keep reading the provider's stream, relaying
     nothing, until its usage arrives (bounded in time): the exact count beats an estimate from bytes,
     which misses images, cached prefixes and reasoning tokens."""
     wait_s = svc.config.upstream.usage_wait_after_hangup_ms / 1000
     if wait_s <= 0:
         return
-    framer = SSEFramer()
     try:
         async with asyncio.timeout(wait_s):
             async for chunk in upstream.content.iter_any():
@@ -302,6 +311,9 @@ async def _read_on_for_usage(svc: Services, call: Call, upstream: aiohttp.Client
                     reader.observe(event)
                 if reader.done or reader.has_final_usage or reader.error is not None:
                     return
+            tail = framer.flush()  # a last event without its blank line
+            if tail is not None:
+                reader.observe(tail)
     except (TimeoutError, aiohttp.ClientError, OSError, SSEError):
         return
     except Exception:  # a reader bug must not stop the settlement: bill what was observed
