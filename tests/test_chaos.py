@@ -63,7 +63,14 @@ SIDECAR_OVERRIDES = {
         "total_timeout_ms": 6000,
         "usage_wait_after_hangup_ms": 500,
     },
-    "holds": {"ttl_ms": int(chaos.HOLD_TTL_S * 1000), "sweep_interval_ms": 200, "settle_budget_ms": 4000},
+    # A short grace (production: 60 s) so the sweepers still get to work between Redis faults a few
+    # seconds apart; the spools (one pass a second) still replay before anything is voided.
+    "holds": {
+        "ttl_ms": int(chaos.HOLD_TTL_S * 1000),
+        "sweep_interval_ms": 200,
+        "settle_budget_ms": 4000,
+        "sweep_grace_ms": int(chaos.SWEEP_GRACE_S * 1000),
+    },
     "server": {"drain_timeout_ms": 1000},
     "auth": {"cache_ttl_ms": 5000},  # cached keys keep working through a Postgres restart
 }

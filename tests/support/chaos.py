@@ -261,11 +261,12 @@ def kill_and_restart_postgres(server: PostgresServer) -> None:
 # Faults after which Redis no longer holds what it held: restarts without the AOF.
 REDIS_DATA_LOSS = ("redis_restart_empty", "redis_restart_stale")
 HOLD_TTL_S = 15.0  # holds.ttl_ms of the chaos replicas (tests/test_chaos.py SIDECAR_OVERRIDES)
-SWEEP_MARGIN_S = 2.0
+SWEEP_GRACE_S = 1.5  # holds.sweep_grace_ms of the chaos replicas: no voiding until Redis answered this long
+SWEEP_MARGIN_S = 2.0 + SWEEP_GRACE_S
 WATCH_INTERVAL_S = 0.25  # how often watch_holds looks
 # The longest a hold may live: a call to its client timeout, then (its sidecar dead) the TTL, plus the
-# sweeper's pauses through outages. Longer: every sweeper failed it.
-HOLD_LIFE_MAX_S = 20.0 + HOLD_TTL_S + 10.0
+# sweepers' pauses through outages and their grace after each Redis fault. Longer: every sweeper failed it.
+HOLD_LIFE_MAX_S = 20.0 + HOLD_TTL_S + 30.0
 
 
 async def watch_holds(redis_url: str, workspaces: list[str], truth: Truth, stop: asyncio.Event) -> None:
