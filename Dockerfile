@@ -2,7 +2,16 @@
 # Build it with the classic builder or BuildKit, from any base that has `python3` (>= 3.11, with its
 # venv module) and `groupadd`/`useradd`: PYTHON_IMAGE is python:3.11-slim by default, or a local base
 # made with debootstrap where no registry is reachable (docs/deploy.md gives the exact commands).
-ARG PYTHON_IMAGE=python:3.11-slim
+#
+# The default base is pinned by digest, so a rebuild gets the same bytes until someone moves the pin on
+# purpose. This digest was taken from public Dockerfiles that pin the official library/python:3.11-slim
+# (two independent ones, one through AWS's mirror of Docker's official images, agree on it); it could
+# not be checked here, where no registry is reachable. A wrong or withdrawn digest fails the pull, it
+# cannot pull something else. To move it to the current 3.11-slim (do so for security fixes):
+#   docker pull python:3.11-slim && docker inspect --format '{{index .RepoDigests 0}}' python:3.11-slim
+#   (or: docker buildx imagetools inspect python:3.11-slim, the "Digest:" line)
+# and replace the sha256 below; Renovate and Dependabot can open that change for you.
+ARG PYTHON_IMAGE=python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 
 # Builder: install the package and its runtime dependencies (no dev/embedded extras) into a venv.
 # Every runtime dependency ships manylinux wheels, so no compiler is needed.
@@ -31,6 +40,17 @@ RUN if ls /wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /wh
 
 # Runtime: the same base (the venv's interpreter path must exist), the venv, the default config.
 FROM ${PYTHON_IMAGE}
+ARG PYTHON_IMAGE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="ai-metering-sidecar" \
+      org.opencontainers.image.description="Metering sidecar for AI agents: credits, holds, an immutable ledger" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -53,5 +73,11 @@ RUN mkdir -p /var/lib/sidecar/spool \
 USER 10001:10001
 # 8080: data plane (serve) or admin API (control); 9090: ops (/healthz /readyz /metrics).
 EXPOSE 8080 9090
+# The ops port's liveness answer, with the image's own Python (the image has no curl). Meaningful for
+# the long-running roles (serve, control); set SIDECAR_HEALTHCHECK_URL when ops_port is not 9090.
+# Kubernetes ignores HEALTHCHECK: the chart has its own probes.
+ENV SIDECAR_HEALTHCHECK_URL=http://127.0.0.1:9090/healthz
+HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
+  CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['SIDECAR_HEALTHCHECK_URL'], timeout=2)"]
 ENTRYPOINT ["sidecar"]
 CMD ["serve", "--config", "/etc/sidecar/sidecar.yaml"]

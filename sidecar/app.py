@@ -37,6 +37,9 @@ from sidecar.state.store import State, StateLimits
 log = logging.getLogger("sidecar.app")
 
 SHUTDOWN_SETTLE_S = 5.0
+# After the data listener closed, how long a connection it accepted has to send its request before
+# the process refuses new calls (503) and closes idle connections.
+ACCEPTED_GRACE_S = 0.2
 REDIS_CONNECTIONS_MAX = 128
 REDIS_POOL_WAIT_S = 5.0
 
@@ -84,6 +87,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         pg_pool,
         balances,
         config.ledger,
+        served=frozenset(config.server.workspaces),
         on_batch=metrics.on_flush,
         on_failure=metrics.flush_failures.inc,
         on_dead_letter=metrics.dead_letters.inc,
@@ -113,7 +117,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         state=state,
         pool=pg_pool,
         balances=balances,
-        auth=Authenticator(pg_pool, config.auth.cache_ttl_ms),
+        auth=Authenticator(pg_pool, config.auth.cache_ttl_ms, workspaces=frozenset(config.server.workspaces)),
         upstreams=upstreams,
         metrics=metrics,
         flusher=flusher,
@@ -166,6 +170,7 @@ class Runtime:
         self._runners: list[web.AppRunner] = []
         self.ports: list[int] = []  # as bound, in start order (data, control, ops): port 0 picks one
         self._tasks: list[asyncio.Task] = []
+        self._data_runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int, ops_port: int, control_port: int | None = None) -> None:
         svc = self.svc
@@ -178,20 +183,26 @@ class Runtime:
                     f"sidecar: holds.spool_dir {svc.config.holds.spool_dir!r} is not writable ({exc.strerror}); "
                     "set it (or SIDECAR_SPOOL_DIR) to a durable directory the sidecar may write"
                 ) from None
-            await self._serve(build_data_app(svc), host, port, limits)
+            await self._serve(build_data_app(svc), host, port, limits, reuse_port=svc.config.server.reuse_port)
+            self._data_runner = self._runners[-1]
+            served = frozenset(svc.config.server.workspaces)
             self._tasks.append(asyncio.create_task(settlement.run_spool(svc, self.stop)))
             self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
             self._tasks.append(
-                asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop))
+                asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop, served))
             )
         if self.control_plane:
             control_port = control_port if control_port is not None else port
             await self._serve(build_control_app(svc), host, control_port, limits)
         # Its own listener and connection budget: /healthz answers while the data port is flooded.
-        await self._serve(build_ops_app(svc), host, ops_port, serving.ops_limits(svc.config.server))
+        ops_host = svc.config.server.ops_host or host
+        await self._serve(build_ops_app(svc), ops_host, ops_port, serving.ops_limits(svc.config.server))
 
-    async def _serve(self, app: web.Application, host: str, port: int, limits: serving.Limits) -> None:
-        runner = await serving.start(app, host, port, limits, self.svc.config.server.drain_timeout_ms / 1000)
+    async def _serve(
+        self, app: web.Application, host: str, port: int, limits: serving.Limits, reuse_port: bool = False
+    ) -> None:
+        drain_s = self.svc.config.server.drain_timeout_ms / 1000
+        runner = await serving.start(app, host, port, limits, drain_s, reuse_port=reuse_port)
         self._runners.append(runner)
         self.ports.append(runner.addresses[0][1])
         log.info("listening", extra={"url": f"http://{host}:{self.ports[-1]}"})
@@ -203,6 +214,12 @@ class Runtime:
 
     async def shutdown(self) -> None:
         svc = self.svc
+        if self._data_runner is not None:
+            # First stop taking connections: on a shared port (server.reuse_port) the other process takes
+            # the new ones from here. Connections already taken bring their request within a moment and
+            # are served, not refused: only then does the process call itself draining.
+            await serving.stop_accepting(self._data_runner)
+            await asyncio.sleep(ACCEPTED_GRACE_S)
         svc.draining = True
         self.stop.set()
         # AppRunner.cleanup closes the listeners, then waits up to shutdown_timeout for in-flight

@@ -23,11 +23,17 @@ from dataclasses import dataclass
 import asyncpg
 
 from sidecar import db
+from sidecar.errors import DomainError
 
 KEY_PREFIX = "sk-sc-"
 _KEY_SHAPE = re.compile(r"sk-sc-[A-Za-z0-9_-]{43}\Z")  # what new_key makes: the prefix and 32 bytes, base64url
 _CACHE_ENTRIES_MAX = 50_000
 _MISS_CACHE_ENTRIES_MAX = 20_000
+
+
+class WorkspaceNotServed(DomainError):
+    """A valid key of a workspace this data plane does not serve (config server.workspaces): the
+    handler answers 401, so an agent pointed at another workspace's sidecar fails at once and clearly."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +60,12 @@ class Authenticator:
         cache_ttl_ms: int,
         max_entries: int = _CACHE_ENTRIES_MAX,
         max_misses: int = _MISS_CACHE_ENTRIES_MAX,
+        workspaces: frozenset[str] = frozenset(),
     ) -> None:
         assert cache_ttl_ms <= 5_000
         self.pool = pool
+        # The workspaces this data plane serves (config server.workspaces); empty: all of them.
+        self.workspaces = workspaces
         self.cache_ttl_s = cache_ttl_ms / 1000
         # digest -> (expires_at, caller): keys that authenticated.
         self._cache: OrderedDict[bytes, tuple[float, Caller]] = OrderedDict()
@@ -74,7 +83,7 @@ class Authenticator:
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
-            return cached[1]
+            return self._served(cached[1])
         missed_until = self._misses.get(digest)
         if missed_until is not None and missed_until > now:
             return None
@@ -90,6 +99,12 @@ class Authenticator:
         )
         self._misses.pop(digest, None)
         _remember(self._cache, digest, (now + self.cache_ttl_s, caller), self.max_entries)
+        return self._served(caller)
+
+    def _served(self, caller: Caller) -> Caller:
+        """The caller, if this data plane serves its workspace; else WorkspaceNotServed."""
+        if self.workspaces and caller.workspace_id not in self.workspaces:
+            raise WorkspaceNotServed(caller.workspace_id)
         return caller
 
     def forget_all(self) -> None:

@@ -88,6 +88,13 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: Natural = 8080
     ops_port: Natural = 9090
+    # Where the ops port listens; "": as `host`. In the agent's own pod the data port listens on
+    # 127.0.0.1 (only the agent calls it) while probes and scrapes reach the ops port on 0.0.0.0.
+    ops_host: str = ""
+    # The data port may be shared by several `sidecar serve` processes on one host (SO_REUSEPORT): a
+    # new process starts beside the old one, which drains on SIGTERM while the new one takes every new
+    # connection. Each process still needs its own ops_port.
+    reuse_port: bool = True
     body_bytes_max: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
     drain_timeout_ms: Natural = 30_000
     # Slow and idle clients (README, security): a request's head must arrive within
@@ -101,6 +108,14 @@ class ServerConfig(_Strict):
     # open-file limit, so upstream connections, Postgres, Redis and the ops port keep descriptors.
     connections_max: Natural = 0
     ops_connections_max: Positive = 64  # the ops port's own budget: probes and scrapes only
+    # The workspaces this data plane serves (a deployment per workspace, README "Deploying"): keys of
+    # any other workspace get 401, and the sweeper and flusher leave other workspaces to their own
+    # deployment. Empty: every workspace.
+    workspaces: tuple[Name, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(set(self.workspaces)) != len(self.workspaces):
+            raise ValueError("workspaces: a workspace is listed twice")
 
 
 class AuthConfig(_Strict):

@@ -22,6 +22,8 @@ re-based here; this module imports nothing of the package, so anything may impor
     │   ├── VaultError              a sealed key cannot be opened -> proxy 500 byok_key_unusable;
     │   │   │                       `sidecar kek rotate`: the key is reported and left as it is
     │   │   └── KekMissing          its KEK is not configured -> at start, the sidecar refuses to start
+    │   ├── WorkspaceNotServed      a valid key of a workspace this data plane does not serve
+    │   │                           (server.workspaces) -> proxy 401 workspace_not_served
     │   ├── BudgetExceeded          buffered answers past the process's byte budget -> proxy 503, unbilled
     │   ├── InvalidEvent            (ValueError) a stream entry that cannot become a ledger row -> the
     │   │                           flusher dead-letters it; never reaches a client

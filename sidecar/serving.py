@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ ErrorBody = Callable[[str | None, int, str, str], bytes]
 ERROR_BODY = web.AppKey("error_body", object)
 OPEN_FILES_MAX = 65_536
 _HEAD_PREFIX_BYTES = 256  # enough of a request's first line to know its path
+LISTEN_BACKLOG = 128  # aiohttp's own default
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,14 +304,19 @@ class _Runner(web.AppRunner):
     def __init__(self, app: web.Application, limits: Limits, error_body: ErrorBody, **kwargs) -> None:
         super().__init__(app, **kwargs)
         self._limits, self._error_body = limits, error_body
+        self.listening: list[socket.socket] = []  # the sockets of a shared port (start(reuse_port=True))
 
     async def _make_server(self) -> web.Server:
         return _Server(await super()._make_server(), self._limits, self._error_body)
 
 
-async def start(app: web.Application, host: str, port: int, limits: Limits, shutdown_timeout_s: float) -> web.AppRunner:
+async def start(
+    app: web.Application, host: str, port: int, limits: Limits, shutdown_timeout_s: float, reuse_port: bool = False
+) -> web.AppRunner:
     """Serve `app` on host:port; the caller cleans the runner up. Port 0 picks a free port
-    (runner.addresses has it)."""
+    (runner.addresses has it). reuse_port: the port may be shared with other processes (SO_REUSEPORT,
+    the kernel spreads new connections over them), so a replacement starts beside a draining one; call
+    stop_accepting() first at shutdown."""
     runner = _Runner(
         app,
         limits,
@@ -320,8 +327,47 @@ async def start(app: web.Application, host: str, port: int, limits: Limits, shut
         keepalive_timeout=limits.keepalive_timeout_s,
     )
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    if not reuse_port:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        return runner
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.setblocking(False)
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        runner.listening.append(sock)
+        await web.SockSite(runner, sock).start()
     return runner
+
+
+async def stop_accepting(runner: web.AppRunner) -> None:
+    """Close a runner's listeners. On a shared port (start(reuse_port=True)), connections the kernel
+    already queued on this process's socket would be reset when it closes, not handed to the other
+    process: accept them first (they are served like any other), then close at once, so the other
+    process takes every connection made after this point."""
+    loop = asyncio.get_running_loop()
+    for sock in getattr(runner, "listening", ()):
+        for _ in range(LISTEN_BACKLOG * 4):  # bounded: a flood cannot hold the shutdown here
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # already closed
+                break
+            conn.setblocking(False)
+            await loop.connect_accepted_socket(runner.server, conn)
+    for site in list(runner.sites):
+        await site.stop()
 
 
 def raise_file_limit() -> int:

@@ -31,16 +31,27 @@ async def sweep_workspace(state: State, ws: str, holds_max: int, grace_ms: int =
     return voided
 
 
-async def sweep_all(state: State, pool: asyncpg.Pool, config: HoldConfig) -> int:
+async def sweep_all(state: State, pool: asyncpg.Pool, config: HoldConfig, served: frozenset[str] = frozenset()) -> int:
+    """Every workspace's due holds, or only those of `served` (config server.workspaces) when given: a
+    hold exists only where its call was admitted, so each deployment sweeps its own workspaces."""
     async with pool.acquire() as conn:
         workspaces = await db.workspace_ids(conn)
+    if served:
+        workspaces = [ws for ws in workspaces if ws in served]
     voided = 0
     for ws in workspaces:
         voided += await sweep_workspace(state, ws, config.sweep_batch_holds_max, config.sweep_grace_ms)
     return voided
 
 
-async def run(state: State, pool: asyncpg.Pool, config: HoldConfig, metrics: Metrics, stop: asyncio.Event) -> None:
+async def run(
+    state: State,
+    pool: asyncpg.Pool,
+    config: HoldConfig,
+    metrics: Metrics,
+    stop: asyncio.Event,
+    served: frozenset[str] = frozenset(),
+) -> None:
     loop = asyncio.get_running_loop()
     grace_s = config.sweep_grace_ms / 1000
     # Since when Redis has answered every round. After an outage (and at start) nothing is voided until
@@ -53,7 +64,7 @@ async def run(state: State, pool: asyncpg.Pool, config: HoldConfig, metrics: Met
             if available_since is None:
                 available_since = loop.time()
             if loop.time() - available_since >= grace_s:
-                voided = await sweep_all(state, pool, config)
+                voided = await sweep_all(state, pool, config, served)
                 if voided:
                     metrics.holds_expired.inc(voided)
                     log.warning("voided expired holds", extra={"holds": voided})

@@ -35,6 +35,15 @@ class ValueSet:
     expect: dict[str, object] = field(default_factory=dict)
 
 
+PER_WORKSPACE = (
+    "control.enabled=false",
+    "migrations.job.enabled=false",
+    "migrations.cronJob.enabled=false",
+    "audit.enabled=false",
+)
+AGENT = ("data.enabled=false", "agent.enabled=true", "agent.container.name=agent", "agent.container.image=agent:1")
+SIDECAR_COMMANDS = ("serve", "control", "migrate", "audit")
+
 VALUE_SETS = (
     ValueSet("defaults", (), {"hpa": False, "audit": True, "spool_claim": None}),
     ValueSet(
@@ -52,6 +61,24 @@ VALUE_SETS = (
         ("migrations.job.enabled=false", "migrations.cronJob.enabled=true"),
         {"hpa": False, "audit": True, "spool_claim": None},
     ),
+    # A deployment per workspace: its own data plane; the control plane, migrations and audit run once,
+    # in the shared release (README "Deploying").
+    ValueSet(
+        "per-workspace-release",
+        (*PER_WORKSPACE, "config.server.workspaces={ws_acme,ws_acme_eu}"),
+        {"control": False, "migrate": False, "audit": False, "workspaces": ("ws_acme", "ws_acme_eu")},
+    ),
+    # The sidecar as a container in the agent's own pod, as a native sidecar and as a plain container.
+    ValueSet(
+        "agent-pod",
+        (*PER_WORKSPACE, *AGENT, "config.server.workspaces={ws_acme}"),
+        {"data": 0, "agent": True, "control": False, "migrate": False, "audit": False, "workspaces": ("ws_acme",)},
+    ),
+    ValueSet(
+        "agent-pod-plain-container",
+        (*PER_WORKSPACE, *AGENT, "agent.nativeSidecar=false", "config.server.port=8181"),
+        {"data": 0, "agent": True, "control": False, "migrate": False, "audit": False},
+    ),
     ValueSet(
         "custom-ports+spool-dir",
         (
@@ -61,7 +88,7 @@ VALUE_SETS = (
             "control.enabled=false",
             "migrations.cronJob.enabled=false",
         ),
-        {"hpa": False, "audit": True, "spool_claim": None},
+        {"hpa": False, "audit": True, "spool_claim": None, "control": False},
     ),
 )
 
@@ -122,9 +149,13 @@ def check_workload(kind: str, workload: dict, configs: dict[str, Config]) -> lis
         return [f"{name}: mounts ConfigMap {config_volume!r}, which was not rendered"]
     config = configs[config_volume]
     problems = []
-    for container in spec["containers"]:
+    containers = [*spec.get("initContainers", []), *spec["containers"]]
+    for container in containers:
         args = container.get("args", [])
         command = args[0] if args else ""
+        if command not in SIDECAR_COMMANDS:
+            problems += check_agent_container(name, container, config)
+            continue
         mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
         if mounts.get("/etc/sidecar") != "config":
             problems.append(f"{name}: the config is not mounted at /etc/sidecar")
@@ -140,25 +171,66 @@ def check_workload(kind: str, workload: dict, configs: dict[str, Config]) -> lis
     return problems
 
 
+def check_agent_container(name: str, container: dict, config: Config) -> list[str]:
+    """The agent beside the sidecar: its SDKs point at the sidecar on loopback, which listens there only."""
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    problems = []
+    if env.get("OPENAI_BASE_URL") != f"http://127.0.0.1:{config.server.port}/v1":
+        problems.append(f"{name}: agent OPENAI_BASE_URL is {env.get('OPENAI_BASE_URL')!r}")
+    if env.get("ANTHROPIC_BASE_URL") != f"http://127.0.0.1:{config.server.port}":
+        problems.append(f"{name}: agent ANTHROPIC_BASE_URL is {env.get('ANTHROPIC_BASE_URL')!r}")
+    if config.server.host != "127.0.0.1" or config.server.ops_host != "0.0.0.0":
+        listens = f"{config.server.host}, ops {config.server.ops_host}"
+        problems.append(f"{name}: the sidecar beside the agent listens on {listens}")
+    if "envFrom" in container:
+        problems.append(f"{name}: the agent container got the sidecar's Secret")
+    return problems
+
+
 def check_expectations(by_kind: dict[str, list[dict]], expect: dict[str, object]) -> list[str]:
     problems = []
     has_hpa = bool(by_kind.get("HorizontalPodAutoscaler"))
-    if has_hpa != expect["hpa"]:
-        problems.append(f"HorizontalPodAutoscaler rendered: {has_hpa}, expected {expect['hpa']}")
+    if has_hpa != expect.get("hpa", False):
+        problems.append(f"HorizontalPodAutoscaler rendered: {has_hpa}, expected {expect.get('hpa', False)}")
     cronjobs = [c["metadata"]["name"] for c in by_kind.get("CronJob", [])]
     has_audit = any(n.endswith("-audit") for n in cronjobs)
-    if has_audit != expect["audit"]:
-        problems.append(f"audit CronJob rendered: {has_audit}, expected {expect['audit']}")
+    if has_audit != expect.get("audit", True):
+        problems.append(f"audit CronJob rendered: {has_audit}, expected {expect.get('audit', True)}")
     deployments = by_kind.get("Deployment", [])
-    data = [d for d in deployments if d["metadata"]["labels"].get("app.kubernetes.io/component") == "data"]
-    if len(data) != 1:
-        return [*problems, f"expected one data-plane Deployment, got {len(data)}"]
+    by_component: dict[str, list[dict]] = {}
+    for workload in [*deployments, *by_kind.get("Job", []), *by_kind.get("CronJob", [])]:
+        by_component.setdefault(workload["metadata"]["labels"].get("app.kubernetes.io/component"), []).append(workload)
+    for component in ("control", "migrate", "agent"):
+        rendered, wanted = bool(by_component.get(component)), expect.get(component, component != "agent")
+        if rendered != wanted:
+            problems.append(f"{component} workloads rendered: {rendered}, expected {wanted}")
+    problems += check_workspaces(by_kind, tuple(expect.get("workspaces", ())))
+    data = by_component.get("data", [])
+    if len(data) != expect.get("data", 1):
+        return [*problems, f"expected {expect.get('data', 1)} data-plane Deployment, got {len(data)}"]
+    if not data:
+        if by_kind.get("Service") and any(
+            s["metadata"]["labels"].get("app.kubernetes.io/component") == "data" for s in by_kind["Service"]
+        ):
+            problems.append("a data-plane Service is rendered without its Deployment")
+        return problems
     spool = {v["name"]: v for v in pod_spec("Deployment", data[0])["volumes"]}.get("spool", {})
     claim = spool.get("persistentVolumeClaim", {}).get("claimName")
-    if claim != expect["spool_claim"]:
-        problems.append(f"spool claim {claim!r}, expected {expect['spool_claim']!r}")
+    if claim != expect.get("spool_claim"):
+        problems.append(f"spool claim {claim!r}, expected {expect.get('spool_claim')!r}")
     if has_hpa and "replicas" in data[0]["spec"]:
         problems.append("the data Deployment sets replicas although the HPA owns them")
+    return problems
+
+
+def check_workspaces(by_kind: dict[str, list[dict]], expected: tuple[str, ...]) -> list[str]:
+    """Every rendered sidecar.yaml restricts the data plane to the expected workspaces (none: all)."""
+    problems = []
+    for configmap in by_kind.get("ConfigMap", []):
+        config = load_configmap_config(configmap, SECRET_ENV)
+        if config.server.workspaces != expected:
+            name = configmap["metadata"]["name"]
+            problems.append(f"ConfigMap {name}: server.workspaces {config.server.workspaces}, expected {expected}")
     return problems
 
 

@@ -75,6 +75,7 @@ class Flusher:
         pool: asyncpg.Pool,
         balances: Balances,
         config: LedgerConfig,
+        served: frozenset[str] = frozenset(),
         on_batch: Callable[[int, float, int], None] | None = None,
         on_failure: Callable[[], None] | None = None,
         on_dead_letter: Callable[[], None] | None = None,
@@ -85,6 +86,10 @@ class Flusher:
         self.config = config
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{id(self) & 0xFFFF:x}"
         self._workspaces: set[str] = set()
+        # config server.workspaces: the streams this deployment reads at each refresh (empty: all). A
+        # stream is written only by the data planes serving its workspace, so they flush it; a
+        # workspace noted by a settlement (a spool replayed after the list changed) is flushed too.
+        self.served = served
         self._groups_ready: set[str] = set()
         self._maybe_pending: set[str] = set()  # workspaces where this consumer may hold unacked entries
         self._turn = 0  # rotates the first workspace read, so a busy one cannot starve the rest
@@ -163,7 +168,8 @@ class Flusher:
         if now - self._refreshed_at < self.config.workspace_refresh_ms / 1000:
             return
         async with self.pool.acquire() as conn:
-            self._workspaces.update(await db.workspace_ids(conn))
+            listed = await db.workspace_ids(conn)
+        self._workspaces.update(ws for ws in listed if not self.served or ws in self.served)
         self._refreshed_at = now
 
     async def _ensure_group(self, ws: str) -> None:

@@ -23,7 +23,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from sidecar import scrub
-from sidecar.auth import Caller
+from sidecar.auth import Caller, WorkspaceNotServed
 from sidecar.config import ModelConfig, ProviderConfig, Target
 from sidecar.db import POSTGRES_ERRORS
 from sidecar.errors import ControlFlow
@@ -154,6 +154,10 @@ async def authenticate(svc: Services, raw_key: str | None) -> Caller:
     except POSTGRES_ERRORS:
         svc.metrics.child(svc.metrics.dependency_errors, "postgres").inc()
         raise SidecarError("unavailable", "the key store is unavailable; retry shortly") from None
+    except WorkspaceNotServed:
+        raise SidecarError(
+            "authentication", "this API key's workspace is not served here", code="workspace_not_served"
+        ) from None
     if caller is None:
         raise SidecarError("authentication", "invalid or revoked API key", code="invalid_api_key")
     return caller

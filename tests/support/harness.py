@@ -214,8 +214,10 @@ class Sidecar:
         async with self.http.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
             return resp.status, await resp.json()
 
-    async def workspace(self, credits_micro: int = 0, rpm: int = 1000, office: str | None = None) -> Workspace:
-        ws = f"ws_{secrets.token_hex(6)}"
+    async def workspace(
+        self, credits_micro: int = 0, rpm: int = 1000, office: str | None = None, ws_id: str | None = None
+    ) -> Workspace:
+        ws = ws_id or f"ws_{secrets.token_hex(6)}"
         status, _ = await self.admin("POST", "/workspaces", {"id": ws, "name": "test"})
         assert status == 201
         if office:

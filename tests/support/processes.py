@@ -65,10 +65,19 @@ class SidecarProcess:
 
     @classmethod
     async def serve(
-        cls, directory: Path, redis_url: str, database_url: str, provider_url: str, **overrides: Any
+        cls,
+        directory: Path,
+        redis_url: str,
+        database_url: str,
+        provider_url: str,
+        port: int | None = None,
+        log_level: str = "INFO",
+        **overrides: Any,
     ) -> SidecarProcess:
-        """Write a config into `directory`, start `sidecar serve` and return once its ops port answers."""
-        port, ops_port = supervisor.free_ports(2)
+        """Write a config into `directory`, start `sidecar serve` and return once its ops port answers.
+        `port`: a data port to share with another process (server.reuse_port); default a free one."""
+        free_port, ops_port = supervisor.free_ports(2)
+        port = port or free_port
         config = write_config(directory, redis_url, database_url, provider_url, port, ops_port, **overrides)
         env = {
             **os.environ,
@@ -77,7 +86,7 @@ class SidecarProcess:
             "MOCK_PLATFORM_KEY": PLATFORM_KEY,
             "SIDECAR_KEK": TEST_KEK,  # the shared test database may hold BYOK keys sealed under it
         }
-        argv = [str(SIDECAR_BIN), "serve", "--config", str(config), "--log-level", "INFO"]
+        argv = [str(SIDECAR_BIN), "serve", "--config", str(config), "--log-level", log_level]
         child = supervisor.spawn("sidecar", argv, directory / "sidecar.log", cwd=directory, env=env)
         # Kills the child if it exits or does not answer in time.
         await supervisor.wait_http_ok(child, f"http://127.0.0.1:{ops_port}/healthz", START_TIMEOUT_S)

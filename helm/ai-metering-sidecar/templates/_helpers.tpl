@@ -62,6 +62,15 @@ pricing.yaml: |
   {{- toYaml .Values.pricing | nindent 2 }}
 {{- end }}
 
+{{/* The same for the sidecar in the agent's pod: the data port on loopback, the ops port on every address. */}}
+{{- define "sidecar.agentConfigData" -}}
+{{- $config := mergeOverwrite (deepCopy .Values.config) (dict "server" (dict "host" "127.0.0.1" "ops_host" "0.0.0.0")) -}}
+sidecar.yaml: |
+  {{- toYaml $config | nindent 2 }}
+pricing.yaml: |
+  {{- toYaml .Values.pricing | nindent 2 }}
+{{- end }}
+
 {{/* Pod-level settings shared by every workload. */}}
 {{- define "sidecar.podSpecCommon" -}}
 automountServiceAccountToken: false
@@ -156,4 +165,40 @@ livenessProbe:
 {{- if le (int $v.terminationGracePeriodSeconds) $need }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds + server.drain_timeout_ms (%d s)" (int $v.terminationGracePeriodSeconds) $need) }}
 {{- end }}
+{{- end }}
+
+{{/* The data plane's container (`sidecar serve`): in the data-plane Deployment and in the agent's pod. */}}
+{{- define "sidecar.serveContainer" -}}
+- name: sidecar
+  args: ["serve", "--config", "/etc/sidecar/sidecar.yaml"]
+  {{- include "sidecar.containerCommon" (list . .Values.secretName) | nindent 2 }}
+    # Settlements Redis could not take in time wait here until it can (holds.spool_dir).
+    - name: spool
+      mountPath: {{ include "sidecar.spoolDir" . }}
+  ports:
+    - name: http
+      containerPort: {{ include "sidecar.port" . }}
+      protocol: TCP
+    - name: ops
+      containerPort: {{ include "sidecar.opsPort" . }}
+      protocol: TCP
+  {{- include "sidecar.probes" . | nindent 2 }}
+  lifecycle:
+    preStop:
+      exec:
+        command: ["sleep", "{{ .Values.data.preStopSleepSeconds }}"]
+  resources:
+    {{- toYaml .Values.data.resources | nindent 4 }}
+{{- end }}
+
+{{/* The spool volume the serve container mounts (data.spool). */}}
+{{- define "sidecar.spoolVolume" -}}
+- name: spool
+  {{- if .Values.data.spool.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.data.spool.existingClaim }}
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.data.spool.sizeLimit }}
+  {{- end }}
 {{- end }}
