@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-from-pyproject
 TEST_TIMEOUT_S ?= 1500
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint run soak bench schema rules-check wheelhouse image image-check image-smoke chart-check
+.PHONY: venv test lint run soak chaos bench schema rules-check wheelhouse image image-check image-smoke chart-check
 
 # The container image (docs/deploy.md). PYTHON_IMAGE: a base with python3 >= 3.11 and its venv module;
 # empty: the Dockerfile's default, python:3.11-slim pinned by digest.
@@ -39,6 +39,11 @@ run: venv
 
 soak: venv
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+
+# 100+ random faults (Redis, Postgres, sidecar replicas, failover, a lying provider) under load, then the
+# audit; about 5 minutes. Figures of the last run: docs/chaos.md.
+chaos: venv
+	timeout --signal=INT --kill-after=60 1500 $(BIN)/pytest -q -s -p no:logging -m chaos tests/test_chaos.py $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python -m bench

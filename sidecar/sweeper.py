@@ -71,8 +71,12 @@ async def run(
         except (RedisError, OSError) as exc:
             available_since = None
             log.warning("hold sweep failed; will retry", extra={"error": type(exc).__name__})
-        except (asyncpg.PostgresError, ValueError) as exc:
+        except (*db.POSTGRES_OUTAGE, asyncpg.PostgresError, ValueError) as exc:
             log.warning("hold sweep failed; will retry", extra={"error": type(exc).__name__})
+        except Exception:
+            # The sweeper alone records the calls of sidecars that died: whatever one sweep hits (asyncpg's
+            # InternalClientError on a connection a crash left mid-operation, say), the loop goes on.
+            log.exception("hold sweep failed on an unexpected error; will retry")
         try:
             await asyncio.wait_for(stop.wait(), config.sweep_interval_ms / 1000)
         except TimeoutError:

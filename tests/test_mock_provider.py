@@ -244,6 +244,46 @@ async def test_bad_fault_header_is_400(client):
 # ---- faults ---------------------------------------------------------------------------------------------
 
 
+TRUE_COUNTS = (MESSAGES_PROMPT_TOKENS, 8, MESSAGES_PROMPT_TOKENS + 8)
+
+
+@pytest.mark.parametrize(
+    "lie, counts",
+    [
+        ("inflated", tuple(n * 1000 + 1_000_000 for n in TRUE_COUNTS)),
+        ("negative", tuple(-n - 1 for n in TRUE_COUNTS)),
+        ("float", tuple(n + 0.5 for n in TRUE_COUNTS)),
+        ("string", tuple(str(n) for n in TRUE_COUNTS)),
+        ("absurd", (2**64 - 1,) * 3),
+        ("missing", None),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_usage_lie_falsifies_the_counts_not_the_content(client, lie, counts, stream):
+    body = chat(stream=True, stream_options={"include_usage": True}) if stream else chat()
+    response = await client.post("/v1/chat/completions", json=body, headers={**AUTH, "x-mock-usage-lie": lie})
+    assert response.status == 200
+    if stream:
+        chunks = json_chunks(await response.read())
+        usage, text = chunks[-1]["usage"], "".join(content_of(chunks))
+    else:
+        answer = await response.json()
+        usage, text = answer["usage"], answer["choices"][0]["message"]["content"]
+    assert text == "".join(f"tok{i} " for i in range(8))
+    names = ("prompt_tokens", "completion_tokens", "total_tokens")
+    if counts is None:
+        assert not set(names) & set(usage)
+    else:
+        assert tuple(usage[name] for name in names) == counts
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+async def test_unknown_usage_lie_is_400(client):
+    response = await client.post("/v1/chat/completions", json=chat(), headers={**AUTH, "x-mock-usage-lie": "fib"})
+    assert response.status == 400
+    assert (await response.json())["error"]["param"] == "x-mock-usage-lie"
+
+
 async def test_injected_status_uses_openai_envelope(client):
     response = await client.post("/v1/chat/completions", json=chat(), headers={**AUTH, "x-mock-status": "503"})
     assert response.status == 503

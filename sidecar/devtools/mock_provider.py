@@ -85,6 +85,9 @@ Faults are driven per request by headers (defaults come from MockOptions / the C
   "overloaded_error", "message": "Overloaded"}}`. Non-streamed: a 500 error envelope.
 - `x-mock-reset: 1`: reset the connection (TCP RST) without any response.
 - `x-mock-served-model: X`: the response's `model` is X instead of the requested one (a provider fallback).
+- `x-mock-usage-lie: KIND` (chat and completions): the usage's prompt/completion/total token counts lie
+  (`USAGE_LIES`): `inflated` (x1000 + 1,000,000, far past the output cap), `negative` (-n - 1), `float`
+  (n + 0.5), `string` ("n"), `absurd` (2^64 - 1), `missing` (the three counts left out). The content is unchanged.
 
 OpenRouter flavour (`flavor="openrouter"`): the OpenAI-compatible routes, `/messages` and `/models` are served
 under `/api/v1/...` as well as `/v1/...`; OpenAI-compatible routes then: accept a top-level `usage` field;
@@ -134,6 +137,7 @@ __all__ = [
     "PORT_DEFAULT",
     "RECORDED",
     "REJECTED_KEYS",
+    "USAGE_LIES",
     "MockOptions",
     "RecordedRequest",
     "anthropic_input_tokens_for",
@@ -213,7 +217,12 @@ FAULT_HEADERS = (
     "x-mock-progress-deltas",
     "x-mock-full-delta-usage",
     "x-mock-served-model",
+    "x-mock-usage-lie",
 )
+
+# How `x-mock-usage-lie` falsifies an OpenAI chat/completions usage object (a provider that lies).
+USAGE_LIES = ("inflated", "negative", "float", "string", "absurd", "missing")
+_ABSURD_TOKENS = 2**64 - 1  # beyond int64 and 2**53 (the most orjson writes)
 
 RECORDED = web.AppKey("mock_recorded_requests", deque)
 REJECTED_KEYS = web.AppKey("mock_rejected_keys", set)
@@ -445,6 +454,7 @@ class _Faults:
     cache_write_1h: int
     progress_deltas: bool
     full_delta_usage: bool
+    usage_lie: str | None = None
 
 
 def _int_header(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
@@ -497,7 +507,34 @@ def _faults_for(request: web.Request, options: MockOptions) -> _Faults:
         cache_write_1h=tokens("x-mock-cache-write-1h"),
         progress_deltas=_flag_header(request, "x-mock-progress-deltas"),
         full_delta_usage=_flag_header(request, "x-mock-full-delta-usage"),
+        usage_lie=_usage_lie_header(request),
     )
+
+
+def _usage_lie_header(request: web.Request) -> str | None:
+    value = request.headers.get("x-mock-usage-lie")
+    if value is None:
+        return None
+    if value not in USAGE_LIES:
+        raise _BadRequest(f"header x-mock-usage-lie must be one of {', '.join(USAGE_LIES)}", "x-mock-usage-lie")
+    return value
+
+
+def _lie_about(usage: dict[str, Any], lie: str | None) -> dict[str, Any]:
+    """The usage a lying provider reports instead of the true one (see `x-mock-usage-lie`)."""
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    if lie is None:
+        return usage
+    if lie == "missing":
+        return {name: value for name, value in usage.items() if name not in counts}
+    falsify: dict[str, Callable[[int], Any]] = {
+        "inflated": lambda n: n * 1000 + 1_000_000,
+        "negative": lambda n: -n - 1,
+        "float": lambda n: n + 0.5,
+        "string": str,
+        "absurd": lambda _n: _ABSURD_TOKENS,
+    }
+    return {**usage, **{name: falsify[lie](usage[name]) for name in counts}}
 
 
 # ---- request validation -----------------------------------------------------------------------------------
@@ -711,7 +748,9 @@ class _MockProvider:
 
     # ---- OpenAI-compatible routes -------------------------------------------------------------------------
 
-    def _openai_usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    def _openai_usage(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int, lie: str | None = None
+    ) -> dict[str, Any]:
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -719,7 +758,7 @@ class _MockProvider:
             "prompt_tokens_details": {"cached_tokens": cached_tokens},
             "completion_tokens_details": {"reasoning_tokens": 0},
         }
-        return self._with_cost(usage, prompt_tokens, completion_tokens)
+        return _lie_about(self._with_cost(usage, prompt_tokens, completion_tokens), lie)
 
     def _with_cost(self, usage: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         if self.openrouter:
@@ -785,7 +824,7 @@ class _MockProvider:
                             "finish_reason": finish_reason,
                         }
                     ],
-                    "usage": self._openai_usage(prompt_tokens, completion_tokens, faults.cache_read),
+                    "usage": self._openai_usage(prompt_tokens, completion_tokens, faults.cache_read, faults.usage_lie),
                 },
             )
 
@@ -805,7 +844,7 @@ class _MockProvider:
 
         tail = chunk({}, finish_reason)
         if include_usage:
-            usage = self._openai_usage(prompt_tokens, completion_tokens, faults.cache_read)
+            usage = self._openai_usage(prompt_tokens, completion_tokens, faults.cache_read, faults.usage_lie)
             tail += _sse({**envelope, "choices": [], "usage": usage})
         error = self._stream_error(envelope, 1)
         stream = _Stream(
@@ -839,7 +878,7 @@ class _MockProvider:
         tokens_per_choice = faults.chunks if cap is None else min(faults.chunks, cap)
         finish_reason = "length" if tokens_per_choice < faults.chunks else "stop"
         prompt_tokens = _text_inputs_tokens(prompts) + faults.cache_read
-        usage = self._openai_usage(prompt_tokens, tokens_per_choice * choices, faults.cache_read)
+        usage = self._openai_usage(prompt_tokens, tokens_per_choice * choices, faults.cache_read, faults.usage_lie)
         envelope = {
             "id": completion_id,
             "object": "text_completion",
