@@ -19,6 +19,7 @@ POSTGRES_OUTAGE = (
     OSError,
     TimeoutError,  # pool acquire or command_timeout
     asyncpg.InterfaceError,  # the connection closed under a query
+    asyncpg.InternalClientError,  # the protocol state broke with the connection (seen as Postgres restarts)
     asyncpg.PostgresConnectionError,  # SQLSTATE class 08
     asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up, query cancelled
     asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full, out of memory
