@@ -445,3 +445,27 @@ async def test_a_postgres_outage_while_settlement_reloads_a_lost_balance_spools_
     assert await replay_spool(sidecar.svc) == 1
     [row] = await _rows(sidecar, ws.id)
     assert row["status"] == "completed" and row["cost_micro"] > 0
+
+
+async def test_a_settlement_whose_reply_was_lost_reports_no_cost_rather_than_zero(sidecar: Sidecar) -> None:
+    """The settle script ran, its reply was lost, the retry finds the hold resolved: the answer carries no
+    cost header (unknown here) instead of a wrong 0, and the call is billed once (found by make chaos)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    ws = await sidecar.workspace(credits_micro=CREDITS)
+    real_settle = sidecar.svc.state.settle
+
+    async def reply_lost_once(**kwargs):
+        await real_settle(**kwargs)
+        sidecar.svc.state.settle = real_settle
+        raise RedisConnectionError("connection lost after the script ran")
+
+    sidecar.svc.state.settle = reply_lost_once
+    body = chat_body("lose my reply")
+    status, headers, _ = await sidecar.chat(ws, body)
+    assert status == 200
+    assert "x-sidecar-cost-micro" not in headers and "x-sidecar-cost" not in headers
+    [row] = await _rows(sidecar, ws.id)
+    assert row["status"] == "completed"
+    assert row["cost_micro"] == INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 8
+    assert (await sidecar.assert_identity(ws.id))["debits"] == row["cost_micro"]

@@ -138,7 +138,9 @@ async def relay_body(svc: Services, call: Call, upstream: aiohttp.ClientResponse
         outcome = Outcome(CallStatus.COMPLETED, facts.usage, replay=Replay(200, "application/json", body))
 
     async def reply(settled: SettleResult | None) -> web.StreamResponse:
-        if settled is not None and outcome.status is CallStatus.COMPLETED:
+        # Only a settlement that resolved the hold now knows the charge: one resolved by an earlier try
+        # whose reply was lost (or spooled, None) says nothing rather than a wrong 0.
+        if settled is not None and settled.resolved_now and outcome.status is CallStatus.COMPLETED:
             headers["x-sidecar-cost-micro"] = str(settled.charged_micro)
             headers["x-sidecar-cost"] = format_micro(settled.charged_micro)
             if settled.balance_after_micro is not None:
