@@ -26,8 +26,9 @@ from sidecar.config import Config
 from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
 from sidecar.observability.metrics import Metrics
-from sidecar.ops import build_ops_app
+from sidecar.ops import build_ops_app, warn_if_evicting
 from sidecar.proxy import handler, settlement
+from sidecar.proxy.budget import ByteBudget
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
 from sidecar.services import Services
@@ -35,6 +36,7 @@ from sidecar.state.store import State, StateLimits
 
 log = logging.getLogger("sidecar.app")
 
+SHUTDOWN_SETTLE_S = 5.0
 REDIS_MAX_CONNECTIONS = 128
 REDIS_POOL_WAIT_S = 5.0
 
@@ -103,8 +105,10 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         await state.load_scripts()
     except Exception:
         log.warning("could not load Lua scripts at start; they load on first use")
+    await warn_if_evicting(client)
     return Services(
         spool=Spool(config.holds.spool_dir, config.holds.spool_max_entries),
+        buffer_budget=ByteBudget(config.upstream.buffered_answers_bytes_max),
         config=config,
         state=state,
         pool=pg_pool,
@@ -202,9 +206,11 @@ class Runtime:
         # handlers (streams included) before cancelling what is left.
         for runner in self._runners:
             await runner.cleanup()
-        # A settlement retries for its whole budget, then spools: wait for as long, so none is cut off.
+        # Settlements still retrying (Redis unreachable) spool after SHUTDOWN_SETTLE_S rather than use
+        # their whole budget: the process's grace period ends before that, the spool outlives it.
+        svc.settle_cutoff_s = asyncio.get_running_loop().time() + SHUTDOWN_SETTLE_S
         if svc.settling:
-            await asyncio.wait(list(svc.settling), timeout=svc.config.holds.settle_budget_ms / 1000 + 5)
+            await asyncio.wait(list(svc.settling), timeout=SHUTDOWN_SETTLE_S + 5)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -1,4 +1,4 @@
-"""The one CLI: `sidecar serve | control | dev | migrate | mock-provider`."""
+"""The one CLI: `sidecar serve | control | dev | migrate | audit | mock-provider`."""
 
 from __future__ import annotations
 
@@ -105,6 +105,29 @@ def _devtool(command: str, module: str) -> ModuleType | None:
     return None
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from sidecar import audit
+
+    redis_url, database_url = args.redis_url, args.database_url
+    if not (redis_url and database_url):
+        config = _load(args.config)
+        redis_url, database_url = redis_url or config.redis_url, database_url or config.database_url
+    limits = audit.Limits(
+        hold_grace_ms=args.hold_grace_ms,
+        backlog_age_max_ms=args.backlog_age_max_ms,
+        owed_age_max_ms=args.owed_age_max_ms,
+    )
+    try:
+        report = asyncio.run(audit.run(redis_url, database_url, limits, args.workspace or None))
+    except audit.UNREACHABLE as exc:  # exit 2, not 1: nothing was audited, which is not "drift found"
+        print(f"sidecar audit: could not read Redis or Postgres: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print(report.text())
+    if args.textfile or args.pushgateway:
+        audit.export_metrics(report, args.textfile, args.pushgateway)
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -128,6 +151,17 @@ def _main(argv: list[str] | None) -> int:
     kek_sub.add_parser("generate", help="print a new random KEK (id:base64) for SIDECAR_KEK / SIDECAR_KEK_FILE")
     rotate = kek_sub.add_parser("rotate", help="re-wrap every stored data key under the newest configured KEK")
     rotate.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file (env SIDECAR_CONFIG)")
+    audit = sub.add_parser("audit", help="check every workspace's money: ledger, accounts and Redis; exit 1 on drift")
+    audit.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file, for the URLs not given below")
+    audit.add_argument("--redis-url", default=os.environ.get("SIDECAR_REDIS_URL"))
+    audit.add_argument("--database-url", default=os.environ.get("SIDECAR_DATABASE_URL"))
+    audit.add_argument("--workspace", action="append", help="audit only this workspace (repeatable)")
+    audit.add_argument("--hold-grace-ms", type=int, default=60_000, help="how late a hold may be before it is drift")
+    audit.add_argument("--backlog-age-max-ms", type=int, default=300_000, help="oldest unflushed event allowed")
+    audit.add_argument("--owed-age-max-ms", type=int, default=300_000, help="oldest change owed to Redis allowed")
+    audit.add_argument("--textfile", help="write the findings as Prometheus gauges to this file")
+    audit.add_argument("--pushgateway", help="push the findings as Prometheus gauges to this Pushgateway")
+    audit.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "WARNING"))
     sub.add_parser("token-hash", help="read an admin token on stdin, print the SHA-256 to put in admin_tokens")
     dev = sub.add_parser("dev", help="everything on one machine, with embedded Redis/Postgres and a mock provider")
     dev.add_argument("--data-dir", default=".sidecar-dev", help="where embedded Redis/Postgres keep their data")
@@ -154,6 +188,8 @@ def _main(argv: list[str] | None) -> int:
         return _kek(args)
     setup_logging(args.log_level)
     _event_loop_policy()
+    if args.command == "audit":
+        return _audit(args)
     if args.command == "dev":
         if (dev_mode := _devtool(args.command, "dev")) is None:
             return 2

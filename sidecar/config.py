@@ -85,6 +85,9 @@ class UpstreamConfig:
     # After a client hangs up mid-stream, keep reading (not relaying) the provider's stream this long
     # for its usage count: an estimate from bytes misses images, cached prefixes and reasoning.
     usage_wait_after_hangup_ms: int = 30_000
+    # Memory all buffered (non-streamed) answers of the process may hold at once; past it a call is
+    # refused with 503 rather than let a few huge answers exhaust the process.
+    buffered_answers_bytes_max: int = 256 * 1024 * 1024
     pool_size: int = 512
 
 
@@ -97,6 +100,9 @@ class HoldConfig:
     spool_max_entries: int = 100_000
     sweep_interval_ms: int = 5_000
     sweep_batch_max: int = 200
+    # How long past its deadline a hold is left to its own call before the sweeper voids it: room for a
+    # settlement spooled while Redis was down to be replayed once Redis is back (proxy/spool.py).
+    sweep_grace_ms: int = 60_000
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,28 @@ from datetime import datetime
 
 import asyncpg
 
-from sidecar.money import MAX_AMOUNT_MICRO
+from sidecar.money import MAX_AMOUNT_MICRO, format_micro
 
-# A Postgres that is down, starting, stopping or cut off mid-query.
-POSTGRES_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# A Postgres that is down, starting, stopping, failing over, overloaded or cut off mid-query: an
+# outage, answered "unavailable, retry shortly". Every other PostgresError (a syntax error, an
+# undefined column, a data exception, a constraint the code did not foresee) is a bug in the sidecar
+# or its schema: retrying cannot help, so it is logged at error and answered 500 internal.
+POSTGRES_OUTAGE = (
+    OSError,
+    TimeoutError,  # pool acquire or command_timeout
+    asyncpg.InterfaceError,  # the connection closed under a query
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up, query cancelled
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full, out of memory
+    asyncpg.TransactionRollbackError,  # class 40: serialization failure, deadlock; a retry succeeds
+    asyncpg.ReadOnlySQLTransactionError,  # a standby answered: failover in progress
+)
+# Kept for the call sites written before the split; it means the outage errors only.
+POSTGRES_ERRORS = POSTGRES_OUTAGE
+
+
+def is_outage(exc: BaseException) -> bool:
+    return isinstance(exc, POSTGRES_OUTAGE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +61,13 @@ class GrantConflict(Exception):
 
 
 class BalanceLimitExceeded(Exception):
-    """The grant would take the balance past money.MAX_AMOUNT_MICRO (nothing was recorded)."""
+    """The grant would push the balance past MAX_AMOUNT_MICRO (nothing is recorded)."""
+
+    def __init__(self, workspace_id: str, balance_micro: int, amount_micro: int) -> None:
+        super().__init__(
+            f"a grant of {format_micro(amount_micro)} credits would bring the balance of {workspace_id} "
+            f"({format_micro(balance_micro)}) past the limit of {format_micro(MAX_AMOUNT_MICRO)} credits"
+        )
 
 
 async def create_pool(database_url: str, max_size: int = 10) -> asyncpg.Pool:
@@ -122,17 +146,44 @@ async def revoke_api_key(conn: asyncpg.Connection, workspace_id: str, key_id: st
     return ApiKeyRecord(**row) if row else None
 
 
-async def account_snapshot(conn: asyncpg.Connection, workspace_id: str) -> tuple[int, int]:
-    """(balance_micro, version) as Postgres knows it: the ledger's sum, at a version."""
-    row = await conn.fetchrow("SELECT balance_micro, version FROM accounts WHERE workspace_id = $1", workspace_id)
+async def account_snapshot(conn: asyncpg.Connection, workspace_id: str, lock: bool = False) -> tuple[int, int]:
+    """(balance_micro, version) as Postgres knows it: the ledger's sum, at a version. lock=True keeps
+    the row locked until the caller's transaction ends (no flush or grant commits meanwhile)."""
+    query = "SELECT balance_micro, version FROM accounts WHERE workspace_id = $1" + (" FOR UPDATE" if lock else "")
+    row = await conn.fetchrow(query, workspace_id)
     return (row["balance_micro"], row["version"]) if row else (0, 0)
+
+
+async def recorded_events(conn: asyncpg.Connection, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of these events the ledger already has."""
+    if not event_ids:
+        return set()
+    rows = await conn.fetch("SELECT event_id FROM ledger_event_ids WHERE event_id = ANY($1::uuid[])", event_ids)
+    return {r["event_id"] for r in rows}
+
+
+def grant_sync_gen(grant_id: str) -> str:
+    """The balance_sync `gen` of a grant's Redis side (a flush's is the Redis load id)."""
+    return f"grant:{grant_id}"
+
+
+async def forget_sync(conn: asyncpg.Connection, workspace_id: str, pg_version: int, gen: str) -> None:
+    await conn.execute(
+        "DELETE FROM balance_sync WHERE workspace_id = $1 AND pg_version = $2 AND gen = $3",
+        workspace_id,
+        pg_version,
+        gen,
+    )
 
 
 async def grant(
     conn: asyncpg.Connection, workspace_id: str, grant_id: str, kind: str, amount_micro: int
 ) -> GrantResult:
     """Record a grant in the ledger and the account, once per grant id, in one transaction."""
-    assert 0 < amount_micro <= MAX_AMOUNT_MICRO and kind in ("grant", "topup")
+    if kind not in ("grant", "topup"):
+        raise ValueError(f"grant kind must be 'grant' or 'topup', not {kind!r}")
+    if not 0 < amount_micro <= MAX_AMOUNT_MICRO:
+        raise ValueError(f"grant amount must be positive and at most {MAX_AMOUNT_MICRO} micro-credits")
     async with conn.transaction():
         event_id = uuid.uuid4()
         inserted = await conn.fetchval(
@@ -160,8 +211,6 @@ async def grant(
             workspace_id,
             amount_micro,
         )
-        if account["balance_micro"] > MAX_AMOUNT_MICRO:  # raising rolls the whole grant back
-            raise BalanceLimitExceeded(workspace_id)
         await conn.execute(
             "INSERT INTO ledger (event_id, created_at, kind, status, workspace_id, cost_micro, "
             "balance_impact_micro, balance_after_micro) VALUES ($1, $2, $3, 'completed', $4, 0, $5, $6)",
@@ -172,11 +221,22 @@ async def grant(
             amount_micro,
             account["balance_micro"],
         )
+        if account["balance_micro"] > MAX_AMOUNT_MICRO:  # raising rolls the whole grant back
+            raise BalanceLimitExceeded(workspace_id, account["balance_micro"] - amount_micro, amount_micro)
         await conn.execute(
             "UPDATE grants SET pg_version = $3 WHERE workspace_id = $1 AND grant_id = $2",
             workspace_id,
             grant_id,
             account["version"],
+        )
+        # Owed to Redis until applied there: if this process cannot reach Redis after the commit, the
+        # data plane's flusher applies it (sidecar/balances.py, Flusher._sync_balances).
+        await conn.execute(
+            "INSERT INTO balance_sync (workspace_id, pg_version, gen, delta_micro) VALUES ($1, $2, $3, $4)",
+            workspace_id,
+            account["version"],
+            grant_sync_gen(grant_id),
+            amount_micro,
         )
         return GrantResult(grant_id, event_id, amount_micro, kind, created=True, pg_version=account["version"])
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import orjson
+import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 
 from sidecar.services import Services
+
+log = logging.getLogger("sidecar.ops")
 
 SERVICES = web.AppKey("ops_services", Services)
 _CHECK_TIMEOUT_S = 2.0
@@ -29,9 +34,12 @@ async def readyz(request: web.Request) -> web.Response:
             checks["scripts"] = "ok" if await svc.state.scripts_loaded() else "not loaded"
             if checks["scripts"] != "ok":
                 await svc.state.load_scripts()
-            policy = await _redis_setting(svc, "maxmemory-policy")
-            if policy != "noeviction":
-                warnings.append(f"redis maxmemory-policy is {policy!r}; production needs noeviction")
+            policy = await eviction_policy(svc.state.redis)
+            problem = eviction_problem(policy)
+            if policy is None:
+                warnings.append(problem)
+            else:
+                checks["redis_eviction"] = problem or "ok"
             if await _redis_setting(svc, "appendonly") != "yes":
                 warnings.append("redis appendonly is off; production needs AOF so settled events survive a restart")
     except Exception as exc:  # any failure means not ready; the type says which
@@ -47,6 +55,50 @@ async def readyz(request: web.Request) -> web.Response:
     ready = all(v == "ok" for k, v in checks.items() if k != "draining") and not svc.draining
     body = {"ready": ready, "checks": checks, "warnings": warnings}
     return web.Response(status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json")
+
+
+async def eviction_policy(redis: aioredis.Redis) -> str | None:
+    """Redis's maxmemory-policy: from CONFIG GET, or, where a managed Redis disables CONFIG, from
+    INFO memory. None when neither answers."""
+    try:
+        reply = await redis.config_get("maxmemory-policy")
+        for key, value in reply.items():
+            if _text(key) == "maxmemory-policy":
+                return _text(value)
+    except RedisError:
+        pass
+    try:
+        policy = (await redis.info("memory")).get("maxmemory_policy")
+    except RedisError:
+        return None
+    return _text(policy) if policy is not None else None
+
+
+def eviction_problem(policy: str | None) -> str | None:
+    """Why this policy cannot serve money, or None. Any eviction loses state: an evicted idempotency
+    record bills a retried call twice; an evicted account is reloaded while its holds survive."""
+    if policy is None:
+        return "could not read redis maxmemory-policy (CONFIG and INFO refused); production needs noeviction"
+    if policy == "noeviction":
+        return None
+    return (
+        f"redis maxmemory-policy is {policy!r}: keys can be evicted, which loses idempotency records and "
+        "balances; set maxmemory-policy noeviction"
+    )
+
+
+async def warn_if_evicting(redis: aioredis.Redis) -> None:
+    """At start: say it in the log too, not only on /readyz."""
+    try:
+        problem = eviction_problem(await eviction_policy(redis))
+    except (RedisError, OSError):
+        return  # Redis is not reachable yet: /readyz reports it
+    if problem:
+        log.warning("redis is not safe for metering: %s", problem)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def _redis_setting(svc: Services, name: str) -> str:

@@ -14,6 +14,7 @@ from sidecar.byok.vault import Vault
 from sidecar.config import Config
 from sidecar.ledger.flusher import Flusher
 from sidecar.observability.metrics import Metrics
+from sidecar.proxy.budget import ByteBudget
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
 from sidecar.state.store import State
@@ -32,7 +33,11 @@ class Services:
     byok: Resolver
     vault: Vault | None  # None: no key-encryption key configured, so no BYOK key can be used or added
     spool: Spool  # settlements Redis could not take within their budget
+    buffer_budget: ByteBudget  # memory for buffered (non-streamed) answers, over the whole process
     # Settlements run as their own tasks, so a client that disconnects cannot cancel one half-way;
     # shutdown waits for them.
     settling: set[asyncio.Task] = field(default_factory=set)
     draining: bool = False
+    # Once handlers are drained at shutdown, settlements still retrying stop at this loop time and go
+    # to the spool: the pod's grace period is finite, the spool outlives the process.
+    settle_cutoff_s: float | None = None

@@ -1,8 +1,10 @@
 """The hold sweeper: voids holds whose deadline passed and records those calls as `expired`.
 
-A live call pushes its hold's deadline forward (State.extend_hold) per attempt and when its relay
-starts, so a hold past its deadline belongs to a sidecar that died mid-call. The deadline is checked
-again by Redis time inside expire.lua, so a hold extended after it was listed here is left alone.
+A live call pushes its hold's deadline forward (State.extend_hold) per attempt, so a hold past its
+deadline belongs to a sidecar that died mid-call, or to a call whose settlement waits in a spool for
+Redis to come back: `holds.sweep_grace_ms` past the deadline leaves that settlement the time to land.
+The deadline is checked again by Redis time inside expire.lua, so a hold extended after it was listed
+here is left alone.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from sidecar.state.store import ExpireOutcome, ExpireStatus, State
 log = logging.getLogger("sidecar.sweeper")
 
 
-async def sweep_workspace(state: State, ws: str, batch_max: int) -> int:
+async def sweep_workspace(state: State, ws: str, batch_max: int, grace_ms: int = 0) -> int:
     voided = 0
-    for hold_id in await state.due_holds(ws, batch_max):
-        if await state.expire(ws, hold_id, ExpireStatus.EXPIRED) is ExpireOutcome.VOIDED:
+    for hold_id in await state.due_holds(ws, batch_max, grace_ms):
+        if await state.expire(ws, hold_id, ExpireStatus.EXPIRED, grace_ms) is ExpireOutcome.VOIDED:
             voided += 1
     return voided
 
@@ -34,7 +36,7 @@ async def sweep_all(state: State, pool: asyncpg.Pool, config: HoldConfig) -> int
         workspaces = await db.workspace_ids(conn)
     voided = 0
     for ws in workspaces:
-        voided += await sweep_workspace(state, ws, config.sweep_batch_max)
+        voided += await sweep_workspace(state, ws, config.sweep_batch_max, config.sweep_grace_ms)
     return voided
 
 

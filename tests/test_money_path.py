@@ -214,3 +214,106 @@ def test_spool_refuses_an_unwritable_directory(tmp_path) -> None:
     assert good.put("a" * 32, {"x": 1}) is True
     assert good.put("b" * 32, {"x": 2}) is False, "the spool is bounded"
     shutil.rmtree(tmp_path / "spool")
+
+
+# --- 15.19: a shutdown's cancellation cannot turn a completed call into a cancelled one at 0 --------
+
+
+async def test_cancellation_during_settlement_keeps_the_completed_outcome(sidecar: Sidecar) -> None:
+    ws = await sidecar.workspace(credits_micro=CREDITS)
+    real_settle = sidecar.svc.state.settle
+    settling = asyncio.Event()
+
+    async def slow_settle(**kwargs):
+        settling.set()
+        await asyncio.sleep(0.3)
+        return await real_settle(**kwargs)
+
+    sidecar.svc.state.settle = slow_settle
+    body = chat_body("complete, then shut down", stream=True, stream_options={"include_usage": True})
+    headers = {"Authorization": f"Bearer {ws.key}", **JSON, "x-mock-chunks": "6"}
+    async with sidecar.http.post(
+        sidecar.data.make_url("/v1/chat/completions"), data=orjson.dumps(body), headers=headers
+    ) as resp:
+        seen = b""
+        while b"[DONE]" not in seen:
+            seen += await asyncio.wait_for(resp.content.readany(), 5)
+        await asyncio.wait_for(settling.wait(), 5)
+        # A shutdown past its drain time: the handler is cancelled while its settlement runs.
+        sidecar.svc.draining = True
+        resp.close()
+    sidecar.svc.state.settle = real_settle
+    sidecar.svc.draining = False
+    [row] = await _rows(sidecar, ws.id)
+    assert row["status"] == "completed"
+    assert row["cost_micro"] == INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 6
+    await sidecar.assert_identity(ws.id)
+
+
+async def test_a_spooled_settlement_outlives_its_holds_deadline(private_redis, migrated_database_url) -> None:
+    """Redis stays down past the hold's deadline; when it is back the sweeper leaves the hold alone for
+    `holds.sweep_grace_ms`, so the spooled settlement lands and the call is billed, not expired at 0."""
+    timing = {
+        "upstream": {"first_byte_timeout_ms": 500, "total_timeout_ms": 1500, "usage_wait_after_hangup_ms": 0},
+        "server": {"drain_timeout_ms": 100},
+        "holds": {"ttl_ms": 2500, "settle_budget_ms": 300, "sweep_grace_ms": 5000},
+    }
+    sc = await start_sidecar(private_redis.url, migrated_database_url, **timing)
+    try:
+        ws = await sc.workspace(credits_micro=CREDITS)
+        body = chat_body("outlive the deadline", stream=True, stream_options={"include_usage": True})
+        headers = {"Authorization": f"Bearer {ws.key}", **JSON, "x-mock-chunks": "10", "x-mock-delay-ms": "50"}
+        async with sc.http.post(
+            sc.data.make_url("/v1/chat/completions"), data=orjson.dumps(body), headers=headers
+        ) as resp:
+            seen = await asyncio.wait_for(resp.content.readany(), 5)
+            private_redis.kill()
+            seen += await asyncio.wait_for(resp.read(), 10)
+        assert b"[DONE]" in seen
+        for _ in range(100):
+            if sc.svc.spool.size() == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert sc.svc.spool.size() == 1
+        await asyncio.sleep(2.6)  # past the hold's deadline while Redis is still down
+        private_redis.restart()
+        assert await sweep_all(sc.svc.state, sc.svc.pool, sc.svc.config.holds) == 0, "within the grace"
+        assert await replay_spool(sc.svc) == 1
+        [row] = await _rows(sc, ws.id)
+        assert row["status"] == "completed"
+        assert row["cost_micro"] == INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 10
+        await sc.assert_identity(ws.id)
+    finally:
+        with contextlib.suppress(Exception):
+            await stop_sidecar(sc)
+
+
+async def test_at_shutdown_a_stuck_settlement_spools_at_the_cutoff(private_redis, migrated_database_url) -> None:
+    """The settle budget may be longer than the pod's grace period: once shutdown sets the cutoff, a
+    settlement still waiting for Redis goes to the spool instead of being killed with the process."""
+    sc = await start_sidecar(
+        private_redis.url, migrated_database_url, holds={"settle_budget_ms": 20_000, "ttl_ms": 60_000}
+    )
+    try:
+        ws = await sc.workspace(credits_micro=CREDITS)
+        body = chat_body("finish during shutdown", stream=True, stream_options={"include_usage": True})
+        headers = {"Authorization": f"Bearer {ws.key}", **JSON, "x-mock-chunks": "10", "x-mock-delay-ms": "30"}
+        loop = asyncio.get_running_loop()
+        async with sc.http.post(
+            sc.data.make_url("/v1/chat/completions"), data=orjson.dumps(body), headers=headers
+        ) as resp:
+            seen = await asyncio.wait_for(resp.content.readany(), 5)
+            private_redis.kill()
+            sc.svc.settle_cutoff_s = loop.time() + 0.5  # as Runtime.shutdown sets it
+            started = loop.time()
+            seen += await asyncio.wait_for(resp.read(), 10)
+        assert b"[DONE]" in seen
+        assert sc.svc.spool.size() == 1, "spooled at the cutoff, not after the 20 s budget"
+        assert loop.time() - started < 5
+        private_redis.restart()
+        assert await replay_spool(sc.svc) == 1
+        [row] = await _rows(sc, ws.id)
+        assert row["status"] == "completed"
+    finally:
+        with contextlib.suppress(Exception):
+            await stop_sidecar(sc)

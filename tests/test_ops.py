@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import subprocess
 
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from support.harness import ADMIN_TOKEN, PLATFORM_KEY, Sidecar, chat_body
+from redis.exceptions import RedisError
+from support.harness import ADMIN_TOKEN, PLATFORM_KEY, Sidecar, chat_body, start_sidecar, stop_sidecar
 
+from sidecar.devtools.embedded import find_redis_server, free_port
 from sidecar.observability.logging import JsonFormatter
-from sidecar.ops import build_ops_app
+from sidecar.ops import build_ops_app, eviction_policy, eviction_problem
 
 
 async def test_health_ready_and_metrics(sidecar: Sidecar) -> None:
@@ -26,7 +31,12 @@ async def test_health_ready_and_metrics(sidecar: Sidecar) -> None:
             assert r.status == 200
         async with sidecar.http.get(ops.make_url("/readyz")) as r:
             ready = await r.json()
-            assert r.status == 200 and ready["checks"] == {"redis": "ok", "scripts": "ok", "postgres": "ok"}
+            assert r.status == 200 and ready["checks"] == {
+                "redis": "ok",
+                "scripts": "ok",
+                "redis_eviction": "ok",
+                "postgres": "ok",
+            }
         async with sidecar.http.get(ops.make_url("/metrics")) as r:
             text = await r.text()
         for name in (
@@ -86,3 +96,49 @@ async def test_no_secret_reaches_logs_metrics_ledger_or_responses(sidecar: Sidec
     for secret in (ws.key, wrong.key, PLATFORM_KEY, ADMIN_TOKEN, ws.key[6:]):
         assert secret not in everything
     assert ws.key[-4:] in str(keys_listed)  # only the last 4 characters are ever shown
+
+
+async def test_not_ready_unless_redis_refuses_to_evict(private_redis, migrated_database_url, caplog) -> None:
+    probe = aioredis.Redis.from_url(private_redis.url)
+    await probe.config_set("maxmemory-policy", "volatile-lru")  # a managed Redis's usual default
+    caplog.set_level(logging.WARNING, logger="sidecar.ops")
+    sc = await start_sidecar(private_redis.url, migrated_database_url)
+    ops = TestServer(build_ops_app(sc.svc))
+    await ops.start_server()
+    try:
+        assert any("noeviction" in r.getMessage() for r in caplog.records), "no warning at start"
+        async with sc.http.get(ops.make_url("/readyz")) as r:
+            ready = await r.json()
+        assert r.status == 503 and ready["ready"] is False
+        assert "volatile-lru" in ready["checks"]["redis_eviction"]
+        assert "noeviction" in ready["checks"]["redis_eviction"]
+        await probe.config_set("maxmemory-policy", "noeviction")
+        async with sc.http.get(ops.make_url("/readyz")) as r:
+            assert r.status == 200 and (await r.json())["checks"]["redis_eviction"] == "ok"
+    finally:
+        await ops.close()
+        await stop_sidecar(sc)
+        await probe.aclose()
+
+
+async def test_eviction_policy_is_read_from_info_where_config_is_disabled(tmp_path) -> None:
+    port = free_port()
+    argv = [str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv += ["--dir", str(tmp_path), "--maxmemory-policy", "allkeys-lru", "--rename-command", "CONFIG", ""]
+    server = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = aioredis.Redis(port=port)
+    try:
+        for _ in range(100):
+            try:
+                await client.ping()
+                break
+            except (OSError, RedisError):
+                await asyncio.sleep(0.05)
+        policy = await eviction_policy(client)
+        assert policy == "allkeys-lru"
+        assert "allkeys-lru" in eviction_problem(policy)
+        assert "could not read" in eviction_problem(None)
+    finally:
+        await client.aclose()
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 10)

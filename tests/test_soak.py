@@ -11,6 +11,8 @@ import time
 import pytest
 from support.harness import Sidecar, chat_body
 
+from sidecar.audit import audit
+
 pytestmark = pytest.mark.slow
 
 DURATION_S = 45.0
@@ -63,13 +65,22 @@ async def test_soak_money_adds_up_under_chaos(sidecar: Sidecar, redis_client) ->
             await sidecar.grant(rng.choice(workspaces).id, rng.randint(1_000, 50_000), grant_id=f"soak-grant-{i}")
             i += 1
 
+    findings = []
+
+    async def auditor() -> None:  # the independent auditor, run while money moves: it must see no drift
+        ids = [ws.id for ws in workspaces]
+        while time.monotonic() < deadline:
+            await asyncio.sleep(2)
+            report = await audit(sidecar.svc.state.redis, sidecar.svc.pool, workspaces=ids)
+            findings.extend(report.findings)
+
     async def redis_loses_everything_once() -> None:
         await asyncio.sleep(DURATION_S / 2)
         await sidecar.flush()
         await redis_client.flushdb()
 
     try:
-        await asyncio.gather(*[worker(n) for n in range(WORKERS)], granter(), redis_loses_everything_once())
+        await asyncio.gather(*[worker(n) for n in range(WORKERS)], granter(), redis_loses_everything_once(), auditor())
     finally:
         stop.set()
         await flusher
@@ -77,7 +88,10 @@ async def test_soak_money_adds_up_under_chaos(sidecar: Sidecar, redis_client) ->
     assert sum(outcomes.values()) > 1_000, outcomes
     # 500 and 503 are also what the mock answers to injected faults (passed through, unbilled).
     assert set(outcomes) <= {200, 402, 409, 429, 500, 502, 503, 504}, outcomes
+    assert findings == [], findings
     for ws in workspaces:
         identity = await sidecar.assert_identity(ws.id)
         assert set((await sidecar.rows_per_request(ws.id)).values()) <= {1}, "no call recorded twice"
         assert identity["account_balance"] >= 0
+    report = await audit(sidecar.svc.state.redis, sidecar.svc.pool, workspaces=[ws.id for ws in workspaces])
+    assert report.ok, report.text()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from support.scripts import admit, settle
 
 from sidecar.state import keys
-from sidecar.state.store import Admission, State
+from sidecar.state.store import Admission, Applied, State
 
 WINDOW_MS = 150
 
@@ -120,11 +120,12 @@ async def test_load_wins_once_and_apply_is_exactly_once(redis_client) -> None:
     assert sum(loads) == 1
     balance = (await state.account(ws)).balance_micro
     assert 500 <= balance < 520
-    assert await state.apply(ws, 3, 100, "grant:a") == 0  # version 3 is in the loaded balance already
-    assert await state.apply(ws, 4, 100, "grant:b") == 1
-    assert await state.apply(ws, 4, 100, "grant:b") == 0  # the same change again: no effect
+    # version 3 is in the loaded balance already
+    assert await state.apply(ws, 3, 100, "grant:a") is Applied.ALREADY_INCLUDED
+    assert await state.apply(ws, 4, 100, "grant:b") is Applied.APPLIED
+    assert await state.apply(ws, 4, 100, "grant:b") is Applied.ALREADY_INCLUDED  # the same change again: no effect
     assert (await state.account(ws)).balance_micro == balance + 100
-    assert await state.apply(new_ws(), 1, 5, "x") == -1
+    assert await state.apply(new_ws(), 1, 5, "x") is Applied.NOT_LOADED
 
 
 async def test_admit_twice_for_one_call_holds_once(redis_client) -> None:

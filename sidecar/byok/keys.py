@@ -8,6 +8,7 @@ plaintext), which bounds how long a change takes to reach every replica.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -18,6 +19,8 @@ import asyncpg
 
 from sidecar.byok.vault import Sealed
 from sidecar.db import POSTGRES_ERRORS
+
+log = logging.getLogger("sidecar.byok")
 
 CACHE_TTL_S = 5.0
 USED_EVERY_S = 60.0  # `last_used_at` precision: one write per key per minute at most
@@ -211,6 +214,8 @@ class Resolver:
                 )
         except POSTGRES_ERRORS:
             pass
+        except asyncpg.PostgresError:  # a bug, not an outage: said loudly, but bookkeeping never fails a call
+            log.exception("could not record a failing BYOK key")
         self.forget(key.workspace_id)
 
     async def mark_used(self, key: StoredKey) -> None:
@@ -226,3 +231,6 @@ class Resolver:
                 await conn.execute("UPDATE byok_keys SET last_used_at = now() WHERE id = $1", key.id)
         except POSTGRES_ERRORS:
             self._used_at.pop(key.id, None)
+        except asyncpg.PostgresError:  # a bug, not an outage: said loudly, but bookkeeping never fails a call
+            self._used_at.pop(key.id, None)
+            log.exception("could not record a BYOK key's use")

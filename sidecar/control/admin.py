@@ -183,10 +183,8 @@ async def grant(request: web.Request) -> web.Response:
         raise AdminError(
             409, "this grant_id was already used with a different amount or kind", "grant_conflict"
         ) from None
-    except db.BalanceLimitExceeded:
-        raise AdminError(
-            409, f"this grant would take the balance above {format_micro(MAX_AMOUNT_MICRO)}", "balance_limit"
-        ) from None
+    except db.BalanceLimitExceeded as exc:
+        raise AdminError(409, str(exc), "balance_limit") from None
     body = {
         "grant_id": grant_id,
         "event_id": str(result.event_id),

@@ -72,6 +72,11 @@ _TEXT_FIELDS = (
 )
 
 
+class InvalidEvent(ValueError):
+    """A stream entry that cannot become a ledger row. An explicit check, not an `assert`: python -O
+    removes asserts, and a bad event must be dead-lettered whatever the interpreter's flags."""
+
+
 def _text(value: object) -> str | None:
     # Postgres text cannot hold NUL, and a provider's error message may carry one.
     return None if value is None else str(value).replace("\x00", "")[:2000]
@@ -84,8 +89,14 @@ def _time(ms: object) -> datetime | None:
 def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
     """A stream entry (as written by settle.lua or sweep.lua) -> a ledger row in COLUMNS order."""
     event = orjson.loads(fields[b"e"])
-    status = fields.get(b"status", b"").decode() or event["status"]
-    assert status in STATUSES, status
+    if not isinstance(event, dict):
+        raise InvalidEvent(f"the event is a JSON {type(event).__name__}, not an object")
+    status = fields.get(b"status", b"").decode() or event.get("status")
+    if status not in STATUSES:
+        raise InvalidEvent(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
+    for name in ("event_id", "workspace_id"):
+        if not isinstance(event.get(name), str) or not event[name]:
+            raise InvalidEvent(f"{name} is missing or not a string")
     after = fields.get(b"after", b"")
     text = {name: _text(event.get(name)) for name in _TEXT_FIELDS}
     tokens = {name: int(event.get(name, 0)) for name in _TOKEN_FIELDS}

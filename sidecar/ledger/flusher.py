@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from sidecar import db
-from sidecar.balances import Balances
+from sidecar.balances import Balances, sync_token
 from sidecar.config import LedgerConfig
 from sidecar.ledger.events import COLUMNS, generation, row_from_entry
 from sidecar.state import keys
@@ -42,7 +42,9 @@ MAX_DEAD_LETTERS = 100_000  # per workspace; the stream is capped so a flood of 
 _STAGE_DDL = "CREATE TEMP TABLE IF NOT EXISTS ledger_stage (LIKE ledger INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 _INSERT = (
     f"INSERT INTO ledger ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM ledger_stage "
-    "ON CONFLICT DO NOTHING RETURNING event_id, workspace_id, balance_impact_micro"
+    # In event id order: two flushers writing overlapping batches (a replay, a claim) then wait on each
+    # other's event ids in the same order, instead of deadlocking on ledger_event_ids.
+    "ORDER BY event_id ON CONFLICT DO NOTHING RETURNING event_id, workspace_id, balance_impact_micro"
 )
 _ACCOUNTS = (
     "INSERT INTO accounts AS a (workspace_id, balance_micro, version) "
@@ -140,7 +142,9 @@ class Flusher:
     async def flush_once(self) -> int:
         """One batch. Returns the number of stream entries handled."""
         await self._refresh_workspaces()
-        await self._sync_balances()  # first, whatever a crash left between commit and Redis
+        # A Redis back with data under a new run_id may hold stale balances: rebuild them first.
+        await self.balances.revalidate(self._workspaces)
+        await self._sync_balances()  # then whatever a crash or a failed grant left between commit and Redis
         entries = await self._read_batch()
         if not entries:
             return 0
@@ -227,7 +231,7 @@ class Flusher:
                 continue
             try:
                 entry.row = row_from_entry(entry.fields)
-            except (KeyError, ValueError, TypeError, AssertionError) as exc:
+            except (KeyError, ValueError, TypeError) as exc:  # InvalidEvent is a ValueError
                 await self._dead_letter(entry, f"unreadable event: {type(exc).__name__}: {exc}")
                 continue
             good.append(entry)
@@ -258,7 +262,7 @@ class Flusher:
             if not inserted:
                 return 0
             deltas: dict[str, int] = defaultdict(int)
-            for row in inserted:
+            for row in sorted(inserted, key=lambda r: r["workspace_id"]):  # accounts locked in one order too
                 deltas[row["workspace_id"]] += row["balance_impact_micro"]
             versions = {
                 r["workspace_id"]: r["version"]
@@ -298,8 +302,10 @@ class Flusher:
         live = {ws: await self.balances.state.generation(ws) for ws in {r["workspace_id"] for r in owed}}
         for row in owed:
             ws, version, gen = row["workspace_id"], row["pg_version"], row["gen"]
-            if gen != live[ws]:  # settled under an earlier load: the live balance lacks it
-                await self.balances.apply_committed(ws, version, row["delta_micro"], f"flush:{version}:{gen}")
+            # A grant never went through Redis; a batch settled under an earlier load is not in the live
+            # balance. Either is applied once (by version and token); a batch of the live load already is.
+            if gen.startswith("grant:") or gen != live[ws]:
+                await self.balances.apply_committed(ws, version, row["delta_micro"], sync_token(version, gen))
         async with self.pool.acquire() as conn:
             await conn.execute(
                 "DELETE FROM balance_sync AS s USING unnest($1::text[], $2::bigint[], $3::text[]) AS d(ws, v, g) "

@@ -40,10 +40,30 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                 await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
             log.info("applied migration", extra={"migration": name})
             applied_now.append(name)
+        await _report_default_partition(conn)
         await conn.execute("SELECT ledger_ensure_partitions($1)", PARTITION_MONTHS_AHEAD)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now
+
+
+async def default_partition_rows(conn: asyncpg.Connection) -> dict[str, int]:
+    """Rows in ledger_default per month ('YYYY-MM'): each one means a month had no partition when it
+    was written (`sidecar migrate` not run for months, or a clock far ahead)."""
+    rows = await conn.fetch(
+        "SELECT to_char(date_trunc('month', created_at), 'YYYY-MM') AS month, count(*) AS n "
+        "FROM ledger_default GROUP BY 1 ORDER BY 1"
+    )
+    return {r["month"]: r["n"] for r in rows}
+
+
+async def _report_default_partition(conn: asyncpg.Connection) -> None:
+    for month, count in (await default_partition_rows(conn)).items():
+        log.error(
+            "ledger rows found in the default partition; they are moved into their month's partition "
+            "when it is created (run `sidecar migrate` at least monthly)",
+            extra={"month": month, "rows": count},
+        )
 
 
 async def migrate_url(database_url: str) -> list[str]:

@@ -9,6 +9,10 @@ from sidecar.auth import Caller
 from sidecar.config import ModelConfig, Target
 from sidecar.pricing import ModelPrice
 from sidecar.protocols.base import Protocol, StreamReader
+from sidecar.proxy.budget import Reservation
+from sidecar.scrub import Scrubber
+
+NO_SECRETS = Scrubber(())
 
 
 def now_ms() -> int:
@@ -43,6 +47,10 @@ class Call:
     relayed_bytes: int = 0
     relay_keep_max_bytes: int = 0
     reader: StreamReader | None = None  # the relayed stream's reader: what was observed so far
+    # Redacts every credential this call has sent upstream from what it relays, stores and logs: a
+    # provider may quote the key it was sent.
+    scrubber: Scrubber = NO_SECRETS
+    buffered: Reservation | None = None  # the memory a buffered answer holds until it is sent
     rate_headers: dict[str, str] = field(default_factory=dict)
 
     @property

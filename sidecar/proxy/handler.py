@@ -17,10 +17,12 @@ import uuid
 from dataclasses import dataclass
 
 import aiohttp
+import asyncpg
 import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from sidecar import scrub
 from sidecar.auth import Caller
 from sidecar.config import ModelConfig, ProviderConfig, Target
 from sidecar.db import POSTGRES_ERRORS
@@ -73,7 +75,16 @@ async def serve(request: web.Request, protocol: Protocol) -> web.StreamResponse:
     except SidecarError as error:
         status = error.status
         return _error_response(call, error)
+    except asyncpg.PostgresError:
+        # Not an outage (those are answered 503 where they happen, see db.POSTGRES_OUTAGE): a SQL bug.
+        # Logged, answered 500 in the client's protocol, never "retry shortly".
+        log.exception("postgres refused a query of the request lifecycle")
+        error = SidecarError("internal", "the sidecar failed to handle the call; nothing was charged")
+        status = error.status
+        return _error_response(call, error)
     finally:
+        if call.buffered is not None:
+            call.buffered.release()
         model = call.model.name if call.model else "unknown"
         svc.metrics.child(svc.metrics.requests, protocol.route, model, str(status)).inc()
         request_id_var.reset(token)
@@ -127,9 +138,9 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
         )
         outcome = ending.outcome
     finally:
+        svc.metrics.holds_active.dec()
         # THE settlement of the call: every way the call ends passes here, once.
         settled = await settle(svc, call, outcome)
-        svc.metrics.holds_active.dec()
     return await ending.reply(settled)
 
 
@@ -420,6 +431,9 @@ async def _attempt(
             if ready is not None:
                 return ready
         call.byok = credential.stored is not None
+        call.scrubber = svc.upstreams.scrubber(provider.name, credential.key if call.byok else None)
+        if call.byok:
+            scrub.call_secrets.set((credential.key,))  # and from this call's log lines
         sent_at = time.perf_counter()
         try:
             upstream = await _open(svc, provider, call, body, client_headers, credential.key)
@@ -460,6 +474,7 @@ async def _attempt(
 async def _byok_refused(
     svc: Services, call: Call, provider: ProviderConfig, credential: credentials.Credential, reason: str
 ) -> None:
+    reason = call.scrubber.text(reason)  # the provider's words may quote the key it refused
     call.byok_fallback_reason = f"customer key …{credential.stored.last4} {reason}"
     svc.metrics.child(svc.metrics.byok_fallbacks, provider.name, reason.split(" (")[0][:60]).inc()
     log.warning(

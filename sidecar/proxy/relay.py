@@ -19,6 +19,7 @@ from sidecar.money import format_micro
 from sidecar.pricing import Usage
 from sidecar.protocols.base import RequestFacts, StreamReader, estimate_tokens
 from sidecar.protocols.errors import SidecarError
+from sidecar.proxy.budget import BudgetExceeded, Reservation
 from sidecar.proxy.call import Call, now_ms
 from sidecar.proxy.outcome import CallStatus, Ending, Outcome, Replay, refusal
 from sidecar.services import Services
@@ -91,11 +92,10 @@ def relay_upstream_error(call: Call, upstream: UpstreamErrorAnswer) -> Ending:
     for name in PASSED_ERROR_HEADERS:
         if name in upstream.headers:
             headers[name] = upstream.headers[name]
+    body = call.scrubber.bytes(upstream.body)
 
     async def reply(_: SettleResult | None) -> web.StreamResponse:
-        return web.Response(
-            status=upstream.status, body=upstream.body, content_type="application/json", headers=headers
-        )
+        return web.Response(status=upstream.status, body=body, content_type="application/json", headers=headers)
 
     return Ending(outcome, reply)
 
@@ -105,18 +105,26 @@ def relay_upstream_error(call: Call, upstream: UpstreamErrorAnswer) -> Ending:
 
 async def relay_body(svc: Services, call: Call, upstream: aiohttp.ClientResponse) -> Ending:
     timeout_s = svc.config.upstream.total_timeout_ms / 1000
+    call.buffered = svc.buffer_budget.reservation()  # released when the handler is done (handler.serve)
     try:
         try:
-            body = await _read_bounded(upstream, timeout_s)
+            body = await _read_bounded(upstream, timeout_s, call.buffered)
         except asyncio.CancelledError:
             if not _client_left(svc):
                 raise
             # The client hung up while the provider works: its answer still says what it used.
-            body = await _read_bounded(upstream, min(timeout_s, svc.config.upstream.usage_wait_after_hangup_ms / 1000))
-            return _abandoned_body(call, body)
+            wait_s = min(timeout_s, svc.config.upstream.usage_wait_after_hangup_ms / 1000)
+            return _abandoned_body(call, await _read_bounded(upstream, wait_s, call.buffered))
+    except BudgetExceeded:
+        svc.metrics.child(svc.metrics.dependency_errors, "memory").inc()
+        error = SidecarError(
+            "unavailable", "the sidecar is buffering too many large answers; nothing was charged, retry shortly"
+        )
+        return Ending(Outcome.failed("the sidecar's budget for buffered answers was exceeded"), refusal(error))
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         error = SidecarError("upstream", "the provider's answer broke off; nothing was charged", code="upstream_error")
         return Ending(Outcome.failed(f"upstream broke: {type(exc).__name__}"), refusal(error))
+    body = call.scrubber.bytes(body)
     facts = call.protocol.read_body(body)
     call.served_model = facts.model or call.served_model
     headers = base_headers(call)
@@ -159,14 +167,18 @@ def _client_left(svc: Services) -> bool:
     return True
 
 
-async def _read_bounded(upstream: aiohttp.ClientResponse, timeout_s: float) -> bytes:
+async def _read_bounded(upstream: aiohttp.ClientResponse, timeout_s: float, held: Reservation) -> bytes:
+    """The whole answer, bounded per call (MAX_UPSTREAM_BODY_BYTES) and over the process (`held`
+    reserves each chunk, and the joined copy, before keeping it)."""
     parts, size = [], 0
     async with asyncio.timeout(timeout_s):
         async for chunk in upstream.content.iter_any():
             size += len(chunk)
             if size > MAX_UPSTREAM_BODY_BYTES:
                 raise aiohttp.ClientPayloadError("upstream body exceeds the sidecar's limit")
+            held.grow(len(chunk))
             parts.append(chunk)
+    held.grow(size)  # the joined copy, while the parts still live
     return b"".join(parts)
 
 
@@ -186,14 +198,15 @@ async def relay_stream(
         },
     )
     reader = call.reader = call.protocol.stream_reader(facts)
+    framer = SSEFramer()  # one per stream: reading on after a hang-up resumes mid-event where the relay stopped
     try:
-        end = await _relay_until_end(request, svc, call, upstream, response, reader)
+        end = await _relay_until_end(request, svc, call, upstream, response, framer)
     except asyncio.CancelledError:
         if not _client_left(svc):
             raise
         end = StreamEnd.CLIENT_GONE
     if end in _CLIENT_ENDS and not (reader.done or reader.has_final_usage):
-        await _read_on_for_usage(svc, call, upstream, reader)
+        await _read_on_for_usage(svc, upstream, framer, reader)
     outcome = stream_outcome(svc, call, reader, end)
 
     async def reply(_: SettleResult | None) -> web.StreamResponse:
@@ -213,7 +226,7 @@ async def _relay_until_end(
     call: Call,
     upstream: aiohttp.ClientResponse,
     response: web.StreamResponse,
-    reader: StreamReader,
+    framer: SSEFramer,
 ) -> StreamEnd:
     timeouts = svc.config.upstream
     try:
@@ -222,7 +235,7 @@ async def _relay_until_end(
         except (ConnectionError, RuntimeError):
             return StreamEnd.CLIENT_GONE
         async with asyncio.timeout(timeouts.total_timeout_ms / 1000):
-            await _pump(upstream, response, reader, call, timeouts.write_timeout_ms / 1000)
+            await _pump(upstream, framer, response, call, timeouts.write_timeout_ms / 1000)
         return StreamEnd.UPSTREAM_DONE
     except _ClientGone as gone:
         return gone.end
@@ -241,12 +254,12 @@ async def _relay_until_end(
 
 async def _pump(
     upstream: aiohttp.ClientResponse,
+    framer: SSEFramer,
     response: web.StreamResponse,
-    reader: StreamReader,
     call: Call,
     write_timeout_s: float,
 ) -> None:
-    framer = SSEFramer()
+    reader = call.reader
     async for chunk in upstream.content.iter_any():
         events = framer.feed(chunk)
         if events:
@@ -264,6 +277,7 @@ async def _relay_events(
     out = b"".join([event.raw for event in events if reader.observe(event)])
     if not out:
         return
+    out = call.scrubber.bytes(out)  # whole events: a key cannot straddle two of them
     call.keep_relayed(out)
     try:
         async with asyncio.timeout(write_timeout_s):
@@ -274,14 +288,15 @@ async def _relay_events(
         raise _ClientGone(StreamEnd.CLIENT_GONE) from None
 
 
-async def _read_on_for_usage(svc: Services, call: Call, upstream: aiohttp.ClientResponse, reader: StreamReader) -> None:
+async def _read_on_for_usage(
+    svc: Services, upstream: aiohttp.ClientResponse, framer: SSEFramer, reader: StreamReader
+) -> None:
     """The client left before the provider sent its usage. Keep reading the provider's stream, relaying
     nothing, until its usage arrives (bounded in time): the exact count beats an estimate from bytes,
     which misses images, cached prefixes and reasoning tokens."""
     wait_s = svc.config.upstream.usage_wait_after_hangup_ms / 1000
     if wait_s <= 0:
         return
-    framer = SSEFramer()
     try:
         async with asyncio.timeout(wait_s):
             async for chunk in upstream.content.iter_any():

@@ -12,6 +12,7 @@ import base64
 import logging
 import uuid
 
+import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
@@ -40,6 +41,8 @@ _TOKEN_CLASSES = (
 
 def event(call: Call, status: str, usage: Usage, upstream_cost_micro: int, estimated: bool, error: str | None) -> dict:
     caller = call.caller
+    scrubber = call.scrubber  # a provider may quote the key it was sent, in its model or its error
+    upstream_model = call.served_model or (call.target.upstream_model if call.target else call.model.upstream_model)
     return {
         "event_id": str(uuid.UUID(call.request_id)),
         "status": status,
@@ -52,8 +55,7 @@ def event(call: Call, status: str, usage: Usage, upstream_cost_micro: int, estim
         "protocol": call.protocol.name,
         "provider": call.provider,
         "model": call.model.name,
-        "upstream_model": call.served_model
-        or (call.target.upstream_model if call.target else call.model.upstream_model),
+        "upstream_model": scrubber.text(upstream_model),
         "attempts": max(call.attempts, 1),
         "fallback_reason": call.fallback_reason,
         "input_tokens": usage.input_tokens,
@@ -67,7 +69,7 @@ def event(call: Call, status: str, usage: Usage, upstream_cost_micro: int, estim
         "byok": call.byok,
         "byok_fallback_reason": call.byok_fallback_reason,
         "estimated": estimated,
-        "error": error,
+        "error": scrubber.text(error) if error else error,
         "started_at": call.started_ms,
         "first_byte_at": call.first_byte_ms,
         "ended_at": now_ms(),
@@ -157,7 +159,8 @@ def _price(svc: Services, call: Call):
 
 
 async def _settle_within_budget(svc: Services, args: dict) -> SettleResult | None:
-    """Retry the settle script until it answers or `holds.settle_budget_ms` is spent. None: spent."""
+    """Retry the settle script until it answers or `holds.settle_budget_ms` is spent (or, at shutdown,
+    the cutoff passed). None: spent, spool it."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + svc.config.holds.settle_budget_ms / 1000
     delay_s = SETTLE_RETRY_FIRST_S
@@ -168,7 +171,8 @@ async def _settle_within_budget(svc: Services, args: dict) -> SettleResult | Non
         except (RedisError, OSError) as exc:
             svc.metrics.child(svc.metrics.dependency_errors, "redis").inc()
             log.warning("settle failed, retrying", extra={"error": type(exc).__name__})
-        left_s = deadline - loop.time()
+        cutoff = deadline if svc.settle_cutoff_s is None else min(deadline, svc.settle_cutoff_s)
+        left_s = cutoff - loop.time()
         if left_s <= 0:
             break
         await asyncio.sleep(min(delay_s, left_s))
@@ -243,6 +247,8 @@ async def run_spool(svc: Services, stop: asyncio.Event) -> None:
                 log.info("spooled settlements replayed")
         except (*POSTGRES_ERRORS, OSError) as exc:  # a load from Postgres failed: try again next round
             log.warning("spool replay failed; will retry", extra={"error": type(exc).__name__})
+        except asyncpg.PostgresError:  # not an outage (db.POSTGRES_OUTAGE): a bug, said loudly; the loop lives on
+            log.exception("spool replay failed on a postgres error that is not an outage; will retry")
         try:
             await asyncio.wait_for(stop.wait(), SPOOL_INTERVAL_S)
         except TimeoutError:

@@ -54,6 +54,8 @@ class Upstreams:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         for key in self._keys.values():
             scrub.remember(key)  # a platform key never reaches a log line
+        # Compiled once per provider: the hot path scrubs every answer of the platform's key.
+        self._scrubbers = {name: scrub.Scrubber((key,)) for name, key in self._keys.items()}
 
     async def start(self) -> None:
         timeouts = self.config.upstream
@@ -85,6 +87,13 @@ class Upstreams:
 
     def session(self, provider: str) -> aiohttp.ClientSession:
         return self._sessions[provider]
+
+    def scrubber(self, provider: str, customer_key: str | None) -> scrub.Scrubber:
+        """What redacts the credentials a call to `provider` sends from everything it relays or stores.
+        A customer's key is compiled per call, never cached: its plaintext lives only for the call."""
+        if customer_key is None:
+            return self._scrubbers[provider]
+        return scrub.Scrubber((self._keys[provider], customer_key))
 
     def has_credentials(self, provider: str) -> bool:
         return not self.config.providers[provider].api_key_env or bool(self._keys[provider])

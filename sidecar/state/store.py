@@ -7,11 +7,13 @@ a reply's positions or a script's sentinel numbers.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from importlib import resources
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from sidecar.money import MAX_AMOUNT_MICRO
 from sidecar.state import keys
@@ -61,6 +63,14 @@ class GrowHold(IntEnum):
     NEED_LOAD = -2
     INSUFFICIENT = -3
     CEILING_TOO_LARGE = -4  # at or above MAX_AMOUNT_MICRO (not sent to Redis)
+
+
+class Applied(IntEnum):
+    """apply.lua's answer for a change Postgres committed."""
+
+    APPLIED = 1
+    ALREADY_INCLUDED = 0  # the loaded balance (or an earlier apply) already has it
+    NOT_LOADED = -1  # load the balance first (which may include the change), then apply again
 
 
 class HoldExtension(IntEnum):
@@ -378,16 +388,18 @@ class State:
         for key, bucket in reserved:
             await self._reserve(keys=[key], args=[size_bytes, 0, ttl_ms, bucket])
 
-    async def due_holds(self, ws: str, batch_max: int) -> list[str]:
-        """Ids of holds past their deadline (by Redis time) when listed; expire() checks again."""
+    async def due_holds(self, ws: str, batch_max: int, grace_ms: int = 0) -> list[str]:
+        """Ids of holds past their deadline by more than grace_ms (Redis time) when listed; expire()
+        checks again."""
         seconds, micros = await self.redis.time()
-        now_ms = seconds * 1000 + micros // 1000
-        ids = await self.redis.zrangebyscore(keys.hold_deadlines(ws), "-inf", now_ms, start=0, num=batch_max)
+        due_ms = seconds * 1000 + micros // 1000 - grace_ms
+        ids = await self.redis.zrangebyscore(keys.hold_deadlines(ws), "-inf", due_ms, start=0, num=batch_max)
         return [i.decode() for i in ids]
 
-    async def expire(self, ws: str, hold_id: str, status: ExpireStatus) -> ExpireOutcome:
+    async def expire(self, ws: str, hold_id: str, status: ExpireStatus, grace_ms: int = 0) -> ExpireOutcome:
         """Void a hold that will never be settled and record its call (see expire.lua). EXPIRED voids
-        only a hold whose deadline has passed by Redis time when the script runs."""
+        only a hold whose deadline has passed, by more than grace_ms, by Redis time when the script runs."""
+        assert grace_ms >= 0
         status = ExpireStatus(status)
         # The hold knows its own idempotency record (admission wrote it): no caller has to rebuild it.
         record_key = await self.redis.hget(keys.hold_idempotency(ws), hold_id)
@@ -399,7 +411,7 @@ class State:
                 keys.live_per_key(ws),
                 keys.hold_idempotency(ws),
             ],
-            args=[hold_id, status.value, SETTLED_RETENTION_MS],
+            args=[hold_id, status.value, SETTLED_RETENTION_MS, grace_ms],
         )
         return ExpireOutcome(int(reply))
 
@@ -409,16 +421,34 @@ class State:
         reply = await self._extend(keys=[keys.holds(ws), keys.hold_deadlines(ws)], args=[hold_id, ttl_ms])
         return HoldDeadline(HoldExtension(int(reply[0])), int(reply[1]))
 
-    async def load(self, ws: str, balance_micro: int, pg_version: int) -> bool:
-        """Set the balance if Redis has none. Only the first of concurrent loaders wins."""
+    async def load(
+        self,
+        ws: str,
+        balance_micro: int,
+        pg_version: int,
+        run_id: str = "",
+        replacing_gen: str = "",
+        resolved_holds: Sequence[str] = (),
+    ) -> bool:
+        """Set the balance read from Postgres, with `held` rebuilt from the live holds (see load.lua).
+        replacing_gen '': only if Redis has no balance (the first of concurrent loaders wins); else
+        replace the load `replacing_gen` if it is still the live one (Redis restarted stale)."""
         reply = await self._load(
-            keys=[keys.acct(ws), keys.applied(ws)], args=[balance_micro, pg_version, secrets.token_hex(8)]
+            keys=[
+                keys.acct(ws),
+                keys.applied(ws),
+                keys.holds(ws),
+                keys.hold_deadlines(ws),
+                keys.hold_meta(ws),
+                keys.settled(ws),
+            ],
+            args=[balance_micro, pg_version, secrets.token_hex(8), run_id, replacing_gen, *resolved_holds],
         )
         return int(reply) == 1
 
-    async def apply(self, ws: str, pg_version: int, delta_micro: int, token: str) -> int:
-        """1 applied, 0 already included, -1 not loaded."""
-        return int(await self._apply(keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token]))
+    async def apply(self, ws: str, pg_version: int, delta_micro: int, token: str) -> Applied:
+        reply = await self._apply(keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token])
+        return Applied(int(reply))
 
     async def grow_hold(self, ws: str, hold_id: str, amount_micro: int) -> GrowHold:
         """Raise a live hold to amount_micro (see grow_hold.lua)."""
@@ -432,6 +462,22 @@ class State:
         if balance is None:
             return None
         return Account(int(balance), int(held or 0))
+
+    async def run_id(self) -> str:
+        """The Redis server's run_id, or '' where INFO is refused (then a stale restart goes unnoticed
+        by the data plane, and only `sidecar audit` reports its drift)."""
+        try:
+            return str((await self.redis.info("server")).get("run_id", ""))
+        except ResponseError:
+            return ""
+
+    async def hold_ids(self, ws: str) -> list[str]:
+        return [h.decode() for h in await self.redis.hkeys(keys.holds(ws))]
+
+    async def load_marks(self, ws: str) -> tuple[str | None, str | None]:
+        """The live load's `gen` and the Redis run_id it was loaded under (None: not loaded / unknown)."""
+        gen, run = await self.redis.hmget(keys.acct(ws), "gen", "run")
+        return (gen.decode() if gen is not None else None, run.decode() if run is not None else None)
 
     async def generation(self, ws: str) -> str | None:
         gen = await self.redis.hget(keys.acct(ws), "gen")

@@ -152,7 +152,7 @@ def base_config(provider_url: str, extra_urls: dict[str, str] | None = None, **o
             "total_timeout_ms": 20000,
             "usage_wait_after_hangup_ms": 2000,
         },
-        "holds": {"ttl_ms": 40000, "sweep_interval_ms": 200, "settle_budget_ms": 2000},
+        "holds": {"ttl_ms": 40000, "sweep_interval_ms": 200, "settle_budget_ms": 2000, "sweep_grace_ms": 0},
         "ledger": {"batch_max_rows": 500, "batch_max_age_ms": 20, "claim_idle_ms": 1000, "workspace_refresh_ms": 60000},
         "providers": _providers({"mock": provider_url, **(extra_urls or {})}),
         "models": _models(),

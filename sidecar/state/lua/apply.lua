@@ -9,5 +9,5 @@ local acct = redis.call('HMGET', KEYS[1], 'balance', 'pgv')
 if not acct[1] then return -1 end
 if tonumber(acct[2]) >= tonumber(ARGV[1]) then return 0 end
 if redis.call('SADD', KEYS[2], ARGV[3]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], 'balance', tonumber(ARGV[2]))
+redis.call('HINCRBY', KEYS[1], 'balance', ARGV[2])  -- the integer as sent: never through a Lua double
 return 1

@@ -9,7 +9,7 @@
 -- KEYS: 1 acct  2 holds  3 hold_dl  4 hold_meta  5 settled  6 stream  7 idem (may not exist)
 --       8 hold_key  9 live_keys  10 hold_idem
 -- ARGV: 1 hold_id  2 status ('expired' checks the deadline, by Redis time, now; 'failed' does not)
---       3 settled_retention_ms
+--       3 settled_retention_ms  4 grace_ms (an 'expired' hold is due only this long after its deadline)
 -- Returns: 1 voided, 0 not yet due, -1 already resolved, -2 not held yet: tombstone left
 
 local hold_id = ARGV[1]
@@ -24,7 +24,7 @@ if not hold then
 end
 if ARGV[2] == 'expired' then
   local deadline = redis.call('ZSCORE', KEYS[3], hold_id)
-  if deadline and tonumber(deadline) > now_ms then return 0 end
+  if deadline and tonumber(deadline) + tonumber(ARGV[4] or '0') > now_ms then return 0 end
 end
 
 hold = tonumber(hold)

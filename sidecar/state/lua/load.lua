@@ -1,9 +1,44 @@
--- Load a workspace's balance from Postgres into Redis, once: the first loader wins, later ones
--- change nothing. `pgv` is the Postgres account version the balance was read at. A load starts a
--- new record of applied changes: only changes committed after `pgv` can be applied from now on.
--- KEYS: 1 acct  2 applied (set of tokens)
--- ARGV: 1 balance_micro  2 pgv  3 gen (a fresh random token: identifies this load)
-if redis.call('HEXISTS', KEYS[1], 'balance') == 1 then return 0 end
+-- Load a workspace's balance from Postgres into Redis. `pgv` is the Postgres account version the
+-- balance was read at. A load starts a new record of applied changes: only changes committed after
+-- `pgv` can be applied from now on.
+--
+-- Two modes:
+-- * first load (ARGV[5] = ''): only when Redis has no balance; the first loader wins, later ones
+--   change nothing.
+-- * reload (ARGV[5] = the load id found): Redis kept a balance it cannot be trusted with (it
+--   restarted from an older snapshot, or a replica was promoted: its run_id changed). Replaced only
+--   if that load is still the live one, so concurrent reloaders replace it once.
+-- Either way `held` is rebuilt from the live holds themselves: holds can outlive an evicted or
+-- restored account, and a hold whose call Postgres already recorded (ARGV[6..]) is dropped as resolved.
+--
+-- KEYS: 1 acct  2 applied (set of tokens)  3 holds  4 hold_dl  5 hold_meta  6 settled
+-- ARGV: 1 balance_micro  2 pgv  3 gen (a fresh random token: identifies this load)  4 redis run_id
+--       5 the load id being replaced ('' = first load)  6.. hold ids already recorded in Postgres
+-- Returns: 1 loaded, 0 nothing changed (already loaded, or reloaded by someone else)
+local current = redis.call('HGET', KEYS[1], 'gen')
+if ARGV[5] == '' then
+  if redis.call('HEXISTS', KEYS[1], 'balance') == 1 then return 0 end
+elseif current ~= ARGV[5] then
+  return 0
+end
+
+if #ARGV > 5 then
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for i = 6, #ARGV do
+    if redis.call('HDEL', KEYS[3], ARGV[i]) == 1 then
+      redis.call('ZREM', KEYS[4], ARGV[i])
+      redis.call('HDEL', KEYS[5], ARGV[i])
+      redis.call('ZADD', KEYS[6], now_ms, ARGV[i])  -- a late settle or retry finds it resolved
+    end
+  end
+end
+
+local held = 0
+local amounts = redis.call('HVALS', KEYS[3])
+for _, amount in ipairs(amounts) do held = held + tonumber(amount) end
+
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'balance', ARGV[1], 'held', 0, 'pgv', ARGV[2], 'gen', ARGV[3])
+redis.call('HSET', KEYS[1], 'balance', ARGV[1], 'held', string.format('%d', held), 'pgv', ARGV[2],
+  'gen', ARGV[3], 'run', ARGV[4])
 return 1
