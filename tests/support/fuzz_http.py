@@ -160,7 +160,7 @@ class Hostile:
         if plan.delivery == "gzip-lie":
             headers["Content-Encoding"] = "gzip"
         if plan.delivery == "late":
-            await asyncio.sleep(0.5)  # past the sidecar's first-byte timeout
+            await asyncio.sleep(0.7)  # past the sidecar's first-byte timeout
         response = web.StreamResponse(status=plan.status, headers=headers)
         if plan.status in (204, 304):
             await response.prepare(request)
@@ -241,8 +241,8 @@ class Fuzzed:
             auth={"failed_auth_max": 0, "cache_ttl_ms": 2000},
             upstream={
                 "connect_timeout_ms": 1000,
-                "first_byte_timeout_ms": 300,
-                "idle_timeout_ms": 300,
+                "first_byte_timeout_ms": 500,
+                "idle_timeout_ms": 500,
                 "total_timeout_ms": 3000,
                 "usage_wait_after_hangup_ms": 200,
             },
@@ -434,7 +434,7 @@ def plans(draw) -> Plan:
             max_size=2,
         )
     )
-    delivery = draw(st.sampled_from(["whole"] * 30 + ["pieces"] * 10 + ["cut", "cut", "late", "gzip-lie", "gzip-lie"]))
+    delivery = draw(st.sampled_from(["whole"] * 60 + ["pieces"] * 30 + ["cut"] * 5 + ["gzip-lie"] * 4 + ["late"]))
     return Plan(
         status=draw(st.sampled_from(STATUSES)),
         headers=headers,
@@ -546,11 +546,17 @@ def request_bytes(fz: Fuzzed, case: HttpCase, case_id: str) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n" + case.body
 
 
-def protocol_of(path: str):
+def protocol_of(case: HttpCase, sent: dict[bytes, bytes]):
+    """The envelope the sidecar answers `case` in: its route's, and on /v1/models Anthropic's when the
+    request looks like Anthropic's SDK (an x-api-key or an anthropic-version header)."""
+    if case.path == "/v1/models":
+        # The handler answers Anthropic-looking calls in Anthropic's envelope; a refusal by the HTTP
+        # parser comes before any header is read, so it can only follow the path (OpenAI's).
+        return (PROTOCOLS[-1], PROTOCOLS[0]) if b"anthropic-version" in sent else (PROTOCOLS[0],)
     for protocol in PROTOCOLS:
-        if path.split("?")[0] in (protocol.route,) or path.startswith(protocol.route + "/"):
-            return protocol
-    return PROTOCOLS[0]
+        if case.path == protocol.route or case.path.startswith(protocol.route + "/"):
+            return (protocol,)
+    return (PROTOCOLS[0],)
 
 
 class Finding(AssertionError):
@@ -570,9 +576,12 @@ def check_data_call(fz: Fuzzed, case: HttpCase, case_id: str, answer: Call) -> s
     fz.calls.append((answer.headers.get("x-request-id", ""), answer.status, case_id))
     # The provider's own answer, relayed: the hostile provider answered this status to this call, or the
     # mock provider was told to (its x-mock-status fault header).
-    mock_status = dict(case.headers).get(b"x-mock-status", b"")
+    sent = dict(case.headers)
+    mock_status = sent.get(b"x-mock-status", b"")
     relayed = answer.status != 200 and (
-        fz.hostile.seen.get(case_id) == answer.status or mock_status == str(answer.status).encode()
+        fz.hostile.seen.get(case_id) == answer.status
+        or mock_status == str(answer.status).encode()
+        or (b"x-mock-error-after" in sent and answer.status == 500)  # the mock's non-streamed failure
     )
     mock_fault = any(name.startswith(b"x-mock-") for name, _ in case.headers)
     shown = answer.head + answer.body[:300]
@@ -583,10 +592,15 @@ def check_data_call(fz: Fuzzed, case: HttpCase, case_id: str, answer: Call) -> s
         if case_id not in fz.hostile.seen and case.plan.delivery != "late" and not mock_fault:
             raise Finding(f"{answer.status} with no upstream failure", repr(shown))
     if answer.status >= 400 and not relayed:
-        try:
-            inner = assert_envelope(protocol_of(case.path), answer.body)
-        except Exception:
-            raise Finding(f"not in the envelope ({answer.status} {_content_type(answer)})", repr(shown)) from None
+        inner = None
+        for protocol in protocol_of(case, sent):
+            try:
+                inner = assert_envelope(protocol, answer.body)
+                break
+            except Exception:
+                continue
+        if inner is None:
+            raise Finding(f"not in the envelope ({answer.status} {_content_type(answer)})", repr(shown))
         if answer.status >= 500 and inner.get("code") not in UPSTREAM_CODES:
             raise Finding(f"{answer.status} with code {inner.get('code')}", repr(shown))
     leaks = fz.leaked(answer.head + answer.body)
@@ -666,7 +680,7 @@ def admin_request(method: str, path: str, token: bytes, body: bytes) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-def check_admin_call(fz: Fuzzed, body: bytes, answer: Call) -> str:
+def check_admin_call(fz: Fuzzed, path: str, body: bytes, answer: Call) -> str:
     shown = repr(answer.head + answer.body[:300])
     if answer.status >= 500 and not (answer.status == 502 and b"validation_unavailable" in answer.body):
         raise Finding(f"answered {answer.status}", shown)
@@ -688,7 +702,8 @@ def check_admin_call(fz: Fuzzed, body: bytes, answer: Call) -> str:
         sent = orjson.loads(body)
     except orjson.JSONDecodeError:
         sent = None
-    if answer.status == 201 and isinstance(sent, dict) and isinstance(sent.get("key"), str):
+    stored_byok = answer.status == 201 and path.endswith("/byok-keys")
+    if stored_byok and isinstance(sent, dict) and isinstance(sent.get("key"), str):
         fz.secrets.add(sent["key"].strip())  # a BYOK key stored by the fuzz
     return str(answer.status)
 
@@ -847,7 +862,7 @@ def run_admin(fz: Fuzzed, examples: int) -> None:
         method, path, token, body = case
         try:
             answer = fz.run(fz.send(fz.control_port, admin_request(method, path, token, body)), CALL_TIMEOUT_S + 5)
-            label = check_admin_call(fz, body, answer)
+            label = check_admin_call(fz, path, body, answer)
         except Finding as finding:
             fz.found("admin: " + finding.category, case)
             label = "finding"
