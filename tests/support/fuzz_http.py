@@ -31,11 +31,13 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 
+import asyncpg
 import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import strategies as st
 
+from sidecar import db
 from sidecar.app import Runtime
 from sidecar.observability.logging import JsonFormatter
 from sidecar.protocols import ALL as PROTOCOLS
@@ -135,6 +137,7 @@ class Hostile:
     client_secrets: tuple[str, ...] = ()
     leaks: list[str] = field(default_factory=list)  # client credentials that reached the provider
     echo_keys: bool = True  # False: KEY_MARK is written as a harmless word instead of the key
+    late_s: float = 0.7  # how late a "late" answer comes: past the sidecar's first-byte timeout
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
@@ -160,7 +163,7 @@ class Hostile:
         if plan.delivery == "gzip-lie":
             headers["Content-Encoding"] = "gzip"
         if plan.delivery == "late":
-            await asyncio.sleep(0.7)  # past the sidecar's first-byte timeout
+            await asyncio.sleep(self.late_s)
         response = web.StreamResponse(status=plan.status, headers=headers)
         if plan.status in (204, 304):
             await response.prepare(request)
@@ -216,11 +219,17 @@ class Fuzzed:
     """The sidecar, its hostile provider and its workspaces, on an event loop of their own thread, so
     synchronous hypothesis tests can drive them call by call."""
 
-    def __init__(self, redis_url: str, database_url: str, echo_keys: bool = True) -> None:
+    def __init__(
+        self, redis_url: str, database_url: str, echo_keys: bool = True, first_byte_timeout_ms: int = 500
+    ) -> None:
+        """`first_byte_timeout_ms` (also the idle timeout): short, so the late answers cost little; the
+        smoke run, which shares the machine with the whole suite, takes a long one and sends none late."""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-sidecar", daemon=True)
         self.thread.start()
-        self.hostile = Hostile(echo_keys=echo_keys)
+        self.first_byte_timeout_ms = first_byte_timeout_ms
+        late_s = first_byte_timeout_ms / 1000 + 0.2 if first_byte_timeout_ms <= 1000 else 0
+        self.hostile = Hostile(echo_keys=echo_keys, late_s=late_s)
         self.logs = LogLines()
         self.calls: list[tuple[str, int, str]] = []  # (request id, status, what was sent) per data-plane call
         self.sc: Sidecar | None = None
@@ -233,6 +242,7 @@ class Fuzzed:
     async def _start(self, redis_url: str, database_url: str) -> None:
         self.provider = TestServer(self.hostile.app())
         await self.provider.start_server()
+        self.workspaces_before = await _workspace_ids(database_url)
         self.sc = sc = await start_sidecar(
             redis_url,
             database_url,
@@ -241,9 +251,9 @@ class Fuzzed:
             auth={"failed_auth_max": 0, "cache_ttl_ms": 2000},
             upstream={
                 "connect_timeout_ms": 1000,
-                "first_byte_timeout_ms": 500,
-                "idle_timeout_ms": 500,
-                "total_timeout_ms": 3000,
+                "first_byte_timeout_ms": self.first_byte_timeout_ms,
+                "idle_timeout_ms": self.first_byte_timeout_ms,
+                "total_timeout_ms": max(3000, 2 * self.first_byte_timeout_ms),
                 "usage_wait_after_hangup_ms": 200,
             },
         )
@@ -331,6 +341,14 @@ class Fuzzed:
     def new_log_lines(self) -> list[str]:
         lines, self.logs.lines = self.logs.lines, []
         return lines
+
+
+async def _workspace_ids(database_url: str) -> set[str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return set(await db.workspace_ids(conn))
+    finally:
+        await conn.close()
 
 
 async def _read_answer(reader: asyncio.StreamReader) -> Call:
@@ -719,8 +737,10 @@ async def final_checks(fz: Fuzzed) -> dict[str, int]:
             break
         await asyncio.sleep(0.1)
     await sc.flush()
+    # Only what this run wrote: the database may hold other tests' workspaces (a shared session database).
+    ours = set(await sc.workspace_ids()) - fz.workspaces_before
     async with sc.svc.pool.acquire() as conn:
-        rows = await conn.fetch("SELECT * FROM ledger WHERE kind = 'usage'")
+        rows = await conn.fetch("SELECT * FROM ledger WHERE kind = 'usage' AND workspace_id = ANY($1)", list(ours))
         tables = await conn.fetch(
             "SELECT table_name FROM information_schema.tables"
             " WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"
@@ -728,10 +748,15 @@ async def final_checks(fz: Fuzzed) -> dict[str, int]:
         at_rest = []
         for table in tables:
             name = table["table_name"]
-            at_rest += [str(dict(r)) for r in await conn.fetch(f'SELECT * FROM "{name}" LIMIT 200000')]
+            for row in await conn.fetch(f'SELECT * FROM "{name}" LIMIT 200000'):
+                row = dict(row)
+                if row.get("workspace_id", row.get("id")) in fz.workspaces_before:
+                    continue
+                at_rest.append(str(row))
     by_request: dict[str, list] = {}
     for row in rows:
-        by_request.setdefault(row["request_id"], []).append(row)
+        if row["request_id"] is not None:
+            by_request.setdefault(row["request_id"], []).append(row)
     charged_non_200 = [
         (request_id, status, case)
         for request_id, status, case in fz.calls
@@ -764,7 +789,7 @@ async def final_checks(fz: Fuzzed) -> dict[str, int]:
             if value is not None and fz.leaked(value if isinstance(value, bytes) else str(value).encode()):
                 leaked_redis.append(name)
     assert not leaked_redis, f"secret at rest in Redis: {leaked_redis[:5]}"
-    workspaces = await sc.workspace_ids()
+    workspaces = sorted(ours)
     for ws in workspaces:
         await sc.assert_identity(ws)
     for line in fz.new_log_lines():
