@@ -45,7 +45,7 @@ TARGETS = ("direct", "passthrough", "sidecar")
 MB = 1_000_000
 QUIET_CORES = 0.25  # background load below which the machine counts as quiet
 INTERFERENCE_CORES = 0.35  # other load during a run above which the run is done again (once)
-MAX_RERUNS = 8  # keeps a run on a busy machine bounded in time
+RERUNS_MAX = 8  # keeps a run on a busy machine bounded in time
 FLUSH_TIMEOUT_S = 30.0  # the longest a flush measurement waits for its backlog to land
 CHAT_PATH = "/v1/chat/completions"
 PROMPT = "hello there, how are you today?"
@@ -317,7 +317,7 @@ class Bench:
 
     async def _retry_allowed(self, what: str, unaccounted: float) -> bool:
         """Once per run, within a global budget: wait for the other load to pass, then run it again."""
-        if self.reruns >= MAX_RERUNS:
+        if self.reruns >= RERUNS_MAX:
             return False
         self.reruns += 1
         self.results["reruns"].append(f"{what}: {unaccounted:.2f} cores of other load")

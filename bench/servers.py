@@ -33,7 +33,7 @@ BENCH_CREDITS_MICRO = 10**12  # 1,000,000 credits
 PRICING = {
     "profile": "bench",
     "currency": "USD",
-    "minimum_charge": "0.000001",
+    "charge_min": "0.000001",
     "models": {MODEL: {"input": "0.15", "output": "0.60", "cache_read": "0.075"}},
 }
 
@@ -89,7 +89,7 @@ def sidecar_config(directory: Path, provider_url: str, port: int, ops_port: int)
         "pricing_file": "pricing.yaml",
         "server": {"host": HOST, "port": port, "ops_port": ops_port, "drain_timeout_ms": 2000},
         # 1,000 concurrent streams need 1,000 upstream connections; the default pool (512) would queue half.
-        "upstream": {"pool_size": 4096},
+        "upstream": {"pool_connections_max": 4096},
         "providers": [
             {
                 "name": "mock",
@@ -100,7 +100,7 @@ def sidecar_config(directory: Path, provider_url: str, port: int, ops_port: int)
             }
         ],
         "models": [
-            {"name": MODEL, "provider": "mock", "default_max_output_tokens": 256, "context_window_tokens": 128000}
+            {"name": MODEL, "provider": "mock", "max_output_tokens_default": 256, "context_window_tokens": 128000}
         ],
     }
     directory.mkdir(parents=True, exist_ok=True)

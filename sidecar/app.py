@@ -21,7 +21,7 @@ from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
 from sidecar.byok import keys as byok_keys
 from sidecar.byok.keys import Resolver
-from sidecar.byok.vault import KekMissing, KeyRing, Vault, check_startup
+from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_startup
 from sidecar.config import Config
 from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
@@ -37,7 +37,7 @@ from sidecar.state.store import State, StateLimits
 log = logging.getLogger("sidecar.app")
 
 SHUTDOWN_SETTLE_S = 5.0
-REDIS_MAX_CONNECTIONS = 128
+REDIS_CONNECTIONS_MAX = 128
 REDIS_POOL_WAIT_S = 5.0
 
 
@@ -51,7 +51,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     # A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing.
     redis_pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url,
-        max_connections=REDIS_MAX_CONNECTIONS,
+        max_connections=REDIS_CONNECTIONS_MAX,
         timeout=REDIS_POOL_WAIT_S,
         socket_timeout=5,
         socket_connect_timeout=2,
@@ -107,7 +107,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         log.warning("could not load Lua scripts at start; they load on first use")
     await warn_if_evicting(client)
     return Services(
-        spool=Spool(config.holds.spool_dir, config.holds.spool_max_entries),
+        spool=Spool(config.holds.spool_dir, config.holds.spool_entries_max),
         buffer_budget=ByteBudget(config.upstream.buffered_answers_bytes_max),
         config=config,
         state=state,
@@ -125,7 +125,10 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
 async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
     """The BYOK vault from SIDECAR_KEK / SIDECAR_KEK_FILE. Refuse to start when stored BYOK keys could
     not be opened: calls would otherwise silently move to the platform key and the customer's credits."""
-    ring = KeyRing.from_env(os.environ if env is None else env)
+    try:
+        ring = KeyRing.from_env(os.environ if env is None else env)
+    except VaultError as exc:  # a malformed SIDECAR_KEK / SIDECAR_KEK_FILE: say which, in one line
+        raise SystemExit(f"sidecar: {exc}") from None
     async with pg_pool.acquire() as conn:
         stored_kek_ids = await byok_keys.kek_ids(conn)
     try:
@@ -145,7 +148,7 @@ def build_data_app(svc: Services) -> web.Application:
     config = svc.config
     limiter = FailedAuthLimiter(config.auth.failed_auth_max, config.auth.failed_auth_window_ms)
     guard = serving.guard(serving.protocol_error_body, config.server.body_read_timeout_ms / 1000, limiter)
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[guard])
+    app = web.Application(client_max_size=config.server.body_bytes_max, middlewares=[guard])
     app[serving.ERROR_BODY] = serving.protocol_error_body
     app[handler.SERVICES] = svc
     handler.add_routes(app)

@@ -69,8 +69,8 @@ class Finding:
 @dataclass(frozen=True, slots=True)
 class Limits:
     hold_grace_ms: int = 60_000  # the sweeper runs every few seconds: a minute late is a stopped sweeper
-    backlog_age_max_ms: int = 300_000
-    owed_age_max_ms: int = 300_000
+    backlog_age_ms_max: int = 300_000
+    owed_age_ms_max: int = 300_000
 
 
 @dataclass
@@ -247,7 +247,7 @@ async def _compare(conn: asyncpg.Connection, ws: str, view: _RedisView, limits: 
             ws,
         )
     for row in owed:
-        if row["age_ms"] > limits.owed_age_max_ms:
+        if row["age_ms"] > limits.owed_age_ms_max:
             found.append(
                 Finding(
                     Kind.OWED_TO_REDIS,
@@ -298,7 +298,7 @@ async def _compare(conn: asyncpg.Connection, ws: str, view: _RedisView, limits: 
         )
     if view.entries:
         oldest_ms = min(at for *_, at in view.entries)
-        if view.now_ms - oldest_ms > limits.backlog_age_max_ms:
+        if view.now_ms - oldest_ms > limits.backlog_age_ms_max:
             found.append(
                 Finding(
                     Kind.STREAM_BACKLOG,

@@ -26,8 +26,8 @@ from sidecar import db
 
 KEY_PREFIX = "sk-sc-"
 _KEY_SHAPE = re.compile(r"sk-sc-[A-Za-z0-9_-]{43}\Z")  # what new_key makes: the prefix and 32 bytes, base64url
-_CACHE_MAX_ENTRIES = 50_000
-_MISS_CACHE_MAX_ENTRIES = 20_000
+_CACHE_ENTRIES_MAX = 50_000
+_MISS_CACHE_ENTRIES_MAX = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +52,8 @@ class Authenticator:
         self,
         pool: asyncpg.Pool,
         cache_ttl_ms: int,
-        max_entries: int = _CACHE_MAX_ENTRIES,
-        max_misses: int = _MISS_CACHE_MAX_ENTRIES,
+        max_entries: int = _CACHE_ENTRIES_MAX,
+        max_misses: int = _MISS_CACHE_ENTRIES_MAX,
     ) -> None:
         assert cache_ttl_ms <= 5_000
         self.pool = pool

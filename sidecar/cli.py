@@ -1,4 +1,4 @@
-"""The one CLI: `sidecar serve | control | dev | migrate | audit | mock-provider`."""
+"""The one CLI: `sidecar serve | control | dev | migrate | audit | mock-provider | kek | token-hash | schema`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from types import ModuleType
 from sidecar.config import Config, ConfigError, load_config
 from sidecar.observability.logging import setup_logging
 
-DEFAULT_CONFIG = os.environ.get("SIDECAR_CONFIG", "config/sidecar.yaml")
+CONFIG_PATH_DEFAULT = os.environ.get("SIDECAR_CONFIG", "config/sidecar.yaml")
 
 
 def _load(path: str) -> Config:
@@ -114,8 +114,8 @@ def _audit(args: argparse.Namespace) -> int:
         redis_url, database_url = redis_url or config.redis_url, database_url or config.database_url
     limits = audit.Limits(
         hold_grace_ms=args.hold_grace_ms,
-        backlog_age_max_ms=args.backlog_age_max_ms,
-        owed_age_max_ms=args.owed_age_max_ms,
+        backlog_age_ms_max=args.backlog_age_ms_max,
+        owed_age_ms_max=args.owed_age_ms_max,
     )
     try:
         report = asyncio.run(audit.run(redis_url, database_url, limits, args.workspace or None))
@@ -144,25 +144,30 @@ def _main(argv: list[str] | None) -> int:
         ("migrate", "apply the Postgres schema migrations"),
     ):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file (env SIDECAR_CONFIG)")
+        cmd.add_argument("--config", default=CONFIG_PATH_DEFAULT, help="YAML config file (env SIDECAR_CONFIG)")
         cmd.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "INFO"))
     kek = sub.add_parser("kek", help="key-encryption keys of the BYOK vault")
     kek_sub = kek.add_subparsers(dest="kek_command", required=True)
     kek_sub.add_parser("generate", help="print a new random KEK (id:base64) for SIDECAR_KEK / SIDECAR_KEK_FILE")
     rotate = kek_sub.add_parser("rotate", help="re-wrap every stored data key under the newest configured KEK")
-    rotate.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file (env SIDECAR_CONFIG)")
+    rotate.add_argument("--config", default=CONFIG_PATH_DEFAULT, help="YAML config file (env SIDECAR_CONFIG)")
     audit = sub.add_parser("audit", help="check every workspace's money: ledger, accounts and Redis; exit 1 on drift")
-    audit.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file, for the URLs not given below")
+    audit.add_argument("--config", default=CONFIG_PATH_DEFAULT, help="YAML config file, for the URLs not given below")
     audit.add_argument("--redis-url", default=os.environ.get("SIDECAR_REDIS_URL"))
     audit.add_argument("--database-url", default=os.environ.get("SIDECAR_DATABASE_URL"))
     audit.add_argument("--workspace", action="append", help="audit only this workspace (repeatable)")
     audit.add_argument("--hold-grace-ms", type=int, default=60_000, help="how late a hold may be before it is drift")
-    audit.add_argument("--backlog-age-max-ms", type=int, default=300_000, help="oldest unflushed event allowed")
-    audit.add_argument("--owed-age-max-ms", type=int, default=300_000, help="oldest change owed to Redis allowed")
+    audit.add_argument(
+        "--backlog-age-ms-max", "--backlog-age-max-ms", type=int, default=300_000, help="oldest unflushed event allowed"
+    )
+    audit.add_argument(
+        "--owed-age-ms-max", "--owed-age-max-ms", type=int, default=300_000, help="oldest change owed to Redis allowed"
+    )
     audit.add_argument("--textfile", help="write the findings as Prometheus gauges to this file")
     audit.add_argument("--pushgateway", help="push the findings as Prometheus gauges to this Pushgateway")
     audit.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "WARNING"))
     sub.add_parser("token-hash", help="read an admin token on stdin, print the SHA-256 to put in admin_tokens")
+    sub.add_parser("schema", help="print the JSON Schema of the Helm chart's values (make schema writes it)")
     dev = sub.add_parser("dev", help="everything on one machine, with embedded Redis/Postgres and a mock provider")
     dev.add_argument("--data-dir", default=".sidecar-dev", help="where embedded Redis/Postgres keep their data")
     dev.add_argument("--port", type=int, default=8080)
@@ -183,6 +188,13 @@ def _main(argv: list[str] | None) -> int:
         if not token:
             parser.error("token-hash: give the token on standard input")
         print(hashlib.sha256(token.encode()).hexdigest())
+        return 0
+    if args.command == "schema":
+        import json
+
+        from sidecar.config import values_schema
+
+        print(json.dumps(values_schema(), indent=2))
         return 0
     if args.command == "kek":
         return _kek(args)

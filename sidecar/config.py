@@ -1,26 +1,63 @@
 """Configuration: one YAML file, a pricing file beside it, and environment overrides.
 
-A wrong config fails at start with a ConfigError naming the key and the problem. Durations are in
-milliseconds and sizes in bytes, and every name says so.
+The file's shape is declared once, as msgspec structs below: they check a file (a wrong config fails at
+start with a ConfigError naming the key and the problem), they are what the code reads, and they give
+the JSON Schema of the Helm chart's values (`sidecar schema`). What one key cannot say alone (a hold
+outliving a call, a model's provider existing) is checked by hand, after. Durations are in
+milliseconds and sizes in bytes, every name says so, and units and qualifiers come last
+(`body_bytes_max`, docs/architecture.md). Keys renamed by that rule are still read, with a warning.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
+import msgspec
 import yaml
+from msgspec import Meta, Struct
 
+from sidecar.errors import StartupError
 from sidecar.money import MoneyError, parse_credits, parse_price_per_million
 from sidecar.pricing import CostProfile, ModelPrice, TokenPrices
 from sidecar.protocols.base import ROUTING_FIELDS
 
-PROTOCOLS = ("openai", "anthropic")  # the wire-protocol family a provider's base URL speaks
+log = logging.getLogger(__name__)
 
+Protocol = Literal["openai", "anthropic"]  # the wire-protocol family a provider's base URL speaks
+PROTOCOLS = get_args(Protocol)
+Permission = Literal["WORKSPACES_MANAGE", "KEYS_MANAGE", "CREDITS_MANAGE", "TENANT_MANAGE", "READ"]
+PERMISSIONS = get_args(Permission)
+RoutingField = Literal[ROUTING_FIELDS]  # OpenRouter's request fields a model may allow
+TARGETS_MAX = 8
+
+Natural = Annotated[int, Meta(ge=0)]
+Positive = Annotated[int, Meta(ge=1)]
+TimeoutMs = Annotated[int, Meta(ge=100)]  # shorter would fail healthy calls, not protect anything
+WindowMs = Annotated[int, Meta(ge=1_000)]
+Name = Annotated[str, Meta(min_length=1)]
+
+# Old key -> new key: read for one more release (0.2), with a warning naming both. `[]` is every item.
+RENAMED = {
+    "server.max_body_bytes": "server.body_bytes_max",
+    "server.max_connections": "server.connections_max",
+    "server.ops_max_connections": "server.ops_connections_max",
+    "auth.default_rpm": "auth.rpm_default",
+    "upstream.pool_size": "upstream.pool_connections_max",
+    "holds.spool_max_entries": "holds.spool_entries_max",
+    "holds.sweep_batch_max": "holds.sweep_batch_holds_max",
+    "ledger.batch_max_rows": "ledger.batch_rows_max",
+    "ledger.batch_max_age_ms": "ledger.batch_age_ms_max",
+    "ledger.retry_backoff_max_ms": "ledger.retry_backoff_ms_max",
+    "billing.idempotency_max_body_bytes": "billing.idempotency_body_bytes_max",
+    "models[].default_max_output_tokens": "models[].max_output_tokens_default",
+    "pricing.minimum_charge": "pricing.charge_min",  # pricing.yaml
+}
 
 _NEVER_FORWARDED = {
     "authorization",
@@ -39,105 +76,174 @@ _NEVER_FORWARDED = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(StartupError, ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class ServerConfig:
+class _Strict(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Strict):
     host: str = "127.0.0.1"
-    port: int = 8080
-    ops_port: int = 9090
-    max_body_bytes: int = 8 * 1024 * 1024
-    drain_timeout_ms: int = 30_000
+    port: Natural = 8080
+    ops_port: Natural = 9090
+    body_bytes_max: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
+    drain_timeout_ms: Natural = 30_000
     # Slow and idle clients (README, security): a request's head must arrive within
     # header_read_timeout_ms of its first byte (of the connection's opening, for the first request),
     # its body within body_read_timeout_ms, and an idle keep-alive connection is closed after
     # keepalive_timeout_ms (keep it above any load balancer's idle timeout in front).
-    header_read_timeout_ms: int = 10_000
-    body_read_timeout_ms: int = 30_000
-    keepalive_timeout_ms: int = 75_000
+    header_read_timeout_ms: TimeoutMs = 10_000
+    body_read_timeout_ms: TimeoutMs = 30_000
+    keepalive_timeout_ms: TimeoutMs = 75_000
     # Open connections per port; past it a new one gets 503 and is closed. 0: half the process's
     # open-file limit, so upstream connections, Postgres, Redis and the ops port keep descriptors.
-    max_connections: int = 0
-    ops_max_connections: int = 64  # the ops port's own budget: probes and scrapes only
+    connections_max: Natural = 0
+    ops_connections_max: Positive = 64  # the ops port's own budget: probes and scrapes only
 
 
-@dataclass(frozen=True)
-class AuthConfig:
-    cache_ttl_ms: int = 2_000
-    default_rpm: int = 40
-    rate_window_ms: int = 60_000
+class AuthConfig(_Strict):
+    cache_ttl_ms: Annotated[int, Meta(ge=0, le=5_000, description="so a revoked key stops working within 5 s")] = 2_000
+    rpm_default: Positive = 40
+    rate_window_ms: WindowMs = 60_000
     # A source address with this many failed authentications in a window is refused (429) until
     # the window ends, without a key lookup. 0 turns it off.
-    failed_auth_max: int = 50
-    failed_auth_window_ms: int = 60_000
+    failed_auth_max: Natural = 50
+    failed_auth_window_ms: Natural = 60_000
+
+    def __post_init__(self) -> None:
+        if self.failed_auth_max and self.failed_auth_window_ms < 1_000:
+            raise ValueError("failed_auth_window_ms: must be at least 1000")
 
 
-@dataclass(frozen=True)
-class UpstreamConfig:
-    connect_timeout_ms: int = 5_000
-    first_byte_timeout_ms: int = 120_000
-    idle_timeout_ms: int = 120_000
-    total_timeout_ms: int = 600_000
+class UpstreamConfig(_Strict):
+    connect_timeout_ms: Natural = 5_000
+    first_byte_timeout_ms: Natural = 120_000
+    idle_timeout_ms: Natural = 120_000
+    total_timeout_ms: Natural = 600_000
     # A client that takes longer than this to accept one relayed chunk has, in effect, left.
-    write_timeout_ms: int = 30_000
+    write_timeout_ms: TimeoutMs = 30_000
     # After a client hangs up mid-stream, keep reading (not relaying) the provider's stream this long
     # for its usage count: an estimate from bytes misses images, cached prefixes and reasoning.
-    usage_wait_after_hangup_ms: int = 30_000
+    usage_wait_after_hangup_ms: Natural = 30_000
     # Memory all buffered (non-streamed) answers of the process may hold at once; past it a call is
     # refused with 503 rather than let a few huge answers exhaust the process.
-    buffered_answers_bytes_max: int = 256 * 1024 * 1024
-    pool_size: int = 512
+    buffered_answers_bytes_max: Positive = 256 * 1024 * 1024
+    pool_connections_max: Natural = 512  # per provider; 0: no limit
 
 
-@dataclass(frozen=True)
-class HoldConfig:
-    ttl_ms: int = 900_000
-    settle_budget_ms: int = 60_000  # how long a call may keep retrying its settlement
+class HoldConfig(_Strict):
+    ttl_ms: Natural = 900_000
+    settle_budget_ms: TimeoutMs = 60_000  # how long a call may keep retrying its settlement
     # Settlements Redis could not take within the budget wait here, on disk, to be replayed.
     spool_dir: str = "/var/lib/sidecar/spool"
-    spool_max_entries: int = 100_000
-    sweep_interval_ms: int = 5_000
-    sweep_batch_max: int = 200
+    spool_entries_max: Positive = 100_000
+    sweep_interval_ms: Natural = 5_000
+    sweep_batch_holds_max: Natural = 200
     # How long past its deadline a hold is left to its own call before the sweeper voids it: room for a
     # settlement spooled while Redis was down to be replayed once Redis is back (proxy/spool.py).
-    sweep_grace_ms: int = 60_000
+    sweep_grace_ms: Natural = 60_000
 
 
-@dataclass(frozen=True)
-class LedgerConfig:
-    batch_max_rows: int = 500
-    batch_max_age_ms: int = 200
-    claim_idle_ms: int = 30_000
-    retry_backoff_max_ms: int = 5_000
-    workspace_refresh_ms: int = 5_000
+class LedgerConfig(_Strict):
+    batch_rows_max: Annotated[int, Meta(ge=1, le=10_000)] = 500
+    batch_age_ms_max: Natural = 200
+    claim_idle_ms: Natural = 30_000
+    retry_backoff_ms_max: Natural = 5_000
+    workspace_refresh_ms: Natural = 5_000
 
 
-@dataclass(frozen=True)
-class BillingConfig:
+class BillingConfig(_Strict):
     bill_observed_on_upstream_failure: bool = False
-    idempotency_ttl_ms: int = 86_400_000
-    idempotency_max_body_bytes: int = 1024 * 1024
+    idempotency_ttl_ms: Natural = 86_400_000
+    idempotency_body_bytes_max: Natural = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class LimitsConfig:
+class LimitsConfig(_Strict):
     """Bounds that keep one key or workspace from taking what others need; 0 = none."""
 
-    concurrent_calls_per_key: int = 64
-    concurrent_calls_per_workspace: int = 512
-    idempotency_replay_bytes_per_workspace: int = 64 * 1024 * 1024
-    idempotency_replay_bytes_total: int = 1024 * 1024 * 1024
+    concurrent_calls_per_key: Natural = 64
+    concurrent_calls_per_workspace: Natural = 512
+    idempotency_replay_bytes_per_workspace: Natural = 64 * 1024 * 1024
+    idempotency_replay_bytes_total: Natural = 1024 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class ByokConfig:
-    failure_cooldown_ms: int = 300_000  # a refused customer key is not tried again for this long
-    validate_timeout_ms: int = 10_000
+class ByokConfig(_Strict):
+    failure_cooldown_ms: Natural = 300_000  # a refused customer key is not tried again for this long
+    validate_timeout_ms: Natural = 10_000
 
 
-PERMISSIONS = ("WORKSPACES_MANAGE", "KEYS_MANAGE", "CREDITS_MANAGE", "TENANT_MANAGE", "READ")
+class ProviderConfig(_Strict):
+    name: Name
+    protocol: Protocol
+    base_url: Name
+    api_key_env: str | None = None
+    forward_headers: tuple[str, ...] = ()  # client headers passed upstream beyond the built-in allow-list
+    openrouter: bool = False  # OpenRouter's dialect: its own request fields and attribution headers
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url: must start with http:// or https://, got {self.base_url!r}")
+        if not all(h.strip() for h in self.forward_headers):
+            raise ValueError("forward_headers: must be a list of header names")
+        if {h.lower() for h in self.forward_headers} & _NEVER_FORWARDED:
+            raise ValueError("forward_headers: credentials and hop-by-hop headers are never forwarded")
+        msgspec.structs.force_setattr(self, "base_url", self.base_url.rstrip("/"))
+        msgspec.structs.force_setattr(self, "forward_headers", tuple(h.lower() for h in self.forward_headers))
+
+
+class Target(_Strict):
+    """One way to serve a model: a provider, its id for the model, and the price entry to bill."""
+
+    provider: Name
+    upstream_model: str | None = None  # default: the model's name
+    price: str | None = None  # default: the model's name
+
+
+class ModelConfig(_Strict):
+    name: Name
+    max_output_tokens_default: Positive  # injected when a client sends no cap, so the hold has a ceiling
+    # Required: it bounds the input of a call with images, audio or files, whose tokens are not
+    # bounded by their bytes, so the hold is a real worst case.
+    context_window_tokens: Positive
+    aliases: tuple[Name, ...] = ()
+    provider: str | None = None  # with upstream_model: the one-target shorthand of `targets`
+    upstream_model: str | None = None
+    # Tried in order; the next one only if nothing reached the client yet.
+    targets: Annotated[tuple[Target, ...], Meta(max_length=TARGETS_MAX)] = ()
+    # OpenRouter routing fields (protocols.base.ROUTING_FIELDS) a client may send for this model;
+    # the others get a 400. With `models` allowed, the hold is at the dearest model listed.
+    allow_routing_fields: tuple[RoutingField, ...] = ()
+
+
+class AdminTokenEntry(_Strict):
+    name: Name
+    sha256: str  # of the token: `sidecar token-hash`
+    permissions: Annotated[frozenset[Permission], Meta(min_length=1)]
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
+            raise ValueError("sha256: must be the 64 hex digits of the token's SHA-256 (`sidecar token-hash`)")
+
+
+class ConfigFile(_Strict):
+    """sidecar.yaml, as written."""
+
+    providers: Annotated[tuple[ProviderConfig, ...], Meta(min_length=1)]
+    models: Annotated[tuple[ModelConfig, ...], Meta(min_length=1)]
+    redis_url: str = ""
+    database_url: str = ""
+    pricing_file: str = "pricing.yaml"  # relative to this file
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    holds: HoldConfig = HoldConfig()
+    ledger: LedgerConfig = LedgerConfig()
+    billing: BillingConfig = BillingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    byok: ByokConfig = ByokConfig()
+    admin_tokens: tuple[AdminTokenEntry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,45 +253,6 @@ class AdminToken:
     name: str
     sha256: bytes
     permissions: frozenset[str]
-
-
-@dataclass(frozen=True)
-class ProviderConfig:
-    name: str
-    protocol: str
-    base_url: str
-    api_key_env: str | None
-    forward_headers: tuple[str, ...] = ()  # client headers passed upstream beyond the built-in allow-list
-    openrouter: bool = False  # OpenRouter's dialect: its own request fields and attribution headers
-
-
-@dataclass(frozen=True)
-class Target:
-    """One way to serve a model: a provider, its id for the model, and the price entry to bill."""
-
-    provider: str
-    upstream_model: str
-    price: str
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str
-    targets: tuple[Target, ...]  # tried in order; the next one only if nothing reached the client yet
-    default_max_output_tokens: int
-    context_window_tokens: int
-    aliases: tuple[str, ...] = ()
-    # OpenRouter routing fields (protocols.base.ROUTING_FIELDS) a client may send for this model;
-    # the others get a 400. With `models` allowed, the hold is at the dearest model listed.
-    allow_routing_fields: tuple[str, ...] = ()
-
-    @property
-    def provider(self) -> str:
-        return self.targets[0].provider
-
-    @property
-    def upstream_model(self) -> str:
-        return self.targets[0].upstream_model
 
 
 @dataclass(frozen=True)
@@ -215,159 +282,103 @@ class Config:
         return sorted({m.name: m for m in self.models.values()}.values(), key=lambda m: m.name)
 
 
-# --- parsing helpers: each names the key path in its error ---------------------------------------
-
-
-def _section(raw: dict, key: str, path: str) -> dict:
-    value = raw.get(key, {}) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}{key}: must be a mapping, got {type(value).__name__}")
-    return value
-
-
-def _build(cls: type, raw: dict, path: str) -> Any:
-    known = {f for f in cls.__dataclass_fields__}
-    _no_unknown_keys(raw, tuple(sorted(known)), path)
-    defaults = cls()
-    values = {}
-    for name in known:
-        default = getattr(defaults, name)
-        value = raw.get(name, default)
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{path}{name}: must be true or false, got {value!r}")
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{path}{name}: must be a non-negative integer, got {value!r}")
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise ConfigError(f"{path}{name}: must be a string, got {value!r}")
-        values[name] = value
-    return cls(**values)
-
-
-_PROVIDER_KEYS = ("name", "protocol", "base_url", "api_key_env", "forward_headers", "openrouter")
-_MODEL_KEYS = (
-    "name",
-    "aliases",
-    "provider",
-    "upstream_model",
-    "targets",
-    "default_max_output_tokens",
-    "context_window_tokens",
-    "allow_routing_fields",
-)
-
-
-def _no_unknown_keys(raw: dict, known: tuple[str, ...], path: str) -> None:
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ConfigError(f"{path}{unknown[0]}: unknown key (known: {', '.join(known)})")
-
-
-def _require_str(raw: dict, key: str, path: str) -> str:
-    value = raw.get(key)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{path}{key}: required, must be a non-empty string")
-    return value
-
-
-def _parse_providers(items: Any) -> dict[str, ProviderConfig]:
-    if not isinstance(items, list) or not items:
-        raise ConfigError("providers: must be a non-empty list")
+def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = "<dict>") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a mapping")
+    file = _convert(_renamed(_without_nulls(raw), ""), ConfigFile)
     providers: dict[str, ProviderConfig] = {}
-    for i, raw in enumerate(items):
-        path = f"providers[{i}]."
-        if not isinstance(raw, dict):
-            raise ConfigError(f"providers[{i}]: must be a mapping")
-        _no_unknown_keys(raw, _PROVIDER_KEYS, path)
-        name = _require_str(raw, "name", path)
-        protocol = _require_str(raw, "protocol", path)
-        if protocol not in PROTOCOLS:
-            raise ConfigError(f"{path}protocol: unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
-        base_url = _require_str(raw, "base_url", path).rstrip("/")
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{path}base_url: must start with http:// or https://, got {base_url!r}")
-        if name in providers:
-            raise ConfigError(f"{path}name: duplicate provider {name!r}")
-        forward = raw.get("forward_headers") or []
-        if not isinstance(forward, list) or not all(isinstance(h, str) and h.strip() for h in forward):
-            raise ConfigError(f"{path}forward_headers: must be a list of header names")
-        if {h.lower() for h in forward} & _NEVER_FORWARDED:
-            raise ConfigError(f"{path}forward_headers: credentials and hop-by-hop headers are never forwarded")
-        openrouter = raw.get("openrouter", False)
-        if not isinstance(openrouter, bool):
-            raise ConfigError(f"{path}openrouter: must be true or false")
-        providers[name] = ProviderConfig(
-            name, protocol, base_url, raw.get("api_key_env"), tuple(h.lower() for h in forward), openrouter
-        )
-    return providers
-
-
-def _parse_models(items: Any, providers: dict[str, ProviderConfig]) -> dict[str, ModelConfig]:
-    if not isinstance(items, list) or not items:
-        raise ConfigError("models: must be a non-empty list")
+    for i, provider in enumerate(file.providers):
+        if provider.name in providers:
+            raise ConfigError(f"providers[{i}].name: duplicate provider {provider.name!r}")
+        providers[provider.name] = provider
+    pricing = parse_pricing(pricing_raw, "pricing")
     models: dict[str, ModelConfig] = {}
-    for i, raw in enumerate(items):
-        path = f"models[{i}]."
-        if not isinstance(raw, dict):
-            raise ConfigError(f"models[{i}]: must be a mapping")
-        _no_unknown_keys(raw, _MODEL_KEYS, path)
-        name = _require_str(raw, "name", path)
-        targets = _parse_targets(raw, name, providers, path)
-        cap = raw.get("default_max_output_tokens")
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
-            raise ConfigError(f"{path}default_max_output_tokens: required, must be a positive integer")
-        window = raw.get("context_window_tokens")
-        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-            # Required: it bounds the input of a call with images, audio or files, whose tokens
-            # are not bounded by their bytes, so the hold is a real worst case.
-            raise ConfigError(f"{path}context_window_tokens: required, must be a positive integer")
-        aliases = raw.get("aliases") or []
-        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
-            raise ConfigError(f"{path}aliases: must be a list of names")
-        routing = raw.get("allow_routing_fields") or []
-        if not isinstance(routing, list) or not set(routing) <= set(ROUTING_FIELDS):
-            raise ConfigError(f"{path}allow_routing_fields: must be a list of {', '.join(ROUTING_FIELDS)}")
-        model = ModelConfig(
-            name=name,
-            targets=targets,
-            default_max_output_tokens=cap,
-            context_window_tokens=window,
-            aliases=tuple(aliases),
-            allow_routing_fields=tuple(routing),
-        )
-        for public in (name, *aliases):
+    for i, given in enumerate(file.models):
+        model = _with_targets(given, providers, pricing, f"models[{i}].")
+        for public in (model.name, *model.aliases):
             if public in models:
-                raise ConfigError(f"{path}name: model name or alias {public!r} is defined twice")
+                raise ConfigError(f"models[{i}].name: model name or alias {public!r} is defined twice")
             models[public] = model
-    return models
+    bootstrap = env.get("SIDECAR_ADMIN_TOKEN") or None
+    admin_tokens = [AdminToken(t.name, bytes.fromhex(t.sha256), t.permissions) for t in file.admin_tokens]
+    if bootstrap:  # the environment's token may do everything
+        admin_tokens.insert(
+            0, AdminToken("bootstrap", hashlib.sha256(bootstrap.encode()).digest(), frozenset(PERMISSIONS))
+        )
+    holds = file.holds
+    if env.get("SIDECAR_SPOOL_DIR"):
+        holds = msgspec.structs.replace(holds, spool_dir=env["SIDECAR_SPOOL_DIR"])
+    config = Config(
+        redis_url=env.get("SIDECAR_REDIS_URL") or file.redis_url,
+        database_url=env.get("SIDECAR_DATABASE_URL") or file.database_url,
+        admin_token=bootstrap,
+        server=file.server,
+        auth=file.auth,
+        upstream=file.upstream,
+        holds=holds,
+        ledger=file.ledger,
+        billing=file.billing,
+        byok=file.byok,
+        limits=file.limits,
+        admin_tokens=tuple(admin_tokens),
+        providers=providers,
+        models=models,
+        pricing=pricing,
+        source=source,
+    )
+    _check_hold_outlives_call(config)
+    return config
 
 
-def _parse_targets(raw: dict, name: str, providers: dict[str, ProviderConfig], path: str) -> tuple[Target, ...]:
-    """`targets: [{provider, upstream_model, price}]`, or the one-target shorthand `provider` + `upstream_model`."""
-    if "targets" in raw:
-        if "provider" in raw or "upstream_model" in raw:
-            raise ConfigError(f"{path}targets: give either targets or provider/upstream_model, not both")
-        items = raw["targets"]
-        if not isinstance(items, list) or not items or len(items) > MAX_TARGETS:
-            raise ConfigError(f"{path}targets: must be a list of 1 to {MAX_TARGETS} targets")
-    else:
-        items = [{"provider": raw.get("provider"), "upstream_model": raw.get("upstream_model")}]
+def _with_targets(model: ModelConfig, providers: dict, pricing: CostProfile, path: str) -> ModelConfig:
+    """`targets: [{provider, upstream_model, price}]`, or the one-target shorthand `provider` + `upstream_model`,
+    as the full list, each target's provider known and its price listed."""
+    if model.targets and (model.provider or model.upstream_model):
+        raise ConfigError(f"{path}targets: give either targets or provider/upstream_model, not both")
+    if not model.targets and not model.provider:
+        raise ConfigError(f"{path}provider: required, must be a non-empty string (or give targets)")
+    given = model.targets or (Target(provider=model.provider, upstream_model=model.upstream_model),)
     targets = []
-    for j, item in enumerate(items):
-        where = f"{path}targets[{j}]." if "targets" in raw else path
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where.rstrip('.')}: must be a mapping")
-        _no_unknown_keys(item, ("provider", "upstream_model", "price"), where)
-        provider = _require_str(item, "provider", where)
-        if provider not in providers:
-            raise ConfigError(f"{where}provider: unknown provider {provider!r}")
-        upstream = item.get("upstream_model") or name
-        targets.append(Target(provider, upstream, str(item.get("price") or name)))
-    return tuple(targets)
+    for j, target in enumerate(given):
+        where = f"{path}targets[{j}]." if model.targets else path
+        if target.provider not in providers:
+            raise ConfigError(f"{where}provider: unknown provider {target.provider!r}")
+        price = target.price or model.name
+        if price not in pricing.models:
+            raise ConfigError(
+                f"pricing: models.{price}: missing, every model needs a price (used by model {model.name})"
+            )
+        targets.append(
+            Target(provider=target.provider, upstream_model=target.upstream_model or model.name, price=price)
+        )
+    first = targets[0]
+    return msgspec.structs.replace(
+        model, targets=tuple(targets), provider=first.provider, upstream_model=first.upstream_model
+    )
 
 
-MAX_TARGETS = 8
+def _check_hold_outlives_call(config: Config) -> None:
+    # A hold must outlive one attempt of the call it covers, relay and settlement retries included, or
+    # the sweeper would void a live call's hold. Each further attempt (fallback, BYOK retry) pushes the
+    # deadline by as much again (handler._extend_hold).
+    upstream = config.upstream
+    longest_attempt_ms = (
+        upstream.first_byte_timeout_ms
+        + upstream.total_timeout_ms
+        + upstream.usage_wait_after_hangup_ms
+        + config.server.drain_timeout_ms
+        + config.holds.settle_budget_ms
+    )
+    if config.holds.ttl_ms <= longest_attempt_ms:
+        raise ConfigError(
+            "holds.ttl_ms: must exceed upstream.first_byte_timeout_ms + upstream.total_timeout_ms + "
+            "upstream.usage_wait_after_hangup_ms + server.drain_timeout_ms + holds.settle_budget_ms "
+            f"({longest_attempt_ms})"
+        )
+
+
+# --- pricing.yaml ----------------------------------------------------------------------------------
+
 _PRICE_CLASSES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
 
 
@@ -394,10 +405,11 @@ def _parse_prices(raw: Any, path: str) -> TokenPrices:
 def parse_pricing(raw: Any, source: str) -> CostProfile:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: must be a mapping")
+    raw = _renamed(raw, "pricing.")
     try:
-        minimum = parse_credits(str(raw.get("minimum_charge", "0")))
+        charge_min = parse_credits(str(raw.get("charge_min", "0")))
     except MoneyError as exc:
-        raise ConfigError(f"{source}: minimum_charge: {exc}") from None
+        raise ConfigError(f"{source}: charge_min: {exc}") from None
     models_raw = raw.get("models")
     if not isinstance(models_raw, dict) or not models_raw:
         raise ConfigError(f"{source}: models: must be a non-empty mapping of model name to prices")
@@ -412,9 +424,113 @@ def parse_pricing(raw: Any, source: str) -> CostProfile:
     return CostProfile(
         name=str(raw.get("profile", "default")),
         currency=str(raw.get("currency", "USD")),
-        minimum_charge_micro=minimum,
+        charge_micro_min=charge_min,
         models=models,
     )
+
+
+# --- from YAML to structs: renamed keys, msgspec's errors in the words of this file -----------------
+
+
+def _without_nulls(raw: Any) -> Any:
+    """An empty YAML key (`server:`) means its default, as if it were not written."""
+    if isinstance(raw, dict):
+        return {k: _without_nulls(v) for k, v in raw.items() if v is not None}
+    if isinstance(raw, list):
+        return [_without_nulls(v) for v in raw]
+    return raw
+
+
+def _renamed(raw: dict, root: str) -> dict:
+    """A copy of `raw` with every old key of RENAMED under `root` moved to its new name, each with a warning."""
+    raw = dict(raw)
+    for old, new in RENAMED.items():
+        if old.startswith("pricing.") == (root == "pricing."):  # sidecar.yaml's keys, or pricing.yaml's
+            *parents, old_key = old.removeprefix(root).split(".")
+            _rename_in(raw, parents, old_key, new.rsplit(".", 1)[1], root)
+    return raw
+
+
+def _rename_in(node: Any, parents: list[str], old_key: str, new_key: str, where: str) -> None:
+    if parents:
+        head, rest = parents[0], parents[1:]
+        if head.endswith("[]") and isinstance(node.get(head[:-2]), list):
+            node[head[:-2]] = items = [dict(i) if isinstance(i, dict) else i for i in node[head[:-2]]]
+            for i, item in enumerate(items):
+                _rename_in(item, rest, old_key, new_key, f"{where}{head[:-2]}[{i}].")
+        elif isinstance(node.get(head), dict):
+            node[head] = dict(node[head])
+            _rename_in(node[head], rest, old_key, new_key, f"{where}{head}.")
+        return
+    if isinstance(node, dict) and old_key in node:
+        if new_key in node:
+            raise ConfigError(f"{where}{old_key}: renamed {where}{new_key}, which is also given; keep only {new_key}")
+        node[new_key] = node.pop(old_key)
+        log.warning(
+            "config key %s%s is renamed %s%s; the old name is read until version 0.2", where, old_key, where, new_key
+        )
+
+
+def _convert(raw: dict, kind: type) -> Any:
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_in_our_words(str(exc), kind)) from None
+
+
+_DECLARED_ORDER = {tuple(sorted(v)): v for v in (PROTOCOLS, PERMISSIONS, ROUTING_FIELDS)}  # msgspec sorts them
+_TYPE_WORDS = {"int": "a non-negative integer", "str": "a string", "bool": "true or false", "object": "a mapping"}
+_TYPE_WORDS |= {"array": "a list", "str | null": "a string"}
+
+
+def _in_our_words(message: str, kind: type) -> str:
+    """msgspec's 'Expected `int`, got `str` - at `$.server.port`'
+    -> 'server.port: must be a non-negative integer, got str'."""
+    text, _, at = message.partition(" - at `$")
+    path = at.rstrip("`").lstrip(".")
+    if found := re.fullmatch(r"Object contains unknown field `(.+)`", text):
+        known = ", ".join(sorted(f.name for f in _type_at(kind, path).fields))
+        return f"{_join(path, found[1])}: unknown key (known: {known})"
+    if found := re.fullmatch(r"Object missing required field `(.+)`", text):
+        return f"{_join(path, found[1])}: required"
+    if found := re.fullmatch(r"Invalid enum value (.+)", text):
+        declared = _type_at(kind, path).values
+        values = ", ".join(_DECLARED_ORDER.get(declared, declared))
+        if listed := re.fullmatch(r"(.*)\[\d+\]", path):
+            return f"{listed[1]}: must be a list of {values}, got {found[1]}"
+        return f"{path}: unknown {path.rsplit('.', 1)[-1]} {found[1]} (known: {values})"
+    if found := re.fullmatch(r"Expected `(.+)`, got `(.+)`", text):
+        got = {"object": "a mapping", "array": "a list"}.get(found[2], found[2])
+        return f"{path}: must be {_TYPE_WORDS.get(found[1], found[1])}, got {got}"
+    if found := re.fullmatch(r"Expected `int` ([<>])= (\d+)", text):
+        bound = ("at least " if found[1] == ">" else "at most ") + found[2]
+        why = _type_at(kind, path, why=True)
+        return f"{path}: must be {'a non-negative integer' if bound == 'at least 0' else bound}" + why
+    if found := re.fullmatch(r"Expected `(?:array|str)` of length >= 1", text):
+        return f"{path}: must not be empty"
+    if found := re.fullmatch(r"Expected `array` of length <= (\d+)", text):
+        return f"{path}: must have at most {found[1]} items"
+    if re.fullmatch(r"[a-z_0-9]+: .*", text):  # a __post_init__'s "key: problem", at the struct's path
+        return _join(path, text)
+    return f"{path or '<top>'}: {text}"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_at(kind: type, path: str, why: bool = False) -> Any:
+    """The msgspec.inspect type at `path` ('models[0].targets[1]') of struct `kind`; with `why`, the reason
+    its Meta gives for its bounds, as ' (reason)', or ''."""
+    node: Any = msgspec.inspect.type_info(kind)
+    reason = ""
+    for step in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        node = node.item_type if step.startswith("[") else next(f.type for f in node.fields if f.name == step)
+        reason = ""
+        while isinstance(node, msgspec.inspect.Metadata):
+            reason = reason or (node.extra_json_schema or {}).get("description", "")
+            node = node.type
+    return (f" ({reason})" if reason else "") if why else node
 
 
 def _read_yaml(path: Path) -> Any:
@@ -426,137 +542,52 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
-def _with_env_spool_dir(holds: HoldConfig, env: dict[str, str]) -> HoldConfig:
-    spool_dir = env.get("SIDECAR_SPOOL_DIR")
-    return dataclasses.replace(holds, spool_dir=spool_dir) if spool_dir else holds
-
-
-def parse_config(raw: dict, pricing_raw: Any, env: dict[str, str], source: str = "<dict>") -> Config:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: must be a mapping")
-    known = {
-        "redis_url",
-        "database_url",
-        "server",
-        "auth",
-        "upstream",
-        "holds",
-        "ledger",
-        "billing",
-        "providers",
-        "models",
-        "pricing_file",
-        "byok",
-        "limits",
-        "admin_tokens",
-    }
-    _no_unknown_keys(raw, tuple(sorted(known)), "")
-    providers = _parse_providers(raw.get("providers"))
-    models = _parse_models(raw.get("models"), providers)
-    pricing = parse_pricing(pricing_raw, "pricing")
-    for model in {m.name: m for m in models.values()}.values():
-        for target in model.targets:
-            if target.price not in pricing.models:
-                raise ConfigError(
-                    f"pricing: models.{target.price}: missing, every model needs a price (used by model {model.name})"
-                )
-    config = Config(
-        redis_url=env.get("SIDECAR_REDIS_URL") or raw.get("redis_url") or "",
-        database_url=env.get("SIDECAR_DATABASE_URL") or raw.get("database_url") or "",
-        admin_token=env.get("SIDECAR_ADMIN_TOKEN") or None,
-        server=_build(ServerConfig, _section(raw, "server", ""), "server."),
-        auth=_build(AuthConfig, _section(raw, "auth", ""), "auth."),
-        upstream=_build(UpstreamConfig, _section(raw, "upstream", ""), "upstream."),
-        holds=_with_env_spool_dir(_build(HoldConfig, _section(raw, "holds", ""), "holds."), env),
-        ledger=_build(LedgerConfig, _section(raw, "ledger", ""), "ledger."),
-        billing=_build(BillingConfig, _section(raw, "billing", ""), "billing."),
-        byok=_build(ByokConfig, _section(raw, "byok", ""), "byok."),
-        limits=_build(LimitsConfig, _section(raw, "limits", ""), "limits."),
-        admin_tokens=_parse_admin_tokens(raw.get("admin_tokens"), env.get("SIDECAR_ADMIN_TOKEN")),
-        providers=providers,
-        models=models,
-        pricing=pricing,
-        source=source,
-    )
-    _check_limits(config)
-    return config
-
-
-def _parse_admin_tokens(items: Any, bootstrap: str | None) -> tuple[AdminToken, ...]:
-    """`admin_tokens: [{name, sha256, permissions}]`, plus SIDECAR_ADMIN_TOKEN with every permission."""
-    tokens = []
-    if bootstrap:
-        tokens.append(AdminToken("bootstrap", hashlib.sha256(bootstrap.encode()).digest(), frozenset(PERMISSIONS)))
-    if items is None:
-        return tuple(tokens)
-    if not isinstance(items, list):
-        raise ConfigError("admin_tokens: must be a list")
-    for i, raw in enumerate(items):
-        path = f"admin_tokens[{i}]."
-        if not isinstance(raw, dict):
-            raise ConfigError(f"admin_tokens[{i}]: must be a mapping")
-        _no_unknown_keys(raw, ("name", "sha256", "permissions"), path)
-        name = _require_str(raw, "name", path)
-        digest = _require_str(raw, "sha256", path)
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
-            raise ConfigError(f"{path}sha256: must be the 64 hex digits of the token's SHA-256 (`sidecar token-hash`)")
-        permissions = raw.get("permissions")
-        if not isinstance(permissions, list) or not permissions or not set(permissions) <= set(PERMISSIONS):
-            raise ConfigError(f"{path}permissions: must be a non-empty list of {', '.join(PERMISSIONS)}")
-        tokens.append(AdminToken(name, bytes.fromhex(digest), frozenset(permissions)))
-    return tuple(tokens)
-
-
-def _check_limits(config: Config) -> None:
-    if config.auth.cache_ttl_ms > 5_000:
-        raise ConfigError("auth.cache_ttl_ms: must be at most 5000, so a revoked key stops working within 5 s")
-    if config.auth.default_rpm < 1 or config.auth.rate_window_ms < 1_000:
-        raise ConfigError("auth.default_rpm / auth.rate_window_ms: must be >= 1 and >= 1000")
-    # A hold must outlive one attempt of the call it covers, relay and settlement retries included, or
-    # the sweeper would void a live call's hold. Each further attempt (fallback, BYOK retry) pushes the
-    # deadline by as much again (handler._extend_hold).
-    upstream = config.upstream
-    longest_attempt_ms = (
-        upstream.first_byte_timeout_ms
-        + upstream.total_timeout_ms
-        + upstream.usage_wait_after_hangup_ms
-        + config.server.drain_timeout_ms
-        + config.holds.settle_budget_ms
-    )
-    if config.holds.ttl_ms <= longest_attempt_ms:
-        raise ConfigError(
-            "holds.ttl_ms: must exceed upstream.first_byte_timeout_ms + upstream.total_timeout_ms + "
-            "upstream.usage_wait_after_hangup_ms + server.drain_timeout_ms + holds.settle_budget_ms "
-            f"({longest_attempt_ms})"
-        )
-    if config.upstream.write_timeout_ms < 100:
-        raise ConfigError("upstream.write_timeout_ms: must be at least 100")
-    if config.holds.spool_max_entries < 1:
-        raise ConfigError("holds.spool_max_entries: must be at least 1")
-    if config.holds.settle_budget_ms < 100:
-        raise ConfigError("holds.settle_budget_ms: must be at least 100")
-    if not 1 <= config.ledger.batch_max_rows <= 10_000:
-        raise ConfigError("ledger.batch_max_rows: must be between 1 and 10000")
-    if config.server.max_body_bytes < 1024:
-        raise ConfigError("server.max_body_bytes: must be at least 1024")
-    for name in ("header_read_timeout_ms", "body_read_timeout_ms", "keepalive_timeout_ms"):
-        if getattr(config.server, name) < 100:
-            raise ConfigError(f"server.{name}: must be at least 100")
-    if config.server.ops_max_connections < 1:
-        raise ConfigError("server.ops_max_connections: must be at least 1")
-    if config.auth.failed_auth_max and config.auth.failed_auth_window_ms < 1_000:
-        raise ConfigError("auth.failed_auth_window_ms: must be at least 1000")
-
-
 def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> Config:
     env = dict(os.environ) if env is None else env
     config_path = Path(path)
     raw = _read_yaml(config_path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path}: must be a mapping")
-    pricing_path = config_path.parent / str(raw.get("pricing_file", "pricing.yaml"))
+    pricing_path = config_path.parent / str(raw.get("pricing_file") or "pricing.yaml")
     pricing_raw = _read_yaml(pricing_path)
     try:
         return parse_config(raw, pricing_raw, env, source=str(config_path))
     except ConfigError as exc:
         raise ConfigError(f"{config_path}: {exc}") from None
+
+
+# --- the Helm chart's values.schema.json -----------------------------------------------------------
+
+
+def values_schema() -> dict:
+    """JSON Schema of the chart's values: `config` is sidecar.yaml (old key names allowed, marked
+    deprecated), `pricing` is pricing.yaml (checked at start, see parse_pricing), the rest is the chart's."""
+    (config_schema,), definitions = msgspec.json.schema_components([ConfigFile], ref_template="#/definitions/{name}")
+    for old, new in RENAMED.items():
+        if old.startswith("pricing."):
+            continue
+        *parents, old_key = old.split(".")
+        struct = definitions["ConfigFile"]
+        for parent in parents:
+            ref = struct["properties"][parent.removesuffix("[]")]
+            struct = definitions[(ref.get("items") or ref)["$ref"].rsplit("/", 1)[1]]
+        new_key = new.rsplit(".", 1)[1]
+        struct["properties"][old_key] = {
+            **struct["properties"][new_key],
+            "deprecated": True,
+            "description": f"renamed {new}",
+        }
+    for definition in definitions.values():
+        if not definition.get("required", True):  # draft-04 readers refuse an empty list
+            del definition["required"]
+    schema = {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "ai-metering-sidecar values",
+        "type": "object",
+        "properties": {
+            "config": config_schema,
+            "pricing": {"type": "object", "description": "pricing.yaml: credits per 1M tokens, as decimal strings"},
+        },
+        "definitions": definitions,
+    }
+    return msgspec.json.decode(msgspec.json.encode(schema))  # plain JSON values: tuple defaults become lists

@@ -8,7 +8,8 @@ from datetime import datetime
 
 import asyncpg
 
-from sidecar.money import MAX_AMOUNT_MICRO, format_micro
+from sidecar.errors import DomainError
+from sidecar.money import AMOUNT_MICRO_MAX, format_micro
 
 # A Postgres that is down, starting, stopping, failing over, overloaded or cut off mid-query: an
 # outage, answered "unavailable, retry shortly". Every other PostgresError (a syntax error, an
@@ -56,17 +57,17 @@ class GrantResult:
     pg_version: int  # the account version the grant committed at
 
 
-class GrantConflict(Exception):
+class GrantConflict(DomainError):
     """The same grant id was used before with a different amount or kind."""
 
 
-class BalanceLimitExceeded(Exception):
-    """The grant would push the balance past MAX_AMOUNT_MICRO (nothing is recorded)."""
+class BalanceLimitExceeded(DomainError):
+    """The grant would push the balance past AMOUNT_MICRO_MAX (nothing is recorded)."""
 
     def __init__(self, workspace_id: str, balance_micro: int, amount_micro: int) -> None:
         super().__init__(
             f"a grant of {format_micro(amount_micro)} credits would bring the balance of {workspace_id} "
-            f"({format_micro(balance_micro)}) past the limit of {format_micro(MAX_AMOUNT_MICRO)} credits"
+            f"({format_micro(balance_micro)}) past the limit of {format_micro(AMOUNT_MICRO_MAX)} credits"
         )
 
 
@@ -182,8 +183,8 @@ async def grant(
     """Record a grant in the ledger and the account, once per grant id, in one transaction."""
     if kind not in ("grant", "topup"):
         raise ValueError(f"grant kind must be 'grant' or 'topup', not {kind!r}")
-    if not 0 < amount_micro <= MAX_AMOUNT_MICRO:
-        raise ValueError(f"grant amount must be positive and at most {MAX_AMOUNT_MICRO} micro-credits")
+    if not 0 < amount_micro <= AMOUNT_MICRO_MAX:
+        raise ValueError(f"grant amount must be positive and at most {AMOUNT_MICRO_MAX} micro-credits")
     async with conn.transaction():
         event_id = uuid.uuid4()
         inserted = await conn.fetchval(
@@ -221,7 +222,7 @@ async def grant(
             amount_micro,
             account["balance_micro"],
         )
-        if account["balance_micro"] > MAX_AMOUNT_MICRO:  # raising rolls the whole grant back
+        if account["balance_micro"] > AMOUNT_MICRO_MAX:  # raising rolls the whole grant back
             raise BalanceLimitExceeded(workspace_id, account["balance_micro"] - amount_micro, amount_micro)
         await conn.execute(
             "UPDATE grants SET pg_version = $3 WHERE workspace_id = $1 AND grant_id = $2",

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import re
 
+from sidecar.errors import DomainError
+
 MICRO_PER_CREDIT = 1_000_000
 PRICE_SCALE = 1_000_000_000  # a price is stored as (micro-credits per token) * PRICE_SCALE
 PRICE_DECIMALS_MAX = 9
 # Lua numbers are doubles: exact only below 2^53 (and written in exponent form from 10^17). Every
 # balance, hold and grant stays at most this, far under 2^53, so Redis's arithmetic stays exact.
-MAX_AMOUNT_MICRO = 10**15  # a billion credits
+AMOUNT_MICRO_MAX = 10**15  # a billion credits
 
 _DECIMAL_RE = re.compile(r"^(0|[1-9][0-9]{0,11})(?:\.([0-9]{1,9}))?$")
 
 
-class MoneyError(ValueError):
+class MoneyError(DomainError, ValueError):
     pass
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
+from sidecar.observability.metrics import Metrics, RedisCheck
 from sidecar.services import Services
 
 log = logging.getLogger("sidecar.ops")
@@ -34,13 +35,15 @@ async def readyz(request: web.Request) -> web.Response:
             checks["scripts"] = "ok" if await svc.state.scripts_loaded() else "not loaded"
             if checks["scripts"] != "ok":
                 await svc.state.load_scripts()
-            policy = await eviction_policy(svc.state.redis)
+            policy, aof = await check_redis_safety(svc.state.redis, svc.metrics)
             problem = eviction_problem(policy)
             if policy is None:
                 warnings.append(problem)
             else:
                 checks["redis_eviction"] = problem or "ok"
-            if await _redis_setting(svc, "appendonly") != "yes":
+            if aof is None:
+                warnings.append("could not read redis aof_enabled (INFO persistence refused); production needs AOF")
+            elif not aof:
                 warnings.append("redis appendonly is off; production needs AOF so settled events survive a restart")
     except Exception as exc:  # any failure means not ready; the type says which
         checks.setdefault("redis", f"error: {type(exc).__name__}")
@@ -74,6 +77,31 @@ async def eviction_policy(redis: aioredis.Redis) -> str | None:
     return _text(policy) if policy is not None else None
 
 
+async def aof_enabled(redis: aioredis.Redis) -> bool | None:
+    """Whether Redis writes an append-only file, from INFO persistence (allowed where CONFIG is not).
+    None when Redis will not say."""
+    try:
+        value = (await redis.info("persistence")).get("aof_enabled")
+    except RedisError:
+        return None
+    return None if value is None else int(value) == 1
+
+
+async def check_redis_safety(redis: aioredis.Redis, metrics: Metrics) -> tuple[str | None, bool | None]:
+    """Read the eviction policy and AOF state, and export both as gauges (the alerts read them)."""
+    policy = await eviction_policy(redis)
+    aof = await aof_enabled(redis)
+    metrics.redis_noeviction.set(_check(None if policy is None else policy == "noeviction"))
+    metrics.redis_aof_enabled.set(_check(aof))
+    return policy, aof
+
+
+def _check(value: bool | None) -> RedisCheck:
+    if value is None:
+        return RedisCheck.UNKNOWN
+    return RedisCheck.ON if value else RedisCheck.OFF
+
+
 def eviction_problem(policy: str | None) -> str | None:
     """Why this policy cannot serve money, or None. Any eviction loses state: an evicted idempotency
     record bills a retried call twice; an evicted account is reloaded while its holds survive."""
@@ -101,22 +129,13 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def _redis_setting(svc: Services, name: str) -> str:
-    try:
-        reply = await svc.state.redis.config_get(name)
-    except Exception:  # managed Redis services often refuse CONFIG: nothing to report then
-        return "unknown"
-    for key, value in reply.items():
-        if (key.decode() if isinstance(key, bytes) else key) == name:
-            return value.decode() if isinstance(value, bytes) else str(value)
-    return "unknown"
-
-
 async def metrics(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
     try:
-        svc.metrics.ledger_lag.set(await asyncio.wait_for(svc.flusher.backlog(), _CHECK_TIMEOUT_S))
-    except Exception:  # the gauge keeps its last value when Redis is away
+        async with asyncio.timeout(_CHECK_TIMEOUT_S):
+            svc.metrics.ledger_lag.set(await svc.flusher.backlog())
+            await check_redis_safety(svc.state.redis, svc.metrics)
+    except Exception:  # the gauges keep their last values when Redis is away
         pass
     body = generate_latest(svc.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -79,7 +79,7 @@ class ModelPrice:
 class CostProfile:
     name: str
     currency: str
-    minimum_charge_micro: int
+    charge_micro_min: int
     models: dict[str, ModelPrice]
 
     def price_of(self, model: str) -> ModelPrice | None:
@@ -92,7 +92,7 @@ class CostProfile:
         """
         if usage.is_empty or price.sell.is_free:
             return 0
-        return max(ceil_div(price.sell.scaled_cost(usage), PRICE_SCALE), self.minimum_charge_micro)
+        return max(ceil_div(price.sell.scaled_cost(usage), PRICE_SCALE), self.charge_micro_min)
 
     def upstream_cost_micro(self, price: ModelPrice, usage: Usage) -> int:
         return ceil_div(price.upstream.scaled_cost(usage), PRICE_SCALE)
@@ -103,4 +103,4 @@ class CostProfile:
         if price.sell.is_free:
             return 0
         scaled = max_input_tokens * price.sell.max_input_class + max_output_tokens * price.sell.output
-        return max(ceil_div(scaled, PRICE_SCALE), self.minimum_charge_micro)
+        return max(ceil_div(scaled, PRICE_SCALE), self.charge_micro_min)

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable
 
 REDACTED = "[REDACTED]"
-MIN_SECRET_CHARS = 8  # shorter "secrets" would redact ordinary words; no provider key is this short
+SECRET_CHARS_MIN = 8  # shorter "secrets" would redact ordinary words; no provider key is this short
 
 
 def _char_pattern(char: str) -> str:
@@ -39,13 +39,13 @@ def _pattern(secret: str) -> str:
 
 
 class Scrubber:
-    """Replaces every given secret (strings of at least MIN_SECRET_CHARS; None and shorter ones are
+    """Replaces every given secret (strings of at least SECRET_CHARS_MIN; None and shorter ones are
     ignored) with REDACTED, in str and in bytes (UTF-8)."""
 
     __slots__ = ("_bytes_re", "_text_re")
 
     def __init__(self, secrets: Iterable[str | None]) -> None:
-        unique = sorted({s for s in secrets if s and len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True)
+        unique = sorted({s for s in secrets if s and len(s) >= SECRET_CHARS_MIN}, key=len, reverse=True)
         if unique:
             source = "|".join(_pattern(s) for s in unique)
             self._text_re: re.Pattern[str] | None = re.compile(source)
@@ -95,7 +95,7 @@ def _shape(match: re.Match[str]) -> str:
 def remember(secret: str | None) -> None:
     """A credential of the whole process (a platform key, the bootstrap admin token): never logged."""
     global _process_scrubber
-    if secret and len(secret) >= MIN_SECRET_CHARS and secret not in _process_secrets:
+    if secret and len(secret) >= SECRET_CHARS_MIN and secret not in _process_secrets:
         _process_secrets.add(secret)
         _process_scrubber = Scrubber(_process_secrets)
 

@@ -39,7 +39,7 @@ log = logging.getLogger("sidecar.serving")
 # (path or None when unknown, HTTP status, message, code) -> the JSON body of the error.
 ErrorBody = Callable[[str | None, int, str, str], bytes]
 ERROR_BODY = web.AppKey("error_body", object)
-FILE_LIMIT_CEILING = 65_536
+OPEN_FILES_MAX = 65_536
 _HEAD_PREFIX_BYTES = 256  # enough of a request's first line to know its path
 
 
@@ -47,7 +47,7 @@ _HEAD_PREFIX_BYTES = 256  # enough of a request's first line to know its path
 class Limits:
     header_read_timeout_s: float
     keepalive_timeout_s: float
-    max_connections: int
+    connections_max: int
 
 
 # --- envelopes -------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ class _RequestHandler(RequestHandler):
 
     def connection_made(self, transport) -> None:
         server = self._manager
-        if server.open_connections >= server.limits.max_connections:
+        if server.open_connections >= server.limits.connections_max:
             self._refused = True
             body = server.error_body(None, 503, "too many open connections; retry shortly", "too_many_connections")
             transport.write(
@@ -327,23 +327,23 @@ async def start(app: web.Application, host: str, port: int, limits: Limits, shut
 def raise_file_limit() -> int:
     """Lift the soft open-file limit to the hard one (bounded); returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = min(hard if hard != resource.RLIM_INFINITY else FILE_LIMIT_CEILING, FILE_LIMIT_CEILING)
+    wanted = min(hard if hard != resource.RLIM_INFINITY else OPEN_FILES_MAX, OPEN_FILES_MAX)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
         except (ValueError, OSError):
             pass
-    return soft if soft != resource.RLIM_INFINITY else FILE_LIMIT_CEILING
+    return soft if soft != resource.RLIM_INFINITY else OPEN_FILES_MAX
 
 
 def data_limits(server_config, file_limit: int) -> Limits:
-    """The data and control ports' limits from `server:` config; max_connections 0 means half the
+    """The data and control ports' limits from `server:` config; connections_max 0 means half the
     open-file limit, leaving the rest to upstream connections, the databases and the ops port."""
     return Limits(
         header_read_timeout_s=server_config.header_read_timeout_ms / 1000,
         keepalive_timeout_s=server_config.keepalive_timeout_ms / 1000,
-        max_connections=server_config.max_connections or max(file_limit // 2, 16),
+        connections_max=server_config.connections_max or max(file_limit // 2, 16),
     )
 
 
@@ -351,5 +351,5 @@ def ops_limits(server_config) -> Limits:
     return Limits(
         header_read_timeout_s=server_config.header_read_timeout_ms / 1000,
         keepalive_timeout_s=server_config.keepalive_timeout_ms / 1000,
-        max_connections=server_config.ops_max_connections,
+        connections_max=server_config.ops_connections_max,
     )

@@ -23,9 +23,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MAX_EVENT_BYTES", "SSEError", "SSEEvent", "SSEFramer"]
+from sidecar.errors import DomainError
 
-DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
+__all__ = ["EVENT_BYTES_MAX_DEFAULT", "SSEError", "SSEEvent", "SSEFramer"]
+
+EVENT_BYTES_MAX_DEFAULT = 4 * 1024 * 1024
 
 _CR = 0x0D
 _LF = 0x0A
@@ -34,7 +36,7 @@ _BOM = b"\xef\xbb\xbf"
 _BLANK_LINE_WITH_CR = re.compile(rb"\n\n|\n\r|\r\r")
 
 
-class SSEError(ValueError):
+class SSEError(DomainError, ValueError):
     """The upstream stream breaks a framing bound (an event larger than max_event_bytes)."""
 
 
@@ -53,7 +55,7 @@ class SSEEvent:
 
 
 class SSEFramer:
-    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+    def __init__(self, max_event_bytes: int = EVENT_BYTES_MAX_DEFAULT) -> None:
         if max_event_bytes <= 0:
             raise ValueError("max_event_bytes must be positive")
         self._max_event_bytes = max_event_bytes

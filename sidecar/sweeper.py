@@ -23,9 +23,9 @@ from sidecar.state.store import ExpireOutcome, ExpireStatus, State
 log = logging.getLogger("sidecar.sweeper")
 
 
-async def sweep_workspace(state: State, ws: str, batch_max: int, grace_ms: int = 0) -> int:
+async def sweep_workspace(state: State, ws: str, holds_max: int, grace_ms: int = 0) -> int:
     voided = 0
-    for hold_id in await state.due_holds(ws, batch_max, grace_ms):
+    for hold_id in await state.due_holds(ws, holds_max, grace_ms):
         if await state.expire(ws, hold_id, ExpireStatus.EXPIRED, grace_ms) is ExpireOutcome.VOIDED:
             voided += 1
     return voided
@@ -36,18 +36,31 @@ async def sweep_all(state: State, pool: asyncpg.Pool, config: HoldConfig) -> int
         workspaces = await db.workspace_ids(conn)
     voided = 0
     for ws in workspaces:
-        voided += await sweep_workspace(state, ws, config.sweep_batch_max, config.sweep_grace_ms)
+        voided += await sweep_workspace(state, ws, config.sweep_batch_holds_max, config.sweep_grace_ms)
     return voided
 
 
 async def run(state: State, pool: asyncpg.Pool, config: HoldConfig, metrics: Metrics, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    grace_s = config.sweep_grace_ms / 1000
+    # Since when Redis has answered every round. After an outage (and at start) nothing is voided until
+    # Redis has been back for the grace: the spools of every replica (one pass a second) replay first,
+    # so a call whose settlement waited out the outage is billed, not expired at 0.
+    available_since: float | None = None
     while not stop.is_set():
         try:
-            voided = await sweep_all(state, pool, config)
-            if voided:
-                metrics.holds_expired.inc(voided)
-                log.warning("voided expired holds", extra={"holds": voided})
-        except (RedisError, OSError, asyncpg.PostgresError, ValueError) as exc:
+            await state.ping()
+            if available_since is None:
+                available_since = loop.time()
+            if loop.time() - available_since >= grace_s:
+                voided = await sweep_all(state, pool, config)
+                if voided:
+                    metrics.holds_expired.inc(voided)
+                    log.warning("voided expired holds", extra={"holds": voided})
+        except (RedisError, OSError) as exc:
+            available_since = None
+            log.warning("hold sweep failed; will retry", extra={"error": type(exc).__name__})
+        except (asyncpg.PostgresError, ValueError) as exc:
             log.warning("hold sweep failed; will retry", extra={"error": type(exc).__name__})
         try:
             await asyncio.wait_for(stop.wait(), config.sweep_interval_ms / 1000)

@@ -78,7 +78,7 @@ async def test_a_redis_balance_drift_a_stuck_flusher_and_dead_letters_are_found(
     ws = await _with_calls(sidecar)
     await redis_client.hincrby(keys.acct(ws.id), "balance", 42)
     await asyncio.sleep(0.05)
-    limits = Limits(backlog_age_max_ms=10)
+    limits = Limits(backlog_age_ms_max=10)
     assert await _kinds(sidecar, ws.id, limits) == [Kind.REDIS_BALANCE, Kind.STREAM_BACKLOG]
     await redis_client.xadd(keys.dead_letters(ws.id), {b"e": b"{}"})
     assert Kind.DEAD_LETTERS in await _kinds(sidecar, ws.id, limits)

@@ -224,6 +224,13 @@ async def test_startup_refuses_without_the_kek_of_stored_keys(sidecar: Sidecar) 
         await open_services(sidecar.svc.config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY})
 
 
+async def test_startup_says_in_one_line_that_the_kek_is_malformed(sidecar: Sidecar) -> None:
+    malformed = "not-a-key-" + "x" * 20
+    with pytest.raises(SystemExit, match="SIDECAR_KEK") as exited:
+        await open_services(sidecar.svc.config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY, "SIDECAR_KEK": malformed})
+    assert malformed not in str(exited.value)
+
+
 async def test_customer_keys_never_leak(sidecar: Sidecar, caplog) -> None:
     caplog.set_level(logging.DEBUG)
     ws = await sidecar.workspace(credits_micro=1_000_000)

@@ -10,7 +10,6 @@ in advance (`expected_cost`).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import shutil
 import signal
 import time
@@ -19,6 +18,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
+import msgspec
 import orjson
 import pytest
 import pytest_asyncio
@@ -34,7 +34,7 @@ from sidecar.sweeper import sweep_all
 
 CREDITS = 1_000_000
 INPUT_MICRO, OUTPUT_MICRO = 5, 25  # gpt-4o-mini in the harness's pricing, per token
-DEFAULT_CAP = 100  # gpt-4o-mini's default_max_output_tokens in the harness's config
+MAX_OUTPUT_TOKENS_DEFAULT = 100  # gpt-4o-mini's max_output_tokens_default in the harness's config
 MOCK_CHUNKS = 8  # the mock provider's default completion length
 JSON = {"Content-Type": "application/json"}
 
@@ -50,7 +50,7 @@ def call_body(i: int, stream: bool) -> dict:
 
 
 def expected_cost(body: dict, chunks: int = MOCK_CHUNKS) -> int:
-    return INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * min(chunks, DEFAULT_CAP)
+    return INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * min(chunks, MAX_OUTPUT_TOKENS_DEFAULT)
 
 
 def stream_usage(raw: bytes) -> dict:
@@ -150,7 +150,7 @@ async def read_until(resp: aiohttp.ClientResponse, needle: bytes, count: int, ti
 def fresh_flusher(sc: Sidecar, consumer: str, **ledger: int) -> Flusher:
     """A flusher of a 'new process': its own consumer name, sharing the harness's Redis and Postgres."""
     flusher = Flusher(
-        sc.svc.state.redis, sc.svc.pool, sc.svc.balances, dataclasses.replace(sc.svc.config.ledger, **ledger)
+        sc.svc.state.redis, sc.svc.pool, sc.svc.balances, msgspec.structs.replace(sc.svc.config.ledger, **ledger)
     )
     flusher.consumer = consumer
     return flusher
@@ -407,7 +407,7 @@ async def test_redis_restarted_empty_rebuilds_balances_once(private_redis, migra
 
 def expected_hold(body: dict) -> int:
     """The price ceiling the handler holds: input bounded by the body's bytes, plus the output cap."""
-    return INPUT_MICRO * len(orjson.dumps(body)) + OUTPUT_MICRO * DEFAULT_CAP
+    return INPUT_MICRO * len(orjson.dumps(body)) + OUTPUT_MICRO * MAX_OUTPUT_TOKENS_DEFAULT
 
 
 # --- 5. the sidecar process is killed mid-stream -----------------------------------------------------

@@ -18,7 +18,7 @@ from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
 
 from sidecar import db
 from sidecar.ledger.migrate import migrate_url, migration_files
-from sidecar.money import MAX_AMOUNT_MICRO
+from sidecar.money import AMOUNT_MICRO_MAX
 
 
 async def test_ledger_refuses_update_delete_truncate(sidecar: Sidecar) -> None:
@@ -211,14 +211,14 @@ async def test_rows_in_the_default_partition_move_into_their_new_partition(fresh
 
 
 async def test_a_grant_past_the_balance_limit_is_refused(sidecar: Sidecar) -> None:
-    ws = await sidecar.workspace(credits_micro=MAX_AMOUNT_MICRO - 10)
+    ws = await sidecar.workspace(credits_micro=AMOUNT_MICRO_MAX - 10)
     status, body = await sidecar.admin("POST", f"/workspaces/{ws.id}/grants", {"grant_id": "over", "amount_micro": 11})
     assert status == 409 and body["error"]["code"] == "balance_limit", body
     assert "limit" in body["error"]["message"]
     status, _ = await sidecar.admin("POST", f"/workspaces/{ws.id}/grants", {"grant_id": "at", "amount_micro": 10})
     assert status == 201
     identity = await sidecar.assert_identity(ws.id)
-    assert identity["account_balance"] == MAX_AMOUNT_MICRO
+    assert identity["account_balance"] == AMOUNT_MICRO_MAX
     async with sidecar.svc.pool.acquire() as conn:
         with pytest.raises(ValueError, match="at most"):
-            await db.grant(conn, ws.id, "huge", "grant", MAX_AMOUNT_MICRO + 1)
+            await db.grant(conn, ws.id, "huge", "grant", AMOUNT_MICRO_MAX + 1)

@@ -84,7 +84,7 @@ async def test_models_list(client):
     response = await client.get("/v1/models", headers=AUTH)
     body = await response.json()
     assert response.status == 200 and body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == list(mock_provider.DEFAULT_MODELS)
+    assert [m["id"] for m in body["data"]] == list(mock_provider.MODELS_DEFAULT)
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer "}, {"Authorization": "Basic abc"}])
@@ -418,7 +418,7 @@ async def test_openai_sdk_sees_errors(sdk):
         async for _ in stream:
             pass
     models = await sdk.models.list()
-    assert [m.id async for m in models] == list(mock_provider.DEFAULT_MODELS)
+    assert [m.id async for m in models] == list(mock_provider.MODELS_DEFAULT)
 
 
 # ---- the CLI entry point --------------------------------------------------------------------------------
@@ -733,7 +733,7 @@ async def test_models_list_anthropic_shape(client):
         body = await (await client.get("/v1/models", headers=headers)).json()
         assert body["has_more"] is False
         assert (
-            body["first_id"] == mock_provider.DEFAULT_MODELS[0] and body["last_id"] == mock_provider.DEFAULT_MODELS[-1]
+            body["first_id"] == mock_provider.MODELS_DEFAULT[0] and body["last_id"] == mock_provider.MODELS_DEFAULT[-1]
         )
         assert body["data"][0] == {
             "type": "model",
@@ -819,7 +819,7 @@ async def test_anthropic_sdk_sees_errors(claude):
         async for _ in stream:
             pass
     models = await claude.models.list()
-    assert [m.id async for m in models] == list(mock_provider.DEFAULT_MODELS)
+    assert [m.id async for m in models] == list(mock_provider.MODELS_DEFAULT)
 
 
 # ---- OpenAI Responses ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from sidecar.pricing import Usage
 
 PRICING = parse_pricing(
     {
-        "minimum_charge": "0.001",
+        "charge_min": "0.001",
         "models": {
             "opus": {
                 "input": "5.00",
@@ -50,7 +50,7 @@ def test_rounding_happens_once_upwards() -> None:
     # 3 output tokens at 0.333333333 micro each = 0.999999999 micro, plus 1 input at 1e-9: exactly 1 micro.
     # Rounding each class separately would give 2.
     cost = PRICING.cost_micro(odd, Usage(input_tokens=1, output_tokens=3))
-    assert cost == max(1, PRICING.minimum_charge_micro)
+    assert cost == max(1, PRICING.charge_micro_min)
 
 
 def test_cache_classes_are_priced_per_model() -> None:
@@ -73,7 +73,7 @@ def test_cost_never_exceeds_the_ceiling(input_tokens: int, output_tokens: int, c
     assert isinstance(cost, int) and 0 <= cost <= ceiling
     # Exact: the cost is the smallest whole micro-credit at or above the true price.
     exact_nano = price.sell.scaled_cost(usage)
-    if not usage.is_empty and cost > PRICING.minimum_charge_micro:
+    if not usage.is_empty and cost > PRICING.charge_micro_min:
         assert (cost - 1) * 10**9 < exact_nano <= cost * 10**9
 
 

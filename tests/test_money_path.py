@@ -163,7 +163,7 @@ async def test_fallback_over_stalled_targets_keeps_its_hold(redis_client, redis_
     model = {
         "name": "slow-fallback",
         "targets": [*targets, {"provider": "mock", "upstream_model": "gpt-4o-mini", "price": "gpt-4o-mini"}],
-        "default_max_output_tokens": 100,
+        "max_output_tokens_default": 100,
         "context_window_tokens": 128000,
     }
     sc = await start_sidecar(redis_url, migrated_database_url, more_providers=stalls, more_models=[model], **timing)
@@ -317,3 +317,131 @@ async def test_at_shutdown_a_stuck_settlement_spools_at_the_cutoff(private_redis
     finally:
         with contextlib.suppress(Exception):
             await stop_sidecar(sc)
+
+
+# --- review findings: the spool never drops money in silence, and never stops ---------------------
+
+
+async def _spooled_call(sc: Sidecar, private_redis, key: str, want: int = 1) -> dict:
+    body = chat_body("spool me", stream=True, stream_options={"include_usage": True})
+    headers = {"Authorization": f"Bearer {key}", **JSON, "x-mock-chunks": "10", "x-mock-delay-ms": "50"}
+    async with sc.http.post(sc.data.make_url("/v1/chat/completions"), data=orjson.dumps(body), headers=headers) as resp:
+        seen = await asyncio.wait_for(resp.content.readany(), 5)
+        private_redis.kill()
+        seen += await asyncio.wait_for(resp.read(), 10)
+    assert b"[DONE]" in seen
+    for _ in range(100):
+        if sc.svc.spool.size() == want:
+            break
+        await asyncio.sleep(0.05)
+    assert sc.svc.spool.size() == want
+    return body
+
+
+async def test_a_replay_after_the_sweeper_expired_the_hold_is_set_aside_loudly(
+    private_redis, migrated_database_url
+) -> None:
+    """Redis came back after deadline + grace and the sweeper won the race: the spooled usage is not
+    deleted as if replayed, but set aside (dead/) and counted as a lost settlement for the alert."""
+    timing = {
+        "upstream": {"first_byte_timeout_ms": 500, "total_timeout_ms": 1500, "usage_wait_after_hangup_ms": 0},
+        "server": {"drain_timeout_ms": 100},
+        "holds": {"ttl_ms": 2500, "settle_budget_ms": 300, "sweep_grace_ms": 500},
+    }
+    sc = await start_sidecar(private_redis.url, migrated_database_url, **timing)
+    try:
+        ws = await sc.workspace(credits_micro=CREDITS)
+        await _spooled_call(sc, private_redis, ws.key)
+        await asyncio.sleep(3.2)  # Redis down past deadline + grace
+        private_redis.restart()
+        assert await sweep_all(sc.svc.state, sc.svc.pool, sc.svc.config.holds) == 1
+        assert await replay_spool(sc.svc) == 0, "not counted as replayed"
+        assert sc.svc.spool.size() == 0
+        assert len(list((sc.svc.spool.directory / "dead").iterdir())) == 1, "kept for the operator"
+        assert sc.svc.metrics.settlements_lost._value.get() == 1
+    finally:
+        with contextlib.suppress(Exception):
+            await stop_sidecar(sc)
+
+
+async def test_the_sweeper_waits_out_its_grace_after_redis_comes_back(
+    redis_client, redis_url, migrated_database_url
+) -> None:
+    """At start (and after any Redis outage) the sweeper voids nothing until Redis has answered for
+    `holds.sweep_grace_ms`: the spools replay first."""
+    from support.scripts import admit
+
+    from sidecar import sweeper
+
+    sc = await start_sidecar(redis_url, migrated_database_url, holds={"sweep_grace_ms": 1500, "sweep_interval_ms": 100})
+    stop = asyncio.Event()
+    try:
+        ws = await sc.workspace(credits_micro=CREDITS)
+        await sc.svc.balances.ensure_loaded(ws.id)
+        admitted = await admit(sc.svc.state, ws.id, ceiling=100, hold_ttl_ms=1, key_id=ws.key_id)
+        assert admitted.outcome.name == "ADMITTED"
+        await asyncio.sleep(0.05)  # past its deadline already
+        task = asyncio.create_task(sweeper.run(sc.svc.state, sc.svc.pool, sc.svc.config.holds, sc.svc.metrics, stop))
+        await asyncio.sleep(0.6)
+        assert await sc.svc.state.active_holds(ws.id) == 1, "not voided within the grace after start"
+        for _ in range(60):  # bounded: 3 s
+            if await sc.svc.state.active_holds(ws.id) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await sc.svc.state.active_holds(ws.id) == 0, "voided once the grace has passed"
+        stop.set()
+        await task
+    finally:
+        stop.set()
+        await stop_sidecar(sc)
+
+
+async def test_a_torn_spool_file_is_set_aside_and_replay_goes_on(private_redis, migrated_database_url) -> None:
+    sc = await start_sidecar(private_redis.url, migrated_database_url, holds={"settle_budget_ms": 300})
+    try:
+        ws = await sc.workspace(credits_micro=CREDITS)
+        torn = sc.svc.spool.directory / ("0" * 32 + ".json")
+        torn.write_bytes(b'{"ws": "x", "hol')
+        body = await _spooled_call(sc, private_redis, ws.key, want=2)
+        private_redis.restart()
+        assert await replay_spool(sc.svc) == 1, "the good file behind the torn one is replayed"
+        assert sc.svc.spool.size() == 0 and (sc.svc.spool.directory / "dead" / torn.name).exists()
+        [row] = await _rows(sc, ws.id)
+        assert row["status"] == "completed"
+        assert row["cost_micro"] == INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 10
+    finally:
+        with contextlib.suppress(Exception):
+            await stop_sidecar(sc)
+
+
+async def test_a_postgres_outage_while_settlement_reloads_a_lost_balance_spools_the_call(
+    sidecar: Sidecar, redis_client
+) -> None:
+    """Redis lost the workspace during the call and Postgres is restarting as it settles: the settlement
+    is retried and then spooled, never dropped (and the client's answer is not a 500)."""
+    import asyncpg
+
+    from sidecar.state import keys
+
+    ws = await sidecar.workspace(credits_micro=CREDITS)
+    real_settle, real_load = sidecar.svc.state.settle, sidecar.svc.balances.ensure_loaded
+
+    async def settle_after_redis_lost_everything(**kwargs):
+        await redis_client.delete(keys.acct(ws.id), keys.holds(ws.id), keys.hold_deadlines(ws.id), keys.settled(ws.id))
+        sidecar.svc.state.settle = real_settle
+        return await real_settle(**kwargs)
+
+    async def postgres_restarting(_ws):
+        raise asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
+
+    sidecar.svc.state.settle = settle_after_redis_lost_everything
+    sidecar.svc.balances.ensure_loaded = postgres_restarting
+    try:
+        status, _, _ = await sidecar.chat(ws, chat_body("finish"))
+    finally:
+        sidecar.svc.balances.ensure_loaded = real_load
+    assert status == 200, "the provider answered; the client gets it"
+    assert sidecar.svc.spool.size() == 1, "the settlement waits in the spool"
+    assert await replay_spool(sidecar.svc) == 1
+    [row] = await _rows(sidecar, ws.id)
+    assert row["status"] == "completed" and row["cost_micro"] > 0

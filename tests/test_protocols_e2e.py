@@ -66,7 +66,7 @@ def cost_micro(
     cache_write_5m: int = 0,
     cache_write_1h: int = 0,
 ) -> int:
-    """The exact cost, rounded up once (minimum_charge is 0 in the harness)."""
+    """The exact cost, rounded up once (charge_min is 0 in the harness)."""
     p = scaled_prices(price)
     nano = (
         input * p["input"]
@@ -374,7 +374,7 @@ async def test_anthropic_sidecar_errors_use_anthropic_envelope(
     elif case == "unknown-model":
         payload["model"] = "claude-nope"
     else:
-        payload["messages"] = [{"role": "user", "content": "z" * 70_000}]  # over server.max_body_bytes (64 KiB)
+        payload["messages"] = [{"role": "user", "content": "z" * 70_000}]  # over server.body_bytes_max (64 KiB)
     before = len(sidecar.recorded)
     code, _, raw = await post(sidecar, "/v1/messages", orjson.dumps(payload), {"x-api-key": key})
     assert code == status

@@ -22,8 +22,8 @@ from sidecar.observability.logging import JsonFormatter
 HEADER_TIMEOUT_MS = 600
 BODY_TIMEOUT_MS = 600
 KEEPALIVE_TIMEOUT_MS = 1_000
-MAX_CONNECTIONS = 12
-OPS_MAX_CONNECTIONS = 4
+CONNECTIONS_MAX = 12
+OPS_CONNECTIONS_MAX = 4
 
 
 @dataclass
@@ -62,8 +62,8 @@ async def served(redis_client, redis_url, migrated_database_url) -> AsyncIterato
             "header_read_timeout_ms": HEADER_TIMEOUT_MS,
             "body_read_timeout_ms": BODY_TIMEOUT_MS,
             "keepalive_timeout_ms": KEEPALIVE_TIMEOUT_MS,
-            "max_connections": MAX_CONNECTIONS,
-            "ops_max_connections": OPS_MAX_CONNECTIONS,
+            "connections_max": CONNECTIONS_MAX,
+            "ops_connections_max": OPS_CONNECTIONS_MAX,
         },
     )
     lines, records = io.StringIO(), []
@@ -183,7 +183,7 @@ async def _healthz(port: int) -> int:
 
 
 async def test_idle_sockets_cannot_take_the_data_port_or_healthz_down(served: Served):
-    idle = [await asyncio.open_connection("127.0.0.1", served.data_port) for _ in range(MAX_CONNECTIONS)]
+    idle = [await asyncio.open_connection("127.0.0.1", served.data_port) for _ in range(CONNECTIONS_MAX)]
     try:
         await asyncio.sleep(0.05)
         # Past the budget: a clear 503 in the envelope, at once.
@@ -204,7 +204,7 @@ async def test_idle_sockets_cannot_take_the_data_port_or_healthz_down(served: Se
 
 
 async def test_the_ops_port_has_a_budget_of_its_own(served: Served):
-    idle = [await asyncio.open_connection("127.0.0.1", served.ops_port) for _ in range(OPS_MAX_CONNECTIONS)]
+    idle = [await asyncio.open_connection("127.0.0.1", served.ops_port) for _ in range(OPS_CONNECTIONS_MAX)]
     try:
         await asyncio.sleep(0.05)
         answer = await rawhttp.exchange(served.ops_port, rawhttp.request_bytes("GET", "/healthz"), timeout_s=2)

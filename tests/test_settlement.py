@@ -11,7 +11,7 @@ import pytest
 from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
 from support.scripts import admit, settle
 
-from sidecar.money import MAX_AMOUNT_MICRO
+from sidecar.money import AMOUNT_MICRO_MAX
 from sidecar.sweeper import sweep_all
 
 PROMPT_TOKENS = 101
@@ -289,13 +289,13 @@ async def test_concurrent_calls_past_the_key_limit_get_429(redis_client, redis_u
 
 
 async def test_a_grant_past_the_amount_bound_is_refused(sidecar: Sidecar) -> None:
-    """Issue 15.10: balances stay below MAX_AMOUNT_MICRO, so every Lua number stays an exact integer."""
-    ws = await sidecar.workspace(credits_micro=MAX_AMOUNT_MICRO - 10)
+    """Issue 15.10: balances stay below AMOUNT_MICRO_MAX, so every Lua number stays an exact integer."""
+    ws = await sidecar.workspace(credits_micro=AMOUNT_MICRO_MAX - 10)
     status, body = await sidecar.admin("POST", f"/workspaces/{ws.id}/grants", {"grant_id": "over", "amount_micro": 11})
     assert status == 409 and body["error"]["code"] == "balance_limit", body
-    assert await sidecar.redis_account(ws.id) == (MAX_AMOUNT_MICRO - 10, 0)
+    assert await sidecar.redis_account(ws.id) == (AMOUNT_MICRO_MAX - 10, 0)
     await sidecar.grant(ws.id, 10)  # up to the bound itself is fine
-    assert (await sidecar.assert_identity(ws.id))["grants"] == MAX_AMOUNT_MICRO
+    assert (await sidecar.assert_identity(ws.id))["grants"] == AMOUNT_MICRO_MAX
 
 
 async def test_past_the_replay_bytes_bound_a_retry_is_refused_not_billed(

@@ -150,3 +150,28 @@ async def test_an_evicted_account_is_reloaded_with_what_its_live_holds_hold(side
     await _settled(sidecar)
     identity = await sidecar.assert_identity(ws.id)
     assert identity["usage_rows"] == 2 and identity["debits"] > sum(costs.values())
+
+
+async def test_a_reload_that_drops_a_recorded_hold_frees_its_slot_and_settles_its_idempotency_record(
+    redis_client,
+) -> None:
+    """Dropping a hold Postgres already recorded gives back its key's concurrency slot, and its pending
+    idempotency record becomes "done" (the call was billed: a retry must not run and be billed again)."""
+    import secrets
+
+    from support.scripts import admit
+
+    from sidecar.state.store import Admission, State, StateLimits
+
+    state = State(redis_client, StateLimits(concurrent_calls_per_key=1))
+    ws = f"ws_{secrets.token_hex(5)}"
+    await state.load(ws, 10_000, 1, run_id="runA")
+    hold = secrets.token_hex(16)
+    admitted = await admit(state, ws, ceiling=10, hold_id=hold, key_id="k1", idem="idem-1")
+    assert admitted.outcome is Admission.ADMITTED
+    gen, _ = await state.load_marks(ws)
+    assert await state.load(ws, 10_000, 2, run_id="runB", replacing_gen=gen, resolved_holds=[hold])
+    assert await state.active_holds(ws) == 0
+    assert (await admit(state, ws, ceiling=10, key_id="k1")).outcome is Admission.ADMITTED, "the slot is free"
+    retry = await admit(state, ws, ceiling=10, key_id="k1", idem="idem-1")
+    assert retry.outcome is Admission.DUPLICATE and not retry.replayable

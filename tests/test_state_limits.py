@@ -9,7 +9,7 @@ import secrets
 import pytest
 from support.scripts import admit, settle
 
-from sidecar.money import MAX_AMOUNT_MICRO
+from sidecar.money import AMOUNT_MICRO_MAX
 from sidecar.state import keys, store
 from sidecar.state.store import (
     Admission,
@@ -130,7 +130,7 @@ async def test_token_running_sum_matches_the_window_exactly(redis_client) -> Non
 async def test_token_limit_catches_up_when_many_calls_left_the_window(redis_client, monkeypatch) -> None:
     """Dropping leavers is bounded per call; a backlog over-counts (refuses early, never admits past the
     limit), answers "retry at once", and is gone after a few calls."""
-    monkeypatch.setattr(store, "EVICT_MAX_PER_CALL", 10)
+    monkeypatch.setattr(store, "EVICT_ENTRIES_MAX_PER_CALL", 10)
     state = State(redis_client)
     ws = new_ws()
 
@@ -227,16 +227,16 @@ async def test_forget_frees_the_idempotency_key_and_replay_keeps_the_answer(redi
 async def test_amounts_stay_exact_integers_and_are_bounded(redis_client) -> None:
     state = State(redis_client)
     ws = new_ws()
-    await state.load(ws, MAX_AMOUNT_MICRO, 0)  # the largest balance a grant may build
+    await state.load(ws, AMOUNT_MICRO_MAX, 0)  # the largest balance a grant may build
     # A ceiling at or above the bound is refused before Redis: no balance may cover it.
     too_large = await admit(state, ws, ceiling=10**17)
     assert too_large.outcome is Admission.CEILING_TOO_LARGE
     assert (await state.account(ws)).held_micro == 0
     near = hold()
-    assert (await admit(state, ws, ceiling=MAX_AMOUNT_MICRO - 1, hold_id=near)).outcome is Admission.ADMITTED
-    assert await state.grow_hold(ws, near, MAX_AMOUNT_MICRO) is GrowHold.CEILING_TOO_LARGE
-    result = await settle(state, ws, near, MAX_AMOUNT_MICRO - 1)
-    assert result.charged_micro == MAX_AMOUNT_MICRO - 1
+    assert (await admit(state, ws, ceiling=AMOUNT_MICRO_MAX - 1, hold_id=near)).outcome is Admission.ADMITTED
+    assert await state.grow_hold(ws, near, AMOUNT_MICRO_MAX) is GrowHold.CEILING_TOO_LARGE
+    result = await settle(state, ws, near, AMOUNT_MICRO_MAX - 1)
+    assert result.charged_micro == AMOUNT_MICRO_MAX - 1
     # A BYOK call's recorded cost is bounded too, so the event's figures stay integers.
     byok = hold()
     assert (await admit(state, ws, ceiling=0, hold_id=byok)).outcome is Admission.ADMITTED
@@ -246,7 +246,7 @@ async def test_amounts_stay_exact_integers_and_are_bounded(redis_client) -> None
         for name in (b"cost", b"impact", b"after", b"at"):
             assert fields[name].lstrip(b"-").isdigit(), (name, fields[name])
     assert int(entries[0][1][b"after"]) == 1
-    assert int(entries[1][1][b"cost"]) == MAX_AMOUNT_MICRO - 1
+    assert int(entries[1][1][b"cost"]) == AMOUNT_MICRO_MAX - 1
 
 
 # --- 15.2: a hold's deadline follows the call ------------------------------------------------------------

@@ -24,7 +24,7 @@ log = logging.getLogger("sidecar.byok")
 
 CACHE_TTL_S = 5.0
 USED_EVERY_S = 60.0  # `last_used_at` precision: one write per key per minute at most
-CACHE_MAX_ENTRIES = 10_000
+CACHE_ENTRIES_MAX = 10_000
 
 _COLUMNS = (
     "id, workspace_id, office_id, provider, kek_id, wrapped_dek, ciphertext, last4, status, failing_until, "
@@ -192,7 +192,7 @@ class Resolver:
         key = StoredKey(**row) if row else None
         self._cache[scope] = (now + CACHE_TTL_S, key)
         self._cache.move_to_end(scope)
-        while len(self._cache) > CACHE_MAX_ENTRIES:
+        while len(self._cache) > CACHE_ENTRIES_MAX:
             self._cache.popitem(last=False)
         return key
 
@@ -223,7 +223,7 @@ class Resolver:
         now = time.monotonic()
         if now - self._used_at.get(key.id, -USED_EVERY_S) < USED_EVERY_S:
             return
-        if len(self._used_at) >= CACHE_MAX_ENTRIES:
+        if len(self._used_at) >= CACHE_ENTRIES_MAX:
             self._used_at.clear()
         self._used_at[key.id] = now
         try:

@@ -8,14 +8,15 @@ import asyncio
 import aiohttp
 
 from sidecar.config import ProviderConfig
+from sidecar.errors import DomainError
 from sidecar.proxy.upstream import ANTHROPIC_VERSION
 
 
-class KeyRejected(Exception):
+class KeyRejected(DomainError):
     """The provider refused the key."""
 
 
-class ValidationUnavailable(Exception):
+class ValidationUnavailable(DomainError):
     """The provider could not be asked (down, slow, unexpected answer): nothing is stored."""
 
 

@@ -33,6 +33,8 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sidecar.errors import DomainError
+
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -50,7 +52,7 @@ _KEY_HINT = "generate one with `sidecar kek generate`"
 _TAMPERED = "stored key failed authentication: it was altered or belongs to another workspace/office/provider"
 
 
-class VaultError(Exception):
+class VaultError(DomainError):
     """A vault failure. The message is safe to show and log: it never contains key material or secrets."""
 
 

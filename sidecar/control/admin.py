@@ -34,10 +34,10 @@ from sidecar.control.http import (
     valid_id,
     valid_name,
 )
-from sidecar.money import MAX_AMOUNT_MICRO, MoneyError, format_micro, parse_credits
+from sidecar.money import AMOUNT_MICRO_MAX, MoneyError, format_micro, parse_credits
 from sidecar.services import Services
 
-MAX_GRANT_MICRO = MAX_AMOUNT_MICRO  # a typo guard, far above any real grant; keeps Redis arithmetic exact
+GRANT_MICRO_MAX = AMOUNT_MICRO_MAX  # a typo guard, far above any real grant; keeps Redis arithmetic exact
 
 
 def _permissions_of(svc: Services, authorization: str) -> frozenset[str] | None:
@@ -110,7 +110,7 @@ async def create_key(request: web.Request) -> web.Response:
     ws = await existing_workspace(request)
     payload = await read_object(request)
     rpm = bounded_int(
-        payload.get("rate_limit_rpm", svc.config.auth.default_rpm), "rate_limit_rpm", 1, 1_000_000, "invalid_rate_limit"
+        payload.get("rate_limit_rpm", svc.config.auth.rpm_default), "rate_limit_rpm", 1, 1_000_000, "invalid_rate_limit"
     )
     tpm = payload.get("tokens_per_minute")
     if tpm is not None:  # an `integer` column
@@ -163,8 +163,8 @@ def _amount_micro(payload: dict) -> int:
             amount = parse_credits(payload.get("amount"))
         except MoneyError as exc:
             raise AdminError(400, f"amount (credits, a decimal string) {exc}", "invalid_amount") from None
-    if not 0 < amount <= MAX_GRANT_MICRO:
-        raise AdminError(400, f"amount must be positive and at most {format_micro(MAX_GRANT_MICRO)}", "invalid_amount")
+    if not 0 < amount <= GRANT_MICRO_MAX:
+        raise AdminError(400, f"amount must be positive and at most {format_micro(GRANT_MICRO_MAX)}", "invalid_amount")
     return amount
 
 

@@ -12,7 +12,7 @@ from sidecar.byok.validate import KeyRejected, ValidationUnavailable, validate
 from sidecar.byok.vault import binding
 from sidecar.control.http import SERVICES, AdminError, existing_workspace, json_response, read_object, valid_id
 
-MAX_KEY_CHARS = 512
+KEY_CHARS_MAX = 512
 
 
 async def _scope(request: web.Request) -> tuple[str, str | None]:
@@ -40,10 +40,10 @@ async def add_key(request: web.Request) -> web.Response:
     # `"` and `\` are refused: JSON spells them `\"` and `\\`, which the scrubber (sidecar/scrub.py)
     # does not match, so a provider quoting such a key in a JSON body would hand it to the client.
     # No provider issues keys with either.
-    if not 8 <= len(key) <= MAX_KEY_CHARS or not key.isprintable() or '"' in key or "\\" in key:
+    if not 8 <= len(key) <= KEY_CHARS_MAX or not key.isprintable() or '"' in key or "\\" in key:
         raise AdminError(
             400,
-            f"key must be the provider's API key (8 to {MAX_KEY_CHARS} printable characters, no quotes or backslashes)",
+            f"key must be the provider's API key (8 to {KEY_CHARS_MAX} printable characters, no quotes or backslashes)",
             "invalid_key",
         )
     if svc.vault is None:

@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from sidecar import db
+from sidecar.errors import ApiError
 from sidecar.services import Services
 
 SERVICES = web.AppKey("control_services", Services)
@@ -18,10 +19,10 @@ PERMISSION = web.AppKey("route_permissions", dict)
 # \Z, not $: `$` also matches before a trailing newline, which let "wsA\n" pass as a new id.
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 INT32_MAX = 2**31 - 1  # Postgres `integer`: a larger value would fail in the database, not here
-NAME_MAX_CHARS = 200
+NAME_CHARS_MAX = 200
 
 
-class AdminError(Exception):
+class AdminError(ApiError):
     def __init__(self, status: int, message: str, code: str) -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
@@ -60,8 +61,8 @@ def valid_name(value: object, default: str) -> str:
     """A display name: any printable text (no NUL or other control character), at most 200 characters."""
     if value is None or value == "":
         return default
-    if not isinstance(value, str) or len(value) > NAME_MAX_CHARS or not value.isprintable():
-        raise AdminError(400, f"name must be a string of at most {NAME_MAX_CHARS} printable characters", "invalid_name")
+    if not isinstance(value, str) or len(value) > NAME_CHARS_MAX or not value.isprintable():
+        raise AdminError(400, f"name must be a string of at most {NAME_CHARS_MAX} printable characters", "invalid_name")
     return value
 
 

@@ -33,6 +33,7 @@ from sidecar import db
 from sidecar.auth import hash_key, new_key
 from sidecar.config import ConfigError, parse_config
 from sidecar.devtools import embedded, mock_provider
+from sidecar.errors import StartupError
 from sidecar.money import format_micro
 
 HOST = "127.0.0.1"
@@ -54,7 +55,7 @@ SDK_PROMPT = "Say hello"
 PRICING: dict[str, Any] = {
     "profile": "dev",
     "currency": "USD",
-    "minimum_charge": "0.000001",
+    "charge_min": "0.000001",
     "models": {
         "gpt-4o-mini": {"input": "0.15", "output": "0.60", "cache_read": "0.075"},
         "gpt-4o": {"input": "2.50", "output": "10.00", "cache_read": "1.25"},
@@ -72,7 +73,7 @@ PRICING: dict[str, Any] = {
 }
 
 
-class DevError(Exception):
+class DevError(StartupError):
     """A start-up problem the user can fix; printed as one line, without a traceback."""
 
 
@@ -187,7 +188,7 @@ def _mock_upstream(base_url: str) -> Upstream:
     }
     # The same mock also speaks Anthropic Messages, so the anthropic SDK works against `sidecar dev` too.
     anthropic = {**provider, "name": "mock-anthropic", "protocol": "anthropic"}
-    window = {"default_max_output_tokens": 1024, "context_window_tokens": 128_000}
+    window = {"max_output_tokens_default": 1024, "context_window_tokens": 128_000}
     models = [
         {"name": "gpt-4o-mini", "provider": "mock", **window},
         {"name": "gpt-4o", "provider": "mock", **window},
@@ -205,7 +206,7 @@ def _openai_upstream() -> Upstream:
         "api_key_env": "OPENAI_API_KEY",
     }
     models = [
-        {"name": name, "provider": "openai", "default_max_output_tokens": 4096, "context_window_tokens": 128_000}
+        {"name": name, "provider": "openai", "max_output_tokens_default": 4096, "context_window_tokens": 128_000}
         for name in ("gpt-4o-mini", "gpt-4o")
     ]
     return Upstream("OpenAI (api.openai.com, your OPENAI_API_KEY)", [provider], models, "gpt-4o-mini", False)
@@ -224,7 +225,7 @@ def _openrouter_upstream() -> Upstream:
             # The short name too, so the snippets printed for OpenAI work unchanged.
             "aliases": [name.removeprefix("openai/")],
             "provider": "openrouter",
-            "default_max_output_tokens": 4096,
+            "max_output_tokens_default": 4096,
             "context_window_tokens": 128_000,
         }
         for name in ("openai/gpt-4o-mini", "openai/gpt-4o")
@@ -246,7 +247,7 @@ def choose_upstream(env: dict[str, str], mock_url: Callable[[], str]) -> Upstrea
     claude = {
         "name": CLAUDE_MODEL,
         "provider": "anthropic",
-        "default_max_output_tokens": 4096,
+        "max_output_tokens_default": 4096,
         "context_window_tokens": 200_000,
     }
     return dataclasses.replace(

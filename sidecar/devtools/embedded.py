@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from sidecar.devtools.supervisor import Child, StartError, free_port, spawn, user_kwargs, wait_ready, wait_ready_async
+from sidecar.errors import StartupError
 
 PREFER_ENV = "SIDECAR_EMBEDDED_PREFER"
 PREFER_CHOICES = ("system", "package")
@@ -46,7 +47,7 @@ _REDIS_STOP_SIGNAL = signal.SIGTERM
 _POSTGRES_STOP_SIGNAL = signal.SIGINT
 
 
-class EmbeddedError(RuntimeError):
+class EmbeddedError(StartupError, RuntimeError):
     pass
 
 

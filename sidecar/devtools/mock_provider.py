@@ -126,10 +126,12 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar.errors import ControlFlow
+
 __all__ = [
-    "DEFAULT_PORT",
     "FAULT_HEADERS",
     "FLAVORS",
+    "PORT_DEFAULT",
     "RECORDED",
     "REJECTED_KEYS",
     "MockOptions",
@@ -146,16 +148,16 @@ __all__ = [
     "run",
 ]
 
-DEFAULT_PORT = 8900
-DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o", "mock-model")
+PORT_DEFAULT = 8900
+MODELS_DEFAULT = ("gpt-4o-mini", "gpt-4o", "mock-model")
 FLAVORS = ("openai", "openrouter")
 # Bounds on what a header or flag may ask for, so one request cannot pin the server.
-MAX_CHUNKS = 100_000
-MAX_DELAY_MS = 600_000
-MAX_CACHE_TOKENS = 100_000_000
-MAX_EMBEDDING_DIMENSIONS = 4096
-MAX_REQUEST_BYTES = 32 * 1024 * 1024
-DEFAULT_EMBEDDING_DIMENSIONS = 8
+CHUNKS_MAX = 100_000
+DELAY_MS_MAX = 600_000
+CACHE_TOKENS_MAX = 100_000_000
+EMBEDDING_DIMENSIONS_MAX = 4096
+REQUEST_BYTES_MAX = 32 * 1024 * 1024
+EMBEDDING_DIMENSIONS_DEFAULT = 8
 # A fixed `created` keeps whole responses byte-for-byte reproducible.
 CREATED_AT = 1_700_000_000
 CREATED_AT_ISO = "2023-11-14T22:13:20Z"  # CREATED_AT as RFC 3339, for Anthropic's model list
@@ -178,7 +180,7 @@ class MockOptions:
     error_after: int | None = None
     reset: bool = False
     accepted_keys: Set[str] = frozenset()
-    models: tuple[str, ...] = DEFAULT_MODELS
+    models: tuple[str, ...] = MODELS_DEFAULT
     max_recorded_requests: int = 1000
     flavor: str = "openai"
     """"openai" or "openrouter" (see the module docstring)."""
@@ -313,7 +315,7 @@ def embedding_tokens_for(payload: Any) -> int:
         return 0
 
 
-def embedding_for(value: str | list[int], dimensions: int = DEFAULT_EMBEDDING_DIMENSIONS) -> list[float]:
+def embedding_for(value: str | list[int], dimensions: int = EMBEDDING_DIMENSIONS_DEFAULT) -> list[float]:
     """The mock's embedding of one input: floats in [-1, 1), each exactly representable as a float32."""
     data = value.encode() if isinstance(value, str) else orjson.dumps(value)
     digest = hashlib.shake_256(data).digest(2 * dimensions)
@@ -329,7 +331,7 @@ def openrouter_cost(prompt_tokens: int, completion_tokens: int) -> float:
 # ---- errors ---------------------------------------------------------------------------------------------
 
 
-class _BadRequest(Exception):
+class _BadRequest(ControlFlow):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -466,8 +468,8 @@ def _delay_header(request: web.Request, name: str, default: float) -> float:
         delay_ms = float(value)
     except ValueError:
         raise _BadRequest(f"header {name} must be a number of milliseconds", name) from None
-    if not 0 <= delay_ms <= MAX_DELAY_MS:  # also rejects NaN
-        raise _BadRequest(f"header {name} must be between 0 and {MAX_DELAY_MS}", name)
+    if not 0 <= delay_ms <= DELAY_MS_MAX:  # also rejects NaN
+        raise _BadRequest(f"header {name} must be between 0 and {DELAY_MS_MAX}", name)
     return delay_ms
 
 
@@ -478,16 +480,16 @@ def _flag_header(request: web.Request, name: str, default: bool = False) -> bool
 
 def _faults_for(request: web.Request, options: MockOptions) -> _Faults:
     def tokens(name: str) -> int:
-        return _int_header(request, name, 0, 0, MAX_CACHE_TOKENS) or 0
+        return _int_header(request, name, 0, 0, CACHE_TOKENS_MAX) or 0
 
     return _Faults(
         status=_int_header(request, "x-mock-status", options.status, 400, 599),
         error_code=request.headers.get("x-mock-error-code", options.error_code),
-        chunks=_int_header(request, "x-mock-chunks", options.chunks, 0, MAX_CHUNKS) or 0,
+        chunks=_int_header(request, "x-mock-chunks", options.chunks, 0, CHUNKS_MAX) or 0,
         chunk_delay_ms=_delay_header(request, "x-mock-delay-ms", options.chunk_delay_ms),
         first_byte_delay_ms=_delay_header(request, "x-mock-first-byte-delay-ms", options.first_byte_delay_ms),
-        cut_after=_int_header(request, "x-mock-cut-after", options.cut_after, 0, MAX_CHUNKS),
-        error_after=_int_header(request, "x-mock-error-after", options.error_after, 0, MAX_CHUNKS),
+        cut_after=_int_header(request, "x-mock-cut-after", options.cut_after, 0, CHUNKS_MAX),
+        error_after=_int_header(request, "x-mock-error-after", options.error_after, 0, CHUNKS_MAX),
         reset=_flag_header(request, "x-mock-reset", options.reset),
         served_model=request.headers.get("x-mock-served-model") or None,
         cache_read=tokens("x-mock-cache-read"),
@@ -901,9 +903,9 @@ class _MockProvider:
                 raise _BadRequest("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
             dimensions = body.get("dimensions")
             if dimensions is None:
-                dimensions = DEFAULT_EMBEDDING_DIMENSIONS
-            elif not _is_int(dimensions) or not 1 <= dimensions <= MAX_EMBEDDING_DIMENSIONS:
-                raise _BadRequest(f"'dimensions' must be between 1 and {MAX_EMBEDDING_DIMENSIONS}.", "dimensions")
+                dimensions = EMBEDDING_DIMENSIONS_DEFAULT
+            elif not _is_int(dimensions) or not 1 <= dimensions <= EMBEDDING_DIMENSIONS_MAX:
+                raise _BadRequest(f"'dimensions' must be between 1 and {EMBEDDING_DIMENSIONS_MAX}.", "dimensions")
         except _BadRequest as error:
             return _bad_request(error, protocol)
         prompt_tokens = _text_inputs_tokens(inputs)
@@ -1193,7 +1195,7 @@ async def _healthz(_request: web.Request) -> web.Response:
 
 def build_app(options: MockOptions | None = None) -> web.Application:
     provider = _MockProvider(options or MockOptions())
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(client_max_size=REQUEST_BYTES_MAX)
     app[RECORDED] = provider.recorded
     app[REJECTED_KEYS] = provider.rejected
     prefixes = ["/v1", "/api/v1"] if provider.openrouter else ["/v1"]
@@ -1212,7 +1214,7 @@ def build_app(options: MockOptions | None = None) -> web.Application:
     return app
 
 
-async def run(host: str = "127.0.0.1", port: int = DEFAULT_PORT, options: MockOptions | None = None) -> None:
+async def run(host: str = "127.0.0.1", port: int = PORT_DEFAULT, options: MockOptions | None = None) -> None:
     """Serve until cancelled. Prints the base URL (with the real port when port is 0) on stdout."""
     options = options or MockOptions()
     # No access log: it would dominate the cost of a benchmark run.
@@ -1236,7 +1238,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "Per-request x-mock-* headers override these defaults.",
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    parser.add_argument("--port", type=int, default=PORT_DEFAULT, help="0 picks a free port")
     parser.add_argument("--flavor", choices=FLAVORS, default="openai", help="openrouter adds /api/v1 and its usage")
     parser.add_argument("--chunks", type=int, default=8, help="content chunks (= completion tokens)")
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0)
@@ -1250,11 +1252,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", action="append", default=[], help="models listed by /v1/models")
     parser.add_argument("--max-recorded-requests", type=int, default=1000)
     args = parser.parse_args(argv)
-    if not 0 <= args.chunks <= MAX_CHUNKS:
-        parser.error(f"--chunks must be between 0 and {MAX_CHUNKS}")
+    if not 0 <= args.chunks <= CHUNKS_MAX:
+        parser.error(f"--chunks must be between 0 and {CHUNKS_MAX}")
     for name in ("chunk_delay_ms", "first_byte_delay_ms"):
-        if not 0 <= getattr(args, name) <= MAX_DELAY_MS:
-            parser.error(f"--{name.replace('_', '-')} must be between 0 and {MAX_DELAY_MS}")
+        if not 0 <= getattr(args, name) <= DELAY_MS_MAX:
+            parser.error(f"--{name.replace('_', '-')} must be between 0 and {DELAY_MS_MAX}")
     if args.status is not None and not 400 <= args.status <= 599:
         parser.error("--status must be between 400 and 599")
     return args
@@ -1272,7 +1274,7 @@ def main(argv: list[str] | None = None) -> int:
         error_after=args.error_after,
         reset=args.reset,
         accepted_keys=frozenset(args.accepted_key),
-        models=tuple(args.model) or DEFAULT_MODELS,
+        models=tuple(args.model) or MODELS_DEFAULT,
         max_recorded_requests=args.max_recorded_requests,
         flavor=args.flavor,
     )

@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from sidecar.errors import StartupError
+
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
 POLL_INTERVAL_S = 0.05
@@ -38,7 +40,7 @@ _PR_SET_PDEATHSIG = 1
 T = TypeVar("T")
 
 
-class StartError(RuntimeError):
+class StartError(StartupError, RuntimeError):
     """A child exited during its start, or did not answer in time; the message ends with its log's tail."""
 
 

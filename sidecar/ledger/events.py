@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 
 import orjson
 
+from sidecar.errors import DomainError
+
 COLUMNS = (
     "event_id",
     "created_at",
@@ -72,7 +74,7 @@ _TEXT_FIELDS = (
 )
 
 
-class InvalidEvent(ValueError):
+class InvalidEvent(DomainError, ValueError):
     """A stream entry that cannot become a ledger row. An explicit check, not an `assert`: python -O
     removes asserts, and a bad event must be dead-lettered whatever the interpreter's flags."""
 

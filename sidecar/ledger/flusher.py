@@ -1,6 +1,6 @@
 """The ledger flusher: per-workspace Redis streams -> Postgres, in batches.
 
-Each cycle reads up to `batch_max_rows` entries through one consumer group, workspaces taken in
+Each cycle reads up to `batch_rows_max` entries through one consumer group, workspaces taken in
 turn, and writes them in ONE transaction: COPY into a staging table, INSERT ... ON CONFLICT DO
 NOTHING, account balances updated from the rows actually inserted. Only then are the entries
 acknowledged and deleted from the streams. A crash anywhere before the acknowledgement replays the
@@ -37,7 +37,7 @@ log = logging.getLogger("sidecar.flusher")
 _EVENT_ID = COLUMNS.index("event_id")
 _WORKSPACE = COLUMNS.index("workspace_id")
 _IMPACT = COLUMNS.index("balance_impact_micro")
-MAX_DEAD_LETTERS = 100_000  # per workspace; the stream is capped so a flood of bad events stays bounded
+DEAD_LETTERS_MAX = 100_000  # per workspace; the stream is capped so a flood of bad events stays bounded
 
 _STAGE_DDL = "CREATE TEMP TABLE IF NOT EXISTS ledger_stage (LIKE ledger INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 _INSERT = (
@@ -109,13 +109,13 @@ class Flusher:
                 self._on_failure()
                 log.exception("ledger flush failed; entries stay pending and will be retried")
                 await _sleep_or_stop(stop, backoff_ms / 1000)
-                backoff_ms = min(backoff_ms * 2, self.config.retry_backoff_max_ms)
+                backoff_ms = min(backoff_ms * 2, self.config.retry_backoff_ms_max)
                 continue
-            # Batches form by age: a settled event waits at most batch_max_age_ms, and a backlog is
+            # Batches form by age: a settled event waits at most batch_age_ms_max, and a backlog is
             # drained back to back. Settles do not wake the flusher: one flush per call would cost
             # more than the call itself.
             if not (flushed and self._more_waiting):
-                await _sleep_or_stop(stop, self.config.batch_max_age_ms / 1000)
+                await _sleep_or_stop(stop, self.config.batch_age_ms_max / 1000)
 
     async def drain(self, timeout_s: float) -> None:
         """At shutdown: flush until the streams are empty or the time is up."""
@@ -177,7 +177,7 @@ class Flusher:
         self._groups_ready.add(ws)
 
     async def _read_batch(self) -> list[Entry]:
-        budget = self.config.batch_max_rows
+        budget = self.config.batch_rows_max
         share = max(budget // 4, 1)  # no workspace takes more than a quarter of a batch
         claim = time.monotonic() - self._last_claim_at > self.config.claim_idle_ms / 2000
         if claim:
@@ -324,7 +324,7 @@ class Flusher:
         fields = dict(entry.fields or {})
         fields[b"dead_reason"] = reason[:1000].encode()
         fields[b"dead_entry_id"] = entry.entry_id
-        await self.redis.xadd(keys.dead_letters(entry.workspace_id), fields, maxlen=MAX_DEAD_LETTERS, approximate=True)
+        await self.redis.xadd(keys.dead_letters(entry.workspace_id), fields, maxlen=DEAD_LETTERS_MAX, approximate=True)
 
     async def _acknowledge(self, entries: list[Entry]) -> None:
         by_stream: dict[str, list[bytes]] = defaultdict(list)

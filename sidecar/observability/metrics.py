@@ -6,11 +6,21 @@ a workspace-supplied string or anything secret.
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _CHILDREN_MAX = 10_000
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class RedisCheck(IntEnum):
+    """A Redis setting the money path depends on, as a gauge value alerts can compare."""
+
+    UNKNOWN = -1  # not read yet, or Redis refused both CONFIG and INFO
+    OFF = 0
+    ON = 1
 
 
 class Metrics:
@@ -88,6 +98,17 @@ class Metrics:
         self.dependency_errors = Counter(
             "sidecar_dependency_errors", "Redis or Postgres errors on the request path", ["dependency"], registry=r
         )
+        # Read by /readyz and by each /metrics scrape (sidecar/ops.py), so alerts need no probe.
+        self.redis_noeviction = Gauge(
+            "sidecar_redis_noeviction",
+            "1 when Redis's maxmemory-policy is noeviction, 0 when Redis may evict keys, -1 when unread",
+            registry=r,
+        )
+        self.redis_aof_enabled = Gauge(
+            "sidecar_redis_aof_enabled", "1 when Redis has AOF on, 0 when off, -1 when unread", registry=r
+        )
+        self.redis_noeviction.set(RedisCheck.UNKNOWN)
+        self.redis_aof_enabled.set(RedisCheck.UNKNOWN)
 
     def child(self, metric, *labels: str):
         """`metric.labels(*labels)`, cached: the hot path asks for the same few children every call."""

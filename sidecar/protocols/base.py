@@ -20,7 +20,7 @@ OPENROUTER_ONLY_FIELDS = ("usage", "provider", "models", "route", "transforms", 
 # OpenRouter fields with which a client chooses what serves the call (another model, another provider,
 # a plugin with its own fee): refused unless the model's config allow-lists them.
 ROUTING_FIELDS = ("models", "route", "provider", "plugins")
-MAX_ROUTING_MODELS = 8
+ROUTING_MODELS_MAX = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,11 +158,11 @@ def loads_object(data: bytes) -> dict | None:
 
 # Bounds on the request's numbers the hold is computed from: far above any real model's limits, far
 # below what would overflow the money arithmetic or the JSON encoder (orjson stops at 2^64).
-MAX_OUTPUT_TOKENS = 1_000_000_000
-MAX_CHOICES = 128
+OUTPUT_TOKENS_MAX = 1_000_000_000
+CHOICES_MAX = 128
 
 
-def positive_int(payload: dict, name: str, maximum: int = MAX_OUTPUT_TOKENS) -> int | None:
+def positive_int(payload: dict, name: str, maximum: int = OUTPUT_TOKENS_MAX) -> int | None:
     value = payload.get(name)
     if value is None:
         return None
@@ -185,7 +185,7 @@ def require_stream_flag(payload: dict) -> bool:
     return stream
 
 
-MAX_TOKEN_COUNT = 10**12  # no call uses more; a larger count from a provider is nonsense, clamped
+TOKEN_COUNT_MAX = 10**12  # no call uses more; a larger count from a provider is nonsense, clamped
 
 
 def count(value: object) -> int | None:
@@ -193,7 +193,7 @@ def count(value: object) -> int | None:
     is a count; a float, a string, a bool, a negative number or an absent field means the provider's
     usage is missing (so the call is estimated), never 0."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return min(value, MAX_TOKEN_COUNT)
+        return min(value, TOKEN_COUNT_MAX)
     return None
 
 
@@ -267,7 +267,7 @@ _CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
 _FEE_PLUGINS = frozenset({"web"})
 _FEE_PDF_ENGINES = frozenset({"mistral-ocr"})
 _PRICED_SERVICE_TIERS = frozenset({"auto", "default", "flex", "standard_only"})
-_MAX_WALK_NODES = 1_000_000  # the body is at most server.max_body_bytes; this only bounds the loop
+_WALK_NODES_MAX = 1_000_000  # the body is at most server.body_bytes_max; this only bounds the loop
 
 
 def unpriced(feature: str, param: str) -> SidecarError:
@@ -284,7 +284,7 @@ def content_is_unbounded(payload: dict) -> bool:
     refuse audio anywhere, so the whole request is walked."""
     stack: list[object] = [payload]
     media = False
-    for _ in range(_MAX_WALK_NODES):
+    for _ in range(_WALK_NODES_MAX):
         if not stack:
             return media
         node = stack.pop()
@@ -341,12 +341,12 @@ def routing_of(payload: dict) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
         listed = payload["models"]
         if (
             not isinstance(listed, list)
-            or not 1 <= len(listed) <= MAX_ROUTING_MODELS
+            or not 1 <= len(listed) <= ROUTING_MODELS_MAX
             or not all(isinstance(m, str) and m for m in listed)
         ):
             raise SidecarError(
                 "invalid_request",
-                f"'models' must be a list of 1 to {MAX_ROUTING_MODELS} model ids",
+                f"'models' must be a list of 1 to {ROUTING_MODELS_MAX} model ids",
                 param="models",
             )
         if any(m.endswith(":online") for m in listed):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sidecar.errors import ApiError
+
 # kind -> (HTTP status, OpenAI error type)
 KINDS: dict[str, tuple[int, str]] = {
     "invalid_request": (400, "invalid_request_error"),
@@ -27,7 +29,7 @@ KINDS: dict[str, tuple[int, str]] = {
 
 
 @dataclass
-class SidecarError(Exception):
+class SidecarError(ApiError):
     kind: str
     message: str
     code: str | None = None

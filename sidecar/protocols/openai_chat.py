@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sidecar.protocols import openai_common as common
 from sidecar.protocols.base import (
-    MAX_CHOICES,
+    CHOICES_MAX,
     BodyFacts,
     Protocol,
     RequestFacts,
@@ -40,7 +40,7 @@ class ChatCompletions(Protocol):
             model,
             stream,
             min(caps) if caps else None,
-            choices=positive_int(payload, "n", MAX_CHOICES) or 1,
+            choices=positive_int(payload, "n", CHOICES_MAX) or 1,
             client_wants_usage=bool(stream and options and options.get("include_usage") is True),
         )
 

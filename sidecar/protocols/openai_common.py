@@ -10,7 +10,7 @@ import orjson
 
 from sidecar.pricing import Usage
 from sidecar.protocols.base import (
-    MAX_CHOICES,
+    CHOICES_MAX,
     RequestFacts,
     StreamReader,
     count,
@@ -155,6 +155,6 @@ class DataStreamReader(StreamReader):
 
     def _observe_choice(self, choice: dict) -> None:
         self.content_chars += self._choice_text_bytes(choice)
-        if choice.get("finish_reason") is not None and len(self._finished) < MAX_CHOICES:
+        if choice.get("finish_reason") is not None and len(self._finished) < CHOICES_MAX:
             index = choice.get("index", 0)
             self._finished.add(index if isinstance(index, int) else -1)

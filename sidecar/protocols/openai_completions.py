@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sidecar.protocols import openai_common as common
 from sidecar.protocols.base import (
-    MAX_CHOICES,
+    CHOICES_MAX,
     RequestFacts,
     StreamReader,
     positive_int,
@@ -15,7 +15,7 @@ from sidecar.protocols.base import (
 from sidecar.protocols.errors import SidecarError
 from sidecar.protocols.openai_chat import ChatCompletions
 
-MAX_PROMPTS = 32  # with MAX_CHOICES: bounds the worst case a hold is priced at
+PROMPTS_MAX = 32  # with CHOICES_MAX: bounds the worst case a hold is priced at
 
 
 class Completions(ChatCompletions):
@@ -35,12 +35,12 @@ class Completions(ChatCompletions):
         if options is not None and not isinstance(options, dict):
             raise SidecarError("invalid_request", "'stream_options' must be an object", param="stream_options")
         # `best_of` candidates are generated (and billed) server-side even though only `n` return.
-        choices = max(positive_int(payload, "n", MAX_CHOICES) or 1, positive_int(payload, "best_of", MAX_CHOICES) or 1)
+        choices = max(positive_int(payload, "n", CHOICES_MAX) or 1, positive_int(payload, "best_of", CHOICES_MAX) or 1)
         prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list) else 1
-        if choices * prompts > MAX_CHOICES * MAX_PROMPTS:
+        if choices * prompts > CHOICES_MAX * PROMPTS_MAX:
             raise SidecarError(
                 "invalid_request",
-                f"at most {MAX_CHOICES * MAX_PROMPTS} completions per request (prompts x n or best_of)",
+                f"at most {CHOICES_MAX * PROMPTS_MAX} completions per request (prompts x n or best_of)",
                 param="prompt",
             )
         return request_facts(

@@ -15,10 +15,12 @@ Single event loop, no awaits inside: no lock is needed.
 
 from __future__ import annotations
 
-DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
+from sidecar.errors import DomainError
+
+BUDGET_BYTES_DEFAULT = 256 * 1024 * 1024
 
 
-class BudgetExceeded(Exception):
+class BudgetExceeded(DomainError):
     """Granting these bytes would take buffered answers past the process's budget."""
 
     def __init__(self, wanted_bytes: int, in_use_bytes: int, limit_bytes: int) -> None:
@@ -32,7 +34,7 @@ class BudgetExceeded(Exception):
 class ByteBudget:
     __slots__ = ("in_use_bytes", "limit_bytes", "peak_bytes", "refusals")
 
-    def __init__(self, limit_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+    def __init__(self, limit_bytes: int = BUDGET_BYTES_DEFAULT) -> None:
         if limit_bytes < 1:
             raise ValueError("limit_bytes must be positive")
         self.limit_bytes = limit_bytes

@@ -26,6 +26,7 @@ from sidecar import scrub
 from sidecar.auth import Caller
 from sidecar.config import ModelConfig, ProviderConfig, Target
 from sidecar.db import POSTGRES_ERRORS
+from sidecar.errors import ControlFlow
 from sidecar.observability.logging import request_id_var
 from sidecar.pricing import Usage
 from sidecar.protocols import ALL as PROTOCOLS
@@ -35,7 +36,7 @@ from sidecar.proxy import credentials
 from sidecar.proxy.call import Call, now_ms
 from sidecar.proxy.outcome import Ending, failed
 from sidecar.proxy.relay import (
-    MAX_UPSTREAM_ERROR_BYTES,
+    UPSTREAM_ERROR_BYTES_MAX,
     UpstreamErrorAnswer,
     cancelled_outcome,
     first_byte,
@@ -50,7 +51,7 @@ from sidecar.state.store import Admission, AdmitResult, ExpireStatus, GrowHold
 log = logging.getLogger("sidecar.proxy")
 
 SERVICES = web.AppKey("services", Services)
-MAX_LEDGER_BACKLOG = 1_000_000  # per workspace stream: past this, Postgres is too far behind to admit more
+LEDGER_BACKLOG_MAX = 1_000_000  # per workspace stream: past this, Postgres is too far behind to admit more
 ADMIT_ATTEMPTS = 3
 # Before the first byte reached the client, these answers send the call to the next target.
 FALLBACK_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
@@ -104,7 +105,7 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
     call.session_id = _header_value(request, "x-session-id", 128)
     call.idempotency_key = _header_value(request, "idempotency-key", 255)
     call.output_cap = (
-        (facts.max_output_tokens or call.model.default_max_output_tokens) if call.protocol.has_output else 0
+        (facts.max_output_tokens or call.model.max_output_tokens_default) if call.protocol.has_output else 0
     )
     call.credits_ceiling_micro = _ceiling_micro(svc, call, facts, body)
     # The first target's credential decides the billing path: the customer's own key takes no hold.
@@ -162,7 +163,7 @@ async def _read_body(request: web.Request) -> bytes:
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SERVICES].config.server.max_body_bytes
+        limit = request.app[SERVICES].config.server.body_bytes_max
         raise SidecarError("too_large", f"request body exceeds the limit of {limit} bytes") from None
 
 
@@ -238,7 +239,7 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
                 fingerprint=fingerprint,
                 idempotency_ttl_ms=config.billing.idempotency_ttl_ms,
                 meta=meta,
-                max_unflushed=MAX_LEDGER_BACKLOG,
+                unflushed_max=LEDGER_BACKLOG_MAX,
                 ceiling_tokens=call.ceiling_tokens,
                 token_limit=caller.tokens_per_minute or 0,
                 route=call.protocol.route,
@@ -370,7 +371,7 @@ async def _forward(
 ) -> Ending:
     if call.idempotency_key:
         call.relayed = []
-        call.relay_keep_max_bytes = svc.config.billing.idempotency_max_body_bytes
+        call.relay_keep_max_bytes = svc.config.billing.idempotency_body_bytes_max
     svc.metrics.overhead.observe(time.perf_counter() - call.started_perf)
     for attempt, target in enumerate(call.targets, start=1):
         last = attempt == len(call.targets)
@@ -451,7 +452,7 @@ async def _attempt(
         svc.metrics.child(svc.metrics.upstream_attempts, provider.name, str(upstream.status)).inc()
         svc.metrics.child(svc.metrics.upstream_ttfb, provider.name).observe(time.perf_counter() - sent_at)
         if credential.stored is not None and upstream.status in credentials.BYOK_REFUSAL_STATUSES:
-            error_body = await upstream.content.read(MAX_UPSTREAM_ERROR_BYTES)
+            error_body = await upstream.content.read(UPSTREAM_ERROR_BYTES_MAX)
             reason = credentials.refusal(upstream.status, error_body)
             upstream.release()
             if reason is None:  # an answer about the call itself: the next target, or relay it as is
@@ -553,7 +554,7 @@ async def _open(
         raise _Unreachable(type(exc).__name__, timed_out=False) from None
 
 
-class _Unreachable(Exception):
+class _Unreachable(ControlFlow):
     def __init__(self, reason: str, timed_out: bool) -> None:
         super().__init__(reason)
         self.reason, self.timed_out = reason, timed_out
@@ -563,7 +564,7 @@ async def _relay(
     request: web.Request, svc: Services, call: Call, facts: RequestFacts, upstream: aiohttp.ClientResponse
 ) -> Ending:
     if upstream.status >= 300:  # an error, or a redirect that is never followed
-        body = await upstream.content.read(MAX_UPSTREAM_ERROR_BYTES)
+        body = await upstream.content.read(UPSTREAM_ERROR_BYTES_MAX)
         return relay_upstream_error(call, UpstreamErrorAnswer(upstream.status, upstream.headers, body))
     first_byte(call)
     if facts.stream:
@@ -603,7 +604,7 @@ async def list_models(request: web.Request) -> web.Response:
                 "created_at": "1970-01-01T00:00:00Z",
                 "owned_by": model.provider,
                 "aliases": list(model.aliases),
-                "max_output_tokens_default": model.default_max_output_tokens,
+                "max_output_tokens_default": model.max_output_tokens_default,
                 "pricing": {  # credits per 1M tokens, exact decimal strings
                     cls: _per_million(getattr(sell, cls))
                     for cls in ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")

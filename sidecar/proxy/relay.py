@@ -15,6 +15,7 @@ from enum import Enum
 import aiohttp
 from aiohttp import web
 
+from sidecar.errors import ControlFlow
 from sidecar.money import format_micro
 from sidecar.pricing import Usage
 from sidecar.protocols.base import RequestFacts, StreamReader, estimate_tokens
@@ -28,8 +29,8 @@ from sidecar.state.store import SettleResult
 
 log = logging.getLogger("sidecar.proxy")
 
-MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
-MAX_UPSTREAM_ERROR_BYTES = 64 * 1024
+UPSTREAM_BODY_BYTES_MAX = 64 * 1024 * 1024
+UPSTREAM_ERROR_BYTES_MAX = 64 * 1024
 PASSED_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
 
 
@@ -60,7 +61,7 @@ _CLIENT_ENDS = (StreamEnd.CLIENT_GONE, StreamEnd.CLIENT_SLOW)
 _SIDECAR_ENDS = (StreamEnd.TOTAL_TIMEOUT, StreamEnd.IDLE_TIMEOUT, StreamEnd.SIDECAR_FAULT)
 
 
-class _ClientGone(Exception):
+class _ClientGone(ControlFlow):
     def __init__(self, end: StreamEnd) -> None:
         self.end = end
 
@@ -113,8 +114,7 @@ async def relay_body(svc: Services, call: Call, upstream: aiohttp.ClientResponse
             if not _client_left(svc):
                 raise
             # The client hung up while the provider works: its answer still says what it used.
-            wait_s = min(timeout_s, svc.config.upstream.usage_wait_after_hangup_ms / 1000)
-            return _abandoned_body(call, await _read_bounded(upstream, wait_s, call.buffered))
+            return await _abandoned_body(svc, call, upstream, timeout_s)
     except BudgetExceeded:
         svc.metrics.child(svc.metrics.dependency_errors, "memory").inc()
         error = SidecarError(
@@ -148,11 +148,18 @@ async def relay_body(svc: Services, call: Call, upstream: aiohttp.ClientResponse
     return Ending(outcome, reply)
 
 
-def _abandoned_body(call: Call, body: bytes) -> Ending:
-    facts = call.protocol.read_body(body)
+async def _abandoned_body(svc: Services, call: Call, upstream: aiohttp.ClientResponse, timeout_s: float) -> Ending:
+    """The client hung up while the provider works on a whole answer: the answer still says what it
+    used, if it comes in time. Either way the call is `cancelled`, billed what is known."""
+    gone = refusal(SidecarError("client_closed", "the client closed the connection"))
+    wait_s = min(timeout_s, svc.config.upstream.usage_wait_after_hangup_ms / 1000)
+    try:
+        body = await _read_bounded(upstream, wait_s, call.buffered)
+    except (aiohttp.ClientError, TimeoutError, OSError, BudgetExceeded):
+        return Ending(Outcome(CallStatus.CANCELLED, None, error=StreamEnd.CLIENT_GONE.value), gone)
+    facts = call.protocol.read_body(call.scrubber.bytes(body))
     call.served_model = facts.model or call.served_model
-    outcome = Outcome(CallStatus.CANCELLED, facts.usage, error=StreamEnd.CLIENT_GONE.value)
-    return Ending(outcome, refusal(SidecarError("client_closed", "the client closed the connection")))
+    return Ending(Outcome(CallStatus.CANCELLED, facts.usage, error=StreamEnd.CLIENT_GONE.value), gone)
 
 
 def _client_left(svc: Services) -> bool:
@@ -168,13 +175,13 @@ def _client_left(svc: Services) -> bool:
 
 
 async def _read_bounded(upstream: aiohttp.ClientResponse, timeout_s: float, held: Reservation) -> bytes:
-    """The whole answer, bounded per call (MAX_UPSTREAM_BODY_BYTES) and over the process (`held`
+    """The whole answer, bounded per call (UPSTREAM_BODY_BYTES_MAX) and over the process (`held`
     reserves each chunk, and the joined copy, before keeping it)."""
     parts, size = [], 0
     async with asyncio.timeout(timeout_s):
         async for chunk in upstream.content.iter_any():
             size += len(chunk)
-            if size > MAX_UPSTREAM_BODY_BYTES:
+            if size > UPSTREAM_BODY_BYTES_MAX:
                 raise aiohttp.ClientPayloadError("upstream body exceeds the sidecar's limit")
             held.grow(len(chunk))
             parts.append(chunk)
@@ -304,6 +311,9 @@ async def _read_on_for_usage(
                     reader.observe(event)
                 if reader.done or reader.has_final_usage or reader.error is not None:
                     return
+            tail = framer.flush()  # a last event without its blank line
+            if tail is not None:
+                reader.observe(tail)
     except (TimeoutError, aiohttp.ClientError, OSError, SSEError):
         return
     except Exception:  # a reader bug must not stop the settlement: bill what was observed

@@ -16,7 +16,7 @@ import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
-from sidecar.db import POSTGRES_ERRORS
+from sidecar.db import POSTGRES_OUTAGE
 from sidecar.pricing import Usage
 from sidecar.proxy.call import Call, now_ms
 from sidecar.proxy.outcome import CallStatus, Outcome, Replay
@@ -26,9 +26,13 @@ from sidecar.state.store import SETTLED_RETENTION_MS, IdempotencyRecord, SettleO
 log = logging.getLogger("sidecar.proxy")
 
 SETTLE_RETRY_FIRST_S = 0.05
-SETTLE_RETRY_MAX_S = 1.0
+SETTLE_RETRY_S_MAX = 1.0
 SETTLE_ATTEMPTS_MAX = 10_000  # the budget bounds the retries in time; this only bounds the loop
+SETTLE_ATTEMPT_S_MIN = 0.05
 SPOOL_INTERVAL_S = 1.0
+# A spooled settlement is replayed only this long after its first try: well inside the time Redis
+# remembers a resolved hold (SETTLED_RETENTION_MS), whatever the clocks' skew.
+SPOOL_REPLAY_WINDOW_MS = SETTLED_RETENTION_MS // 2
 SPOOL_BATCH_MAX = 500
 _TOKEN_CLASSES = (
     "input_tokens",
@@ -100,7 +104,7 @@ def settle_args(svc: Services, call: Call, outcome: Outcome) -> dict:
         event(call, outcome.status.value, usage, upstream_cost_micro, outcome.estimated, outcome.error)
     )
     replay = outcome.replay
-    if replay is not None and len(replay.body) > config.billing.idempotency_max_body_bytes:
+    if replay is not None and len(replay.body) > config.billing.idempotency_body_bytes_max:
         replay = Replay(0, "", b"")  # remembered as done, too large to replay
     return {
         "ws": caller.workspace_id,
@@ -124,9 +128,10 @@ def settle_args(svc: Services, call: Call, outcome: Outcome) -> dict:
 
 async def _settle_now(svc: Services, call: Call, outcome: Outcome) -> SettleResult | None:
     args = settle_args(svc, call, outcome)
+    first_try_ms = now_ms()
     result = await _settle_within_budget(svc, args)
     if result is None:
-        _spool(svc, args)
+        await _spool(svc, args, first_try_ms)
         return None
     svc.flusher.note_workspace(call.caller.workspace_id)
     _observe(svc, call, outcome, result)
@@ -160,23 +165,32 @@ def _price(svc: Services, call: Call):
 
 async def _settle_within_budget(svc: Services, args: dict) -> SettleResult | None:
     """Retry the settle script until it answers or `holds.settle_budget_ms` is spent (or, at shutdown,
-    the cutoff passed). None: spent, spool it."""
+    the cutoff passed). None: spent, spool it. Each attempt is bounded by what is left, so a Redis that
+    swallows packets cannot hold a settlement past its cutoff."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + svc.config.holds.settle_budget_ms / 1000
     delay_s = SETTLE_RETRY_FIRST_S
     # Bounded by the budget in time; the attempt count bound only guards against a zero-time loop.
     for _ in range(SETTLE_ATTEMPTS_MAX):
+        cutoff = deadline if svc.settle_cutoff_s is None else min(deadline, svc.settle_cutoff_s)
         try:
-            return await _settle_once(svc, args)
-        except (RedisError, OSError) as exc:
-            svc.metrics.child(svc.metrics.dependency_errors, "redis").inc()
+            async with asyncio.timeout(max(cutoff - loop.time(), SETTLE_ATTEMPT_S_MIN)):
+                return await _settle_once(svc, args)
+        except (RedisError, OSError, TimeoutError, *POSTGRES_OUTAGE) as exc:
+            # Redis, or Postgres loading a balance Redis lost: both come back. A reply lost here is
+            # harmless: the script resolves a hold once, so the retry (or the spool) changes nothing.
+            dependency = "postgres" if isinstance(exc, POSTGRES_OUTAGE) else "redis"
+            svc.metrics.child(svc.metrics.dependency_errors, dependency).inc()
             log.warning("settle failed, retrying", extra={"error": type(exc).__name__})
+        except Exception:
+            log.exception("settle failed on an unexpected error; spooling the settlement")
+            return None
         cutoff = deadline if svc.settle_cutoff_s is None else min(deadline, svc.settle_cutoff_s)
         left_s = cutoff - loop.time()
         if left_s <= 0:
             break
         await asyncio.sleep(min(delay_s, left_s))
-        delay_s = min(delay_s * 2, SETTLE_RETRY_MAX_S)
+        delay_s = min(delay_s * 2, SETTLE_RETRY_S_MAX)
     return None
 
 
@@ -193,15 +207,15 @@ async def _settle_once(svc: Services, args: dict) -> SettleResult:
 # --- the spool: settlements Redis could not take in time --------------------------------------------
 
 
-def _spool(svc: Services, args: dict) -> None:
+async def _spool(svc: Services, args: dict, first_try_ms: int) -> None:
     record = {
         **args,
         "event": args["event"].decode(),
         "body": base64.b64encode(args["body"]).decode(),
-        "spooled_at_ms": now_ms(),
+        "first_try_ms": first_try_ms,
     }
     try:
-        stored = svc.spool.put(args["hold_id"], record)
+        stored = await asyncio.to_thread(svc.spool.put, args["hold_id"], record)
     except OSError as exc:
         stored = False
         log.error("could not write the settlement spool", extra={"error": f"{type(exc).__name__}: {exc.strerror}"})
@@ -216,27 +230,52 @@ def _spool(svc: Services, args: dict) -> None:
         log.critical("settlement lost: Redis unreachable and the spool full", extra={"hold_id": args["hold_id"]})
 
 
+def _decode(record: dict) -> tuple[dict, int]:
+    """A spooled record back into the settle script's arguments, and when the settlement first tried."""
+    first_try_ms = int(record.pop("first_try_ms"))
+    record["event"] = record["event"].encode()
+    record["body"] = base64.b64decode(record["body"])
+    record["idempotency"] = IdempotencyRecord(record["idempotency"])
+    return record, first_try_ms
+
+
 async def replay_spool(svc: Services, batch_max: int = SPOOL_BATCH_MAX) -> int:
     """Settle what the spool holds, oldest first. Returns how many were settled; stops at the first
-    Redis error (it is still down: the next round tries again)."""
+    Redis error (it is still down: the next round tries again). A file that cannot be replayed safely
+    (unreadable, too old, or its hold already resolved) is set aside in `dead/`, loudly, never
+    dropped in silence and never allowed to stop the files behind it."""
     done = 0
-    for path in svc.spool.pending(batch_max):
-        record = svc.spool.read(path)
-        if now_ms() - record.pop("spooled_at_ms") > SETTLED_RETENTION_MS:
-            # Past the time Redis remembers a resolved hold, a replay could settle a call twice.
-            log.critical("spooled settlement too old to replay; set aside", extra={"hold_id": record["hold_id"]})
-            svc.spool.bury(path)
-            continue
-        record["event"] = record["event"].encode()
-        record["body"] = base64.b64decode(record["body"])
-        record["idempotency"] = IdempotencyRecord(record["idempotency"])
+    for path in await asyncio.to_thread(svc.spool.pending, batch_max):
         try:
-            await _settle_once(svc, record)
-        except (RedisError, OSError):
+            args, first_try_ms = _decode(await asyncio.to_thread(svc.spool.read, path))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.critical("unreadable spooled settlement; set aside", extra={"error": f"{path.name}: {exc}"})
+            svc.metrics.settlements_lost.inc()
+            await asyncio.to_thread(svc.spool.bury, path)
+            continue
+        if now_ms() - first_try_ms > SPOOL_REPLAY_WINDOW_MS:
+            # Redis forgets a resolved hold SETTLED_RETENTION_MS after it resolved: past this window a
+            # replay of a settlement that did land (its reply lost) could settle the call twice.
+            log.critical("spooled settlement too old to replay; set aside", extra={"hold_id": args["hold_id"]})
+            svc.metrics.settlements_lost.inc()
+            await asyncio.to_thread(svc.spool.bury, path)
+            continue
+        try:
+            result = await _settle_once(svc, args)
+        except (RedisError, OSError, *POSTGRES_OUTAGE):
             break
-        svc.spool.remove(path)
-        svc.flusher.note_workspace(record["ws"])
-        done += 1
+        if result.outcome is SettleOutcome.ALREADY_EXPIRED:
+            # The sweeper voided the hold first: the call is recorded expired at 0. Kept for the operator.
+            log.critical(
+                "spooled settlement came after its hold was expired: the call is recorded at 0; set aside",
+                extra={"hold_id": args["hold_id"], "workspace_id": args["ws"]},
+            )
+            svc.metrics.settlements_lost.inc()
+            await asyncio.to_thread(svc.spool.bury, path)
+        else:  # settled now, or by an earlier try whose reply was lost: either way, once
+            await asyncio.to_thread(svc.spool.remove, path)
+            done += 1
+        svc.flusher.note_workspace(args["ws"])
     return done
 
 
@@ -245,10 +284,10 @@ async def run_spool(svc: Services, stop: asyncio.Event) -> None:
         try:
             if await replay_spool(svc):
                 log.info("spooled settlements replayed")
-        except (*POSTGRES_ERRORS, OSError) as exc:  # a load from Postgres failed: try again next round
-            log.warning("spool replay failed; will retry", extra={"error": type(exc).__name__})
         except asyncpg.PostgresError:  # not an outage (db.POSTGRES_OUTAGE): a bug, said loudly; the loop lives on
             log.exception("spool replay failed on a postgres error that is not an outage; will retry")
+        except Exception:  # whatever it is, the loop must outlive it: spooled money waits on it
+            log.exception("spool replay failed; will retry")
         try:
             await asyncio.wait_for(stop.wait(), SPOOL_INTERVAL_S)
         except TimeoutError:

@@ -14,6 +14,7 @@ hold then expires and the sweeper records the call as expired).
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import orjson
@@ -31,7 +32,8 @@ class Spool:
     def open(self) -> None:
         """Create the directory; raises OSError with the path when it cannot be written."""
         (self.directory / DEAD_DIR).mkdir(parents=True, exist_ok=True)
-        probe = self.directory / ".probe"
+        # Named per process: replicas sharing the directory start together.
+        probe = self.directory / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
         probe.write_bytes(b"")
         probe.unlink()
 
@@ -42,9 +44,11 @@ class Spool:
             return False
         final = self.directory / f"{hold_id}{SUFFIX}"
         temp = self.directory / f".{hold_id}.tmp"
+        data = memoryview(orjson.dumps(record))
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, orjson.dumps(record))
+            while data:  # os.write may write less than asked (a full disk): never leave it torn
+                data = data[os.write(fd, data) :]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -18,6 +18,7 @@ import aiohttp
 
 from sidecar import scrub
 from sidecar.config import Config, ProviderConfig
+from sidecar.errors import DomainError
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -27,7 +28,7 @@ ANTHROPIC_VERSION = "2023-06-01"
 OPENROUTER_HEADERS = ("http-referer", "x-title")
 
 
-class RedirectRefused(aiohttp.ClientError):
+class RedirectRefused(DomainError, aiohttp.ClientError):
     """The provider answered a redirect; it is not followed."""
 
     def __init__(self, status: int) -> None:
@@ -61,7 +62,7 @@ class Upstreams:
         timeouts = self.config.upstream
         for name in self.config.providers:
             connector = aiohttp.TCPConnector(
-                limit=timeouts.pool_size, keepalive_timeout=30, enable_cleanup_closed=True, ttl_dns_cache=300
+                limit=timeouts.pool_connections_max, keepalive_timeout=30, enable_cleanup_closed=True, ttl_dns_cache=300
             )
             self._sessions[name] = aiohttp.ClientSession(
                 connector=connector,

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-MAX_BATCH = 256  # commands per pipeline; more waiting go in the next one
+BATCH_COMMANDS_MAX = 256  # commands per pipeline; more waiting go in the next one
 
 
 class _Pending:
@@ -48,7 +48,7 @@ class ScriptBatcher:
     def _flush(self) -> None:
         self._scheduled = False
         while self._pending:
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            batch, self._pending = self._pending[:BATCH_COMMANDS_MAX], self._pending[BATCH_COMMANDS_MAX:]
             task = asyncio.ensure_future(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -66,6 +66,12 @@ def hold_idempotency(ws: str) -> str:
     return f"{tag(ws)}:hold_idem"
 
 
+def expired_holds(ws: str) -> str:
+    """Zset: hold ids the sweeper voided -> when (ms), kept as long as `settled`: a late settlement
+    (replayed from a spool) learns its call was recorded expired, not settled by an earlier try."""
+    return f"{tag(ws)}:expired"
+
+
 def live_per_key(ws: str) -> str:
     """Hash: API key id -> number of its live holds (concurrent calls)."""
     return f"{tag(ws)}:live_keys"

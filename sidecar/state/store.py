@@ -15,13 +15,13 @@ from importlib import resources
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from sidecar.money import MAX_AMOUNT_MICRO
+from sidecar.money import AMOUNT_MICRO_MAX
 from sidecar.state import keys
 from sidecar.state.batching import ScriptBatcher
 
 SETTLED_RETENTION_MS = 3_600_000  # how long "this hold is resolved" is remembered: far past any retry
-EVICT_MAX_PER_CALL = 1_000  # rate-window entries one admission may drop: bounds its work inside Redis
-HOLD_TTL_MAX_MS = 10**12  # ~31 years: any configured TTL fits; keeps now_ms + ttl_ms exact in Lua
+EVICT_ENTRIES_MAX_PER_CALL = 1_000  # rate-window entries one admission may drop: bounds its work inside Redis
+HOLD_TTL_MS_MAX = 10**12  # ~31 years: any configured TTL fits; keeps now_ms + ttl_ms exact in Lua
 
 
 class Admission(IntEnum):
@@ -36,13 +36,14 @@ class Admission(IntEnum):
     ALREADY_RESOLVED = 8
     OVER_TOKEN_LIMIT = 9
     TOO_MANY_CONCURRENT = 10  # limited_by says whether the key's or the workspace's limit
-    CEILING_TOO_LARGE = 11  # at or above MAX_AMOUNT_MICRO: no balance can ever cover it (not sent to Redis)
+    CEILING_TOO_LARGE = 11  # at or above AMOUNT_MICRO_MAX: no balance can ever cover it (not sent to Redis)
 
 
 class SettleOutcome(IntEnum):
     SETTLED = 0
     ALREADY_RESOLVED = 1  # nothing changed
     NEED_LOAD = 2  # the workspace's balance is not in Redis (restarted empty): load it, then settle again
+    ALREADY_EXPIRED = 3  # nothing changed: the sweeper voided the hold (the call is recorded expired, at 0)
 
 
 class ExpireOutcome(IntEnum):
@@ -62,7 +63,7 @@ class GrowHold(IntEnum):
     ALREADY_RESOLVED = -1
     NEED_LOAD = -2
     INSUFFICIENT = -3
-    CEILING_TOO_LARGE = -4  # at or above MAX_AMOUNT_MICRO (not sent to Redis)
+    CEILING_TOO_LARGE = -4  # at or above AMOUNT_MICRO_MAX (not sent to Redis)
 
 
 class Applied(IntEnum):
@@ -261,14 +262,14 @@ class State:
         fingerprint: str,
         idempotency_ttl_ms: int,
         meta: bytes,
-        max_unflushed: int,
+        unflushed_max: int,
         ceiling_tokens: int = 0,
         token_limit: int = 0,
         route: str = "",
     ) -> AdmitResult:
         assert ceiling_micro >= 0 and rate_limit > 0 and ceiling_tokens >= 0 and token_limit >= 0
-        assert 0 < hold_ttl_ms <= HOLD_TTL_MAX_MS
-        if ceiling_micro >= MAX_AMOUNT_MICRO:
+        assert 0 < hold_ttl_ms <= HOLD_TTL_MS_MAX
+        if ceiling_micro >= AMOUNT_MICRO_MAX:
             return AdmitResult(Admission.CEILING_TOO_LARGE)
         reply = await self._batcher.run(
             self._admit,
@@ -295,13 +296,13 @@ class State:
                 fingerprint if idempotency_key else "",
                 idempotency_ttl_ms,
                 meta,
-                max_unflushed,
+                unflushed_max,
                 ceiling_tokens,
                 token_limit,
                 key_id,
                 self.limits.concurrent_calls_per_key,
                 self.limits.concurrent_calls_per_workspace,
-                EVICT_MAX_PER_CALL,
+                EVICT_ENTRIES_MAX_PER_CALL,
             ],
         )
         return _decode_admit(reply)
@@ -328,9 +329,9 @@ class State:
         A body is kept for replay only within the replay-bytes bounds; past them the call is still
         remembered as done, with status 0 (too large to replay)."""
         assert cost_micro >= 0 and tokens_used >= 0 and isinstance(idempotency, IdempotencyRecord)
-        # A billed call is charged at most its hold (< MAX_AMOUNT_MICRO); only a BYOK call's recorded
+        # A billed call is charged at most its hold (< AMOUNT_MICRO_MAX); only a BYOK call's recorded
         # cost can be larger, and that figure is for display: bounded, so every number stays exact.
-        cost_micro = min(cost_micro, MAX_AMOUNT_MICRO - 1)
+        cost_micro = min(cost_micro, AMOUNT_MICRO_MAX - 1)
         record_key = _record_key(ws, key_id, route, idempotency_key)
         reservations: list[tuple[str, str]] | None = []
         replaying = bool(idempotency_key) and idempotency is IdempotencyRecord.REPLAY
@@ -346,6 +347,7 @@ class State:
                 keys.hold_keys(ws),
                 keys.live_per_key(ws),
                 keys.hold_idempotency(ws),
+                keys.expired_holds(ws),
             ],
             args=[
                 hold_id,
@@ -388,12 +390,12 @@ class State:
         for key, bucket in reserved:
             await self._reserve(keys=[key], args=[size_bytes, 0, ttl_ms, bucket])
 
-    async def due_holds(self, ws: str, batch_max: int, grace_ms: int = 0) -> list[str]:
+    async def due_holds(self, ws: str, holds_max: int, grace_ms: int = 0) -> list[str]:
         """Ids of holds past their deadline by more than grace_ms (Redis time) when listed; expire()
         checks again."""
         seconds, micros = await self.redis.time()
         due_ms = seconds * 1000 + micros // 1000 - grace_ms
-        ids = await self.redis.zrangebyscore(keys.hold_deadlines(ws), "-inf", due_ms, start=0, num=batch_max)
+        ids = await self.redis.zrangebyscore(keys.hold_deadlines(ws), "-inf", due_ms, start=0, num=holds_max)
         return [i.decode() for i in ids]
 
     async def expire(self, ws: str, hold_id: str, status: ExpireStatus, grace_ms: int = 0) -> ExpireOutcome:
@@ -410,6 +412,7 @@ class State:
                 keys.hold_keys(ws),
                 keys.live_per_key(ws),
                 keys.hold_idempotency(ws),
+                keys.expired_holds(ws),
             ],
             args=[hold_id, status.value, SETTLED_RETENTION_MS, grace_ms],
         )
@@ -417,7 +420,7 @@ class State:
 
     async def extend_hold(self, ws: str, hold_id: str, ttl_ms: int) -> HoldDeadline:
         """Push a live hold's deadline to now + ttl_ms (Redis time); never shortens it."""
-        assert 0 < ttl_ms <= HOLD_TTL_MAX_MS
+        assert 0 < ttl_ms <= HOLD_TTL_MS_MAX
         reply = await self._extend(keys=[keys.holds(ws), keys.hold_deadlines(ws)], args=[hold_id, ttl_ms])
         return HoldDeadline(HoldExtension(int(reply[0])), int(reply[1]))
 
@@ -433,6 +436,11 @@ class State:
         """Set the balance read from Postgres, with `held` rebuilt from the live holds (see load.lua).
         replacing_gen '': only if Redis has no balance (the first of concurrent loaders wins); else
         replace the load `replacing_gen` if it is still the live one (Redis restarted stale)."""
+        records: list[str] = []
+        if resolved_holds:
+            found = await self.redis.hmget(keys.hold_idempotency(ws), list(resolved_holds))
+            # Every key in KEYS (Redis Cluster): a hold without a record gets a placeholder of its slot.
+            records = [r.decode() if r else f"{keys.tag(ws)}:no_record" for r in found]
         reply = await self._load(
             keys=[
                 keys.acct(ws),
@@ -441,6 +449,10 @@ class State:
                 keys.hold_deadlines(ws),
                 keys.hold_meta(ws),
                 keys.settled(ws),
+                keys.hold_keys(ws),
+                keys.live_per_key(ws),
+                keys.hold_idempotency(ws),
+                *records,
             ],
             args=[balance_micro, pg_version, secrets.token_hex(8), run_id, replacing_gen, *resolved_holds],
         )
@@ -453,7 +465,7 @@ class State:
     async def grow_hold(self, ws: str, hold_id: str, amount_micro: int) -> GrowHold:
         """Raise a live hold to amount_micro (see grow_hold.lua)."""
         assert amount_micro >= 0
-        if amount_micro >= MAX_AMOUNT_MICRO:
+        if amount_micro >= AMOUNT_MICRO_MAX:
             return GrowHold.CEILING_TOO_LARGE
         return GrowHold(int(await self._grow(keys=[keys.acct(ws), keys.holds(ws)], args=[hold_id, amount_micro])))
 
@@ -462,6 +474,9 @@ class State:
         if balance is None:
             return None
         return Account(int(balance), int(held or 0))
+
+    async def ping(self) -> None:
+        await self.redis.ping()
 
     async def run_id(self) -> str:
         """The Redis server's run_id, or '' where INFO is refused (then a stale restart goes unnoticed

@@ -49,7 +49,7 @@ ADMIN_TOKENS = [
 MOCK_FAULT_HEADERS = list(mock_provider.FAULT_HEADERS)
 
 PRICING = {
-    "minimum_charge": "0",
+    "charge_min": "0",
     "models": {
         # 5.00 / 25.00 per 1M: 10,000 input + 2,000 output costs exactly 0.100000 credits.
         "gpt-4o-mini": {
@@ -101,23 +101,23 @@ def _providers(urls: dict[str, str]) -> list[dict]:
 def _models() -> list[dict]:
     window = {"context_window_tokens": 128000}
     return [
-        {"name": "gpt-4o-mini", "aliases": ["mini"], "provider": "mock", "default_max_output_tokens": 100, **window},
+        {"name": "gpt-4o-mini", "aliases": ["mini"], "provider": "mock", "max_output_tokens_default": 100, **window},
         {
             "name": "mock-free",
             "provider": "mock",
             "upstream_model": "mock-model",
-            "default_max_output_tokens": 50,
+            "max_output_tokens_default": 50,
             "context_window_tokens": 32000,
         },
-        {"name": "claude-test", "provider": "mock-anthropic", "default_max_output_tokens": 100, **window},
-        {"name": "embed-small", "provider": "mock", "default_max_output_tokens": 1, **window},
+        {"name": "claude-test", "provider": "mock-anthropic", "max_output_tokens_default": 100, **window},
+        {"name": "embed-small", "provider": "mock", "max_output_tokens_default": 1, **window},
         {
             "name": "fallback-503",
             "targets": [
                 {"provider": "mock-503", "upstream_model": "first-model", "price": "fallback-first"},
                 {"provider": "mock", "upstream_model": "second-model", "price": "fallback-second"},
             ],
-            "default_max_output_tokens": 100,
+            "max_output_tokens_default": 100,
             **window,
         },
         {
@@ -126,7 +126,7 @@ def _models() -> list[dict]:
                 {"provider": "mock-dead", "upstream_model": "first-model", "price": "fallback-first"},
                 {"provider": "mock", "upstream_model": "second-model", "price": "fallback-second"},
             ],
-            "default_max_output_tokens": 100,
+            "max_output_tokens_default": 100,
             **window,
         },
         {
@@ -135,7 +135,7 @@ def _models() -> list[dict]:
                 {"provider": "mock-openrouter", "upstream_model": "router/requested", "price": "router-requested"}
             ],
             "allow_routing_fields": ["provider", "route", "models"],
-            "default_max_output_tokens": 100,
+            "max_output_tokens_default": 100,
             **window,
         },
     ]
@@ -143,7 +143,7 @@ def _models() -> list[dict]:
 
 def base_config(provider_url: str, extra_urls: dict[str, str] | None = None, **overrides: Any) -> dict:
     raw = {
-        "server": {"max_body_bytes": 64 * 1024, "drain_timeout_ms": 2000},
+        "server": {"body_bytes_max": 64 * 1024, "drain_timeout_ms": 2000},
         "auth": {"cache_ttl_ms": 200},
         "upstream": {
             "connect_timeout_ms": 1000,
@@ -153,7 +153,7 @@ def base_config(provider_url: str, extra_urls: dict[str, str] | None = None, **o
             "usage_wait_after_hangup_ms": 2000,
         },
         "holds": {"ttl_ms": 40000, "sweep_interval_ms": 200, "settle_budget_ms": 2000, "sweep_grace_ms": 0},
-        "ledger": {"batch_max_rows": 500, "batch_max_age_ms": 20, "claim_idle_ms": 1000, "workspace_refresh_ms": 60000},
+        "ledger": {"batch_rows_max": 500, "batch_age_ms_max": 20, "claim_idle_ms": 1000, "workspace_refresh_ms": 60000},
         "providers": _providers({"mock": provider_url, **(extra_urls or {})}),
         "models": _models(),
         "admin_tokens": ADMIN_TOKENS,

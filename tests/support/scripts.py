@@ -36,7 +36,7 @@ async def admit(
         fingerprint=fingerprint,
         idempotency_ttl_ms=idempotency_ttl_ms,
         meta=meta,
-        max_unflushed=1000,
+        unflushed_max=1000,
         ceiling_tokens=ceiling_tokens,
         token_limit=token_limit,
         route=route,

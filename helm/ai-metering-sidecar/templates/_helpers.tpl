@@ -44,6 +44,11 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{ dig "server" "ops_port" 9090 .Values.config | int }}
 {{- end }}
 
+{{/* holds.spool_dir: the data plane mounts its spool volume there. */}}
+{{- define "sidecar.spoolDir" -}}
+{{ dig "holds" "spool_dir" "/var/lib/sidecar/spool" .Values.config }}
+{{- end }}
+
 {{/* server.drain_timeout_ms in whole seconds, rounded up. */}}
 {{- define "sidecar.drainSeconds" -}}
 {{ div (add (dig "server" "drain_timeout_ms" 30000 .Values.config | int) 999) 1000 }}

@@ -10,7 +10,7 @@
 --       10 hold_key (hash id -> key id)  11 live_keys (hash key id -> live holds)
 --       12 hold_idem (hash id -> idem record key)
 -- ARGV: 1 hold_id  2 ceiling_micro  3 rate_limit  4 window_ms  5 hold_ttl_ms  6 idem_fingerprint ('' = none)
---       7 idem_ttl_ms  8 meta  9 max_unflushed (ledger backlog bound)
+--       7 idem_ttl_ms  8 meta  9 unflushed_max (ledger backlog bound)
 --       10 ceiling_tokens (input + output bound)  11 token_limit (per window; 0 = none)
 --       12 key_id  13 concurrent_per_key (0 = none)  14 concurrent_per_workspace (0 = none)
 --       15 evict_max (entries leaving the window dropped per call: bounds the work of one call)

@@ -7,7 +7,7 @@
 -- resolved" without holding anything or claiming the idempotency key.
 --
 -- KEYS: 1 acct  2 holds  3 hold_dl  4 hold_meta  5 settled  6 stream  7 idem (may not exist)
---       8 hold_key  9 live_keys  10 hold_idem
+--       8 hold_key  9 live_keys  10 hold_idem  11 expired (ids the sweeper voided, for a late settle)
 -- ARGV: 1 hold_id  2 status ('expired' checks the deadline, by Redis time, now; 'failed' does not)
 --       3 settled_retention_ms  4 grace_ms (an 'expired' hold is due only this long after its deadline)
 -- Returns: 1 voided, 0 not yet due, -1 already resolved, -2 not held yet: tombstone left
@@ -48,6 +48,10 @@ redis.call('ZREM', KEYS[3], hold_id)
 redis.call('HDEL', KEYS[4], hold_id)
 redis.call('ZADD', KEYS[5], string.format('%d', now_ms), hold_id)
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', string.format('%d', now_ms - tonumber(ARGV[3])))
+if ARGV[2] == 'expired' then
+  redis.call('ZADD', KEYS[11], string.format('%d', now_ms), hold_id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', string.format('%d', now_ms - tonumber(ARGV[3])))
+end
 redis.call('XADD', KEYS[6], '*', 'e', meta, 'cost', 0, 'impact', 0, 'after', balance,
   'at', string.format('%d', now_ms), 'gen', gen, 'lost', 0, 'status', ARGV[2])
 if redis.call('HGET', KEYS[7], 'hold') == hold_id then redis.call('DEL', KEYS[7]) end

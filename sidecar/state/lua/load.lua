@@ -11,7 +11,13 @@
 -- Either way `held` is rebuilt from the live holds themselves: holds can outlive an evicted or
 -- restored account, and a hold whose call Postgres already recorded (ARGV[6..]) is dropped as resolved.
 --
+-- A dropped hold also gives back its key's concurrency slot, and its idempotency record (if still
+-- pending under that hold) is marked done without a body: the call was recorded, so a retry must not
+-- run (and be billed) again; it gets 409 "already completed" instead of "in progress" for a day.
+--
 -- KEYS: 1 acct  2 applied (set of tokens)  3 holds  4 hold_dl  5 hold_meta  6 settled
+--       7 hold_key  8 live_keys  9 hold_idem  10.. the idempotency record of each ARGV[6..] hold
+--       (a placeholder key of the workspace where it has none)
 -- ARGV: 1 balance_micro  2 pgv  3 gen (a fresh random token: identifies this load)  4 redis run_id
 --       5 the load id being replaced ('' = first load)  6.. hold ids already recorded in Postgres
 -- Returns: 1 loaded, 0 nothing changed (already loaded, or reloaded by someone else)
@@ -26,10 +32,21 @@ if #ARGV > 5 then
   local t = redis.call('TIME')
   local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   for i = 6, #ARGV do
-    if redis.call('HDEL', KEYS[3], ARGV[i]) == 1 then
-      redis.call('ZREM', KEYS[4], ARGV[i])
-      redis.call('HDEL', KEYS[5], ARGV[i])
-      redis.call('ZADD', KEYS[6], now_ms, ARGV[i])  -- a late settle or retry finds it resolved
+    local hold_id = ARGV[i]
+    if redis.call('HDEL', KEYS[3], hold_id) == 1 then
+      redis.call('ZREM', KEYS[4], hold_id)
+      redis.call('HDEL', KEYS[5], hold_id)
+      redis.call('ZADD', KEYS[6], string.format('%d', now_ms), hold_id)  -- a late settle or retry finds it resolved
+      local owner = redis.call('HGET', KEYS[7], hold_id)
+      if owner then
+        if redis.call('HINCRBY', KEYS[8], owner, -1) <= 0 then redis.call('HDEL', KEYS[8], owner) end
+        redis.call('HDEL', KEYS[7], hold_id)
+      end
+      redis.call('HDEL', KEYS[9], hold_id)
+      local record = KEYS[10 + i - 6]
+      if redis.call('HGET', record, 'hold') == hold_id and redis.call('HGET', record, 'state') ~= 'done' then
+        redis.call('HSET', record, 'state', 'done', 'status', 0, 'ctype', '', 'body', '')
+      end
     end
   end
 end

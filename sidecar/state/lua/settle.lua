@@ -2,7 +2,7 @@
 -- outcome under the idempotency key. A second settle of the same hold changes nothing.
 --
 -- KEYS: 1 acct  2 holds  3 hold_dl  4 hold_meta  5 settled (zset id -> resolved ms)  6 stream  7 idem
---       8 tpm (the key's token-window hash)  9 hold_key  10 live_keys  11 hold_idem
+--       8 tpm (the key's token-window hash)  9 hold_key  10 live_keys  11 hold_idem  12 expired (ids the sweeper voided)
 -- ARGV: 1 hold_id  2 cost_micro (actual cost, before the cap)  3 billed ('1' debits the balance, '0' BYOK
 --       or failed: records only)  4 event (opaque JSON, relayed to the ledger)
 --       5 idempotency ('' none, 'replay': keep the outcome for replay, 'forget': delete the record)
@@ -13,7 +13,10 @@
 --          {1 already_resolved}   {2 need_load}
 
 local hold_id = ARGV[1]
-if redis.call('ZSCORE', KEYS[5], hold_id) then return {1} end
+if redis.call('ZSCORE', KEYS[5], hold_id) then
+  if redis.call('ZSCORE', KEYS[12], hold_id) then return {3} end  -- the sweeper voided it: recorded expired
+  return {1}
+end
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
