@@ -22,15 +22,15 @@ from sidecar.money import MoneyError, format_micro, parse_credits
 from sidecar.pricing import CostProfile, ModelPrice, TokenPrices, Usage
 from sidecar.protocols import ALL as PROTOCOLS
 from sidecar.protocols.base import (
-    MAX_CHOICES,
-    MAX_OUTPUT_TOKENS,
+    CHOICES_MAX,
     OPENROUTER_ONLY_FIELDS,
+    OUTPUT_TOKENS_MAX,
     Protocol,
     RequestFacts,
     parse_json,
 )
 from sidecar.protocols.errors import KINDS, SidecarError
-from sidecar.protocols.openai_completions import MAX_PROMPTS
+from sidecar.protocols.openai_completions import PROMPTS_MAX
 from sidecar.serving import protocol_error_body
 from sidecar.sse import SSEError, SSEFramer
 from support.fuzz_inputs import (
@@ -121,9 +121,9 @@ def assert_facts(protocol: Protocol, facts: RequestFacts) -> None:
     assert isinstance(facts.model, str) and facts.model
     assert isinstance(facts.stream, bool)
     assert facts.max_output_tokens is None or (
-        type(facts.max_output_tokens) is int and 1 <= facts.max_output_tokens <= MAX_OUTPUT_TOKENS
+        type(facts.max_output_tokens) is int and 1 <= facts.max_output_tokens <= OUTPUT_TOKENS_MAX
     )
-    assert type(facts.choices) is int and 1 <= facts.choices <= MAX_CHOICES * MAX_PROMPTS
+    assert type(facts.choices) is int and 1 <= facts.choices <= CHOICES_MAX * PROMPTS_MAX
     if protocol.name == "openai_embeddings":
         assert not facts.stream
     if protocol.name == "anthropic_messages":
