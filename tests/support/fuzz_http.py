@@ -452,7 +452,7 @@ def plans(draw) -> Plan:
             max_size=2,
         )
     )
-    delivery = draw(st.sampled_from(["whole"] * 60 + ["pieces"] * 30 + ["cut"] * 5 + ["gzip-lie"] * 4 + ["late"]))
+    delivery = draw(st.sampled_from(["whole"] * 60 + ["pieces"] * 30 + ["cut"] * 6 + ["gzip-lie"] * 10 + ["late"]))
     return Plan(
         status=draw(st.sampled_from(STATUSES)),
         headers=headers,
