@@ -307,3 +307,16 @@ async def test_a_cooling_office_key_yields_to_the_workspace_key_and_scopes_stay_
     assert [r["byok"] for r in rows] == [False, True]
     assert office_key["id"] not in str(rows[1]["byok_fallback_reason"] or "")
     await sidecar.assert_identity(ws.id)
+
+
+@pytest.mark.parametrize("key", ['sk-quote"key-1234', "sk-back\\slash-1234"])
+async def test_a_byok_key_the_scrubber_cannot_find_in_json_is_refused(sidecar: Sidecar, key: str) -> None:
+    """Found by `make fuzz`: a provider quoting a key in a JSON body spells `"` and `\\` as `\\"` and
+    `\\\\`, which the relay's scrubber (raw and \\uXXXX spellings) does not match, so such a key would
+    reach the client. No provider issues one; it is refused when stored."""
+    ws = await sidecar.workspace(credits_micro=0)
+    status, body = await add_key(sidecar, ws.id, key)
+    assert status == 400, body
+    assert body["error"]["code"] == "invalid_key"
+    _, listed = await sidecar.admin("GET", f"/workspaces/{ws.id}/byok-keys", token=TENANT_ADMIN_TOKEN)
+    assert listed["data"] == []

@@ -36,11 +36,16 @@ async def add_key(request: web.Request) -> web.Response:
         known = ", ".join(sorted(svc.config.providers))
         raise AdminError(400, f"provider must be one of: {known}", "invalid_provider")
     key = payload.get("key")
-    if not isinstance(key, str) or not 8 <= len(key.strip()) <= KEY_CHARS_MAX or not key.strip().isprintable():
+    key = key.strip() if isinstance(key, str) else ""
+    # `"` and `\` are refused: JSON spells them `\"` and `\\`, which the scrubber (sidecar/scrub.py)
+    # does not match, so a provider quoting such a key in a JSON body would hand it to the client.
+    # No provider issues keys with either.
+    if not 8 <= len(key) <= KEY_CHARS_MAX or not key.isprintable() or '"' in key or "\\" in key:
         raise AdminError(
-            400, f"key must be the provider's API key (8 to {KEY_CHARS_MAX} printable characters)", "invalid_key"
+            400,
+            f"key must be the provider's API key (8 to {KEY_CHARS_MAX} printable characters, no quotes or backslashes)",
+            "invalid_key",
         )
-    key = key.strip()
     if svc.vault is None:
         raise AdminError(503, "no key-encryption key is configured (SIDECAR_KEK or SIDECAR_KEK_FILE)", "no_kek")
     try:

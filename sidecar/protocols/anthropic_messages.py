@@ -45,6 +45,7 @@ ERROR_TYPES = {
     "conflict": "invalid_request_error",
     "too_large": "request_too_large",
     "rate_limited": "rate_limit_error",
+    "client_closed": "api_error",  # the client hung up; rendered though nobody reads it
     "internal": "api_error",
     "upstream": "api_error",
     "unavailable": "overloaded_error",
