@@ -31,6 +31,8 @@ def _char_pattern(char: str) -> str:
         forms.append(r"\\u" + "".join(f"[{d.lower()}{d.upper()}]" if d.isalpha() else d for d in f"{code:04x}"))
     if char == "/":
         forms.append(r"\\/")
+    if char in '"\\':  # JSON's short escapes: \" and \\
+        forms.append(re.escape("\\" + char))
     return forms[0] if len(forms) == 1 else "(?:" + "|".join(forms) + ")"
 
 

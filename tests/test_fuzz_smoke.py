@@ -22,7 +22,7 @@ def test_fuzz_target_smoke(name: str) -> None:
 
 def test_fuzz_http_smoke(redis_url: str, migrated_database_url: str) -> None:
     redis.Redis.from_url(redis_url).flushdb()
-    fz = Fuzzed(redis_url, migrated_database_url, echo_keys=False, first_byte_timeout_ms=5000)
+    fz = Fuzzed(redis_url, migrated_database_url, echo_keys=True, first_byte_timeout_ms=5000)
     try:
         run_data_plane(fz, 40, 1)
         run_admin(fz, 40)

@@ -150,3 +150,32 @@ async def test_a_client_that_stops_reading_is_cut_off_and_billed_what_was_relaye
     finally:
         await stop_sidecar(sc)
         await provider.close()
+
+
+async def test_an_error_answer_with_a_lying_content_encoding_is_a_502_not_a_500(
+    redis_client, redis_url, migrated_database_url
+) -> None:
+    """Found by make fuzz: the provider's error body says gzip and is not; reading it failed as a 500."""
+
+    async def lying(request: web.Request) -> web.Response:
+        return web.Response(status=503, body=b"not gzip at all", headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", lying)
+    provider = TestServer(app)
+    await provider.start_server()
+    sc = await start_sidecar(redis_url, migrated_database_url, provider_url=str(provider.make_url("/v1")))
+    try:
+        ws = await sc.workspace(credits_micro=CREDITS)
+        async with sc.http.post(
+            sc.data.make_url("/v1/chat/completions"),
+            data=orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}),
+            headers={"Authorization": f"Bearer {ws.key}", "Content-Type": "application/json"},
+        ) as resp:
+            assert resp.status == 502
+            assert (await resp.json())["error"]["code"] == "upstream_error"
+        identity = await sc.assert_identity(ws.id)
+        assert identity["debits"] == 0
+    finally:
+        await stop_sidecar(sc)
+        await provider.close()

@@ -33,6 +33,9 @@ async def _echo_provider() -> TestServer:
 
     async def chat(request: web.Request) -> web.StreamResponse:
         key, mode = _sent_key(request), request.headers.get("x-mock-chunks", "")
+        if mode == "4":  # retry advice that quotes the key, beside one well-formed value
+            headers = {"x-should-retry": key, "retry-after-ms": key, "retry-after": "7"}
+            return web.json_response({"error": {"message": "slow down"}}, status=429, headers=headers)
         if mode == "1":  # an error answer with a status the sidecar relays
             return web.json_response({"error": {"message": f"bad request for key {key}"}}, status=400)
         if mode == "2":  # a 200 whose model and error quote the key, escaped
@@ -69,7 +72,9 @@ async def _echo_provider() -> TestServer:
 
 
 @pytest.mark.parametrize("byok", [False, True], ids=["platform-key", "customer-key"])
-@pytest.mark.parametrize("mode", ["1", "2", "3"], ids=["error-body", "200-model-and-error", "mid-stream-error"])
+@pytest.mark.parametrize(
+    "mode", ["1", "2", "3", "4"], ids=["error-body", "200-model-and-error", "mid-stream-error", "retry-headers"]
+)
 async def test_an_echoed_key_reaches_no_client_row_or_log(
     redis_client, redis_url, migrated_database_url, caplog, byok: bool, mode: str
 ) -> None:
@@ -107,7 +112,10 @@ async def test_an_echoed_key_reaches_no_client_row_or_log(
             await asyncio.sleep(0.05)
         [row] = rows
         assert key not in str(dict(row)), dict(row)
-        assert "REDACTED" in raw.decode(errors="replace") + str(dict(row)), "the echo was there, and was redacted"
+        if mode == "4":
+            assert "'Retry-After': '7'" in headers, "well-formed retry advice still passes"
+        else:
+            assert "REDACTED" in raw.decode(errors="replace") + str(dict(row)), "the echo was there, and was redacted"
         assert key not in caplog.text
     finally:
         await stop_sidecar(sc)

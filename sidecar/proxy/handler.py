@@ -36,10 +36,9 @@ from sidecar.proxy import credentials
 from sidecar.proxy.call import Call, now_ms
 from sidecar.proxy.outcome import Ending, failed
 from sidecar.proxy.relay import (
-    UPSTREAM_ERROR_BYTES_MAX,
-    UpstreamErrorAnswer,
     cancelled_outcome,
     first_byte,
+    read_error_answer,
     relay_body,
     relay_stream,
     relay_upstream_error,
@@ -456,13 +455,13 @@ async def _attempt(
         svc.metrics.child(svc.metrics.upstream_attempts, provider.name, str(upstream.status)).inc()
         svc.metrics.child(svc.metrics.upstream_ttfb, provider.name).observe(time.perf_counter() - sent_at)
         if credential.stored is not None and upstream.status in credentials.BYOK_REFUSAL_STATUSES:
-            error_body = await upstream.content.read(UPSTREAM_ERROR_BYTES_MAX)
-            reason = credentials.refusal(upstream.status, error_body)
+            answer = await read_error_answer(upstream)
+            reason = credentials.refusal(upstream.status, answer.body or b"")
             upstream.release()
             if reason is None:  # an answer about the call itself: the next target, or relay it as is
                 if upstream.status in FALLBACK_STATUSES and not last:
                     return NextTarget(f"{provider.name}: answered {upstream.status}")
-                return relay_upstream_error(call, UpstreamErrorAnswer(upstream.status, upstream.headers, error_body))
+                return relay_upstream_error(call, answer)
             await _byok_refused(svc, call, provider, credential, reason)
             await _extend_hold(svc, call)
             credential = credentials.PLATFORM
@@ -568,8 +567,7 @@ async def _relay(
     request: web.Request, svc: Services, call: Call, facts: RequestFacts, upstream: aiohttp.ClientResponse
 ) -> Ending:
     if upstream.status >= 300:  # an error, or a redirect that is never followed
-        body = await upstream.content.read(UPSTREAM_ERROR_BYTES_MAX)
-        return relay_upstream_error(call, UpstreamErrorAnswer(upstream.status, upstream.headers, body))
+        return relay_upstream_error(call, await read_error_answer(upstream))
     first_byte(call)
     if facts.stream:
         return await relay_stream(request, svc, call, facts, upstream)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -31,7 +32,13 @@ log = logging.getLogger("sidecar.proxy")
 
 UPSTREAM_BODY_BYTES_MAX = 64 * 1024 * 1024
 UPSTREAM_ERROR_BYTES_MAX = 64 * 1024
-PASSED_ERROR_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
+# The provider's retry advice is passed on, but only in its well-formed shapes: a header value is
+# the provider's text, and may quote the key it was sent.
+PASSED_ERROR_HEADERS = {
+    "retry-after": re.compile(r"\d{1,10}|[A-Za-z]{3}, \d{2} [A-Za-z]{3} \d{4} \d{2}:\d{2}:\d{2} GMT"),
+    "retry-after-ms": re.compile(r"\d{1,12}(\.\d{1,6})?"),
+    "x-should-retry": re.compile(r"true|false"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +47,16 @@ class UpstreamErrorAnswer:
 
     status: int
     headers: Mapping[str, str]
-    body: bytes
+    body: bytes | None  # None: it could not be read
+
+
+async def read_error_answer(upstream: aiohttp.ClientResponse) -> UpstreamErrorAnswer:
+    """A provider's error answer, its body read within bounds; an unreadable body becomes None."""
+    try:
+        body: bytes | None = await upstream.content.read(UPSTREAM_ERROR_BYTES_MAX)
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        body = None
+    return UpstreamErrorAnswer(upstream.status, upstream.headers, body)
 
 
 class StreamEnd(Enum):
@@ -89,10 +105,18 @@ def relay_upstream_error(call: Call, upstream: UpstreamErrorAnswer) -> Ending:
             code="upstream_auth_failed",
         )
         return Ending(outcome, refusal(error))
+    if upstream.body is None:  # unreadable (a lying Content-Encoding, a cut): the status alone is not an answer
+        error = SidecarError(
+            "upstream",
+            f"the provider answered {upstream.status} with an unreadable body; nothing was charged",
+            code="upstream_error",
+        )
+        return Ending(outcome, refusal(error))
     headers = base_headers(call)
-    for name in PASSED_ERROR_HEADERS:
-        if name in upstream.headers:
-            headers[name] = upstream.headers[name]
+    for name, shape in PASSED_ERROR_HEADERS.items():
+        value = upstream.headers.get(name)
+        if value is not None and shape.fullmatch(value):
+            headers[name] = value
     body = call.scrubber.bytes(upstream.body)
 
     async def reply(_: SettleResult | None) -> web.StreamResponse:
