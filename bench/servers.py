@@ -90,6 +90,9 @@ def sidecar_config(directory: Path, provider_url: str, port: int, ops_port: int)
         "server": {"host": HOST, "port": port, "ops_port": ops_port, "drain_timeout_ms": 2000},
         # 1,000 concurrent streams need 1,000 upstream connections; the default pool (512) would queue half.
         "upstream": {"pool_connections_max": 4096},
+        # The bench measures speed, not the guards: one key runs up to 1,000 streams at once.
+        "limits": {"concurrent_calls_per_key": 100_000, "concurrent_calls_per_workspace": 100_000},
+        "holds": {"spool_dir": str(directory / "spool")},
         "providers": [
             {
                 "name": "mock",
