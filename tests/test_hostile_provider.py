@@ -98,13 +98,7 @@ async def test_wrong_typed_provider_event_ends_the_stream_cleanly(
             assert resp.status == 200
             body = await asyncio.wait_for(resp.read(), 10)  # the stream ends; it does not hang
         assert b"HTTP/1.1" not in body, "no second response inside the open body"
-        rows = []
-        for _ in range(100):
-            await sc.flush()
-            rows = await sc.ledger(ws.id)
-            if rows:
-                break
-            await asyncio.sleep(0.05)
+        rows = await sc.ledger_eventually(ws.id)
         assert len(rows) == 1, "exactly one settlement"
         assert rows[0]["cost_micro"] <= rows[0]["hold_micro"]
         await sc.assert_identity(ws.id)

@@ -25,17 +25,6 @@ INPUT_MICRO, OUTPUT_MICRO = 5, 25
 JSON = {"Content-Type": "application/json"}
 
 
-async def _rows(sc: Sidecar, ws: str, want: int = 1) -> list:
-    rows: list = []
-    for _ in range(100):  # bounded: 5 s
-        await sc.flush()
-        rows = await sc.ledger(ws)
-        if len(rows) >= want:
-            break
-        await asyncio.sleep(0.05)
-    return rows
-
-
 async def _stream(sc: Sidecar, key: str, body: dict, headers: dict) -> bytes:
     async with sc.http.post(
         sc.data.make_url("/v1/chat/completions"),
@@ -57,7 +46,7 @@ async def test_total_timeout_cut_bills_what_was_relayed(redis_client, redis_url,
         raw = await _stream(sc, ws.key, body, {"x-mock-chunks": "60", "x-mock-delay-ms": "40"})
         assert b"tok3" in raw and b"[DONE]" not in raw
         assert b"total timeout" in raw, "the client is told the sidecar cut the stream"
-        [row] = await _rows(sc, ws.id)
+        [row] = await sc.ledger_eventually(ws.id)
         assert row["status"] == "cancelled" and row["estimated"] is True
         assert "total timeout" in row["error"]
         # Tokens were relayed: what was observed is billed, never 0.
@@ -76,7 +65,7 @@ async def test_idle_timeout_cut_bills_what_was_relayed(redis_client, redis_url, 
         body = chat_body("stall after the role chunk", stream=True)
         raw = await _stream(sc, ws.key, body, {"x-mock-chunks": "5", "x-mock-delay-ms": "1500"})
         assert b"went idle" in raw
-        [row] = await _rows(sc, ws.id)
+        [row] = await sc.ledger_eventually(ws.id)
         assert row["status"] == "cancelled" and "idle" in row["error"]
         assert row["cost_micro"] > 0, "the input was sent and used: the call is not free"
         await sc.assert_identity(ws.id)
@@ -121,7 +110,7 @@ async def test_redis_down_at_settlement_is_spooled_and_settled_once(private_redi
         assert await replay_spool(sc.svc) == 1
         assert sc.svc.spool.size() == 0
 
-        [row] = await _rows(sc, ws.id)
+        [row] = await sc.ledger_eventually(ws.id)
         expected = INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 20
         assert row["status"] == "completed" and row["cost_micro"] == expected
         identity = await sc.assert_identity(ws.id)
@@ -182,7 +171,7 @@ async def test_fallback_over_stalled_targets_keeps_its_hold(redis_client, redis_
         assert b"[DONE]" in raw
         stop.set()
         await sweeper
-        [row] = await _rows(sc, ws.id)
+        [row] = await sc.ledger_eventually(ws.id)
         assert row["status"] == "completed", "a running call's hold was voided by the sweeper"
         assert row["attempts"] == 4 and row["cost_micro"] > 0
         await sc.assert_identity(ws.id)
@@ -244,7 +233,7 @@ async def test_cancellation_during_settlement_keeps_the_completed_outcome(sideca
         resp.close()
     sidecar.svc.state.settle = real_settle
     sidecar.svc.draining = False
-    [row] = await _rows(sidecar, ws.id)
+    [row] = await sidecar.ledger_eventually(ws.id)
     assert row["status"] == "completed"
     assert row["cost_micro"] == INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 6
     await sidecar.assert_identity(ws.id)
@@ -279,7 +268,7 @@ async def test_a_spooled_settlement_outlives_its_holds_deadline(private_redis, m
         private_redis.restart()
         assert await sweep_all(sc.svc.state, sc.svc.pool, sc.svc.config.holds) == 0, "within the grace"
         assert await replay_spool(sc.svc) == 1
-        [row] = await _rows(sc, ws.id)
+        [row] = await sc.ledger_eventually(ws.id)
         assert row["status"] == "completed"
         assert row["cost_micro"] == INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 10
         await sc.assert_identity(ws.id)
@@ -312,7 +301,7 @@ async def test_at_shutdown_a_stuck_settlement_spools_at_the_cutoff(private_redis
         assert loop.time() - started < 5
         private_redis.restart()
         assert await replay_spool(sc.svc) == 1
-        [row] = await _rows(sc, ws.id)
+        [row] = await sc.ledger_eventually(ws.id)
         assert row["status"] == "completed"
     finally:
         with contextlib.suppress(Exception):
@@ -406,7 +395,7 @@ async def test_a_torn_spool_file_is_set_aside_and_replay_goes_on(private_redis, 
         private_redis.restart()
         assert await replay_spool(sc.svc) == 1, "the good file behind the torn one is replayed"
         assert sc.svc.spool.size() == 0 and (sc.svc.spool.directory / "dead" / torn.name).exists()
-        [row] = await _rows(sc, ws.id)
+        [row] = await sc.ledger_eventually(ws.id)
         assert row["status"] == "completed"
         assert row["cost_micro"] == INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 10
     finally:
@@ -443,7 +432,7 @@ async def test_a_postgres_outage_while_settlement_reloads_a_lost_balance_spools_
     assert status == 200, "the provider answered; the client gets it"
     assert sidecar.svc.spool.size() == 1, "the settlement waits in the spool"
     assert await replay_spool(sidecar.svc) == 1
-    [row] = await _rows(sidecar, ws.id)
+    [row] = await sidecar.ledger_eventually(ws.id)
     assert row["status"] == "completed" and row["cost_micro"] > 0
 
 
@@ -465,7 +454,7 @@ async def test_a_settlement_whose_reply_was_lost_reports_no_cost_rather_than_zer
     status, headers, _ = await sidecar.chat(ws, body)
     assert status == 200
     assert "x-sidecar-cost-micro" not in headers and "x-sidecar-cost" not in headers
-    [row] = await _rows(sidecar, ws.id)
+    [row] = await sidecar.ledger_eventually(ws.id)
     assert row["status"] == "completed"
     assert row["cost_micro"] == INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 8
     assert (await sidecar.assert_identity(ws.id))["debits"] == row["cost_micro"]

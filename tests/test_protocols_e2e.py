@@ -727,13 +727,7 @@ async def test_client_disconnect_mid_stream_bills_what_was_observed(sidecar_no_u
             received += chunk
         resp.close()  # the client goes away after a few tokens
 
-    rows = []
-    for _ in range(100):  # bounded: 5 s
-        await sidecar.flush()
-        rows = await sidecar.ledger(ws.id)
-        if rows:
-            break
-        await asyncio.sleep(0.05)
+    rows = await sidecar.ledger_eventually(ws.id)
     assert len(rows) == 1, "exactly one row for the abandoned call"
     [row] = rows
     assert row["status"] == "cancelled"
@@ -794,13 +788,7 @@ async def test_client_disconnect_reads_on_for_the_providers_usage(sidecar: Sidec
             assert chunk, "the stream ended before the client left"
             received += chunk
         resp.close()
-    rows = []
-    for _ in range(100):  # bounded: 5 s
-        await sidecar.flush()
-        rows = await sidecar.ledger(ws.id)
-        if rows:
-            break
-        await asyncio.sleep(0.05)
+    rows = await sidecar.ledger_eventually(ws.id)
     [row] = rows
     assert row["status"] == "cancelled"
     assert row["estimated"] is False, "the provider's own count, not an estimate"

@@ -273,6 +273,18 @@ class Sidecar:
                 "SELECT * FROM ledger WHERE workspace_id = $1 AND kind = $2 ORDER BY created_at", ws, kind
             )
 
+    async def ledger_eventually(self, ws: str, rows_min: int = 1, wait_s_max: float = 5.0) -> list[asyncpg.Record]:
+        """The workspace's usage rows once at least `rows_min` are there (a call settles just after its
+        client saw the end), flushing as it waits; what is there when the wait runs out."""
+        rows: list[asyncpg.Record] = []
+        for _ in range(int(wait_s_max / 0.05)):
+            await self.flush()
+            rows = await self.ledger(ws)
+            if len(rows) >= rows_min:
+                break
+            await asyncio.sleep(0.05)
+        return rows
+
     async def redis_account(self, ws: str) -> tuple[int, int]:
         await self.svc.balances.ensure_loaded(ws)  # a workspace that never held anything may not be loaded
         account = await self.svc.state.account(ws)
