@@ -29,6 +29,7 @@ from sidecar.observability.metrics import Metrics
 from sidecar.ops import build_ops_app, warn_if_evicting
 from sidecar.proxy import handler, settlement
 from sidecar.proxy.budget import ByteBudget
+from sidecar.proxy.inflight import Inflight
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
 from sidecar.services import Services
@@ -112,6 +113,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     await warn_if_evicting(client)
     return Services(
         spool=Spool(config.holds.spool_dir, config.holds.spool_entries_max),
+        inflight=Inflight(config.holds.spool_dir),
         buffer_budget=ByteBudget(config.upstream.buffered_answers_bytes_max),
         config=config,
         state=state,
@@ -178,6 +180,7 @@ class Runtime:
         if self.data_plane:
             try:
                 svc.spool.open()
+                svc.inflight.open()
             except OSError as exc:
                 raise SystemExit(
                     f"sidecar: holds.spool_dir {svc.config.holds.spool_dir!r} is not writable ({exc.strerror}); "
@@ -231,6 +234,7 @@ class Runtime:
         svc.settle_cutoff_s = asyncio.get_running_loop().time() + SHUTDOWN_SETTLE_S
         if svc.settling:
             await asyncio.wait(list(svc.settling), timeout=SHUTDOWN_SETTLE_S + 5)
+        svc.inflight.close()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

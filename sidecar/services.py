@@ -15,6 +15,7 @@ from sidecar.config import Config
 from sidecar.ledger.flusher import Flusher
 from sidecar.observability.metrics import Metrics
 from sidecar.proxy.budget import ByteBudget
+from sidecar.proxy.inflight import Inflight
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
 from sidecar.state.store import State
@@ -33,6 +34,7 @@ class Services:
     byok: Resolver
     vault: Vault | None  # None: no key-encryption key configured, so no BYOK key can be used or added
     spool: Spool  # settlements Redis could not take within their budget
+    inflight: Inflight  # this process's admitted, unsettled calls, on disk (recovered if it dies)
     buffer_budget: ByteBudget  # memory for buffered (non-streamed) answers, over the whole process
     # Settlements run as their own tasks, so a client that disconnects cannot cancel one half-way;
     # shutdown waits for them.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 
 import orjson
@@ -458,3 +459,64 @@ async def test_a_settlement_whose_reply_was_lost_reports_no_cost_rather_than_zer
     assert row["status"] == "completed"
     assert row["cost_micro"] == INPUT_MICRO * prompt_tokens_for(body) + OUTPUT_MICRO * 8
     assert (await sidecar.assert_identity(ws.id))["debits"] == row["cost_micro"]
+
+
+# --- a process dies mid-call, then Redis loses the hold: the journal still records the call ----------
+
+
+async def test_a_dead_process_call_whose_hold_redis_lost_is_recorded_expired(sidecar: Sidecar, redis_client) -> None:
+    """The double fault `make chaos` found: the process serving a call is SIGKILLed, then Redis restarts
+    without its AOF before the hold's deadline. The dead process's journal (proxy/inflight.py) lets the
+    next process record the call `expired` at 0, once; a hold still held is left to the sweeper."""
+    from support.scripts import admit
+
+    from sidecar.proxy.inflight import Inflight
+    from sidecar.proxy.settlement import recover_orphans
+    from sidecar.state import keys
+
+    ws = await sidecar.workspace(credits_micro=CREDITS)
+    await sidecar.svc.balances.ensure_loaded(ws.id)
+    dead = Inflight(sidecar.svc.spool.directory)  # the process that will die
+    dead.open()
+    held, lost = "a" * 32, "b" * 32
+    for hold_id in (held, lost):
+        admitted = await admit(sidecar.svc.state, ws.id, ceiling=100, hold_id=hold_id, key_id=ws.key_id)
+        assert admitted.outcome.name == "ADMITTED"
+        template = orjson.dumps(
+            {
+                "event_id": f"{hold_id[:8]}-{hold_id[8:12]}-{hold_id[12:16]}-{hold_id[16:20]}-{hold_id[20:]}",
+                "status": "expired",
+                "workspace_id": ws.id,
+                "key_id": ws.key_id,
+                "request_id": hold_id,
+                "protocol": "openai_chat",
+                "model": "gpt-4o-mini",
+                "upstream_model": "gpt-4o-mini",
+                "attempts": 1,
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "cache_read_tokens": 0,
+                "cache_write_5m_tokens": 0,
+                "cache_write_1h_tokens": 0,
+                "reasoning_tokens": 0,
+                "upstream_cost_micro": 0,
+                "hold_micro": 100,
+                "byok": False,
+                "estimated": False,
+                "started_at": 1,
+                "ended_at": 2,
+            }
+        )
+        dead.admitted(hold_id, ws.id, template)
+    assert await recover_orphans(sidecar.svc) == 0, "its process still lives: nothing is touched"
+    os.close(dead._lock_fd)  # SIGKILL: the kernel drops the lock
+    # Redis restarted without its AOF took the second hold (and nothing else matters here).
+    await redis_client.hdel(keys.holds(ws.id), lost)
+    await redis_client.zrem(keys.hold_deadlines(ws.id), lost)
+    await redis_client.hincrby(keys.acct(ws.id), "held", -100)
+    assert await recover_orphans(sidecar.svc) == 1
+    assert await recover_orphans(sidecar.svc) == 0, "recorded once"
+    [row] = await sidecar.ledger_eventually(ws.id)
+    assert row["request_id"] == lost and row["status"] == "expired" and row["cost_micro"] == 0
+    assert await sidecar.svc.state.active_holds(ws.id) == 1, "the held one is the sweeper's"
+    assert (dead.directory / held).exists() and not (dead.directory / lost).exists()

@@ -47,6 +47,7 @@ class Call:
     relayed_bytes: int = 0
     relay_keep_max_bytes: int = 0
     reader: StreamReader | None = None  # the relayed stream's reader: what was observed so far
+    expired_template: bytes = b""  # the call's ledger event should its process die (admission keeps it)
     # Redacts every credential this call has sent upstream from what it relays, stores and logs: a
     # provider may quote the key it was sent.
     scrubber: Scrubber = NO_SECRETS

@@ -120,6 +120,8 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
         raise
     if admitted.outcome is Admission.DUPLICATE:
         return _replay(admitted, call)
+    # Journalled until settled: should this process die and Redis lose the hold, the call is still recorded.
+    svc.inflight.admitted(call.request_id, call.caller.workspace_id, call.expired_template)
 
     svc.metrics.holds_active.inc()
     outcome = None
@@ -227,7 +229,7 @@ def _header_value(request: web.Request, name: str, max_length: int) -> str | Non
 
 async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
     caller, config = call.caller, svc.config
-    meta = orjson.dumps(event(call, "expired", Usage(), 0, estimated=False, error=None))
+    meta = call.expired_template = orjson.dumps(event(call, "expired", Usage(), 0, estimated=False, error=None))
     for _ in range(ADMIT_ATTEMPTS):
         try:
             result = await svc.state.admit(

@@ -21,7 +21,14 @@ from sidecar.pricing import Usage
 from sidecar.proxy.call import Call, now_ms
 from sidecar.proxy.outcome import CallStatus, Outcome, Replay
 from sidecar.services import Services
-from sidecar.state.store import SETTLED_RETENTION_MS, IdempotencyRecord, SettleOutcome, SettleResult
+from sidecar.state.store import (
+    SETTLED_RETENTION_MS,
+    ExpireOutcome,
+    ExpireStatus,
+    IdempotencyRecord,
+    SettleOutcome,
+    SettleResult,
+)
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -127,6 +134,13 @@ def settle_args(svc: Services, call: Call, outcome: Outcome) -> dict:
 
 
 async def _settle_now(svc: Services, call: Call, outcome: Outcome) -> SettleResult | None:
+    try:
+        return await _settle_or_spool(svc, call, outcome)
+    finally:
+        svc.inflight.settled(call.request_id)  # settled, or spooled: either way no longer only in Redis
+
+
+async def _settle_or_spool(svc: Services, call: Call, outcome: Outcome) -> SettleResult | None:
     args = settle_args(svc, call, outcome)
     first_try_ms = now_ms()
     result = await _settle_within_budget(svc, args)
@@ -279,9 +293,29 @@ async def replay_spool(svc: Services, batch_max: int = SPOOL_BATCH_MAX) -> int:
     return done
 
 
+async def recover_orphans(svc: Services) -> int:
+    """Record the calls of processes that died mid-call and whose holds Redis then lost (see
+    proxy/inflight.py). Returns how many were recorded."""
+    recorded = 0
+    for path, ws, template in svc.inflight.orphans():
+        hold_id = path.name
+        if (svc.spool.directory / f"{hold_id}.json").exists():
+            continue  # its settlement waits in the spool: that records it
+        outcome = await svc.state.expire(ws, hold_id, ExpireStatus.LOST, template=template)
+        if outcome is ExpireOutcome.NOT_DUE:
+            continue  # still held: the sweeper records it at its deadline
+        if outcome is ExpireOutcome.LOST_RECORDED:
+            recorded += 1
+            svc.flusher.note_workspace(ws)
+            log.warning("a dead process's call whose hold Redis lost is recorded expired", extra={"hold_id": hold_id})
+        path.unlink(missing_ok=True)
+    return recorded
+
+
 async def run_spool(svc: Services, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
+            await recover_orphans(svc)
             if await replay_spool(svc):
                 log.info("spooled settlements replayed")
         except asyncpg.PostgresError:  # not an outage (db.POSTGRES_OUTAGE): a bug, said loudly; the loop lives on

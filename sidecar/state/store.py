@@ -51,11 +51,13 @@ class ExpireOutcome(IntEnum):
     NOT_DUE = 0  # its deadline (by Redis time, now) has not passed: the call is still running
     ALREADY_RESOLVED = -1
     TOMBSTONED = -2  # not held (yet): a late admission of this hold id will be refused
+    LOST_RECORDED = -3  # neither held nor resolved (Redis lost it): recorded expired from the journal
 
 
 class ExpireStatus(StrEnum):
     EXPIRED = "expired"  # the deadline passed: the sidecar that held it died
     FAILED = "failed"  # admission's reply was lost: the call was never sent
+    LOST = "lost"  # its process died; if Redis lost the hold too, record the call from its journal
 
 
 class GrowHold(IntEnum):
@@ -398,7 +400,9 @@ class State:
         ids = await self.redis.zrangebyscore(keys.hold_deadlines(ws), "-inf", due_ms, start=0, num=holds_max)
         return [i.decode() for i in ids]
 
-    async def expire(self, ws: str, hold_id: str, status: ExpireStatus, grace_ms: int = 0) -> ExpireOutcome:
+    async def expire(
+        self, ws: str, hold_id: str, status: ExpireStatus, grace_ms: int = 0, template: bytes = b""
+    ) -> ExpireOutcome:
         """Void a hold that will never be settled and record its call (see expire.lua). EXPIRED voids
         only a hold whose deadline has passed, by more than grace_ms, by Redis time when the script runs."""
         assert grace_ms >= 0
@@ -414,7 +418,7 @@ class State:
                 keys.hold_idempotency(ws),
                 keys.expired_holds(ws),
             ],
-            args=[hold_id, status.value, SETTLED_RETENTION_MS, grace_ms],
+            args=[hold_id, status.value, SETTLED_RETENTION_MS, grace_ms, template],
         )
         return ExpireOutcome(int(reply))
 

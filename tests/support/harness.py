@@ -343,6 +343,7 @@ async def start_sidecar(
     config = build_config(redis_url, database_url, main_url, extra_urls, more_providers, more_models, **overrides)
     svc = await open_services(config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY, **(env or {"SIDECAR_KEK": TEST_KEK})})
     svc.spool.open()
+    svc.inflight.open()
     data = TestServer(build_data_app(svc))
     control = TestServer(build_control_app(svc))
     await data.start_server()
@@ -361,6 +362,7 @@ async def stop_sidecar(sidecar: Sidecar) -> None:
     for server in sidecar.extra:
         await server.close()
     await close_services(sidecar.svc)
+    sidecar.svc.inflight.close()
     shutil.rmtree(sidecar.svc.spool.directory, ignore_errors=True)
 
 

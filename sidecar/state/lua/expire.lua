@@ -8,9 +8,15 @@
 --
 -- KEYS: 1 acct  2 holds  3 hold_dl  4 hold_meta  5 settled  6 stream  7 idem (may not exist)
 --       8 hold_key  9 live_keys  10 hold_idem  11 expired (ids the sweeper voided, for a late settle)
--- ARGV: 1 hold_id  2 status ('expired' checks the deadline, by Redis time, now; 'failed' does not)
---       3 settled_retention_ms  4 grace_ms (an 'expired' hold is due only this long after its deadline)
--- Returns: 1 voided, 0 not yet due, -1 already resolved, -2 not held yet: tombstone left
+-- A `lost` expire is for a call whose process died (its journal says so, proxy/inflight.py): still
+-- held, it is left to the sweeper; neither held nor resolved, Redis lost the hold (it restarted
+-- without its AOF), so the call is recorded `expired` at 0 from the journalled template.
+--
+-- ARGV: 1 hold_id  2 status ('expired' checks the deadline, by Redis time, now; 'failed' does not;
+--       'lost' see above)  3 settled_retention_ms  4 grace_ms (an 'expired' hold is due only this long
+--       after its deadline)  5 the call's event template ('lost' only)
+-- Returns: 1 voided, 0 not yet due (or still held: 'lost'), -1 already resolved, -2 not held yet:
+--          tombstone left, -3 lost hold recorded as expired
 
 local hold_id = ARGV[1]
 local t = redis.call('TIME')
@@ -18,10 +24,19 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local hold = redis.call('HGET', KEYS[2], hold_id)
 if not hold then
   if redis.call('ZSCORE', KEYS[5], hold_id) then return -1 end
+  if ARGV[2] == 'lost' then
+    local balance = redis.call('HGET', KEYS[1], 'balance') or ''
+    local gen = redis.call('HGET', KEYS[1], 'gen') or ''
+    redis.call('ZADD', KEYS[5], string.format('%d', now_ms), hold_id)
+    redis.call('XADD', KEYS[6], '*', 'e', ARGV[5], 'cost', 0, 'impact', 0, 'after', balance,
+      'at', string.format('%d', now_ms), 'gen', gen, 'lost', 0, 'status', 'expired')
+    return -3
+  end
   if ARGV[2] ~= 'failed' then return -1 end
   redis.call('ZADD', KEYS[5], string.format('%d', now_ms), hold_id)
   return -2
 end
+if ARGV[2] == 'lost' then return 0 end
 if ARGV[2] == 'expired' then
   local deadline = redis.call('ZSCORE', KEYS[3], hold_id)
   if deadline and tonumber(deadline) + tonumber(ARGV[4] or '0') > now_ms then return 0 end
