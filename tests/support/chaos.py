@@ -377,7 +377,8 @@ class Findings:
     late_holds: list[str] = field(default_factory=list)  # live far past any deadline: no sweeper voided them
     # Allowed, counted: a 200 whose sidecar was SIGKILLed before it settled (its hold voided at the deadline).
     expired_by_kill: int = 0
-    # Explained, counted, not hidden: see Truth.lost_with_redis (docs/chaos.md, "Known limit").
+    # The double fault of Truth.lost_with_redis: once a known limit, now recorded from the dead process's
+    # journal (sidecar/proxy/inflight.py). Named apart for the report, and a failure like any call without a row.
     lost_with_redis: list[str] = field(default_factory=list)
     replays: int = 0  # 200s answered from an idempotency record
     statuses: Counter = field(default_factory=Counter)
@@ -387,6 +388,7 @@ class Findings:
         named = {
             "drift": self.drift,
             "calls_without_row": self.calls_without_row,
+            "lost_with_redis": self.lost_with_redis,
             "doubled_rows": self.doubled_rows,
             "cost_mismatches": self.cost_mismatches,
             "over_hold": self.over_hold,
