@@ -519,4 +519,4 @@ async def test_a_dead_process_call_whose_hold_redis_lost_is_recorded_expired(sid
     [row] = await sidecar.ledger_eventually(ws.id)
     assert row["request_id"] == lost and row["status"] == "expired" and row["cost_micro"] == 0
     assert await sidecar.svc.state.active_holds(ws.id) == 1, "the held one is the sweeper's"
-    assert (dead.directory / held).exists() and not (dead.directory / lost).exists()
+    assert [o.hold_id for o in sidecar.svc.inflight.orphans()] == [held], "only the held call stays open"

@@ -297,18 +297,19 @@ async def recover_orphans(svc: Services) -> int:
     """Record the calls of processes that died mid-call and whose holds Redis then lost (see
     proxy/inflight.py). Returns how many were recorded."""
     recorded = 0
-    for path, ws, template in svc.inflight.orphans():
-        hold_id = path.name
-        if (svc.spool.directory / f"{hold_id}.json").exists():
+    for orphan in svc.inflight.orphans():
+        if (svc.spool.directory / f"{orphan.hold_id}.json").exists():
             continue  # its settlement waits in the spool: that records it
-        outcome = await svc.state.expire(ws, hold_id, ExpireStatus.LOST, template=template)
+        outcome = await svc.state.expire(orphan.ws, orphan.hold_id, ExpireStatus.LOST, template=orphan.template)
         if outcome is ExpireOutcome.NOT_DUE:
             continue  # still held: the sweeper records it at its deadline
         if outcome is ExpireOutcome.LOST_RECORDED:
             recorded += 1
-            svc.flusher.note_workspace(ws)
-            log.warning("a dead process's call whose hold Redis lost is recorded expired", extra={"hold_id": hold_id})
-        path.unlink(missing_ok=True)
+            svc.flusher.note_workspace(orphan.ws)
+            log.warning(
+                "a dead process's call whose hold Redis lost is recorded expired", extra={"hold_id": orphan.hold_id}
+            )
+        svc.inflight.resolved(orphan)
     return recorded
 
 
