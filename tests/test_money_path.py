@@ -36,6 +36,23 @@ async def _stream(sc: Sidecar, key: str, body: dict, headers: dict) -> bytes:
         return await resp.read()
 
 
+async def _spooled_call(sc: Sidecar, private_redis, key: str, want: int = 1) -> dict:
+    """A stream that ends while Redis is down: its settlement waits in the spool (`want` files in all)."""
+    body = chat_body("spool me", stream=True, stream_options={"include_usage": True})
+    headers = {"Authorization": f"Bearer {key}", **JSON, "x-mock-chunks": "10", "x-mock-delay-ms": "50"}
+    async with sc.http.post(sc.data.make_url("/v1/chat/completions"), data=orjson.dumps(body), headers=headers) as resp:
+        seen = await asyncio.wait_for(resp.content.readany(), 5)
+        private_redis.kill()
+        seen += await asyncio.wait_for(resp.read(), 10)
+    assert b"[DONE]" in seen
+    for _ in range(100):
+        if sc.svc.spool.size() == want:
+            break
+        await asyncio.sleep(0.05)
+    assert sc.svc.spool.size() == want
+    return body
+
+
 # --- 15.3: the sidecar's own cut-offs bill what was observed ------------------------------------------
 
 
@@ -251,20 +268,7 @@ async def test_a_spooled_settlement_outlives_its_holds_deadline(private_redis, m
     sc = await start_sidecar(private_redis.url, migrated_database_url, **timing)
     try:
         ws = await sc.workspace(credits_micro=CREDITS)
-        body = chat_body("outlive the deadline", stream=True, stream_options={"include_usage": True})
-        headers = {"Authorization": f"Bearer {ws.key}", **JSON, "x-mock-chunks": "10", "x-mock-delay-ms": "50"}
-        async with sc.http.post(
-            sc.data.make_url("/v1/chat/completions"), data=orjson.dumps(body), headers=headers
-        ) as resp:
-            seen = await asyncio.wait_for(resp.content.readany(), 5)
-            private_redis.kill()
-            seen += await asyncio.wait_for(resp.read(), 10)
-        assert b"[DONE]" in seen
-        for _ in range(100):
-            if sc.svc.spool.size() == 1:
-                break
-            await asyncio.sleep(0.05)
-        assert sc.svc.spool.size() == 1
+        body = await _spooled_call(sc, private_redis, ws.key)
         await asyncio.sleep(2.6)  # past the hold's deadline while Redis is still down
         private_redis.restart()
         assert await sweep_all(sc.svc.state, sc.svc.pool, sc.svc.config.holds) == 0, "within the grace"
@@ -310,22 +314,6 @@ async def test_at_shutdown_a_stuck_settlement_spools_at_the_cutoff(private_redis
 
 
 # --- review findings: the spool never drops money in silence, and never stops ---------------------
-
-
-async def _spooled_call(sc: Sidecar, private_redis, key: str, want: int = 1) -> dict:
-    body = chat_body("spool me", stream=True, stream_options={"include_usage": True})
-    headers = {"Authorization": f"Bearer {key}", **JSON, "x-mock-chunks": "10", "x-mock-delay-ms": "50"}
-    async with sc.http.post(sc.data.make_url("/v1/chat/completions"), data=orjson.dumps(body), headers=headers) as resp:
-        seen = await asyncio.wait_for(resp.content.readany(), 5)
-        private_redis.kill()
-        seen += await asyncio.wait_for(resp.read(), 10)
-    assert b"[DONE]" in seen
-    for _ in range(100):
-        if sc.svc.spool.size() == want:
-            break
-        await asyncio.sleep(0.05)
-    assert sc.svc.spool.size() == want
-    return body
 
 
 async def test_a_replay_after_the_sweeper_expired_the_hold_is_set_aside_loudly(

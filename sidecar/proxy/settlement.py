@@ -186,9 +186,8 @@ async def _settle_within_budget(svc: Services, args: dict) -> SettleResult | Non
     delay_s = SETTLE_RETRY_FIRST_S
     # Bounded by the budget in time; the attempt count bound only guards against a zero-time loop.
     for _ in range(SETTLE_ATTEMPTS_MAX):
-        cutoff = deadline if svc.settle_cutoff_s is None else min(deadline, svc.settle_cutoff_s)
         try:
-            async with asyncio.timeout(max(cutoff - loop.time(), SETTLE_ATTEMPT_S_MIN)):
+            async with asyncio.timeout(max(_settle_left_s(svc, deadline), SETTLE_ATTEMPT_S_MIN)):
                 return await _settle_once(svc, args)
         except (RedisError, OSError, TimeoutError, *POSTGRES_OUTAGE) as exc:
             # Redis, or Postgres loading a balance Redis lost: both come back. A reply lost here is
@@ -199,13 +198,18 @@ async def _settle_within_budget(svc: Services, args: dict) -> SettleResult | Non
         except Exception:
             log.exception("settle failed on an unexpected error; spooling the settlement")
             return None
-        cutoff = deadline if svc.settle_cutoff_s is None else min(deadline, svc.settle_cutoff_s)
-        left_s = cutoff - loop.time()
+        left_s = _settle_left_s(svc, deadline)
         if left_s <= 0:
             break
         await asyncio.sleep(min(delay_s, left_s))
         delay_s = min(delay_s * 2, SETTLE_RETRY_S_MAX)
     return None
+
+
+def _settle_left_s(svc: Services, deadline: float) -> float:
+    """Time left to this settlement: its budget, or less once shutdown set the cutoff."""
+    cutoff = deadline if svc.settle_cutoff_s is None else min(deadline, svc.settle_cutoff_s)
+    return cutoff - asyncio.get_running_loop().time()
 
 
 async def _settle_once(svc: Services, args: dict) -> SettleResult:
