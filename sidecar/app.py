@@ -16,7 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar import db, scrub, serving, sweeper
+from sidecar import db, price_versions, scrub, serving, sweeper
 from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
 from sidecar.byok import keys as byok_keys
@@ -190,6 +190,10 @@ class Runtime:
             self._data_runner = self._runners[-1]
             served = frozenset(svc.config.server.workspaces)
             self._tasks.append(asyncio.create_task(settlement.run_spool(svc, self.stop)))
+            # The prices this process bills at, so each ledger row's price_version names its prices.
+            self._tasks.append(
+                asyncio.create_task(price_versions.keep_registered(svc.pool, svc.config.pricing, self.stop))
+            )
             self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
             self._tasks.append(
                 asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop, served))

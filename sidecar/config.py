@@ -37,6 +37,9 @@ PROTOCOLS = get_args(Protocol)
 Permission = Literal["WORKSPACES_MANAGE", "KEYS_MANAGE", "CREDITS_MANAGE", "TENANT_MANAGE", "READ"]
 PERMISSIONS = get_args(Permission)
 RoutingField = Literal[ROUTING_FIELDS]  # OpenRouter's request fields a model may allow
+# How a model's targets are ordered for a call (proxy/routing.py): as listed, by `priority` (lowest
+# first), or by the call's price ceiling on each (cheapest first).
+Routing = Literal["order", "priority", "cheapest"]
 TARGETS_MAX = 8
 
 Natural = Annotated[int, Meta(ge=0)]
@@ -232,6 +235,7 @@ class Target(_Strict):
     provider: Name
     upstream_model: str | None = None  # default: the model's name
     price: str | None = None  # default: the model's name
+    priority: Natural | None = None  # with the model's `routing: priority`: lowest first (ties: as listed)
 
 
 class ModelConfig(_Strict):
@@ -247,8 +251,12 @@ class ModelConfig(_Strict):
     aliases: tuple[Name, ...] = ()
     provider: str | None = None  # with upstream_model: the one-target shorthand of `targets`
     upstream_model: str | None = None
-    # Tried in order; the next one only if nothing reached the client yet.
+    # Tried in the `routing` order; the next one only if nothing reached the client yet.
     targets: Annotated[tuple[Target, ...], Meta(max_length=TARGETS_MAX)] = ()
+    # order: as listed; priority: by each target's `priority`, lowest first; cheapest: by the call's
+    # price ceiling on each target, cheapest first. In every case a target whose ceiling the workspace
+    # cannot cover is skipped (402 only when none fits).
+    routing: Routing = "order"
     # OpenRouter routing fields (protocols.base.ROUTING_FIELDS) a client may send for this model;
     # the others get a 400. With `models` allowed, the hold is at the dearest model listed.
     allow_routing_fields: tuple[RoutingField, ...] = ()
@@ -256,6 +264,11 @@ class ModelConfig(_Strict):
     def __post_init__(self) -> None:
         if self.markup_percent is not None:
             _check_markup(self.markup_percent)
+        prioritized = [t.priority is not None for t in self.targets]
+        if self.routing == "priority" and not all(prioritized):
+            raise ValueError("targets: with routing: priority, every target needs a priority")
+        if self.routing != "priority" and any(prioritized):
+            raise ValueError("routing: a target has a priority; set routing: priority to use it")
 
 
 def _check_markup(text: str) -> None:
@@ -472,7 +485,9 @@ def _with_targets(
             entry = _catalog_price(model, provider, upstream_model, price, priced, at, where)
             if j == 0:
                 catalog_window = entry.context_window_tokens
-        targets.append(Target(provider=target.provider, upstream_model=upstream_model, price=price))
+        targets.append(
+            Target(provider=target.provider, upstream_model=upstream_model, price=price, priority=target.priority)
+        )
     first = targets[0]
     window = model.context_window_tokens or catalog_window or first_provider.context_window_tokens
     if window is None:
@@ -517,7 +532,8 @@ def _catalog_price(
         sell = catalog.with_markup(entry.prices, markup, f"{where}upstream_model: {upstream_model!r}")
     except catalog.CatalogError as exc:
         raise ConfigError(str(exc)) from None
-    found = ModelPrice(model=price, sell=sell, upstream=entry.prices)
+    source = f"genai-prices=={catalog.package_version()}"
+    found = ModelPrice(model=price, sell=sell, upstream=entry.prices, source=source)
     if priced.models.setdefault(price, found) != found:
         raise ConfigError(f"{where}price: {price!r} is priced twice, differently (markup or upstream model)")
     if entry.changes:
@@ -528,7 +544,9 @@ def _catalog_price(
             except catalog.CatalogError as exc:
                 raise ConfigError(f"{exc} (its price from {change.effective_at.date()})") from None
             effective_ms = int(change.effective_at.timestamp() * 1000)
-            dated.append(ModelPrice(model=price, sell=sell, upstream=change.prices, effective_ms=effective_ms))
+            dated.append(
+                ModelPrice(model=price, sell=sell, upstream=change.prices, effective_ms=effective_ms, source=source)
+            )
         priced.changes[price] = tuple(dated)
     return entry
 
@@ -694,7 +712,9 @@ def _convert(raw: dict, kind: type) -> Any:
         raise ConfigError(_in_our_words(str(exc), kind)) from None
 
 
-_DECLARED_ORDER = {tuple(sorted(v)): v for v in (PROTOCOLS, PERMISSIONS, ROUTING_FIELDS)}  # msgspec sorts them
+_DECLARED_ORDER = {
+    tuple(sorted(v)): v for v in (PROTOCOLS, PERMISSIONS, ROUTING_FIELDS, get_args(Routing))
+}  # msgspec sorts them
 _TYPE_WORDS = {"int": "a non-negative integer", "str": "a string", "bool": "true or false", "object": "a mapping"}
 _TYPE_WORDS |= {"array": "a list", "str | null": "a string"}
 

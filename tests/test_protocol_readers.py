@@ -419,11 +419,13 @@ def test_input_unbounded_is_read_from_the_parsed_request(protocol, raw: bytes, u
     assert protocol.read_request(orjson.loads(raw)).input_unbounded is unbounded
 
 
-def test_audio_anywhere_is_refused_and_named() -> None:
+def test_audio_anywhere_is_found_and_named() -> None:
+    """Audio is priced per audio token: the request's reach says so (a target without an audio price
+    refuses it, proxy/routing.py) and names the field, and its input is not bounded by its bytes."""
     payload = {"model": "m", "messages": [{"role": "assistant", "content": "x", "audio": {"id": "audio_1"}}]}
-    with pytest.raises(SidecarError) as caught:
-        openai_chat.PROTOCOL.read_request(payload)
-    assert caught.value.status == 400 and caught.value.param == "audio" and "audio" in caught.value.message
+    facts = openai_chat.PROTOCOL.read_request(payload)
+    assert facts.reach.audio_in and facts.reach.param_of("audio input") == "audio" and facts.input_unbounded
+    assert not openai_chat.PROTOCOL.read_request({"model": "m", "messages": []}).reach.audio_in
 
 
 EVENT_NAMES = st.sampled_from(
