@@ -303,7 +303,8 @@ def unpriced(feature: str, param: str) -> SidecarError:
 def media_of(payload: dict) -> tuple[bool, str | None]:
     """Walk the parsed request (so escaped or spaced keys are seen as what they are) for media parts:
     (whether there is any media part, the key or type that names audio, if any), the whole request walked."""
-    stack: list[object] = [payload]
+    # Top-level `audio` (chat) configures audio OUTPUT (voice, format): not input; see wants_audio_output.
+    stack: list[object] = [{k: v for k, v in payload.items() if k != "audio"}]
     media, audio = False, None
     for _ in range(_WALK_NODES_MAX):
         if not stack:
@@ -413,7 +414,7 @@ def refuse_unpriced_options(payload: dict) -> None:
 
 def wants_audio_output(payload: dict) -> bool:
     modalities = payload.get("modalities")
-    return isinstance(modalities, list) and "audio" in modalities
+    return (isinstance(modalities, list) and "audio" in modalities) or payload.get("audio") is not None
 
 
 def routing_of(payload: dict) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
