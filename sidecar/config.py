@@ -27,7 +27,7 @@ from msgspec import Meta, Struct
 from sidecar import catalog
 from sidecar.errors import StartupError
 from sidecar.money import MoneyError, parse_credits, parse_decimal_scaled, parse_price_per_million
-from sidecar.pricing import CostProfile, ModelPrice, TokenPrices
+from sidecar.pricing import EXTRA_TOKEN_CLASSES, TOOL_FEES, CostProfile, ModelPrice, TokenPrices
 from sidecar.protocols.base import ROUTING_FIELDS
 
 log = logging.getLogger(__name__)
@@ -614,26 +614,62 @@ def _check_hold_outlives_call(config: Config) -> None:
 # --- pricing.yaml ----------------------------------------------------------------------------------
 
 _PRICE_CLASSES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+# Optional: a class with a price of its own (per 1M tokens; absent: billed as its parent class, and a
+# request that would incur it on purpose is refused), fees in credits per call, context-length tiers.
+_EXTRA_CLASSES = EXTRA_TOKEN_CLASSES
+_FEES = ("request_fee", *TOOL_FEES)
+_TIERS = "tiers"
+_PRICE_KEYS = (*_PRICE_CLASSES, *_EXTRA_CLASSES, *_FEES, _TIERS)
+FEE_DECIMALS_MAX = 9  # credits per call: a thousandth of a micro-credit
 
 
-def _parse_prices(raw: Any, path: str) -> TokenPrices:
+def _parse_prices(raw: Any, path: str, tiers_allowed: bool = True) -> TokenPrices:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of token class to price per 1M tokens")
-    unknown = sorted(set(raw) - set(_PRICE_CLASSES))
+    known = _PRICE_KEYS if tiers_allowed else _PRICE_KEYS[:-1]
+    unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ConfigError(f"{path}.{unknown[0]}: unknown token class (known: {', '.join(_PRICE_CLASSES)})")
+        raise ConfigError(f"{path}.{unknown[0]}: unknown price (known: {', '.join(known)})")
     for required in ("input", "output"):
         if required not in raw:
             raise ConfigError(f"{path}.{required}: required")
-    scaled = {}
-    for cls in _PRICE_CLASSES:
+    scaled: dict[str, Any] = {}
+    for cls in (*_PRICE_CLASSES, *_EXTRA_CLASSES):
+        if cls not in raw and cls in _EXTRA_CLASSES:
+            continue
         # An unpriced cache class costs what plain input costs: never less than the provider charges us.
         text = raw.get(cls, raw["input"])
         try:
             scaled[cls] = parse_price_per_million(text)
         except MoneyError as exc:
             raise ConfigError(f"{path}.{cls}: {exc}") from None
-    return TokenPrices(**scaled)
+    for fee in _FEES:
+        if fee in raw:
+            try:  # credits per call -> micro-credits per call * PRICE_SCALE
+                scaled[fee] = parse_decimal_scaled(raw[fee], FEE_DECIMALS_MAX) * 10**6
+            except MoneyError as exc:
+                raise ConfigError(f"{path}.{fee}: {exc}") from None
+    return TokenPrices(**scaled, tiers=_parse_tiers(raw.get(_TIERS), raw, path))
+
+
+def _parse_tiers(raw: Any, base: dict, path: str) -> tuple[tuple[int, TokenPrices], ...]:
+    """`tiers: [{input_tokens_above: 200000, input: "6", ...}]`: each tier's prices, the base's for what
+    it does not give; in ascending order."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{path}.tiers: must be a non-empty list of {{input_tokens_above: N, <prices>}}")
+    tiers, last = [], -1
+    for k, tier in enumerate(raw):
+        where = f"{path}.tiers[{k}]"
+        start = tier.get("input_tokens_above") if isinstance(tier, dict) else None
+        if not isinstance(start, int) or isinstance(start, bool) or start <= last:
+            raise ConfigError(f"{where}.input_tokens_above: must be an integer above the previous tier's")
+        own = {key: value for key, value in tier.items() if key != "input_tokens_above"}
+        inherited = {key: value for key, value in base.items() if key != _TIERS}
+        tiers.append((start, _parse_prices({**inherited, **own}, where, tiers_allowed=False)))
+        last = start
+    return tuple(tiers)
 
 
 def parse_pricing(raw: Any, source: str) -> CostProfile:

@@ -219,6 +219,29 @@ class TokenPrices:
 PRICE_FIELDS = (*BASE_TOKEN_CLASSES, *EXTRA_TOKEN_CLASSES, "request_fee", *TOOL_FEES)
 
 
+def per_million(scaled: int) -> str:
+    """A scaled price per token (see money.PRICE_SCALE) as its exact decimal price per 1M tokens."""
+    whole, frac = divmod(scaled, PRICE_SCALE)
+    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(whole)
+
+
+def per_call(scaled: int) -> str:
+    """A scaled fee per call (micro-credits * PRICE_SCALE) as its exact decimal in credits."""
+    whole, frac = divmod(scaled, PRICE_SCALE * 1_000_000)
+    return f"{whole}.{frac:015d}".rstrip("0").rstrip(".") if frac else str(whole)
+
+
+def decimal_json(prices: TokenPrices) -> dict:
+    """Every price as an exact decimal string, for people and APIs: token classes per 1M tokens (a class
+    without a price of its own left out), fees per call in credits, tiers by the input they start above."""
+    shown = {cls: per_million(getattr(prices, cls)) for cls in BASE_TOKEN_CLASSES}
+    shown |= {c: per_million(getattr(prices, c)) for c in EXTRA_TOKEN_CLASSES if getattr(prices, c) is not None}
+    shown |= {fee: per_call(getattr(prices, fee)) for fee in ("request_fee", *TOOL_FEES) if getattr(prices, fee)}
+    if prices.tiers:
+        shown["tiers"] = [{"input_tokens_above": start, **decimal_json(tier)} for start, tier in prices.tiers]
+    return shown
+
+
 def _or(price: int | None, parent: int) -> int:
     return parent if price is None else price
 

@@ -533,3 +533,41 @@ def test_a_dated_change_the_profile_cannot_express_refuses_the_model_now() -> No
         "its price changes on 2099-01-01 to one that cannot be billed: it is priced by input_document_kpages, "
         "which the cost profile cannot express"
     )
+
+
+def test_pricing_yaml_expresses_fees_extra_classes_and_tiers() -> None:
+    pricing = {
+        "models": {
+            "m": {
+                "input": "1",
+                "output": "2",
+                "input_audio": "40",
+                "request_fee": "0.005",
+                "web_search_fee": "0.01",
+                "tiers": [{"input_tokens_above": 1000, "input": "2", "output": "4"}],
+            }
+        }
+    }
+    model = {"name": "m", "provider": "p", "max_output_tokens_default": 1, "context_window_tokens": 10}
+    loaded = parse_config(
+        {"providers": [{"name": "p", "protocol": "openai", "base_url": "http://x"}], "models": [model]}, pricing, {}
+    )
+    sell = loaded.pricing.price_of("m").sell
+    assert (sell.input_audio, sell.request_fee, sell.web_search_fee) == (40 * 10**9, 5_000 * 10**9, 10_000 * 10**9)
+    assert sell.output_audio is None  # no price of its own: audio output is refused, billed as output if reported
+    [(start, tier)] = sell.tiers
+    assert (start, tier.input, tier.output, tier.input_audio, tier.request_fee) == (
+        1000,
+        2 * 10**9,
+        4 * 10**9,
+        40 * 10**9,
+        5_000 * 10**9,
+    )
+    profile = loaded.pricing
+    assert profile.cost_micro(loaded.pricing.price_of("m"), Usage(input_tokens=1000)) == 1000 + 5_000
+    assert profile.cost_micro(loaded.pricing.price_of("m"), Usage(input_tokens=1001)) == 2002 + 5_000
+    bad = {"models": {"m": {**pricing["models"]["m"], "tiers": [{"input_tokens_above": 5}, {"input_tokens_above": 5}]}}}
+    with pytest.raises(ConfigError, match=r"tiers\[1\]\.input_tokens_above: must be an integer above"):
+        parse_config(
+            {"providers": [{"name": "p", "protocol": "openai", "base_url": "http://x"}], "models": [model]}, bad, {}
+        )

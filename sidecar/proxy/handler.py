@@ -28,7 +28,7 @@ from sidecar.config import TARGETS_MAX, ModelConfig, ProviderConfig, Target
 from sidecar.db import POSTGRES_ERRORS
 from sidecar.errors import ControlFlow
 from sidecar.observability.logging import request_id_var
-from sidecar.pricing import Usage
+from sidecar.pricing import Usage, decimal_json
 from sidecar.protocols import ALL as PROTOCOLS
 from sidecar.protocols.anthropic_messages import LONG_CONTEXT_TOKENS
 from sidecar.protocols.base import Protocol, RequestFacts, check_routing, parse_json, routing_prices
@@ -641,10 +641,8 @@ async def list_models(request: web.Request) -> web.Response:
                 "owned_by": model.provider,
                 "aliases": list(model.aliases),
                 "max_output_tokens_default": model.max_output_tokens_default,
-                "pricing": {  # credits per 1M tokens, exact decimal strings
-                    cls: _per_million(getattr(sell, cls))
-                    for cls in ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
-                },
+                # Exact decimal strings: credits per 1M tokens; fees in credits per call; tiers by input size.
+                "pricing": decimal_json(sell),
             }
         )
     body = {"object": "list", "data": data, "has_more": False}
@@ -653,11 +651,6 @@ async def list_models(request: web.Request) -> web.Response:
     return web.Response(
         body=orjson.dumps(body), content_type="application/json", headers={"x-request-id": call.request_id}
     )
-
-
-def _per_million(scaled: int) -> str:
-    whole, frac = divmod(scaled, 1_000_000_000)
-    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(whole)
 
 
 def add_routes(app: web.Application) -> None:
