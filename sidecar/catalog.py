@@ -99,7 +99,8 @@ class CatalogModel:
         return self.prices is not None
 
 
-def package_version() -> str:
+@cache
+def package_version() -> str:  # reading package metadata costs ~10 ms: once per process
     return _package_version("genai-prices")
 
 
@@ -185,7 +186,6 @@ def _changes(model, at: datetime, provider_id: str) -> tuple[PriceChange, ...]:
 
 
 def _token_prices(model, at: datetime, provider_id: str) -> TokenPrices:
-    from genai_prices import Usage as GenaiUsage
     from genai_prices import types
 
     if isinstance(model.prices, list):
@@ -196,14 +196,27 @@ def _token_prices(model, at: datetime, provider_id: str) -> TokenPrices:
     _check_keys(given, provider_id)
     if "input_mtok" not in given and "output_mtok" not in given:
         raise CatalogError("it has no token prices")
-    try:
-        price.calc_price(GenaiUsage())  # genai-prices' own check that its price set is computable
-    except ValueError as exc:
-        raise CatalogError(f"genai-prices cannot compute its price: {exc}") from None
+    problem = _uncomputable(frozenset(given))
+    if problem:
+        raise CatalogError(f"genai-prices cannot compute its price: {problem}")
     starts = sorted({tier.start for v in given.values() if isinstance(v, types.TieredPrices) for tier in v.tiers})
     base = _flat_prices({k: _tier_price(v, None) for k, v in given.items()}, model.id)
     tiers = tuple((s, _flat_prices({k: _tier_price(v, s) for k, v in given.items()}, model.id)) for s in starts)
     return TokenPrices(**{name: getattr(base, name) for name in PRICE_FIELDS}, tiers=tiers)
+
+
+@cache
+def _uncomputable(keys: frozenset[str]) -> str | None:
+    """genai-prices' own check that a set of priced keys is computable (every class's ancestors and joins
+    priced), as its calc_price runs it: depends on the keys only, so once per set."""
+    from genai_prices import Usage as GenaiUsage
+    from genai_prices import types
+
+    try:
+        types.ModelPrice(**dict.fromkeys(keys, Decimal(1))).calc_price(GenaiUsage())
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _check_keys(given: dict, provider_id: str) -> None:

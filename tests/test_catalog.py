@@ -453,6 +453,12 @@ def test_the_catalog_command_shows_offers_prices_and_what_the_catalog_says_diffe
     assert rows["gpt-4o-mini"]["price_from"] == "pricing.yaml"
     assert rows["gpt-4o-mini"]["note"] == "catalog upstream differs: 0.15/0.6/0.075/0.15/0.15"
     assert rows["claude-opus-4-5"]["sell"]["cache_write_1h"] == "10"
+    # The version each is billed at now (ledger rows' price_version), and its fees.
+    from sidecar.config import load_config
+
+    loaded = load_config(tmp_path / "sidecar.yaml", env={})
+    assert rows["o3-mini"]["price_version"] == loaded.pricing.price_of("o3-mini").version
+    assert rows["claude-opus-4-5"]["sell"]["web_search_fee"] == "0.01" and rows["o3-mini"]["changes"] == []
     everything = subprocess.run(
         [*run, "--provider", "anthropic", "--all"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
@@ -485,7 +491,9 @@ def test_a_dated_price_change_of_the_snapshot_applies_from_its_date_without_a_re
     from sidecar import catalog_report
 
     [row] = catalog_report.rows(loaded)
-    assert f"from {change.effective_at.date()}: upstream " in row.note and row.upstream == before.upstream
+    assert f"from {change.effective_at.date()} ({after.version}): upstream " in row.note
+    assert row.upstream == before.upstream and row.price_version == before.version != after.version
+    assert [c["price_version"] for c in row.changes] == [after.version]
 
 
 @settings(max_examples=30, deadline=None)
