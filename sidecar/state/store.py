@@ -569,6 +569,8 @@ class State:
                 keys.hold_keys(ws),
                 keys.live_per_key(ws),
                 keys.hold_idempotency(ws),
+                keys.key_budgets(ws),
+                keys.hold_key_budget(ws),
                 *records,
             ],
             args=[

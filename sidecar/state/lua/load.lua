@@ -16,7 +16,8 @@
 -- run (and be billed) again; it gets 409 "already completed" instead of "in progress" for a day.
 --
 -- KEYS: 1 acct  2 applied (set of tokens)  3 holds  4 hold_dl  5 hold_meta  6 settled
---       7 hold_key  8 live_keys  9 hold_idem  10.. the idempotency record of each ARGV[12..] hold
+--       7 hold_key  8 live_keys  9 hold_idem  10 kbudget  11 hold_kb
+--       12.. the idempotency record of each ARGV[12..] hold
 --       (a placeholder key of the workspace where it has none)
 -- ARGV: 1 balance_micro  2 pgv  3 gen (a fresh random token: identifies this load)  4 redis run_id
 --       5 the load id being replaced ('' = first load)  6 fee waiver used (at pgv)
@@ -44,9 +45,17 @@ if #ARGV >= FIRST_HOLD then
       if owner then
         if redis.call('HINCRBY', KEYS[8], owner, -1) <= 0 then redis.call('HDEL', KEYS[8], owner) end
         redis.call('HDEL', KEYS[7], hold_id)
+        -- Its key budget hold too; what it spent is in the ledger, which a budget rebuild reads.
+        local kb_held = redis.call('HGET', KEYS[11], hold_id)
+        if kb_held then
+          if redis.call('HINCRBY', KEYS[10], owner .. ':h', string.format('%d', -tonumber(kb_held))) < 0 then
+            redis.call('HSET', KEYS[10], owner .. ':h', 0)
+          end
+          redis.call('HDEL', KEYS[11], hold_id)
+        end
       end
       redis.call('HDEL', KEYS[9], hold_id)
-      local record = KEYS[10 + i - FIRST_HOLD]
+      local record = KEYS[12 + i - FIRST_HOLD]
       if redis.call('HGET', record, 'hold') == hold_id and redis.call('HGET', record, 'state') ~= 'done' then
         redis.call('HSET', record, 'state', 'done', 'status', 0, 'ctype', '', 'body', '')
       end
