@@ -24,6 +24,7 @@ import asyncpg
 
 from sidecar import db
 from sidecar.errors import DomainError
+from sidecar.wallet import epoch_ms
 
 KEY_PREFIX = "sk-sc-"
 _KEY_SHAPE = re.compile(r"sk-sc-[A-Za-z0-9_-]{43}\Z")  # what new_key makes: the prefix and 32 bytes, base64url
@@ -105,7 +106,7 @@ class Authenticator:
             record.tokens_per_minute,
             record.budget_micro,
             record.budget_period,
-            int(record.budget_since.timestamp() * 1000) if record.budget_since else 0,
+            epoch_ms(record.budget_since) if record.budget_since else 0,
         )
         self._misses.pop(digest, None)
         _remember(self._cache, digest, (now + self.cache_ttl_s, caller), self.max_entries)

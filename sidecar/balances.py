@@ -40,7 +40,7 @@ STREAM_SCAN_MAX = 1_000_000  # stream entries read to rebuild a key budget (the 
 
 def expiry_movement_id(expires_at: datetime) -> str:
     """One forfeiture per expiry instant: a later purchase that moves the expiry makes a new one."""
-    return f"expiry:{int(expires_at.timestamp() * 1000)}"
+    return f"expiry:{wallet.epoch_ms(expires_at)}"
 
 
 def _from_ms(ms: int) -> datetime:
@@ -85,7 +85,7 @@ class Balances:
         async with self.pool.acquire() as conn, conn.transaction():
             balance_micro, version, waived = await db.account_state(conn, ws, lock=bool(replacing_gen))
             resolved = await db.recorded_events(conn, _event_ids(hold_ids))
-            settings = self._settings(await db.wallet(conn, ws))
+            settings = self.settings_of(await db.wallet(conn, ws))
             loaded = await self.state.load(
                 ws,
                 balance_micro,
@@ -150,9 +150,9 @@ class Balances:
 
     # --- wallet settings ----------------------------------------------------------------------------
 
-    def _settings(self, row: db.WalletRow) -> WalletSettings:
+    def settings_of(self, row: db.WalletRow) -> WalletSettings:
         waiver = self.policy.fee_waiver_micro if row.fee_waiver_micro is None else row.fee_waiver_micro
-        expires_ms = int(row.expires_at.timestamp() * 1000) if row.expires_at is not None else None
+        expires_ms = wallet.epoch_ms(row.expires_at) if row.expires_at is not None else None
         return WalletSettings(
             version=row.version,
             postpaid=row.mode == wallet.Mode.POSTPAID,
@@ -166,7 +166,7 @@ class Balances:
         loaded: load (which reads them), then set again, in case a load that read older ones landed."""
         for _ in range(APPLY_ATTEMPTS):
             async with self.pool.acquire() as conn:
-                settings = self._settings(await db.wallet(conn, ws))
+                settings = self.settings_of(await db.wallet(conn, ws))
             if await self.state.set_wallet(ws, settings) is not WalletSet.NOT_LOADED:
                 return
             await self.ensure_loaded(ws)
@@ -193,7 +193,7 @@ class Balances:
         hold TTL, and everything that remains then is forfeited. None: not expired, or holds still live."""
         async with self.pool.acquire() as conn:
             row = await db.wallet(conn, ws)
-        if row.expires_at is None or row.expires_at.timestamp() * 1000 > await self.state.time_ms():
+        if row.expires_at is None or wallet.epoch_ms(row.expires_at) > await self.state.time_ms():
             return None
         await self.ensure_loaded(ws)
         account = await self.state.account(ws)

@@ -241,7 +241,7 @@ async def expired_wallets(conn: asyncpg.Connection, rows_max: int) -> list[tuple
         "SELECT w.workspace_id, w.expires_at FROM wallets w WHERE w.expires_at <= now() AND NOT EXISTS ("
         "  SELECT 1 FROM grants g WHERE g.workspace_id = w.workspace_id AND g.kind = 'expiry' "
         "  AND g.taken_micro IS NOT NULL "
-        "  AND g.grant_id = 'expiry:' || (extract(epoch FROM w.expires_at) * 1000)::bigint) "
+        "  AND g.grant_id = 'expiry:' || floor(extract(epoch FROM w.expires_at) * 1000)::bigint) "
         "ORDER BY w.expires_at LIMIT $1",
         rows_max,
     )

@@ -16,7 +16,7 @@ epoch>`, `m<year * 12 + month - 1>`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from sidecar.config import WalletConfig
@@ -98,6 +98,15 @@ def period_start_ms(period: BudgetPeriod, now_ms: int, since_ms: int) -> int:
         return day * DAY_MS
     at = datetime.fromtimestamp(day * 86_400, UTC)
     return int(datetime(at.year, at.month, 1, tzinfo=UTC).timestamp()) * 1000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def epoch_ms(at: datetime) -> int:
+    """Milliseconds since the epoch, floored, exactly (no float): what the scripts compare with Redis
+    time, and what names an expiry's forfeiture (Postgres: floor(extract(epoch) * 1000))."""
+    return (at - _EPOCH) // timedelta(milliseconds=1)
 
 
 def add_months(at: datetime, months: int) -> datetime:

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
 from support.scripts import admit
 
-from sidecar import expiry, wallet
+from sidecar import db, expiry, wallet
 from sidecar.state import keys
-from sidecar.state.store import Admission, IdempotencyRecord, State, WalletSettings
+from sidecar.state.store import Admission, ExpireStatus, IdempotencyRecord, KeyBudgetArgs, State, WalletSettings
 from sidecar.wallet import BudgetPeriod
 
 LUA = Path(__file__).resolve().parents[1] / "sidecar" / "state" / "lua"
@@ -157,6 +157,25 @@ async def test_usage_fees_are_charged_on_top_waived_first_and_never_on_free_mode
     assert identity["allowances"] == 500_000  # granted once, at creation
     status, view = await sidecar.admin("GET", f"/workspaces/{ws.id}/wallet")
     assert status == 200 and view["fee_waived_micro"] == 100 and view["fee_waiver_left_micro"] == 0
+
+
+async def test_a_workspace_fee_waiver_overrides_the_default(fee_sidecar: Sidecar) -> None:
+    sidecar = fee_sidecar
+    ws = await sidecar.workspace(credits_micro=1_000_000)
+    status, view = await sidecar.admin("POST", f"/workspaces/{ws.id}/wallet", {"fee_waiver": "0"})
+    assert status == 200 and view["fee_waiver_micro"] == 0
+    assert (await sidecar.chat(ws, chat_body()))[0] == 200
+    [row] = await sidecar.ledger_eventually(ws.id)
+    assert row["fee_waived_micro"] == 0 and row["fee_micro"] == wallet.fee_micro(row["cost_micro"], 125_000) > 0
+    status, view = await sidecar.admin("POST", f"/workspaces/{ws.id}/wallet", {"fee_waiver": None})
+    assert view["fee_waiver_micro"] == 100  # back to the deployment's default
+    status, body = await sidecar.admin("POST", f"/workspaces/{ws.id}/wallet", {"fee_waiver": "-1"})
+    assert status == 400 and body["error"]["code"] == "invalid_amount"
+    status, body = await sidecar.admin("POST", f"/workspaces/{ws.id}/wallet", {"expires_at": "tomorrow"})
+    assert status == 400 and body["error"]["code"] == "invalid_expiry"
+    status, body = await sidecar.admin("POST", f"/workspaces/{ws.id}/wallet", {})
+    assert status == 400
+    await sidecar.assert_identity(ws.id)
 
 
 async def test_the_initial_allowance_is_granted_once(fee_sidecar: Sidecar) -> None:
@@ -333,6 +352,8 @@ async def test_expiry_forfeits_once_and_a_purchase_moves_it(expiry_sidecar: Side
     done = await asyncio.gather(*[expiry.forfeit_due(sidecar.svc.balances, 100) for _ in range(10)])
     assert sum(done) == 1
     assert await expiry.forfeit_due(sidecar.svc.balances, 100) == 0
+    async with sidecar.svc.pool.acquire() as conn:  # recorded: no longer listed as due
+        assert ws.id not in [w for w, _ in await db.expired_wallets(conn, 1000)]
     [row] = await sidecar.ledger(ws.id, "expiry")
     identity = await sidecar.assert_identity(ws.id)
     assert identity["expiries"] == -row["balance_impact_micro"] > 0 and await sidecar.redis_account(ws.id) == (0, 0)
@@ -341,3 +362,69 @@ async def test_expiry_forfeits_once_and_a_purchase_moves_it(expiry_sidecar: Side
     assert (await sidecar.chat(ws, chat_body()))[0] == 200
     assert len(await sidecar.ledger(ws.id, "expiry")) == 1
     await sidecar.assert_identity(ws.id)
+
+
+async def test_key_budget_holds_release_and_reset_at_the_period_boundary(redis_client) -> None:
+    """At the script level: a voided hold gives its key budget back, a settled one counts what it
+    debited, a new period starts from 0 spent (keeping what is held), and a reload that drops a hold
+    already recorded in Postgres releases its key hold too."""
+    state = State(redis_client)
+    ws = f"ws_{secrets.token_hex(5)}"
+    await state.load(ws, 1_000_000, 0)
+    now_ms = await state.time_ms()
+    start = wallet.period_start_ms(BudgetPeriod.DAILY, now_ms, 0)
+    day = wallet.period_id(BudgetPeriod.DAILY, now_ms)
+    assert await state.load_key_budget(ws, "k1", "daily", day, 0, "", start)
+    budget = KeyBudgetArgs(100, "daily", 60)
+
+    async def admit_budgeted(hold_id: str | None = None):
+        return await state.admit(
+            ws,
+            "k1",
+            hold_id or uuid.uuid4().hex,
+            60,
+            1000,
+            60_000,
+            60_000,
+            None,
+            "",
+            60_000,
+            b"{}",
+            1000,
+            key_budget=budget,
+        )
+
+    first = uuid.uuid4().hex
+    assert (await admit_budgeted(first)).outcome is Admission.ADMITTED
+    over = await admit_budgeted()
+    assert over.outcome is Admission.OVER_KEY_BUDGET and over.available_micro == 40
+    await state.expire(ws, first, ExpireStatus.FAILED)
+    assert (await state.key_budget(ws, "k1")).held_micro == 0
+    second = uuid.uuid4().hex
+    assert (await admit_budgeted(second)).outcome is Admission.ADMITTED
+    await state.settle(
+        ws,
+        "k1",
+        second,
+        50,
+        True,
+        b"{}",
+        None,
+        IdempotencyRecord.FORGET,
+        0,
+        "",
+        b"",
+        60_000,
+        key_budget_period="daily",
+    )
+    record = await state.key_budget(ws, "k1")
+    assert (record.spent_micro, record.held_micro, record.period_id) == (50, 0, day)
+    assert (await admit_budgeted()).outcome is Admission.OVER_KEY_BUDGET  # 50 spent + 60 > 100
+    await redis_client.hset(keys.key_budgets(ws), "k1:p", "d1")  # as if the day had changed since
+    third = uuid.uuid4().hex
+    assert (await admit_budgeted(third)).outcome is Admission.ADMITTED
+    record = await state.key_budget(ws, "k1")
+    assert (record.spent_micro, record.held_micro, record.period_id) == (0, 60, day)
+    gen = await state.generation(ws)
+    assert await state.load(ws, 1_000_000, 5, replacing_gen=gen, resolved_holds=[third])
+    assert (await state.key_budget(ws, "k1")).held_micro == 0

@@ -14,7 +14,7 @@ from sidecar import db
 from sidecar.control.http import SERVICES, AdminError, existing_workspace, json_response, read_object, valid_id
 from sidecar.money import AMOUNT_MICRO_MAX, MoneyError, format_micro, parse_credits
 from sidecar.services import Services
-from sidecar.wallet import BudgetPeriod, Mode, period_id
+from sidecar.wallet import BudgetPeriod, Mode, epoch_ms, period_id
 
 _UNSET = object()
 
@@ -56,7 +56,7 @@ async def _wallet_view(svc: Services, ws: str) -> dict:
     async with svc.pool.acquire() as conn:
         row = await db.wallet(conn, ws)
         waived_flushed = await db.fee_waived(conn, ws)
-    settings = svc.balances._settings(row)
+    settings = svc.balances.settings_of(row)
     account = await svc.state.account(ws)
     waived = await svc.state.fee_waived(ws)
     waived_micro = waived if waived is not None else waived_flushed
@@ -122,7 +122,7 @@ async def key_budget_view(svc: Services, record: db.ApiKeyRecord) -> dict:
     if record.budget_micro is None:
         return dict.fromkeys(("budget", "budget_micro", "budget_period", "spent_micro", "remaining_micro"))
     ws, key_id, period = record.workspace_id, record.id, BudgetPeriod(record.budget_period)
-    since_ms = int(record.budget_since.timestamp() * 1000) if record.budget_since else 0
+    since_ms = epoch_ms(record.budget_since) if record.budget_since else 0
     state = await svc.state.key_budget(ws, key_id)
     if state is None or state.period != period:
         await svc.balances.load_key_budget(ws, key_id, period.value, since_ms)
