@@ -19,6 +19,7 @@ from __future__ import annotations
 from sidecar.billing import crediting, orders
 from sidecar.billing.crediting import Books, Payment, Result, Review
 from sidecar.billing.orders import EventOutcome, OrderStatus, Purpose
+from sidecar.errors import ControlFlow
 
 HANDLED_TYPES = (
     "checkout.session.completed",
@@ -31,8 +32,8 @@ HANDLED_TYPES = (
 )
 
 
-class _Malformed(ValueError):
-    pass
+class _Malformed(ControlFlow, ValueError):
+    """A signed event whose object is not the shape read here -> kept for review (apply)."""
 
 
 def _int(obj: dict, key: str) -> int:

@@ -50,6 +50,7 @@ API_VERSION = "2025-01-27.acacia"
 DELIVERY_ATTEMPTS_MAX = 5
 IDEMPOTENCY_KEYS_MAX = 100_000  # a bound on what the fake remembers
 FAKE = web.AppKey("fake_stripe", object)
+PARAMS = web.RequestKey("stripe_params", dict)
 
 
 def decode_form(body: str) -> dict[str, Any]:
@@ -301,7 +302,7 @@ async def _api_guard(request: web.Request, handler):
         return _error(401, "Invalid API Key provided.", "invalid_request_error")
     raw = await request.read()
     params = decode_form(raw.decode()) if raw else dict(request.query)
-    request["params"] = params
+    request[PARAMS] = params
     fake.requests.append((request.method, request.path, params))
     key = request.headers.get("Idempotency-Key")
     if request.method != "POST" or not key:
@@ -329,7 +330,7 @@ def _json(data: dict, status: int = 200) -> web.Response:
 
 
 async def _create_session(request: web.Request) -> web.Response:
-    params = request["params"]
+    params = request[PARAMS]
     try:
         return _json(request.app[FAKE].create_session(params))
     except (KeyError, IndexError, TypeError, ValueError) as exc:
@@ -345,7 +346,7 @@ async def _get_session(request: web.Request) -> web.Response:
 
 async def _create_payment_intent(request: web.Request) -> web.Response:
     try:
-        status, body = request.app[FAKE].create_payment_intent(request["params"])
+        status, body = request.app[FAKE].create_payment_intent(request[PARAMS])
     except (KeyError, TypeError, ValueError) as exc:
         return _error(400, f"Missing or invalid parameter: {exc}")
     return _json(body, status)
@@ -353,7 +354,7 @@ async def _create_payment_intent(request: web.Request) -> web.Response:
 
 async def _create_refund(request: web.Request) -> web.Response:
     fake: FakeStripe = request.app[FAKE]
-    pi_id = request["params"].get("payment_intent", "")
+    pi_id = request[PARAMS].get("payment_intent", "")
     if pi_id not in fake.payment_intents:
         return _error(404, "No such payment_intent", code="resource_missing")
     evt = fake.refund(pi_id)
