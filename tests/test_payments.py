@@ -192,7 +192,8 @@ async def test_a_stale_signature_is_400_and_changes_nothing(shop: Shop):
     ws, order, (completed, _) = await _paid(shop)
     payload = orjson.dumps(completed)
     tolerance_s = shop.sidecar.svc.config.payments.stripe.webhook_tolerance_ms // 1000
-    status, body = await shop.post_webhook(payload, shop.fake.sign(payload, timestamp=int(time.time()) - tolerance_s - 5))
+    stale = shop.fake.sign(payload, timestamp=int(time.time()) - tolerance_s - 5)
+    status, body = await shop.post_webhook(payload, stale)
     assert status == 400 and "stale" in body["error"]["message"]
     assert shop.metric("sidecar_payment_webhooks_refused_total", reason="stale") >= 1
     assert await shop.balance(ws) == 0

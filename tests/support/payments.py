@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from support.harness import TEST_KEK, Sidecar, start_sidecar, stop_sidecar
 
 from sidecar.devtools import fake_stripe
 from sidecar.devtools.fake_stripe import FakeStripe
+from support.harness import TEST_KEK, Sidecar, start_sidecar, stop_sidecar
 
 SECRET_KEY = "sk_test_" + "k" * 24
 WEBHOOK_SECRET = "whsec_" + "w" * 24
