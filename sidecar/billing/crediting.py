@@ -95,6 +95,7 @@ async def credit(books: Books, order_id: str, payment: Payment) -> Result:
         if refused is not None:
             return review(*refused, order)
         if order.status in (OrderStatus.CREDITED, OrderStatus.REFUNDED):
+            order = await _remember_payment_method(conn, order, payment)
             return Result(EventOutcome.IGNORED, f"already {order.status.value}", order)
         fields = {
             "provider_payment_id": payment.payment_id,
@@ -111,6 +112,19 @@ async def credit(books: Books, order_id: str, payment: Payment) -> Result:
         number = await invoices.assign(conn, order, books.issuer)
     await books.balances.apply_grant(order.workspace_id, grant)
     return Result(EventOutcome.APPLIED, None, order, number, credited_micro=order.amount_micro)
+
+
+async def _remember_payment_method(conn: asyncpg.Connection, order: Order, payment: Payment) -> Order:
+    """The second event of one payment may name what the first did not (payment_intent.succeeded
+    carries the payment method; checkout.session.completed does not): keep it for auto-reload."""
+    missing = {
+        name: value
+        for name, value in (("customer_ref", payment.customer_ref), ("payment_method_ref", payment.payment_method_ref))
+        if value and getattr(order, name) is None
+    }
+    if not missing:
+        return order
+    return await orders.transition(conn, order.id, order.status, payment.detail, **missing)
 
 
 async def close_unpaid(pool: asyncpg.Pool, order_id: str, to: OrderStatus, detail: dict) -> Result:
