@@ -391,6 +391,15 @@ async def _pay(request: web.Request) -> web.Response:
     raise web.HTTPSeeOther(target)
 
 
+async def _done(request: web.Request) -> web.Response:
+    """Where `sidecar dev` sends the customer back after Checkout."""
+    order = html.escape(request.query.get("order", ""))
+    word = "canceled" if request.query.get("canceled") else "paid: the credits arrive with the webhook"
+    return web.Response(
+        text=f"<!doctype html><title>Done</title><p>Order {order} {word}.</p>", content_type="text/html"
+    )
+
+
 async def _control(request: web.Request) -> web.Response:
     """POST /_fake/sessions/{id}/complete | /_fake/sessions/{id}/expire: the events, delivered."""
     fake: FakeStripe = request.app[FAKE]
@@ -411,6 +420,7 @@ def build_app(fake: FakeStripe | None = None) -> web.Application:
     app.router.add_post("/v1/refunds", _create_refund)
     app.router.add_get("/pay/{id}", _pay_page)
     app.router.add_post("/pay/{id}", _pay)
+    app.router.add_get("/done", _done)
     app.router.add_post("/_fake/sessions/{id}/{action:complete|expire}", _control)
 
     async def close(app: web.Application) -> None:
