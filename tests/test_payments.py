@@ -333,3 +333,15 @@ async def test_orders_list_pages_in_a_stable_order(shop: Shop):
         if not cursor:
             break
     assert seen == [o["id"] for o in made]
+
+
+async def test_a_payment_whose_webhook_beats_the_checkout_answer_is_credited_once(shop: Shop):
+    ws = (await shop.sidecar.workspace()).id
+    shop.fake.pay_before_answering = True
+    order = await shop.order(ws, "3.00")
+    assert order["status"] == "credited", "the webhook moved it on before Stripe answered the create"
+    assert order["provider_session_id"] and order["checkout_url"], "the ids are still recorded"
+    assert await shop.balance(ws) == 3_000_000
+    read = await shop.read(ws, order["id"])
+    assert [e["to"] for e in read["events"]] == ["created", "paid", "credited"]
+    await shop.sidecar.assert_identity(ws)

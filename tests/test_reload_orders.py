@@ -7,7 +7,7 @@ import asyncio
 
 from support.payments import Shop
 
-from sidecar.billing.orders import OrderStatus, Purpose
+from sidecar.billing.orders import OrderStatus, Purpose, saved_payment_method
 
 
 async def _saved_method(shop: Shop) -> tuple[str, str, str]:
@@ -31,8 +31,16 @@ async def _wait_status(shop: Shop, ws: str, order_id: str, status: str) -> dict:
 
 async def test_a_reload_order_is_charged_off_session_and_credited_by_its_webhook(shop: Shop):
     ws, customer, method = await _saved_method(shop)
+    async with shop.sidecar.svc.pool.acquire() as conn:
+        assert await saved_payment_method(conn, ws) == (customer, method)
     shop.fake.auto_deliver = True
     payments = shop.sidecar.svc.payments
+    told: list = []
+
+    async def listener(order) -> None:
+        told.append((order.id, order.status))
+
+    payments.listeners.append(listener)
     orders = await asyncio.gather(
         *(payments.create_reload_order(ws, "reload-1", 20_000_000, customer, method) for _ in range(5))
     )
@@ -45,6 +53,7 @@ async def test_a_reload_order_is_charged_off_session_and_credited_by_its_webhook
     assert params["payment_method"] == method and params["customer"] == customer
     await _wait_status(shop, ws, orders[0].id, "credited")
     assert await shop.balance(ws) == 30_000_000
+    assert (orders[0].id, OrderStatus.CREDITED) in told
     await shop.sidecar.assert_identity(ws)
 
 

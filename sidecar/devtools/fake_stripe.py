@@ -98,6 +98,8 @@ class FakeStripe:
     retry_delay_s: float = 0.2
     delivery_attempts_max: int = DELIVERY_ATTEMPTS_MAX
     auto_deliver: bool = True  # send the events of a completed/expired session, a PaymentIntent, a refund
+    # Tests: the customer pays, and the webhooks are delivered, before the create call is even answered.
+    pay_before_answering: bool = False
     sessions: dict[str, dict] = field(default_factory=dict)
     payment_intents: dict[str, dict] = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
@@ -330,11 +332,15 @@ def _json(data: dict, status: int = 200) -> web.Response:
 
 
 async def _create_session(request: web.Request) -> web.Response:
-    params = request[PARAMS]
+    fake: FakeStripe = request.app[FAKE]
     try:
-        return _json(request.app[FAKE].create_session(params))
+        session = fake.create_session(request[PARAMS])
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         return _error(400, f"Missing or invalid parameter: {exc}")
+    if fake.pay_before_answering:
+        for evt in fake.complete_session(session["id"]):
+            await fake.deliver(evt)
+    return _json(session)
 
 
 async def _get_session(request: web.Request) -> web.Response:
