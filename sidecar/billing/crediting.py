@@ -22,7 +22,7 @@ import asyncpg
 from sidecar import db
 from sidecar.balances import Balances
 from sidecar.billing import invoices, orders
-from sidecar.billing.orders import CLOSED_UNPAID, OPEN, EventOutcome, Order, OrderStatus
+from sidecar.billing.orders import CLOSED_UNPAID, OPEN, EventOutcome, Order, OrderStatus, Provider
 from sidecar.config import InvoiceIssuerConfig
 
 
@@ -32,6 +32,7 @@ class Payment:
 
     amount_minor: int
     currency: str
+    provider: Provider
     payment_id: str | None = None  # Stripe's PaymentIntent
     session_id: str | None = None
     customer_ref: str | None = None
@@ -72,6 +73,8 @@ class Result:
 
 def refusal(order: Order, payment: Payment) -> tuple[Review, str] | None:
     """Why this payment cannot credit this order (kept for review), or None."""
+    if payment.provider is not order.provider:
+        return Review.MISMATCH, f"paid through {payment.provider.value}, the order is a {order.provider.value} order"
     if payment.currency.lower() != order.currency or payment.amount_minor != order.total_minor:
         paid = f"{payment.amount_minor} {payment.currency.lower()}"
         return Review.MISMATCH, f"paid {paid} (minor units), the order is {order.total_minor} {order.currency}"

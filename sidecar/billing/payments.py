@@ -202,13 +202,19 @@ class Payments:
         payment = Payment(
             amount_minor=order.total_minor,
             currency=order.currency,
+            provider=Provider.MANUAL,
             reference=reference,
             detail={"by": "operator", "operator": operator, "reference": reference},
         )
         return self._count(order, await crediting.credit(self.books, order.id, payment))
 
     async def cancel(self, ws: str, order_id: str, operator: str) -> Order:
+        """An unpaid order. A Stripe order's Checkout Session is expired first, so it cannot be paid
+        after the cancel; if Stripe says it is not open any more, it was paid (or expired): 409."""
         order = await self.order(ws, order_id)
+        if order.status in orders.OPEN and order.provider_session_id and self.gateway is not None:
+            if not await self.gateway.expire(order):
+                raise OrderStateError("the Checkout Session is not open any more (paid or expired): see its webhook")
         result = await crediting.close_unpaid(
             self.pool, order.id, OrderStatus.CANCELED, {"by": "operator", "operator": operator}
         )

@@ -5,7 +5,8 @@ Stripe's wire format for what the sidecar calls:
 - `POST /v1/checkout/sessions` (mode=payment, one line item with price_data, metadata,
   payment_intent_data.metadata, customer, success_url/cancel_url): an open session with a `url` on this
   server (`GET /pay/{id}`, a page with a Pay button, for a top-up flow without network).
-- `GET /v1/checkout/sessions/{id}`.
+- `GET /v1/checkout/sessions/{id}`, `POST /v1/checkout/sessions/{id}/expire` (an open one only; sends
+  checkout.session.expired).
 - `POST /v1/payment_intents` (amount, currency, customer, payment_method, confirm, off_session,
   metadata): confirmed at once; a payment method whose id contains "declined" fails as Stripe's
   card_declined (402) and sends payment_intent.payment_failed.
@@ -350,6 +351,19 @@ async def _get_session(request: web.Request) -> web.Response:
     return _json({k: v for k, v in session.items() if k != "payment_intent_data"})
 
 
+async def _expire_session(request: web.Request) -> web.Response:
+    fake: FakeStripe = request.app[FAKE]
+    session = fake.sessions.get(request.match_info["id"])
+    if session is None:
+        return _error(404, "No such checkout.session", code="resource_missing")
+    if session["status"] != "open":
+        return _error(
+            400, f"Only Checkout Sessions with a status in [open] can be expired. This one is {session['status']}."
+        )
+    fake._deliver_later([fake.expire_session(session["id"])])
+    return _json({k: v for k, v in session.items() if k != "payment_intent_data"})
+
+
 async def _create_payment_intent(request: web.Request) -> web.Response:
     try:
         status, body = request.app[FAKE].create_payment_intent(request[PARAMS])
@@ -422,6 +436,7 @@ def build_app(fake: FakeStripe | None = None) -> web.Application:
     app[FAKE] = fake or FakeStripe()
     app.router.add_post("/v1/checkout/sessions", _create_session)
     app.router.add_get("/v1/checkout/sessions/{id}", _get_session)
+    app.router.add_post("/v1/checkout/sessions/{id}/expire", _expire_session)
     app.router.add_post("/v1/payment_intents", _create_payment_intent)
     app.router.add_post("/v1/refunds", _create_refund)
     app.router.add_get("/pay/{id}", _pay_page)
