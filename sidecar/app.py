@@ -25,6 +25,9 @@ from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_sta
 from sidecar.config import Config
 from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
+from sidecar.notify import endpoints as notify_endpoints
+from sidecar.notify import expiry as notify_expiry
+from sidecar.notify.delivery import DeliveryWorker
 from sidecar.observability.metrics import Metrics
 from sidecar.ops import build_ops_app, warn_if_evicting
 from sidecar.proxy import handler, settlement
@@ -32,8 +35,10 @@ from sidecar.proxy.budget import ByteBudget
 from sidecar.proxy.inflight import Inflight
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
+from sidecar.reload.worker import ReloadWorker
 from sidecar.services import Services
 from sidecar.state.store import State, StateLimits
+from sidecar.watch import BalanceWatch
 
 log = logging.getLogger("sidecar.app")
 
@@ -123,8 +128,12 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         upstreams=upstreams,
         metrics=metrics,
         flusher=flusher,
-        byok=Resolver(pg_pool),
+        byok=Resolver(pg_pool, config.notifications.pending_deliveries_per_workspace_max),
         vault=vault,
+        watch=BalanceWatch(pg_pool, config, metrics),
+        # No payment provider is wired to auto-reload yet: reloads are recorded, their payments not started.
+        reloads=ReloadWorker(pg_pool, state, config, metrics, gateway=None),
+        notifier=DeliveryWorker(pg_pool, vault, config.notifications, metrics),
     )
 
 
@@ -136,7 +145,8 @@ async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
     except VaultError as exc:  # a malformed SIDECAR_KEK / SIDECAR_KEK_FILE: say which, in one line
         raise SystemExit(f"sidecar: {exc}") from None
     async with pg_pool.acquire() as conn:
-        stored_kek_ids = await byok_keys.kek_ids(conn)
+        # Notification endpoints' signing secrets are sealed by the same vault.
+        stored_kek_ids = await byok_keys.kek_ids(conn) + await notify_endpoints.kek_ids(conn)
     try:
         check_startup(ring, stored_kek_ids)
     except KekMissing as exc:
@@ -194,9 +204,15 @@ class Runtime:
             self._tasks.append(
                 asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop, served))
             )
+            if svc.watch is not None:
+                self._tasks.append(asyncio.create_task(svc.watch.run(self.stop)))
         if self.control_plane:
             control_port = control_port if control_port is not None else port
             await self._serve(build_control_app(svc), host, control_port, limits)
+            for worker in (svc.reloads, svc.notifier):
+                if worker is not None:
+                    self._tasks.append(asyncio.create_task(worker.run(self.stop)))
+            self._tasks.append(asyncio.create_task(notify_expiry.run(svc.pool, svc.config.notifications, self.stop)))
         # Its own listener and connection budget: /healthz answers while the data port is flooded.
         ops_host = svc.config.server.ops_host or host
         await self._serve(build_ops_app(svc), ops_host, ops_port, serving.ops_limits(svc.config.server))

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from sidecar import db, serving
 from sidecar.auth import FailedAuthLimiter, hash_key, new_key
-from sidecar.control import byok
+from sidecar.control import byok, notifications, reload
 from sidecar.control.http import (
     INT32_MAX,
     PERMISSION,
@@ -237,7 +237,7 @@ def build_control_app(svc: Services) -> web.Application:
     app[serving.ERROR_BODY] = error_body
     app[SERVICES] = svc
     app[PERMISSION] = {}
-    for method, path, handler, permission in ROUTES + byok.ROUTES:
+    for method, path, handler, permission in ROUTES + byok.ROUTES + reload.ROUTES + notifications.ROUTES:
         app.router.add_route(method, PREFIX + path, handler)
         app[PERMISSION][(method, PREFIX + path)] = permission
     return app

@@ -128,6 +128,14 @@ class SettleResult:
     hold_micro: int = 0
     hold_lost: bool = False
     replay_stored: bool = False  # the response body was kept for replay under the idempotency key
+    held_after_micro: int | None = None  # with balance_after_micro: what the account holds after this
+    at_ms: int = 0  # Redis time of the settlement
+
+    @property
+    def available_after_micro(self) -> int | None:
+        if self.balance_after_micro is None or self.held_after_micro is None:
+            return None
+        return self.balance_after_micro - self.held_after_micro
 
     @property
     def resolved_now(self) -> bool:
@@ -211,6 +219,8 @@ def _decode_settle(reply: list, with_body: bool) -> SettleResult:
         hold_micro=int(reply[3]),
         hold_lost=int(reply[4]) == 1,
         replay_stored=with_body and int(reply[6]) == 1,  # reply[6]: the record was this hold's
+        held_after_micro=_int_or_none(reply[7]),
+        at_ms=int(reply[5]),
     )
 
 
