@@ -255,3 +255,23 @@ async def test_settings_are_checked_and_need_the_right_permission(reloading: Sid
     sc.svc.reloads.gateway = None
     status, answer = await sc.admin("PUT", path, {"threshold": "1", "amount": "2"})
     assert status == 409 and answer["error"]["code"] == "no_payment_provider"
+
+
+def test_observing_a_settlement_does_no_io_and_is_bounded() -> None:
+    """What a settlement pays before the call's answer: a dict update (no pool is even given here),
+    one pending observation per workspace, at most `pending_workspaces_max` workspaces waiting."""
+    from support.harness import build_config
+
+    from sidecar.observability.metrics import Metrics
+
+    config = build_config(
+        "redis://unused", "postgresql://unused", "http://unused/v1", balance_watch={"pending_workspaces_max": 2}
+    )
+    metrics = Metrics()
+    watch = BalanceWatch(None, config, metrics)
+    watch.observe("a", 10, 5)
+    watch.observe("a", 7, 4)  # older: the later observation stays
+    watch.observe("b", 3, 6)
+    watch.observe("c", 3, 6)  # a third workspace: past the bound, counted and skipped
+    assert {ws: (o.available_micro, o.at_ms) for ws, o in watch._pending.items()} == {"a": (10, 5), "b": (3, 6)}
+    assert metrics.balance_watch_skipped._value.get() == 1
