@@ -19,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar import db, scrub, serving, sweeper
 from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
+from sidecar.billing.payments import open_payments
 from sidecar.byok import keys as byok_keys
 from sidecar.byok.keys import Resolver
 from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_startup
@@ -116,7 +117,12 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     except Exception:
         log.warning("could not load Lua scripts at start; they load on first use")
     await warn_if_evicting(client)
+    payments, payments_problem = open_payments(
+        config, pg_pool, balances, metrics.payments, dict(os.environ) if env is None else env
+    )
     return Services(
+        payments=payments,
+        payments_problem=payments_problem,
         spool=Spool(config.holds.spool_dir, config.holds.spool_entries_max),
         inflight=Inflight(config.holds.spool_dir),
         buffer_budget=ByteBudget(config.upstream.buffered_answers_bytes_max),
@@ -155,6 +161,8 @@ async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
 
 
 async def close_services(svc: Services) -> None:
+    if svc.payments is not None:
+        await svc.payments.close()
     await svc.upstreams.close()
     await svc.pool.close()
     await svc.state.redis.aclose()
@@ -207,6 +215,8 @@ class Runtime:
             if svc.watch is not None:
                 self._tasks.append(asyncio.create_task(svc.watch.run(self.stop)))
         if self.control_plane:
+            if svc.payments_problem:  # the control plane takes Stripe's webhooks: it cannot run without them
+                raise SystemExit(f"sidecar: {svc.payments_problem}")
             control_port = control_port if control_port is not None else port
             await self._serve(build_control_app(svc), host, control_port, limits)
             for worker in (svc.reloads, svc.notifier):

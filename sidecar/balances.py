@@ -110,10 +110,15 @@ class Balances:
         later, so the grant is answered as done once Postgres has it."""
         async with self.pool.acquire() as conn:
             result = await db.grant(conn, ws, grant_id, kind, amount_micro)
-        gen = db.grant_sync_gen(grant_id)
+        return await self.apply_grant(ws, result)
+
+    async def apply_grant(self, ws: str, result: db.GrantResult) -> db.GrantResult:
+        """The Redis side of a grant Postgres committed (db.grant, possibly inside a caller's larger
+        transaction, as an order's crediting is): applied once, else left owed to the flusher."""
+        gen = db.grant_sync_gen(result.grant_id)
         try:
             # Also on a replayed grant: the first attempt may have died between Postgres and Redis.
-            await self.apply_committed(ws, result.pg_version, amount_micro, sync_token(result.pg_version, gen))
+            await self.apply_committed(ws, result.pg_version, result.amount_micro, sync_token(result.pg_version, gen))
         except RedisError as exc:
             log.warning(
                 "grant committed; redis is unavailable, so the data plane will apply it to the live balance",

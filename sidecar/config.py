@@ -315,6 +315,108 @@ def parse_markup_percent(text: str) -> Decimal:
     return Decimal(parse_decimal_scaled(text, 6)) / 10**6
 
 
+class StripeConfig(_Strict):
+    """Stripe, through its official SDK. The secret key and the webhook endpoint's signing secret are
+    read at start from a file (a mounted secret; wins) or else an environment variable, never from
+    this file, and never written anywhere."""
+
+    secret_key_env: str = "STRIPE_SECRET_KEY"
+    secret_key_file: str = ""
+    webhook_secret_env: str = "STRIPE_WEBHOOK_SECRET"
+    webhook_secret_file: str = ""
+    # "": Stripe's own API. The dev tools and the tests point it at the local fake (devtools/fake_stripe.py).
+    api_base: str = ""
+    # Where Checkout sends the customer back; {ORDER_ID} is replaced by the order's id.
+    success_url: Name = "http://localhost:3000/credits/success?order={ORDER_ID}"
+    cancel_url: Name = "http://localhost:3000/credits/canceled?order={ORDER_ID}"
+    # A webhook signed longer ago than this is refused (400): a replayed capture cannot be used later.
+    webhook_tolerance_ms: Annotated[int, Meta(ge=1_000, le=3_600_000)] = 300_000
+    timeout_ms: TimeoutMs = 10_000
+    max_network_retries: Annotated[int, Meta(ge=0, le=5)] = 2
+    product_name: Name = "Credits"
+
+    def __post_init__(self) -> None:
+        if self.api_base and not self.api_base.startswith(("http://", "https://")):
+            raise ValueError(f"api_base: must start with http:// or https://, got {self.api_base!r}")
+
+
+class PaymentsConfig(_Strict):
+    """Buying credits (README, "Buying credits"): payment orders, paid through Stripe or by hand."""
+
+    # The currency customers pay in; credits are units of it, so it is the cost profile's currency.
+    # "": the cost profile's currency.
+    currency: str = ""
+    order_amount_min: str = "1"  # credits, a decimal string
+    order_amount_max: str = "100000"
+    stripe: StripeConfig | None = None  # absent: only the manual provider (an operator marks orders paid)
+
+    def __post_init__(self) -> None:
+        for key in ("order_amount_min", "order_amount_max"):
+            try:
+                parse_credits(getattr(self, key))
+            except MoneyError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        if parse_credits(self.order_amount_min) <= 0 or parse_credits(self.order_amount_min) > parse_credits(
+            self.order_amount_max
+        ):
+            raise ValueError("order_amount_min: must be positive and at most order_amount_max")
+        if self.currency and not re.fullmatch(r"[A-Za-z]{3}", self.currency):
+            raise ValueError(f"currency: must be a 3-letter ISO 4217 code, got {self.currency!r}")
+
+
+class FeesConfig(_Strict):
+    # Added on top of a purchase: the customer pays amount + fee + tax and receives amount in credits.
+    purchase_percent: str = "0"
+
+    def __post_init__(self) -> None:
+        _check_percent(self.purchase_percent, "purchase_percent", "1000")
+
+
+class TaxConfig(_Strict):
+    """Tax on purchases (sidecar/billing/tax.py): a rate per buyer country, else the default rate;
+    an EU business (a tax id) in another EU country than the invoice issuer's: reverse charge, 0."""
+
+    rates_percent: dict[str, str] = {}  # ISO 3166 alpha-2 country -> percent, e.g. {DE: "19"}
+    default_rate_percent: str = "0"
+    eu_reverse_charge: bool = True
+
+    def __post_init__(self) -> None:
+        _check_percent(self.default_rate_percent, "default_rate_percent", "100")
+        for country, rate in self.rates_percent.items():
+            if not re.fullmatch(r"[A-Z]{2}", country):
+                raise ValueError(f"rates_percent: {country!r} is not an ISO 3166 alpha-2 country code (e.g. DE)")
+            _check_percent(rate, f"rates_percent.{country}", "100")
+
+
+class InvoiceIssuerConfig(_Strict):
+    """Who issues the invoices of credited orders; the numbers run per issuer id and year."""
+
+    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "default"
+    number_prefix: Annotated[str, Meta(pattern=r"^[A-Z]{1,8}$")] = "INV"
+    legal_name: str = ""
+    address: str = ""  # lines separated by "\n"
+    country: str = ""  # ISO 3166 alpha-2; the reverse-charge rule compares the buyer's with it
+    tax_id: str = ""
+    email: str = ""
+
+    def __post_init__(self) -> None:
+        if self.country and not re.fullmatch(r"[A-Z]{2}", self.country):
+            raise ValueError(f"country: must be an ISO 3166 alpha-2 code (e.g. DE), got {self.country!r}")
+
+
+class InvoicesConfig(_Strict):
+    issuer: InvoiceIssuerConfig = InvoiceIssuerConfig()
+
+
+def _check_percent(text: str, key: str, high: str) -> None:
+    try:
+        scaled = parse_decimal_scaled(text, 4)
+    except MoneyError as exc:
+        raise ValueError(f"{key}: {exc} (a percent with at most 4 decimals)") from None
+    if scaled > parse_decimal_scaled(high, 4):
+        raise ValueError(f"{key}: must be at most {high} percent")
+
+
 class AdminTokenEntry(_Strict):
     name: Name
     sha256: str  # of the token: `sidecar token-hash`
@@ -345,6 +447,10 @@ class ConfigFile(_Strict):
     auto_reload: AutoReloadConfig = AutoReloadConfig()
     balance_watch: BalanceWatchConfig = BalanceWatchConfig()
     admin_tokens: tuple[AdminTokenEntry, ...] = ()
+    payments: PaymentsConfig = PaymentsConfig()
+    fees: FeesConfig = FeesConfig()
+    tax: TaxConfig = TaxConfig()
+    invoices: InvoicesConfig = InvoicesConfig()
 
 
 @dataclass(frozen=True)
@@ -378,6 +484,10 @@ class Config:
     balance_watch: BalanceWatchConfig = field(default_factory=BalanceWatchConfig)
     source: str = field(default="<defaults>", compare=False)
     pricing_by_hand: frozenset[str] = frozenset()  # the price entries of pricing.yaml; the rest: the catalog
+    payments: PaymentsConfig = field(default_factory=PaymentsConfig)
+    fees: FeesConfig = field(default_factory=FeesConfig)
+    tax: TaxConfig = field(default_factory=TaxConfig)
+    invoices: InvoicesConfig = field(default_factory=InvoicesConfig)
 
     def model(self, public_name: str) -> ModelConfig | None:
         return self.models.get(public_name)
@@ -461,8 +571,13 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
         pricing=pricing,
         source=source,
         pricing_by_hand=by_hand,
+        payments=file.payments,
+        fees=file.fees,
+        tax=file.tax,
+        invoices=file.invoices,
     )
     _check_hold_outlives_call(config)
+    _check_payment_currency(config)
     return config
 
 
@@ -625,6 +740,17 @@ def _offered_models(
         offered = ModelConfig(name=model_id, provider=provider.name, upstream_model=model_id)
         added.append(_with_targets(offered, providers, pricing, priced, at, f"{path}offer: {model_id}: "))
     return added
+
+
+def _check_payment_currency(config: Config) -> None:
+    # Credits are units of the cost profile's currency: a purchase in another currency would need an
+    # exchange rate, which the sidecar does not keep.
+    currency = config.payments.currency
+    if currency and currency.lower() != config.pricing.currency.lower():
+        raise ConfigError(
+            f"payments.currency: {currency!r} differs from the cost profile's currency "
+            f"{config.pricing.currency!r}; credits are bought in the currency they are priced in"
+        )
 
 
 def _check_hold_outlives_call(config: Config) -> None:
