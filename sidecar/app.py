@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar import db, scrub, serving, sweeper
 from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
-from sidecar.billing.payments import open_payments
+from sidecar.billing.payments import Payments, open_payments
 from sidecar.byok import keys as byok_keys
 from sidecar.byok.keys import Resolver
 from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_startup
@@ -36,6 +36,7 @@ from sidecar.proxy.budget import ByteBudget
 from sidecar.proxy.inflight import Inflight
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
+from sidecar.reload.orders_gateway import OrdersReloadGateway
 from sidecar.reload.worker import ReloadWorker
 from sidecar.services import Services
 from sidecar.state.store import State, StateLimits
@@ -137,10 +138,14 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         byok=Resolver(pg_pool, config.notifications.pending_deliveries_per_workspace_max),
         vault=vault,
         watch=BalanceWatch(pg_pool, config, metrics),
-        # No payment provider is wired to auto-reload yet: reloads are recorded, their payments not started.
-        reloads=ReloadWorker(pg_pool, state, config, metrics, gateway=None),
+        # Reloads are payment orders charged through Stripe; without Stripe, auto-reload cannot be enabled.
+        reloads=ReloadWorker(pg_pool, state, config, metrics, gateway=_reload_gateway(payments)),
         notifier=DeliveryWorker(pg_pool, vault, config.notifications, metrics),
     )
+
+
+def _reload_gateway(payments: Payments | None) -> OrdersReloadGateway | None:
+    return OrdersReloadGateway(payments) if payments is not None and payments.gateway is not None else None
 
 
 async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:

@@ -13,7 +13,7 @@ import pytest_asyncio
 from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
 
 from sidecar.reload import store
-from sidecar.reload.gateway import ProviderIds, ReloadDeclined, SavedMethod
+from sidecar.reload.gateway import PaymentOutcome, ProviderIds, ReloadDeclined, SavedMethod
 from sidecar.watch import BalanceWatch
 
 CALLS = 200
@@ -26,6 +26,12 @@ class StubGateway:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, int, SavedMethod]] = []
         self.decline: str | None = None
+
+    async def payment_outcomes(self, order_ids: list[str]) -> dict[str, PaymentOutcome]:
+        return {}  # these tests end reloads by hand, as the orders side would
+
+    async def saved_method(self, ws: str) -> SavedMethod | None:
+        return None
 
     def of(self, ws: str) -> list[tuple[str, str, int, SavedMethod]]:
         """The starts for one workspace (the database, and so the worker, is shared by the tests)."""

@@ -95,6 +95,17 @@ async def credit(books: Books, order_id: str, payment: Payment) -> Result:
         if refused is not None:
             return review(*refused, order)
         if order.status in (OrderStatus.CREDITED, OrderStatus.REFUNDED):
+            if payment.payment_method_ref and not order.payment_method_ref:
+                # A checkout's payment_intent.succeeded (after its session's event credited the order)
+                # names the card the checkout saved: auto-reload charges it later. No money moves.
+                order = await orders.transition(
+                    conn,
+                    order.id,
+                    order.status,
+                    payment.detail,
+                    customer_ref=payment.customer_ref,
+                    payment_method_ref=payment.payment_method_ref,
+                )
             return Result(EventOutcome.IGNORED, f"already {order.status.value}", order)
         fields = {
             "provider_payment_id": payment.payment_id,

@@ -68,14 +68,16 @@ async def put_settings(request: web.Request) -> web.Response:
     method = SavedMethod(_provider_id(payload, "customer_id"), method_id) if method_id else None
     async with svc.pool.acquire() as conn:
         prior = await store.get_settings(conn, ws)
-        if enabled and method is None and (prior is None or prior.method is None):
+    gateway = svc.reloads.gateway if svc.reloads is not None else None
+    if enabled and gateway is None:
+        raise AdminError(409, "no payment provider is configured for auto-reload", "no_payment_provider")
+    if enabled and method is None and (prior is None or prior.method is None):
+        # A checkout paid earlier saved a method: auto-reload charges the latest one, read at each reload.
+        if await gateway.saved_method(ws) is None:
             raise AdminError(
-                409,
-                "no saved payment method: complete a checkout first, or give payment_method_id",
-                "no_payment_method",
+                409, "no saved payment method: pay a checkout first, or give payment_method_id", "no_payment_method"
             )
-        if enabled and (svc.reloads is None or svc.reloads.gateway is None):
-            raise AdminError(409, "no payment provider is configured for auto-reload", "no_payment_provider")
+    async with svc.pool.acquire() as conn:
         await store.put_settings(conn, ws, enabled, threshold, amount, method)
     if svc.watch is not None:
         svc.watch.forget(ws)

@@ -1,9 +1,10 @@
-"""What auto-reload needs from a payment provider: start one off-session payment, idempotently.
+"""What auto-reload needs from a payment provider: start one off-session payment, idempotently, and
+later say how it ended.
 
-The provider's implementation (Stripe: an off-session PaymentIntent on the saved payment method, with
-the reload id as its idempotency key and in its metadata) creates the payment order the credits
-arrive on; the credits then come by the provider's webhook like any order's, and the webhook reports
-the reload's end through reload.store.payment_succeeded / payment_failed.
+The implementation (orders_gateway.py: a reload payment order, charged by an off-session Stripe
+PaymentIntent on the saved payment method, the reload id as the order's idempotency id) creates the
+payment order the credits arrive on; the credits come by the provider's webhook like any order's. The
+reload worker then reads the order's end (`payment_outcomes`) and ends the reload to match.
 """
 
 from __future__ import annotations
@@ -28,13 +29,19 @@ class ProviderIds:
     order_id: str | None = None  # the payment order the credits will arrive on
 
 
+@dataclass(frozen=True, slots=True)
+class PaymentOutcome:
+    succeeded: bool
+    reason: str | None = None  # why it failed, in the provider's words (a code, never a secret)
+
+
 class ReloadDeclined(DomainError):
     """The provider refused the payment outright (a declined card, authentication required): the
     reload failed and counts toward disabling. `reason` is the provider's code, never a secret."""
 
-    def __init__(self, reason: str, payment_id: str | None = None) -> None:
+    def __init__(self, reason: str, payment_id: str | None = None, order_id: str | None = None) -> None:
         super().__init__(reason)
-        self.reason, self.payment_id = reason, payment_id
+        self.reason, self.payment_id, self.order_id = reason, payment_id, order_id
 
 
 class ReloadGateway(Protocol):
@@ -43,4 +50,12 @@ class ReloadGateway(Protocol):
     ) -> ProviderIds:
         """Start (or, for a reload id seen before, find) the payment. ReloadDeclined: refused for good;
         any other exception: not started, tried again on the next round."""
+        ...
+
+    async def payment_outcomes(self, order_ids: list[str]) -> dict[str, PaymentOutcome]:
+        """The orders (of started reloads) whose payment has ended; those still open are left out."""
+        ...
+
+    async def saved_method(self, ws: str) -> SavedMethod | None:
+        """The payment method the workspace's latest paid checkout saved, if any."""
         ...

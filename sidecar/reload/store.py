@@ -20,7 +20,7 @@ from sidecar.config import AutoReloadConfig
 from sidecar.money import format_micro
 from sidecar.notify import events
 from sidecar.notify.events import EventType
-from sidecar.reload.gateway import SavedMethod
+from sidecar.reload.gateway import ProviderIds, SavedMethod
 
 RELOAD_ID_PREFIX = "rl_"
 REASON_CHARS_MAX = 200
@@ -222,7 +222,7 @@ async def begin(conn: asyncpg.Connection, ws: str, reason: ReloadReason, availab
     return await conn.fetchval(
         "INSERT INTO auto_reloads (id, workspace_id, amount_micro, state, attempt, reason, available_micro) "
         "SELECT $2, s.workspace_id, s.amount_micro, 'pending', s.failures + 1, $3, $4 FROM auto_reload_settings s "
-        "WHERE s.workspace_id = $1 AND s.enabled AND s.payment_method_id IS NOT NULL "
+        "WHERE s.workspace_id = $1 AND s.enabled "
         f"AND (s.retry_at IS NULL OR s.retry_at <= now()) {after_failure} ON CONFLICT DO NOTHING RETURNING id",
         ws,
         new_reload_id(),
@@ -257,6 +257,16 @@ async def pending(conn: asyncpg.Connection, limit: int) -> list[tuple[Reload, Sa
         customer, method = values.pop("customer_id"), values.pop("payment_method_id")
         found.append((Reload(**values), SavedMethod(customer, method) if method else None))
     return found
+
+
+async def processing(conn: asyncpg.Connection, limit: int) -> list[tuple[str, str]]:
+    """(reload id, order id) of the reloads whose payment started and has not ended yet."""
+    rows = await conn.fetch(
+        "SELECT id, order_id FROM auto_reloads WHERE state = 'processing' AND order_id IS NOT NULL "
+        "ORDER BY started_at LIMIT $1",
+        limit,
+    )
+    return [(r["id"], r["order_id"]) for r in rows]
 
 
 async def mark_started(conn: asyncpg.Connection, reload_id: str, payment_id: str, order_id: str | None) -> bool:
@@ -296,17 +306,25 @@ async def payment_succeeded(conn: asyncpg.Connection, reload_id: str, pending_ma
 
 
 async def payment_failed(
-    conn: asyncpg.Connection, reload_id: str, reason: str, config: AutoReloadConfig, pending_max: int
+    conn: asyncpg.Connection,
+    reload_id: str,
+    reason: str,
+    config: AutoReloadConfig,
+    pending_max: int,
+    provider: ProviderIds | None = None,
 ) -> Failure:
     """The reload failed (declined, refused by the webhook, stuck): count it, then back off or, at
     `failures_max` in a row, turn auto-reload off. A replay changes nothing."""
     reason = reason[:REASON_CHARS_MAX]
     async with conn.transaction():
         row = await conn.fetchrow(
-            "UPDATE auto_reloads SET state = 'failed', failure_reason = $2, finished_at = now() "
+            "UPDATE auto_reloads SET state = 'failed', failure_reason = $2, finished_at = now(), "
+            "provider_payment_id = coalesce(provider_payment_id, $3), order_id = coalesce(order_id, $4) "
             "WHERE id = $1 AND state IN ('pending', 'processing') RETURNING workspace_id, amount_micro",
             reload_id,
             reason,
+            provider.payment_id if provider else None,
+            provider.order_id if provider else None,
         )
         if row is None:
             return Failure(await _ended_before(conn, reload_id))

@@ -1,10 +1,11 @@
-"""The control plane's auto-reload loop: starts the pending reloads' payments, starts a new reload when
-a failure's back-off is over and the balance is still under the threshold, and fails reloads stuck past
+"""The control plane's auto-reload loop: starts the pending reloads' payments, ends the started ones as
+their payment orders ended (credited by the payment webhook, or failed), starts a new reload when a
+failure's back-off is over and the balance is still under the threshold, and fails reloads stuck past
 `auto_reload.stuck_timeout_ms`. Bounded per round by `batch_reloads_max`; everything it acts on is in
 Postgres, so a restart resumes where it stopped (a payment started twice is the same payment: the
 reload id is its idempotency key).
 
-The payment webhook (the orders side) ends a reload through `payment_succeeded` / `payment_failed`.
+`payment_succeeded` / `payment_failed` end a reload (this loop calls them; each is idempotent).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sidecar.config import Config
 from sidecar.db import POSTGRES_OUTAGE
 from sidecar.observability.metrics import Metrics
 from sidecar.reload import store
-from sidecar.reload.gateway import ReloadDeclined, ReloadGateway
+from sidecar.reload.gateway import ProviderIds, ReloadDeclined, ReloadGateway
 from sidecar.reload.store import Ended, Failure, ReloadReason
 from sidecar.state.store import State
 
@@ -54,6 +55,7 @@ class ReloadWorker:
 
     async def run_once(self) -> int:
         """One round. Returns how many payments it tried to start."""
+        await self._end_finished()
         await self._fail_stuck()
         await self._retry_due()
         started = await self._start_pending()
@@ -67,6 +69,7 @@ class ReloadWorker:
         async with self.pool.acquire() as conn:
             due = await store.pending(conn, self.config.auto_reload.batch_reloads_max)
         for reload, method in due:
+            method = method or await self.gateway.saved_method(reload.workspace_id)
             if method is None:
                 await self.payment_failed_now(reload.id, NO_METHOD)
                 continue
@@ -75,7 +78,7 @@ class ReloadWorker:
                     reload.workspace_id, reload.id, reload.amount_micro, method
                 )
             except ReloadDeclined as exc:
-                await self.payment_failed_now(reload.id, exc.reason)
+                await self.payment_failed_now(reload.id, exc.reason, ProviderIds(exc.payment_id or "", exc.order_id))
                 continue
             except Exception as exc:  # not started: the next round asks again, with the same idempotency key
                 log.warning(
@@ -91,6 +94,23 @@ class ReloadWorker:
                         extra={"workspace_id": reload.workspace_id, "reload_id": reload.id},
                     )
         return len(due)
+
+    async def _end_finished(self) -> None:
+        """End the started reloads whose payment order ended (the webhook credited it, or it failed)."""
+        if self.gateway is None:
+            return
+        async with self.pool.acquire() as conn:
+            started = await store.processing(conn, self.config.auto_reload.batch_reloads_max)
+        outcomes = await self.gateway.payment_outcomes([order_id for _, order_id in started])
+        for reload_id, order_id in started:
+            outcome = outcomes.get(order_id)
+            if outcome is None:
+                continue
+            async with self.pool.acquire() as conn:
+                if outcome.succeeded:
+                    await self.payment_succeeded(conn, reload_id)
+                else:
+                    await self.payment_failed(conn, reload_id, outcome.reason or "failed")
 
     async def _retry_due(self) -> None:
         """After a failure's back-off: a new reload if the live balance is still under the threshold."""
@@ -111,20 +131,22 @@ class ReloadWorker:
         for reload_id in stuck:
             await self.payment_failed_now(reload_id, STUCK)
 
-    async def payment_failed_now(self, reload_id: str, reason: str) -> Failure:
+    async def payment_failed_now(self, reload_id: str, reason: str, provider: ProviderIds | None = None) -> Failure:
         async with self.pool.acquire() as conn:
-            return await self.payment_failed(conn, reload_id, reason)
+            return await self.payment_failed(conn, reload_id, reason, provider)
 
     async def payment_succeeded(self, conn: asyncpg.Connection, reload_id: str) -> Ended:
-        """For the payment webhook: call it in the transaction that credits the reload's order."""
         ended = await store.payment_succeeded(conn, reload_id, self._pending_max)
         if ended is Ended.RECORDED:
             self.metrics.child(self.metrics.auto_reloads, "succeeded").inc()
         return ended
 
-    async def payment_failed(self, conn: asyncpg.Connection, reload_id: str, reason: str) -> Failure:
-        """For the payment webhook (payment_intent.payment_failed) and this loop."""
-        failure = await store.payment_failed(conn, reload_id, reason, self.config.auto_reload, self._pending_max)
+    async def payment_failed(
+        self, conn: asyncpg.Connection, reload_id: str, reason: str, provider: ProviderIds | None = None
+    ) -> Failure:
+        failure = await store.payment_failed(
+            conn, reload_id, reason, self.config.auto_reload, self._pending_max, provider
+        )
         if failure.ended is Ended.RECORDED:
             self.metrics.child(self.metrics.auto_reloads, "failed").inc()
             if failure.disabled:
