@@ -166,6 +166,8 @@ async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
 
 
 async def close_services(svc: Services) -> None:
+    if svc.notifier is not None:
+        await svc.notifier.close()
     if svc.payments is not None:
         await svc.payments.close()
     await svc.upstreams.close()
