@@ -36,7 +36,7 @@ from sidecar.proxy.budget import ByteBudget
 from sidecar.proxy.inflight import Inflight
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
-from sidecar.reload.orders_gateway import OrdersReloadGateway
+from sidecar.reload.orders_gateway import OrdersReloadGateway, order_listener
 from sidecar.reload.worker import ReloadWorker
 from sidecar.services import Services
 from sidecar.state.store import State, StateLimits
@@ -138,14 +138,20 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         byok=Resolver(pg_pool, config.notifications.pending_deliveries_per_workspace_max),
         vault=vault,
         watch=BalanceWatch(pg_pool, config, metrics),
-        # Reloads are payment orders charged through Stripe; without Stripe, auto-reload cannot be enabled.
-        reloads=ReloadWorker(pg_pool, state, config, metrics, gateway=_reload_gateway(payments)),
+        reloads=_reloads(pg_pool, state, config, metrics, payments),
         notifier=DeliveryWorker(pg_pool, vault, config.notifications, metrics),
     )
 
 
-def _reload_gateway(payments: Payments | None) -> OrdersReloadGateway | None:
-    return OrdersReloadGateway(payments) if payments is not None and payments.gateway is not None else None
+def _reloads(pool, state: State, config: Config, metrics: Metrics, payments: Payments | None) -> ReloadWorker:
+    """Reloads are payment orders charged through Stripe (without Stripe, auto-reload cannot be turned
+    on); the webhook that ends a reload order ends its reload at once."""
+    if payments is None or payments.gateway is None:
+        return ReloadWorker(pool, state, config, metrics, gateway=None)
+    gateway = OrdersReloadGateway(payments)
+    worker = ReloadWorker(pool, state, config, metrics, gateway)
+    payments.listeners.append(order_listener(gateway, worker))
+    return worker
 
 
 async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:

@@ -22,10 +22,13 @@ import uuid
 from collections.abc import Iterable
 
 import asyncpg
+import orjson
 from redis.exceptions import RedisError
 
 from sidecar import db
-from sidecar.state.store import Applied, State
+from sidecar.ledger.events import row_from_entry
+from sidecar.movements import DebitResult, Kind
+from sidecar.state.store import Applied, DebitOutcome, State
 
 log = logging.getLogger("sidecar.balances")
 
@@ -103,6 +106,58 @@ class Balances:
                 return
             await self.ensure_loaded(ws)
         raise RuntimeError(f"could not apply committed change {token} to workspace {ws}")
+
+    async def credit(self, ws: str, movement_id: str, kind: str, amount_micro: int) -> db.GrantResult:
+        """A credit movement (grant, topup, allowance): see sidecar/movements.py."""
+        return await self.grant(ws, movement_id, kind, amount_micro)
+
+    async def debit(self, ws: str, movement_id: str, kind: str, amount_micro: int | None) -> DebitResult:
+        """A debit movement (refund; expiry with amount None: everything that remains), at most what
+        remains, once per movement id: see sidecar/movements.py for the three steps and why."""
+        async with self.pool.acquire() as conn:
+            event_id, known = await db.begin_debit(conn, ws, movement_id, kind, amount_micro)
+        if known is not None:
+            return known
+        event = orjson.dumps({"event_id": str(event_id), "workspace_id": ws, "status": "completed"})
+        for _ in range(APPLY_ATTEMPTS):
+            done = await self.state.debit(ws, str(event_id), amount_micro, event, kind)
+            if done.outcome is not DebitOutcome.NEED_LOAD:
+                break
+            await self.ensure_loaded(ws)
+        else:
+            raise RuntimeError(f"could not load workspace {ws} to debit movement {movement_id}")
+        fields = {
+            b"e": event,
+            b"cost": b"0",
+            b"impact": str(-done.taken_micro).encode(),
+            b"after": str(done.balance_after_micro).encode(),
+            b"at": str(done.at_ms).encode(),
+            b"gen": done.gen.encode(),
+            b"status": b"completed",
+            b"kind": kind.encode(),
+            b"short": str(done.short_micro).encode(),
+        }
+        try:
+            async with self.pool.acquire() as conn:
+                await db.record_debit(conn, movement_id, row_from_entry(fields), done.gen)
+        except db.POSTGRES_OUTAGE as exc:  # the stream entry reaches the ledger through the flusher
+            log.warning(
+                "debit taken in redis; postgres is unavailable, so the flusher will record it",
+                extra={"workspace_id": ws, "error": type(exc).__name__},
+            )
+        created = done.outcome is DebitOutcome.DEBITED
+        log.info(
+            "debit movement",
+            extra={
+                "workspace_id": ws,
+                "movement_kind": kind,
+                "amount_micro": done.taken_micro,
+                "short_micro": done.short_micro,
+            },
+        )
+        return DebitResult(
+            movement_id, str(event_id), Kind(kind), amount_micro, done.taken_micro, done.short_micro, created
+        )
 
     async def grant(self, ws: str, grant_id: str, kind: str, amount_micro: int) -> db.GrantResult:
         """Record the grant in Postgres, then apply it to Redis. The grant's transaction also records

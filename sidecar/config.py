@@ -923,7 +923,10 @@ def _type_at(kind: type, path: str, why: bool = False) -> Any:
     for step in re.findall(r"[^.\[\]]+|\[\d+\]", path):
         node = node.item_type if step.startswith("[") else next(f.type for f in node.fields if f.name == step)
         reason = ""
-        while isinstance(node, msgspec.inspect.Metadata):
+        while isinstance(node, msgspec.inspect.Metadata | msgspec.inspect.UnionType):
+            if isinstance(node, msgspec.inspect.UnionType):  # `X | None`: the section, when given, is an X
+                node = next(t for t in node.types if not isinstance(t, msgspec.inspect.NoneType))
+                continue
             reason = reason or (node.extra_json_schema or {}).get("description", "")
             node = node.type
     return (f" ({reason})" if reason else "") if why else node

@@ -9,7 +9,9 @@ from datetime import datetime
 import asyncpg
 
 from sidecar.errors import DomainError
+from sidecar.ledger.events import COLUMNS
 from sidecar.money import AMOUNT_MICRO_MAX, format_micro
+from sidecar.movements import CREDIT_KINDS, DEBIT_KINDS, DebitResult, Kind
 
 # A Postgres that is down, starting, stopping, failing over, overloaded or cut off mid-query: an
 # outage, answered "unavailable, retry shortly". Every other PostgresError (a syntax error, an
@@ -59,7 +61,7 @@ class GrantResult:
 
 
 class GrantConflict(DomainError):
-    """The same grant id was used before with a different amount or kind."""
+    """The same grant (movement) id was used before with a different amount or kind."""
 
 
 class BalanceLimitExceeded(DomainError):
@@ -178,12 +180,13 @@ async def forget_sync(conn: asyncpg.Connection, workspace_id: str, pg_version: i
     )
 
 
-async def grant(
+async def credit(
     conn: asyncpg.Connection, workspace_id: str, grant_id: str, kind: str, amount_micro: int
 ) -> GrantResult:
-    """Record a grant in the ledger and the account, once per grant id, in one transaction."""
-    if kind not in ("grant", "topup"):
-        raise ValueError(f"grant kind must be 'grant' or 'topup', not {kind!r}")
+    """Record a credit (grant, topup, allowance) in the ledger and the account, once per movement id,
+    in one transaction (sidecar/movements.py)."""
+    if kind not in CREDIT_KINDS:
+        raise ValueError(f"credit kind must be one of {', '.join(sorted(CREDIT_KINDS))}, not {kind!r}")
     if not 0 < amount_micro <= AMOUNT_MICRO_MAX:
         raise ValueError(f"grant amount must be positive and at most {AMOUNT_MICRO_MAX} micro-credits")
     async with conn.transaction():
@@ -243,15 +246,119 @@ async def grant(
         return GrantResult(grant_id, event_id, amount_micro, kind, created=True, pg_version=account["version"])
 
 
+grant = credit  # the name every caller used before movements
+
+
+async def begin_debit(
+    conn: asyncpg.Connection, workspace_id: str, movement_id: str, kind: str, amount_micro: int | None
+) -> tuple[uuid.UUID, DebitResult | None]:
+    """Step 1 of a debit (sidecar/movements.py): the movement's row, written once per movement id.
+    Returns its ledger event id, and its result when it is known already (in its row, or in the
+    ledger: the debit was flushed there after the caller lost its answer)."""
+    if kind not in DEBIT_KINDS:
+        raise ValueError(f"debit kind must be one of {', '.join(sorted(DEBIT_KINDS))}, not {kind!r}")
+    if amount_micro is not None and not 0 < amount_micro <= AMOUNT_MICRO_MAX:
+        raise ValueError(f"a debit must be positive and at most {AMOUNT_MICRO_MAX} micro-credits")
+    await conn.execute(
+        "INSERT INTO grants (workspace_id, grant_id, kind, amount_micro, event_id) VALUES ($1, $2, $3, $4, $5) "
+        "ON CONFLICT DO NOTHING",
+        workspace_id,
+        movement_id,
+        kind,
+        amount_micro,
+        uuid.uuid4(),
+    )
+    row = await conn.fetchrow(
+        "SELECT kind, amount_micro, event_id, taken_micro, short_micro FROM grants "
+        "WHERE workspace_id = $1 AND grant_id = $2",
+        workspace_id,
+        movement_id,
+    )
+    if row["kind"] != kind or row["amount_micro"] != amount_micro:
+        raise GrantConflict(movement_id)
+    event_id = row["event_id"]
+    taken, short = row["taken_micro"], row["short_micro"]
+    if taken is None:
+        flushed = await conn.fetchrow(
+            "SELECT -balance_impact_micro AS taken, short_micro AS short FROM ledger "
+            "WHERE workspace_id = $1 AND event_id = $2 AND kind = $3",
+            workspace_id,
+            event_id,
+            kind,
+        )
+        if flushed is None:
+            return event_id, None
+        taken, short = flushed["taken"], flushed["short"]
+        await _debit_result(conn, workspace_id, movement_id, taken, short)
+    return event_id, DebitResult(movement_id, str(event_id), Kind(kind), amount_micro, taken, short, created=False)
+
+
+async def _debit_result(conn: asyncpg.Connection, workspace_id: str, movement_id: str, taken: int, short: int) -> None:
+    await conn.execute(
+        "UPDATE grants SET taken_micro = $3, short_micro = $4 WHERE workspace_id = $1 AND grant_id = $2",
+        workspace_id,
+        movement_id,
+        taken,
+        short,
+    )
+
+
+async def record_debit(conn: asyncpg.Connection, movement_id: str, row: tuple, gen: str) -> None:
+    """Step 3 of a debit: its ledger row (once per event id, whoever writes it first: this or the
+    flusher), the account, what the Redis load `gen` is owed if it is no longer the live one (as a
+    flushed batch records it), and the movement's result, in one transaction."""
+    values = dict(zip(COLUMNS, row, strict=True))
+    workspace_id, impact = values["workspace_id"], values["balance_impact_micro"]
+    async with conn.transaction():
+        placeholders = ", ".join(f"${i}" for i in range(1, len(COLUMNS) + 1))
+        inserted = await conn.fetchval(
+            f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES ({placeholders}) RETURNING event_id", *row
+        )
+        if inserted is not None and impact:
+            version = await conn.fetchval(
+                "UPDATE accounts SET balance_micro = balance_micro + $2, version = version + 1, updated_at = now() "
+                "WHERE workspace_id = $1 RETURNING version",
+                workspace_id,
+                impact,
+            )
+            await conn.execute(
+                "INSERT INTO balance_sync (workspace_id, pg_version, gen, delta_micro) VALUES ($1, $2, $3, $4)",
+                workspace_id,
+                version,
+                gen,
+                impact,
+            )
+        await _debit_result(conn, workspace_id, movement_id, -impact, values["short_micro"])
+
+
 async def ledger_identity(conn: asyncpg.Connection, workspace_id: str) -> dict[str, int]:
-    """The money identity from the ledger alone: grants + top-ups - debits, and the account's balance."""
+    """The money identity from the ledger alone (sidecar/movements.py), each term from its own rows:
+    grants + topups + allowances - refunds - expiries - usage - fees == balance. `usage` is the cost
+    charged to billed calls (BYOK calls are recorded, never charged), `fees` their usage fees;
+    `expected` is the left-hand side, `account_balance` what the accounts table says."""
     row = await conn.fetchrow(
         "SELECT coalesce(sum(balance_impact_micro) FILTER (WHERE kind = 'grant'), 0)::bigint AS grants, "
         "coalesce(sum(balance_impact_micro) FILTER (WHERE kind = 'topup'), 0)::bigint AS topups, "
+        "coalesce(sum(balance_impact_micro) FILTER (WHERE kind = 'allowance'), 0)::bigint AS allowances, "
+        "coalesce(-sum(balance_impact_micro) FILTER (WHERE kind = 'refund'), 0)::bigint AS refunds, "
+        "coalesce(-sum(balance_impact_micro) FILTER (WHERE kind = 'expiry'), 0)::bigint AS expiries, "
+        "coalesce(sum(cost_micro) FILTER (WHERE kind = 'usage' AND NOT byok), 0)::bigint AS usage, "
+        "coalesce(sum(fee_micro) FILTER (WHERE kind = 'usage'), 0)::bigint AS fees, "
         "coalesce(-sum(balance_impact_micro) FILTER (WHERE kind = 'usage'), 0)::bigint AS debits, "
+        "coalesce(sum(short_micro), 0)::bigint AS short, "
         "count(*) FILTER (WHERE kind = 'usage') AS usage_rows "
         "FROM ledger WHERE workspace_id = $1",
         workspace_id,
     )
     balance, _ = await account_snapshot(conn, workspace_id)
-    return {**dict(row), "account_balance": balance}
+    identity = dict(row)
+    identity["expected"] = (
+        identity["grants"]
+        + identity["topups"]
+        + identity["allowances"]
+        - identity["refunds"]
+        - identity["expiries"]
+        - identity["usage"]
+        - identity["fees"]
+    )
+    return {**identity, "account_balance": balance}

@@ -263,9 +263,30 @@ async def test_a_stripe_order_cannot_be_marked_paid_by_hand_and_an_open_one_can_
     assert status == 409 and body["error"]["code"] == "order_state"
     status, body = await shop.sidecar.admin("POST", f"/workspaces/{ws}/orders/{order['id']}/cancel")
     assert status == 200 and body["status"] == "canceled"
-    # Paid after the cancel: refused for review, nothing credited.
+    assert shop.fake.sessions[order["provider_session_id"]]["status"] == "expired", "it cannot be paid any more"
+    # Paid all the same (a race at Stripe): refused for review, nothing credited.
     completed, _ = shop.fake.complete_session(order["provider_session_id"])
     assert (await shop.fake.deliver(completed)).status == 200
+    assert await shop.balance(ws) == 0
+    # An order whose session was paid cannot be canceled: Stripe refuses to expire it.
+    paid = await shop.order(ws)
+    shop.fake.complete_session(paid["provider_session_id"])
+    status, body = await shop.sidecar.admin("POST", f"/workspaces/{ws}/orders/{paid['id']}/cancel")
+    assert status == 409 and body["error"]["code"] == "order_state"
+    # A Stripe event naming a manual order credits nothing.
+    manual = await shop.order(ws, provider="manual")
+    forged = shop.fake.event(
+        "payment_intent.succeeded",
+        {
+            "id": "pi_m",
+            "object": "payment_intent",
+            "amount_received": manual["total_minor"],
+            "currency": "usd",
+            "metadata": {"order_id": manual["id"]},
+        },
+    )
+    assert (await shop.fake.deliver(forged)).status == 200
+    assert (await shop.read(ws, manual["id"]))["status"] == "created"
     assert await shop.balance(ws) == 0
 
 
@@ -333,3 +354,15 @@ async def test_orders_list_pages_in_a_stable_order(shop: Shop):
         if not cursor:
             break
     assert seen == [o["id"] for o in made]
+
+
+async def test_a_payment_whose_webhook_beats_the_checkout_answer_is_credited_once(shop: Shop):
+    ws = (await shop.sidecar.workspace()).id
+    shop.fake.pay_before_answering = True
+    order = await shop.order(ws, "3.00")
+    assert order["status"] == "credited", "the webhook moved it on before Stripe answered the create"
+    assert order["provider_session_id"] and order["checkout_url"], "the ids are still recorded"
+    assert await shop.balance(ws) == 3_000_000
+    read = await shop.read(ws, order["id"])
+    assert [e["to"] for e in read["events"]] == ["created", "paid", "credited"]
+    await shop.sidecar.assert_identity(ws)

@@ -22,7 +22,7 @@ import asyncpg
 from sidecar import db
 from sidecar.balances import Balances
 from sidecar.billing import invoices, orders
-from sidecar.billing.orders import CLOSED_UNPAID, OPEN, EventOutcome, Order, OrderStatus
+from sidecar.billing.orders import CLOSED_UNPAID, OPEN, EventOutcome, Order, OrderStatus, Provider
 from sidecar.config import InvoiceIssuerConfig
 
 
@@ -32,6 +32,7 @@ class Payment:
 
     amount_minor: int
     currency: str
+    provider: Provider
     payment_id: str | None = None  # Stripe's PaymentIntent
     session_id: str | None = None
     customer_ref: str | None = None
@@ -72,6 +73,8 @@ class Result:
 
 def refusal(order: Order, payment: Payment) -> tuple[Review, str] | None:
     """Why this payment cannot credit this order (kept for review), or None."""
+    if payment.provider is not order.provider:
+        return Review.MISMATCH, f"paid through {payment.provider.value}, the order is a {order.provider.value} order"
     if payment.currency.lower() != order.currency or payment.amount_minor != order.total_minor:
         paid = f"{payment.amount_minor} {payment.currency.lower()}"
         return Review.MISMATCH, f"paid {paid} (minor units), the order is {order.total_minor} {order.currency}"
@@ -95,17 +98,7 @@ async def credit(books: Books, order_id: str, payment: Payment) -> Result:
         if refused is not None:
             return review(*refused, order)
         if order.status in (OrderStatus.CREDITED, OrderStatus.REFUNDED):
-            if payment.payment_method_ref and not order.payment_method_ref:
-                # A checkout's payment_intent.succeeded (after its session's event credited the order)
-                # names the card the checkout saved: auto-reload charges it later. No money moves.
-                order = await orders.transition(
-                    conn,
-                    order.id,
-                    order.status,
-                    payment.detail,
-                    customer_ref=payment.customer_ref,
-                    payment_method_ref=payment.payment_method_ref,
-                )
+            order = await _remember_payment_method(conn, order, payment)
             return Result(EventOutcome.IGNORED, f"already {order.status.value}", order)
         fields = {
             "provider_payment_id": payment.payment_id,
@@ -122,6 +115,19 @@ async def credit(books: Books, order_id: str, payment: Payment) -> Result:
         number = await invoices.assign(conn, order, books.issuer)
     await books.balances.apply_grant(order.workspace_id, grant)
     return Result(EventOutcome.APPLIED, None, order, number, credited_micro=order.amount_micro)
+
+
+async def _remember_payment_method(conn: asyncpg.Connection, order: Order, payment: Payment) -> Order:
+    """The second event of one payment may name what the first did not (payment_intent.succeeded
+    carries the payment method; checkout.session.completed does not): keep it for auto-reload."""
+    missing = {
+        name: value
+        for name, value in (("customer_ref", payment.customer_ref), ("payment_method_ref", payment.payment_method_ref))
+        if value and getattr(order, name) is None
+    }
+    if not missing:
+        return order
+    return await orders.transition(conn, order.id, order.status, payment.detail, **missing)
 
 
 async def close_unpaid(pool: asyncpg.Pool, order_id: str, to: OrderStatus, detail: dict) -> Result:

@@ -285,6 +285,18 @@ async def payment_event(conn: asyncpg.Connection, provider: Provider, event_id: 
     )
 
 
+async def saved_payment_method(conn: asyncpg.Connection, ws: str) -> tuple[str, str] | None:
+    """(customer_ref, payment_method_ref) of the workspace's latest paid Stripe order that saved one
+    (a checkout saves its card for off-session use): what an auto-reload charges."""
+    row = await conn.fetchrow(
+        "SELECT customer_ref, payment_method_ref FROM payment_orders WHERE workspace_id = $1 AND provider = 'stripe' "
+        "AND status IN ('paid', 'credited') AND customer_ref IS NOT NULL AND payment_method_ref IS NOT NULL "
+        "ORDER BY updated_at DESC, id DESC LIMIT 1",
+        ws,
+    )
+    return (row["customer_ref"], row["payment_method_ref"]) if row else None
+
+
 # --- billing profiles -------------------------------------------------------------------------------
 
 

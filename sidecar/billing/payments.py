@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -72,6 +73,10 @@ class Payments:
         )
         self.amount_micro_min = parse_credits(config.payments.order_amount_min)
         self.amount_micro_max = parse_credits(config.payments.order_amount_max)
+        # Called with the order after a provider event moved it (credited, failed, expired, refunded):
+        # auto-reload learns here that its reload succeeded or failed. A listener's error is logged,
+        # never fails the webhook (the order's change is committed already).
+        self.listeners: list[Callable[[Order], Awaitable[None]]] = []
 
     async def close(self) -> None:
         if self.gateway is not None:
@@ -98,9 +103,8 @@ class Payments:
         order, created = await self._insert(ws, client_order_id, amount_micro, provider, purpose)
         if provider is Provider.STRIPE and order.status is OrderStatus.CREATED:
             checkout = await self.gateway.checkout(order)
-            order = await self._move(
+            order = await self._opened(
                 order.id,
-                OrderStatus.PENDING,
                 {"by": "stripe", "session_id": checkout.session_id},
                 provider_session_id=checkout.session_id,
                 checkout_url=checkout.url,
@@ -126,17 +130,21 @@ class Payments:
             charge = await self.gateway.charge_off_session(order)
         except PaymentDeclined as exc:
             return await self._move(order.id, OrderStatus.FAILED, {"by": "stripe", "code": exc.code})
+        return await self._opened(
+            order.id,
+            {"by": "stripe", "payment_id": charge.payment_id, "status": charge.status},
+            provider_payment_id=charge.payment_id,
+        )
+
+    async def _opened(self, order_id: str, detail: dict, **fields: object) -> Order:
+        """`created -> pending` with the provider's ids, unless the provider's webhook was faster than
+        its own answer and the order moved on already: then only the ids missing are recorded."""
         async with self.pool.acquire() as conn, conn.transaction():
-            current = await orders.order_by_id(conn, order.id, lock=True)
-            if current.status is not OrderStatus.CREATED:  # its webhook was faster than this answer
-                return current
-            moved = await orders.transition(
-                conn,
-                order.id,
-                OrderStatus.PENDING,
-                {"by": "stripe", "payment_id": charge.payment_id, "status": charge.status},
-                provider_payment_id=charge.payment_id,
-            )
+            current = await orders.order_by_id(conn, order_id, lock=True)
+            if current.status is not OrderStatus.CREATED:
+                missing = {k: v for k, v in fields.items() if getattr(current, k) is None}
+                return await orders.transition(conn, order_id, current.status, detail, **missing)
+            moved = await orders.transition(conn, order_id, OrderStatus.PENDING, detail, **fields)
         self.metrics.orders.labels(moved.provider.value, moved.status.value).inc()
         return moved
 
@@ -168,9 +176,9 @@ class Payments:
             self.metrics.orders.labels(provider.value, OrderStatus.CREATED.value).inc()
         return order, created
 
-    async def _move(self, order_id: str, to: OrderStatus, detail: dict, **fields: object) -> Order:
+    async def _move(self, order_id: str, to: OrderStatus, detail: dict) -> Order:
         async with self.pool.acquire() as conn:
-            order = await orders.transition(conn, order_id, to, detail, **fields)
+            order = await orders.transition(conn, order_id, to, detail)
         self.metrics.orders.labels(order.provider.value, to.value).inc()
         return order
 
@@ -194,13 +202,19 @@ class Payments:
         payment = Payment(
             amount_minor=order.total_minor,
             currency=order.currency,
+            provider=Provider.MANUAL,
             reference=reference,
             detail={"by": "operator", "operator": operator, "reference": reference},
         )
         return self._count(order, await crediting.credit(self.books, order.id, payment))
 
     async def cancel(self, ws: str, order_id: str, operator: str) -> Order:
+        """An unpaid order. A Stripe order's Checkout Session is expired first, so it cannot be paid
+        after the cancel; if Stripe says it is not open any more, it was paid (or expired): 409."""
         order = await self.order(ws, order_id)
+        if order.status in orders.OPEN and order.provider_session_id and self.gateway is not None:
+            if not await self.gateway.expire(order):
+                raise OrderStateError("the Checkout Session is not open any more (paid or expired): see its webhook")
         result = await crediting.close_unpaid(
             self.pool, order.id, OrderStatus.CANCELED, {"by": "operator", "operator": operator}
         )
@@ -235,6 +249,8 @@ class Payments:
         self.metrics.webhooks.labels(kind, result.outcome.value).inc()
         if result.order is not None:
             self._count(result.order, result)
+            if result.outcome is EventOutcome.APPLIED:
+                await self._tell(result.order)
         if result.outcome is EventOutcome.REVIEW:
             log.error(
                 "payment event kept for review: it credits nothing until an operator decides",
@@ -242,6 +258,13 @@ class Payments:
             )
         status = 503 if result.outcome is EventOutcome.DEFERRED else 200
         return WebhookAnswer(status, result.outcome, result.reason)
+
+    async def _tell(self, order: Order) -> None:
+        for listener in self.listeners:
+            try:
+                await listener(order)
+            except Exception:
+                log.exception("a payment order listener failed", extra={"order_id": order.id})
 
     def _count(self, order: Order, result: Result) -> Result:
         m = self.metrics

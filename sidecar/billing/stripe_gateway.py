@@ -163,6 +163,21 @@ class StripeGateway:
             raise PaymentDeclined(exc.code) from None
         return Charge(payment_id=intent["id"], status=intent["status"])
 
+    async def expire(self, order: Order) -> bool:
+        """Close the order's Checkout Session so it can no longer be paid. False when Stripe refuses
+        because the session is not open any more (paid, or expired already: its webhook tells which)."""
+        try:
+            session = await self._client.v1.checkout.sessions.expire_async(order.provider_session_id)
+        except stripe.InvalidRequestError:
+            return False
+        except stripe.StripeError as exc:
+            log.warning(
+                "stripe refused or could not be reached",
+                extra={"order_id": order.id, "error": type(exc).__name__, "http_status": exc.http_status},
+            )
+            raise PaymentsUnavailable(f"the payment provider answered {type(exc).__name__}") from None
+        return session["status"] == "expired"
+
     async def _call(self, create, params: dict, order_id: str):
         try:
             return await create(params, {"idempotency_key": order_id})

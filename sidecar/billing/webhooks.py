@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from sidecar.billing import crediting, orders
 from sidecar.billing.crediting import Books, Payment, Result, Review
-from sidecar.billing.orders import EventOutcome, OrderStatus, Purpose
+from sidecar.billing.orders import EventOutcome, OrderStatus, Provider, Purpose
 from sidecar.errors import ControlFlow
 
 HANDLED_TYPES = (
@@ -80,6 +80,7 @@ async def _for_order(books: Books, kind: str, obj: dict, detail: dict, order_id:
         payment = Payment(
             amount_minor=_int(obj, "amount_total"),
             currency=_str(obj, "currency") or "",
+            provider=Provider.STRIPE,
             payment_id=_str(obj, "payment_intent"),
             session_id=_str(obj, "id"),
             customer_ref=_str(obj, "customer"),
@@ -90,6 +91,7 @@ async def _for_order(books: Books, kind: str, obj: dict, detail: dict, order_id:
         payment = Payment(
             amount_minor=_int(obj, "amount_received"),
             currency=_str(obj, "currency") or "",
+            provider=Provider.STRIPE,
             payment_id=_str(obj, "id"),
             customer_ref=_str(obj, "customer"),
             payment_method_ref=_str(obj, "payment_method"),

@@ -35,6 +35,7 @@ from sidecar.control.http import (
     valid_name,
 )
 from sidecar.money import AMOUNT_MICRO_MAX, MoneyError, format_micro, parse_credits
+from sidecar.movements import CREDIT_KINDS
 from sidecar.services import Services
 
 PUBLIC = web.AppKey("public_routes", frozenset)  # (method, path) answered without an admin token
@@ -177,11 +178,11 @@ async def grant(request: web.Request) -> web.Response:
     payload = await read_object(request)
     grant_id = valid_id(payload.get("grant_id"), "grant_id")
     kind = payload.get("kind", "grant")
-    if kind not in ("grant", "topup"):
-        raise AdminError(400, "kind must be 'grant' or 'topup'", "invalid_kind")
+    if kind not in CREDIT_KINDS:
+        raise AdminError(400, "kind must be 'grant', 'topup' or 'allowance'", "invalid_kind")
     amount = _amount_micro(payload)
     try:
-        result = await svc.balances.grant(ws, grant_id, kind, amount)
+        result = await svc.balances.credit(ws, grant_id, kind, amount)
     except db.GrantConflict:
         raise AdminError(
             409, "this grant_id was already used with a different amount or kind", "grant_conflict"

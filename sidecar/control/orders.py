@@ -219,6 +219,8 @@ async def cancel_order(request: web.Request) -> web.Response:
         canceled = await _payments(request).cancel(ws, order.id, _OPERATOR)
     except OrderStateError as exc:
         raise AdminError(409, str(exc), "order_state") from None
+    except PaymentsUnavailable as exc:
+        raise AdminError(502, f"{exc}; nothing changed, try again", "payment_provider_error") from None
     return json_response(order_view(canceled))
 
 

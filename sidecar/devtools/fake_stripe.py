@@ -5,7 +5,8 @@ Stripe's wire format for what the sidecar calls:
 - `POST /v1/checkout/sessions` (mode=payment, one line item with price_data, metadata,
   payment_intent_data.metadata, customer, success_url/cancel_url): an open session with a `url` on this
   server (`GET /pay/{id}`, a page with a Pay button, for a top-up flow without network).
-- `GET /v1/checkout/sessions/{id}`.
+- `GET /v1/checkout/sessions/{id}`, `POST /v1/checkout/sessions/{id}/expire` (an open one only; sends
+  checkout.session.expired).
 - `POST /v1/payment_intents` (amount, currency, customer, payment_method, confirm, off_session,
   metadata): confirmed at once; a payment method whose id contains "declined" fails as Stripe's
   card_declined (402) and sends payment_intent.payment_failed.
@@ -98,6 +99,8 @@ class FakeStripe:
     retry_delay_s: float = 0.2
     delivery_attempts_max: int = DELIVERY_ATTEMPTS_MAX
     auto_deliver: bool = True  # send the events of a completed/expired session, a PaymentIntent, a refund
+    # Tests: the customer pays, and the webhooks are delivered, before the create call is even answered.
+    pay_before_answering: bool = False
     sessions: dict[str, dict] = field(default_factory=dict)
     payment_intents: dict[str, dict] = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
@@ -330,17 +333,34 @@ def _json(data: dict, status: int = 200) -> web.Response:
 
 
 async def _create_session(request: web.Request) -> web.Response:
-    params = request[PARAMS]
+    fake: FakeStripe = request.app[FAKE]
     try:
-        return _json(request.app[FAKE].create_session(params))
+        session = fake.create_session(request[PARAMS])
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         return _error(400, f"Missing or invalid parameter: {exc}")
+    if fake.pay_before_answering:
+        for evt in fake.complete_session(session["id"]):
+            await fake.deliver(evt)
+    return _json(session)
 
 
 async def _get_session(request: web.Request) -> web.Response:
     session = request.app[FAKE].sessions.get(request.match_info["id"])
     if session is None:
         return _error(404, "No such checkout.session", code="resource_missing")
+    return _json({k: v for k, v in session.items() if k != "payment_intent_data"})
+
+
+async def _expire_session(request: web.Request) -> web.Response:
+    fake: FakeStripe = request.app[FAKE]
+    session = fake.sessions.get(request.match_info["id"])
+    if session is None:
+        return _error(404, "No such checkout.session", code="resource_missing")
+    if session["status"] != "open":
+        return _error(
+            400, f"Only Checkout Sessions with a status in [open] can be expired. This one is {session['status']}."
+        )
+    fake._deliver_later([fake.expire_session(session["id"])])
     return _json({k: v for k, v in session.items() if k != "payment_intent_data"})
 
 
@@ -391,6 +411,15 @@ async def _pay(request: web.Request) -> web.Response:
     raise web.HTTPSeeOther(target)
 
 
+async def _done(request: web.Request) -> web.Response:
+    """Where `sidecar dev` sends the customer back after Checkout."""
+    order = html.escape(request.query.get("order", ""))
+    word = "canceled" if request.query.get("canceled") else "paid: the credits arrive with the webhook"
+    return web.Response(
+        text=f"<!doctype html><title>Done</title><p>Order {order} {word}.</p>", content_type="text/html"
+    )
+
+
 async def _control(request: web.Request) -> web.Response:
     """POST /_fake/sessions/{id}/complete | /_fake/sessions/{id}/expire: the events, delivered."""
     fake: FakeStripe = request.app[FAKE]
@@ -407,10 +436,12 @@ def build_app(fake: FakeStripe | None = None) -> web.Application:
     app[FAKE] = fake or FakeStripe()
     app.router.add_post("/v1/checkout/sessions", _create_session)
     app.router.add_get("/v1/checkout/sessions/{id}", _get_session)
+    app.router.add_post("/v1/checkout/sessions/{id}/expire", _expire_session)
     app.router.add_post("/v1/payment_intents", _create_payment_intent)
     app.router.add_post("/v1/refunds", _create_refund)
     app.router.add_get("/pay/{id}", _pay_page)
     app.router.add_post("/pay/{id}", _pay)
+    app.router.add_get("/done", _done)
     app.router.add_post("/_fake/sessions/{id}/{action:complete|expire}", _control)
 
     async def close(app: web.Application) -> None:

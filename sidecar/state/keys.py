@@ -72,6 +72,12 @@ def expired_holds(ws: str) -> str:
     return f"{tag(ws)}:expired"
 
 
+def movements(ws: str) -> str:
+    """Hash: ledger event id of a debit movement -> its result (debit.lua). Never reset by a load: a
+    replayed refund must find it whatever Redis reloaded since."""
+    return f"{tag(ws)}:movements"
+
+
 def live_per_key(ws: str) -> str:
     """Hash: API key id -> number of its live holds (concurrent calls)."""
     return f"{tag(ws)}:live_keys"

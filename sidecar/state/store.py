@@ -76,6 +76,24 @@ class Applied(IntEnum):
     NOT_LOADED = -1  # load the balance first (which may include the change), then apply again
 
 
+class DebitOutcome(IntEnum):
+    """debit.lua's answer."""
+
+    DEBITED = 0
+    DEBITED_BEFORE = 1  # this event id was debited already: the same result, nothing changed
+    NEED_LOAD = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Debit:
+    outcome: DebitOutcome
+    taken_micro: int = 0
+    short_micro: int = 0
+    at_ms: int = 0
+    balance_after_micro: int = 0
+    gen: str = ""
+
+
 class HoldExtension(IntEnum):
     NOT_LIVE = 0  # resolved or unknown: nothing changed
     EXTENDED = 1
@@ -243,6 +261,7 @@ class State:
         self._grow = client.register_script(_script_source("grow_hold"))
         self._extend = client.register_script(_script_source("extend_hold"))
         self._reserve = client.register_script(_script_source("reserve_bytes"))
+        self._debit = client.register_script(_script_source("debit"))
         self._all = (
             self._admit,
             self._settle,
@@ -252,6 +271,7 @@ class State:
             self._grow,
             self._extend,
             self._reserve,
+            self._debit,
         )
 
     async def load_scripts(self) -> None:
@@ -475,6 +495,20 @@ class State:
     async def apply(self, ws: str, pg_version: int, delta_micro: int, token: str) -> Applied:
         reply = await self._apply(keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token])
         return Applied(int(reply))
+
+    async def debit(self, ws: str, event_id: str, requested_micro: int | None, event: bytes, kind: str) -> Debit:
+        """Take min(requested, balance - held) from the live balance once per event id (see debit.lua);
+        requested None: everything that remains."""
+        assert requested_micro is None or 0 < requested_micro <= AMOUNT_MICRO_MAX
+        reply = await self._debit(
+            keys=[keys.acct(ws), keys.movements(ws), keys.stream(ws)],
+            args=[event_id, "" if requested_micro is None else requested_micro, event, kind],
+        )
+        outcome = DebitOutcome(int(reply[0]))
+        if outcome is DebitOutcome.NEED_LOAD:
+            return Debit(outcome)
+        gen = reply[5].decode() if isinstance(reply[5], bytes) else str(reply[5])
+        return Debit(outcome, int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]), gen)
 
     async def grow_hold(self, ws: str, hold_id: str, amount_micro: int) -> GrowHold:
         """Raise a live hold to amount_micro (see grow_hold.lua)."""
