@@ -260,14 +260,15 @@ async def test_a_failing_byok_key_is_notified_once_per_failure(notifying: Sideca
 
 
 async def test_credits_about_to_expire_are_warned_once_per_expiry(notifying: Sidecar, receiver) -> None:
-    # Expiry belongs to the wallet (issue 9, point 6): this stands in for its `wallets.expires_at` row.
+    # Expiry belongs to the wallet (issue 9, point 6): its `wallets.expires_at`, written here by hand.
     sc = notifying
     ws = await sc.workspace(credits_micro=5_000)
     created = await _endpoint(sc, ws.id, receiver.url)
     async with sc.svc.pool.acquire() as conn:
-        await conn.execute("CREATE TABLE IF NOT EXISTS wallets (workspace_id text PRIMARY KEY, expires_at timestamptz)")
         await conn.execute(
-            "INSERT INTO wallets (workspace_id, expires_at) VALUES ($1, now() + interval '2 days')", ws.id
+            "INSERT INTO wallets (workspace_id, expires_at) VALUES ($1, now() + interval '2 days') "
+            "ON CONFLICT (workspace_id) DO UPDATE SET expires_at = EXCLUDED.expires_at",
+            ws.id,
         )
         config = sc.svc.config.notifications
         assert await expiry.warn_expiring(conn, config) >= 1

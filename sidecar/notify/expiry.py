@@ -2,8 +2,8 @@
 `notifications.expiry_warning_ms`, notified once per expiry instant (a purchase that moves the expiry
 makes a new instant, warned again in its turn).
 
-It reads `wallets.expires_at` (the expiry of issue 9, point 6) and the account's balance in Postgres; a
-deployment whose schema has no `wallets` table yet warns of nothing.
+It reads `wallets.expires_at` (the expiry of issue 9, point 6, migration 007) and the account's balance
+in Postgres.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ def dedup_key(expires_at_ms: int) -> str:
 async def warn_expiring(conn: asyncpg.Connection, config: NotificationsConfig) -> int:
     """Enqueue a warning for each workspace (with an endpoint and credits left) whose expiry falls within
     the warning window and was not warned of yet. Returns how many were enqueued."""
-    if await conn.fetchval("SELECT to_regclass('wallets')") is None:
-        return 0
     rows = await conn.fetch(
         "SELECT w.workspace_id, w.expires_at, a.balance_micro, "
         "(extract(epoch FROM w.expires_at) * 1000)::bigint AS expires_ms FROM wallets w "
