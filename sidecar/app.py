@@ -19,13 +19,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar import db, expiry, price_versions, scrub, serving, sweeper, wallet
 from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
-from sidecar.billing.payments import open_payments
+from sidecar.billing.payments import Payments, open_payments
 from sidecar.byok import keys as byok_keys
 from sidecar.byok.keys import Resolver
 from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_startup
 from sidecar.config import Config
 from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
+from sidecar.notify import endpoints as notify_endpoints
+from sidecar.notify import expiry as notify_expiry
+from sidecar.notify.delivery import DeliveryWorker
 from sidecar.observability.metrics import Metrics
 from sidecar.ops import build_ops_app, warn_if_evicting
 from sidecar.proxy import handler, settlement
@@ -33,8 +36,11 @@ from sidecar.proxy.budget import ByteBudget
 from sidecar.proxy.inflight import Inflight
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
+from sidecar.reload.orders_gateway import OrdersReloadGateway, order_listener
+from sidecar.reload.worker import ReloadWorker
 from sidecar.services import Services
 from sidecar.state.store import State, StateLimits
+from sidecar.watch import BalanceWatch
 
 log = logging.getLogger("sidecar.app")
 
@@ -130,9 +136,23 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         upstreams=upstreams,
         metrics=metrics,
         flusher=flusher,
-        byok=Resolver(pg_pool),
+        byok=Resolver(pg_pool, config.notifications.pending_deliveries_per_workspace_max),
         vault=vault,
+        watch=BalanceWatch(pg_pool, config, metrics),
+        reloads=_reloads(pg_pool, state, config, metrics, payments),
+        notifier=DeliveryWorker(pg_pool, vault, config.notifications, metrics),
     )
+
+
+def _reloads(pool, state: State, config: Config, metrics: Metrics, payments: Payments | None) -> ReloadWorker:
+    """Reloads are payment orders charged through Stripe (without Stripe, auto-reload cannot be turned
+    on); the webhook that ends a reload order ends its reload at once."""
+    if payments is None or payments.gateway is None:
+        return ReloadWorker(pool, state, config, metrics, gateway=None)
+    gateway = OrdersReloadGateway(payments)
+    worker = ReloadWorker(pool, state, config, metrics, gateway)
+    payments.listeners.append(order_listener(gateway, worker))
+    return worker
 
 
 async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
@@ -143,7 +163,8 @@ async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
     except VaultError as exc:  # a malformed SIDECAR_KEK / SIDECAR_KEK_FILE: say which, in one line
         raise SystemExit(f"sidecar: {exc}") from None
     async with pg_pool.acquire() as conn:
-        stored_kek_ids = await byok_keys.kek_ids(conn)
+        # Notification endpoints' signing secrets are sealed by the same vault.
+        stored_kek_ids = await byok_keys.kek_ids(conn) + await notify_endpoints.kek_ids(conn)
     try:
         check_startup(ring, stored_kek_ids)
     except KekMissing as exc:
@@ -152,6 +173,8 @@ async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
 
 
 async def close_services(svc: Services) -> None:
+    if svc.notifier is not None:
+        await svc.notifier.close()
     if svc.payments is not None:
         await svc.payments.close()
     await svc.upstreams.close()
@@ -211,11 +234,17 @@ class Runtime:
                 self._tasks.append(
                     asyncio.create_task(expiry.run(svc.balances, svc.config.wallet, svc.metrics, self.stop, served))
                 )
+            if svc.watch is not None:
+                self._tasks.append(asyncio.create_task(svc.watch.run(self.stop)))
         if self.control_plane:
             if svc.payments_problem:  # the control plane takes Stripe's webhooks: it cannot run without them
                 raise SystemExit(f"sidecar: {svc.payments_problem}")
             control_port = control_port if control_port is not None else port
             await self._serve(build_control_app(svc), host, control_port, limits)
+            for worker in (svc.reloads, svc.notifier):
+                if worker is not None:
+                    self._tasks.append(asyncio.create_task(worker.run(self.stop)))
+            self._tasks.append(asyncio.create_task(notify_expiry.run(svc.pool, svc.config.notifications, self.stop)))
         # Its own listener and connection budget: /healthz answers while the data port is flooded.
         ops_host = svc.config.server.ops_host or host
         await self._serve(build_ops_app(svc), ops_host, ops_port, serving.ops_limits(svc.config.server))

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 Protocol = Literal["openai", "anthropic"]  # the wire-protocol family a provider's base URL speaks
 PROTOCOLS = get_args(Protocol)
-Permission = Literal["WORKSPACES_MANAGE", "KEYS_MANAGE", "CREDITS_MANAGE", "TENANT_MANAGE", "READ"]
+Permission = Literal[
+    "WORKSPACES_MANAGE", "KEYS_MANAGE", "CREDITS_MANAGE", "TENANT_MANAGE", "NOTIFICATIONS_MANAGE", "READ"
+]
 PERMISSIONS = get_args(Permission)
 RoutingField = Literal[ROUTING_FIELDS]  # OpenRouter's request fields a model may allow
 # How a model's targets are ordered for a call (proxy/routing.py): as listed, by `priority` (lowest
@@ -225,6 +227,49 @@ class LimitsConfig(_Strict):
 class ByokConfig(_Strict):
     failure_cooldown_ms: Natural = 300_000  # a refused customer key is not tried again for this long
     validate_timeout_ms: Natural = 10_000
+
+
+class NotificationsConfig(_Strict):
+    """Signed webhooks to each workspace's endpoint (sidecar/notify/), delivered by the control plane."""
+
+    delivery_timeout_ms: TimeoutMs = 5_000  # one POST to the customer's endpoint
+    attempts_max: Annotated[int, Meta(ge=1, le=50)] = 8  # then the delivery is recorded failed
+    retry_backoff_ms_min: Annotated[int, Meta(ge=100)] = 10_000  # doubled after each failed attempt
+    retry_backoff_ms_max: Annotated[int, Meta(ge=100)] = 3_600_000
+    batch_deliveries_max: Annotated[int, Meta(ge=1, le=1_000)] = 50  # claimed per round
+    poll_interval_ms: Annotated[int, Meta(ge=10)] = 1_000
+    # Past this many undelivered events a workspace's new events are dropped (counted, logged).
+    pending_deliveries_per_workspace_max: Positive = 1_000
+    expiry_warning_ms: Natural = 7 * 86_400_000  # `credits.expiring` fires this long before the expiry
+    expiry_check_interval_ms: Annotated[int, Meta(ge=1_000)] = 60_000
+
+    def __post_init__(self) -> None:
+        if self.retry_backoff_ms_min > self.retry_backoff_ms_max:
+            raise ValueError("retry_backoff_ms_min: must not exceed retry_backoff_ms_max")
+
+
+class AutoReloadConfig(_Strict):
+    """Reloads started when a settlement leaves a workspace under its threshold (sidecar/reload/)."""
+
+    failures_max: Annotated[int, Meta(ge=1, le=100)] = 3  # consecutive failures, then auto-reload turns off
+    retry_backoff_ms_min: Annotated[int, Meta(ge=100)] = 300_000  # after the first failure; doubled each time
+    retry_backoff_ms_max: Annotated[int, Meta(ge=100)] = 86_400_000
+    poll_interval_ms: Annotated[int, Meta(ge=10)] = 1_000
+    batch_reloads_max: Annotated[int, Meta(ge=1, le=1_000)] = 20  # started per round
+    # A reload whose payment neither started nor was confirmed by a webhook within this is failed.
+    stuck_timeout_ms: Annotated[int, Meta(ge=1_000)] = 86_400_000
+
+    def __post_init__(self) -> None:
+        if self.retry_backoff_ms_min > self.retry_backoff_ms_max:
+            raise ValueError("retry_backoff_ms_min: must not exceed retry_backoff_ms_max")
+
+
+class BalanceWatchConfig(_Strict):
+    """How the data plane notices a settlement crossing a threshold, off the call's path (watch.py)."""
+
+    settings_cache_ms: Natural = 5_000  # a changed threshold reaches every replica within this
+    pending_workspaces_max: Positive = 10_000  # workspaces waiting to be checked; past it, counted and skipped
+    batch_workspaces_max: Annotated[int, Meta(ge=1, le=10_000)] = 200
 
 
 class ProviderConfig(_Strict):
@@ -444,6 +489,9 @@ class ConfigFile(_Strict):
     wallet: WalletConfig = WalletConfig()
     limits: LimitsConfig = LimitsConfig()
     byok: ByokConfig = ByokConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
+    auto_reload: AutoReloadConfig = AutoReloadConfig()
+    balance_watch: BalanceWatchConfig = BalanceWatchConfig()
     admin_tokens: tuple[AdminTokenEntry, ...] = ()
     payments: PaymentsConfig = PaymentsConfig()
     fees: FeesConfig = FeesConfig()
@@ -478,6 +526,9 @@ class Config:
     pricing: CostProfile
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     wallet: WalletConfig = field(default_factory=WalletConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    auto_reload: AutoReloadConfig = field(default_factory=AutoReloadConfig)
+    balance_watch: BalanceWatchConfig = field(default_factory=BalanceWatchConfig)
     source: str = field(default="<defaults>", compare=False)
     pricing_by_hand: frozenset[str] = frozenset()  # the price entries of pricing.yaml; the rest: the catalog
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
@@ -559,6 +610,9 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
         wallet=file.wallet,
         byok=file.byok,
         limits=file.limits,
+        notifications=file.notifications,
+        auto_reload=file.auto_reload,
+        balance_watch=file.balance_watch,
         admin_tokens=tuple(admin_tokens),
         providers=providers,
         models=models,

@@ -26,6 +26,10 @@ re-based here; this module imports nothing of the package, so anything may impor
     │   │   └── KekMissing          its KEK is not configured -> at start, the sidecar refuses to start
     │   ├── WorkspaceNotServed      a valid key of a workspace this data plane does not serve
     │   │                           (server.workspaces) -> proxy 401 workspace_not_served
+    │   ├── ReloadDeclined          the payment provider refused an auto-reload's payment -> the reload
+    │   │                           fails, counts toward disabling, and is notified; never reaches a client
+    │   ├── SignatureInvalid        (notify/signing.py) a webhook signature that does not verify: what a
+    │   │                           customer's receiver raises; the sidecar only signs
     │   ├── BudgetExceeded          buffered answers past the process's byte budget -> proxy 503, unbilled
     │   ├── InvalidEvent            (ValueError) a stream entry that cannot become a ledger row -> the
     │   │                           flusher dead-letters it; never reaches a client

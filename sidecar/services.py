@@ -14,12 +14,15 @@ from sidecar.byok.keys import Resolver
 from sidecar.byok.vault import Vault
 from sidecar.config import Config
 from sidecar.ledger.flusher import Flusher
+from sidecar.notify.delivery import DeliveryWorker
 from sidecar.observability.metrics import Metrics
 from sidecar.proxy.budget import ByteBudget
 from sidecar.proxy.inflight import Inflight
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
+from sidecar.reload.worker import ReloadWorker
 from sidecar.state.store import State
+from sidecar.watch import BalanceWatch
 
 
 @dataclass
@@ -47,3 +50,8 @@ class Services:
     # Money in (sidecar/billing/): payment orders, Stripe, invoices. None only in a Services built by hand.
     payments: Payments | None = None
     payments_problem: str | None = None  # why Stripe is configured but unusable (the control plane refuses to start)
+    # Money in (open_services builds them): the data plane's threshold watch, fed by settlements; the
+    # control plane's auto-reload loop and notification delivery.
+    watch: BalanceWatch | None = None
+    reloads: ReloadWorker | None = None
+    notifier: DeliveryWorker | None = None

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from sidecar import db, serving
 from sidecar.auth import FailedAuthLimiter, hash_key, new_key
-from sidecar.control import byok, orders
+from sidecar.control import byok, notifications, orders, reload
 from sidecar.control import wallet as wallet_api
 from sidecar.control.http import (
     INT32_MAX,
@@ -245,7 +245,8 @@ def build_control_app(svc: Services) -> web.Application:
     app[serving.ERROR_BODY] = error_body
     app[SERVICES] = svc
     app[PERMISSION] = {}
-    for method, path, handler, permission in ROUTES + byok.ROUTES + wallet_api.ROUTES + orders.PREFIX_ROUTES:
+    routes = ROUTES + byok.ROUTES + wallet_api.ROUTES + orders.PREFIX_ROUTES + reload.ROUTES + notifications.ROUTES
+    for method, path, handler, permission in routes:
         app.router.add_route(method, PREFIX + path, handler)
         app[PERMISSION][(method, PREFIX + path)] = permission
     app[PUBLIC] = frozenset((method, path) for method, path, _ in orders.PUBLIC_ROUTES)

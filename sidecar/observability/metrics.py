@@ -119,6 +119,35 @@ class Metrics:
         self.dependency_errors = Counter(
             "sidecar_dependency_errors", "Redis or Postgres errors on the request path", ["dependency"], registry=r
         )
+        # Money in: auto-reload, the balance watch that triggers it, notifications (README, "Auto-reload").
+        self.auto_reloads = Counter(
+            "sidecar_auto_reloads",
+            "Auto-reloads by step: created, started (payment begun), succeeded, failed, disabled (turned off)",
+            ["outcome"],
+            registry=r,
+        )
+        self.auto_reload_disabled_workspaces = Gauge(
+            "sidecar_auto_reload_disabled_workspaces",
+            "Workspaces whose auto-reload turned itself off after repeated failures (control plane)",
+            registry=r,
+        )
+        self.balance_crossings = Counter(
+            "sidecar_balance_crossings", "Thresholds crossed downward, by watch (notify, reload)", ["kind"], registry=r
+        )
+        self.balance_watch_skipped = Counter(
+            "sidecar_balance_watch_skipped",
+            "Settlement observations skipped: too many workspaces waiting to be checked",
+            registry=r,
+        )
+        self.notification_deliveries = Counter(
+            "sidecar_notification_deliveries",
+            "Webhook delivery attempts by outcome: delivered, retry, failed (gave up)",
+            ["outcome"],
+            registry=r,
+        )
+        self.notifications_pending = Gauge(
+            "sidecar_notifications_pending", "Notification events not yet delivered (control plane)", registry=r
+        )
         # Read by /readyz and by each /metrics scrape (sidecar/ops.py), so alerts need no probe.
         self.redis_noeviction = Gauge(
             "sidecar_redis_noeviction",
