@@ -34,6 +34,7 @@ from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
 from sidecar.services import Services
 from sidecar.state.store import State, StateLimits
+from sidecar.statements import data_route
 
 log = logging.getLogger("sidecar.app")
 
@@ -158,6 +159,7 @@ def build_data_app(svc: Services) -> web.Application:
     app[serving.ERROR_BODY] = serving.protocol_error_body
     app[handler.SERVICES] = svc
     handler.add_routes(app)
+    data_route.add_route(app)
     return app
 
 

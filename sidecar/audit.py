@@ -141,7 +141,10 @@ async def _postgres_findings(conn: asyncpg.Connection, workspaces: list[str]) ->
     found = []
     sums = await conn.fetch(
         "SELECT w.id, coalesce(a.balance_micro, 0) AS account, "
-        "(SELECT coalesce(sum(balance_impact_micro), 0) FROM ledger l WHERE l.workspace_id = w.id)::bigint AS ledger "
+        "((SELECT coalesce(sum(balance_impact_micro), 0) FROM ledger l WHERE l.workspace_id = w.id) "
+        # plus the months archived out of the ledger (`sidecar ledger archive`), by their recorded totals
+        "+ (SELECT coalesce(sum(balance_impact_micro), 0) FROM ledger_archive_totals t WHERE t.workspace_id = w.id)"
+        ")::bigint AS ledger "
         "FROM workspaces w LEFT JOIN accounts a ON a.workspace_id = w.id WHERE w.id = ANY($1::text[])",
         workspaces,
     )

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from sidecar import db, serving
 from sidecar.auth import FailedAuthLimiter, hash_key, new_key
-from sidecar.control import byok
+from sidecar.control import byok, statements
 from sidecar.control.http import (
     INT32_MAX,
     PERMISSION,
@@ -240,4 +240,7 @@ def build_control_app(svc: Services) -> web.Application:
     for method, path, handler, permission in ROUTES + byok.ROUTES:
         app.router.add_route(method, PREFIX + path, handler)
         app[PERMISSION][(method, PREFIX + path)] = permission
+    for method, path, handler, permission in statements.ROUTES:  # full paths: some are not per workspace
+        app.router.add_route(method, path, handler)
+        app[PERMISSION][(method, path)] = permission
     return app
