@@ -10,12 +10,16 @@ Postgres only (DESIGN.md section 12). A bad filter changes nothing and gets a 40
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from aiohttp import web
 
 from sidecar import db
 from sidecar.control.http import SERVICES, AdminError, existing_workspace, json_response, valid_id
+from sidecar.services import Services
 from sidecar.statements import csv_export, history, margin, summary
 from sidecar.statements.filters import QueryRefused, parse_filters, parse_limit, parse_period
 
@@ -41,6 +45,15 @@ def _today() -> datetime:
     return datetime.now(UTC)
 
 
+@contextmanager
+def _timed(svc: Services, report: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        svc.metrics.read_seconds.labels(report).observe(time.perf_counter() - started)
+
+
 async def ledger_page(request: web.Request) -> web.Response:
     ws = await existing_workspace(request)
     try:
@@ -48,8 +61,10 @@ async def ledger_page(request: web.Request) -> web.Response:
         limit = parse_limit(request.query.get("limit"))
         if "format" in request.query:
             raise QueryRefused("format is for the CSV statement (ledger.csv)")
-        async with request.app[SERVICES].pool.acquire() as conn:
-            body = await history.page(conn, ws, filters, request.query.get("cursor"), limit)
+        svc = request.app[SERVICES]
+        with _timed(svc, "history"):
+            async with svc.pool.acquire() as conn:
+                body = await history.page(conn, ws, filters, request.query.get("cursor"), limit)
     except QueryRefused as error:
         raise _refused(error) from None
     except db.POSTGRES_OUTAGE:
@@ -76,9 +91,11 @@ async def ledger_csv(request: web.Request) -> web.StreamResponse:
     response.enable_chunked_encoding()
     timeout_s = svc.config.ledger.statement_export_timeout_ms / 1000
     try:
-        async with svc.pool.acquire() as conn:
-            await response.prepare(request)  # headers go out once a connection is ours
-            await csv_export.export(conn, ws, filters, response.write, timeout_s)
+        with _timed(svc, "csv"):
+            async with svc.pool.acquire() as conn:
+                await response.prepare(request)  # headers go out once a connection is ours
+                rows = await csv_export.export(conn, ws, filters, response.write, timeout_s)
+        svc.metrics.rows_exported.inc(rows)
     except db.POSTGRES_OUTAGE:
         if not response.prepared:
             raise _unavailable() from None
@@ -92,8 +109,10 @@ async def usage_summary(request: web.Request) -> web.Response:
     _only(request, _PERIOD_PARAMS)
     try:
         period = parse_period(request.query.get("from"), request.query.get("to"), _today().date(), SUMMARY_DAYS_DEFAULT)
-        async with request.app[SERVICES].pool.acquire() as conn:
-            body = await summary.usage_summary(conn, ws, period, period)
+        svc = request.app[SERVICES]
+        with _timed(svc, "summary"):
+            async with svc.pool.acquire() as conn:
+                body = await summary.usage_summary(conn, ws, period, period)
     except QueryRefused as error:
         raise _refused(error) from None
     except db.POSTGRES_OUTAGE:
@@ -111,10 +130,12 @@ async def margin_report(request: web.Request) -> web.Response:
         valid_id(ws, "workspace_id")
     try:
         period = parse_period(request.query.get("from"), request.query.get("to"), _today().date(), SUMMARY_DAYS_DEFAULT)
-        async with request.app[SERVICES].pool.acquire() as conn:
-            if ws is not None and not await db.workspace_exists(conn, ws):
-                raise AdminError(404, f"workspace {ws!r} does not exist", "workspace_not_found")
-            report = await margin.margin_report(conn, period, ws)
+        svc = request.app[SERVICES]
+        with _timed(svc, "margin"):
+            async with svc.pool.acquire() as conn:
+                if ws is not None and not await db.workspace_exists(conn, ws):
+                    raise AdminError(404, f"workspace {ws!r} does not exist", "workspace_not_found")
+                report = await margin.margin_report(conn, period, ws)
     except QueryRefused as error:
         raise _refused(error) from None
     except db.POSTGRES_OUTAGE:

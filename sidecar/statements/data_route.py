@@ -10,6 +10,7 @@ on this route cannot take the pool's connections from the calls being metered.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -62,12 +63,15 @@ async def _answer(request: web.Request) -> dict:
             "rate_limited", "too many usage summaries at once; retry shortly", headers={"Retry-After": "1"}
         )
     total, series = periods(datetime.now(UTC))
+    started = time.perf_counter()
     async with busy:
         try:
             async with svc.pool.acquire() as conn:
                 return await usage_summary(conn, caller.workspace_id, total, series)
         except POSTGRES_OUTAGE:
             raise SidecarError("unavailable", "the usage store is unavailable; retry shortly") from None
+        finally:
+            svc.metrics.read_seconds.labels("summary").observe(time.perf_counter() - started)
 
 
 async def handle(request: web.Request) -> web.Response:
