@@ -60,6 +60,12 @@ _COLUMNS = (
 )
 
 
+def _insert(span_s: int) -> str:
+    # In event id order within a batch, as the flusher inserts: the heap then holds a workspace's rows in
+    # the history's order (insert_xid, event_id), as it does in production.
+    return f"INSERT INTO ledger ({_COLUMNS}) SELECT * FROM ({_USAGE_SELECT.format(span=span_s)}) AS s ORDER BY 1"
+
+
 def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -83,7 +89,7 @@ async def fill(conn: asyncpg.Connection, ws: str, rows: int, triggers: bool) -> 
     """`rows` usage rows over the past year; returns seconds taken."""
     started = time.monotonic()
     span = 360 * 86_400
-    query = f"INSERT INTO ledger ({_COLUMNS}) {_USAGE_SELECT.format(span=span)}"
+    query = _insert(span)
     now = datetime.now(UTC)
     for first in range(1, rows + 1, BATCH_ROWS):
         async with conn.transaction():
@@ -189,7 +195,7 @@ async def fill_to(conn: asyncpg.Connection, ws: str, have: int, want: int) -> fl
     """Add rows to reach `want` (numbered on from `have`), through the triggers as the flusher writes."""
     started = time.monotonic()
     now = datetime.now(UTC)
-    query = f"INSERT INTO ledger ({_COLUMNS}) {_USAGE_SELECT.format(span=360 * 86_400)}"
+    query = _insert(360 * 86_400)
     for first in range(have + 1, want + 1, BATCH_ROWS):
         await conn.execute(query, ws, now, first, min(first + BATCH_ROWS - 1, want))
     return time.monotonic() - started

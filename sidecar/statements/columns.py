@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from sidecar.money import MICRO_PER_CREDIT, format_micro
+from sidecar.money import format_micro
 
 TEXT = (
     "kind",
@@ -99,12 +99,9 @@ def json_row(row: asyncpg.Record) -> dict:
 
 
 def sql_credits(column: str) -> str:
-    """Postgres text of an amount in credits, exactly as money.format_micro writes it."""
-    return (
-        f"CASE WHEN {column} IS NULL THEN NULL ELSE (CASE WHEN {column} < 0 THEN '-' ELSE '' END) || "
-        f"(abs({column}) / {MICRO_PER_CREDIT})::text || '.' || "
-        f"lpad((abs({column}) % {MICRO_PER_CREDIT})::text, 6, '0') END"
-    )
+    """Postgres text of an amount in credits, exactly as money.format_micro writes it: a bigint times a
+    numeric of scale 6 is exact and keeps 6 decimals (0 -> 0.000000, -1 -> -0.000001)."""
+    return f"({column} * 0.{'0' * 5}1)::text"
 
 
 def csv_select_list(fee: str) -> str:
