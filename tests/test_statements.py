@@ -26,6 +26,7 @@ from support.statements import (
     walk,
 )
 
+from sidecar.audit import Kind, _postgres_findings
 from sidecar.money import format_micro
 from sidecar.state import keys
 from sidecar.statements import history
@@ -418,3 +419,6 @@ async def test_the_summary_endpoint_answers_from_roll_ups_only(sidecar: Sidecar,
         body = orjson.loads(await resp.read())
     assert body["totals"]["calls"] == 7 and body["totals"]["credits_spent"] == "0.000700"
     assert body["daily"][-1]["calls"] == 7
+    async with sidecar.svc.pool.acquire() as conn:  # and the audit sees the roll-up the ledger does not back
+        [finding] = await _postgres_findings(conn, [ws.id])
+    assert finding.kind == Kind.ROLLUP_VS_LEDGER and "the ledger has 0 row(s)" in finding.detail

@@ -21,7 +21,7 @@ CREATE INDEX ledger_history ON ledger (workspace_id, insert_xid, event_id);
 -- others before), and it runs inside the inserting transaction: the flusher's batch, a grant, a
 -- payment's top-up, any future writer. So a replayed batch adds nothing, and the roll-up commits or
 -- rolls back with its rows. Unlike the ledger it is updated in place: it is derived data, and
--- `sidecar ledger rollup-check` (or the tests) recompute it from the ledger.
+-- `sidecar audit` checks it against the ledger (finding rollup_vs_ledger).
 CREATE TABLE ledger_daily (
     workspace_id           text NOT NULL,
     day                    date NOT NULL,
