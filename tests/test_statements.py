@@ -9,10 +9,11 @@ import io
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
-from support.harness import KEYS_ADMIN_TOKEN, Sidecar, chat_body
+from support.harness import ADMIN_TOKEN, KEYS_ADMIN_TOKEN, Sidecar, chat_body
 from support.statements import (
     add_entries,
     check_margin,
@@ -422,3 +423,22 @@ async def test_the_summary_endpoint_answers_from_roll_ups_only(sidecar: Sidecar,
     async with sidecar.svc.pool.acquire() as conn:  # and the audit sees the roll-up the ledger does not back
         [finding] = await _postgres_findings(conn, [ws.id])
     assert finding.kind == Kind.ROLLUP_VS_LEDGER and "the ledger has 0 row(s)" in finding.detail
+
+
+async def test_a_client_leaving_a_csv_download_midway_frees_its_connection(sidecar: Sidecar) -> None:
+    ws = await sidecar.workspace()
+    async with sidecar.svc.pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO ledger (event_id, created_at, kind, status, workspace_id, cost_micro, balance_impact_micro, "
+            "error) SELECT gen_random_uuid(), now(), 'usage', 'failed', $1, 0, 0, repeat('x', 2000) "
+            "FROM generate_series(1, 5000)",
+            ws.id,
+        )
+    url = sidecar.control.make_url(f"/admin/v1/workspaces/{ws.id}/ledger.csv")
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    for _ in range(sidecar.svc.pool.get_max_size() + 2):  # more than the pool holds: a leak would hang
+        async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
+            assert resp.status == 200
+            await resp.content.readany()  # the first chunk, then the client goes away
+    status, body = await asyncio.wait_for(get(sidecar, f"/workspaces/{ws.id}/ledger", limit="1"), 30)
+    assert status == 200 and len(body["data"]) == 1
