@@ -233,14 +233,14 @@ async def _rollup_findings(conn: asyncpg.Connection, workspaces: list[str]) -> l
 
 
 _IDENTITY = (
-    "SELECT w.id, coalesce(a.balance_micro, 0) AS account, ("
+    "SELECT w.id, coalesce(a.balance_micro, 0) AS account, (("
     "  SELECT coalesce(sum(balance_impact_micro) FILTER (WHERE kind IN ('grant', 'topup', 'allowance')), 0)"
     "       + coalesce(sum(balance_impact_micro) FILTER (WHERE kind IN ('refund', 'expiry')), 0)"
     "       - coalesce(sum(cost_micro + fee_micro) FILTER (WHERE kind = 'usage' AND NOT byok), 0)"
     "  FROM ledger l WHERE l.workspace_id = w.id)"
     # months archived out of the ledger count by their recorded net amount (they passed this check before)
     " + (SELECT coalesce(sum(balance_impact_micro), 0) FROM ledger_archive_totals t WHERE t.workspace_id = w.id)"
-    "::bigint AS identity "
+    ")::bigint AS identity "
     "FROM workspaces w LEFT JOIN accounts a ON a.workspace_id = w.id WHERE w.id = ANY($1::text[])"
 )
 

@@ -18,6 +18,7 @@ from support.statements import (
     add_entries,
     check_margin,
     check_summary,
+    ensure_past_partitions,
     expected_margin,
     expected_summary,
     get,
@@ -35,6 +36,12 @@ from sidecar.statements.columns import CSV_HEADER
 from sidecar.statements.filters import parse_filters
 
 SUMMARY_PATH = "/v1/credits/projections/usage-summary"
+
+
+@pytest.fixture(autouse=True)
+async def _past_partitions(sidecar: Sidecar) -> None:
+    async with sidecar.svc.pool.acquire() as conn:
+        await ensure_past_partitions(conn)
 
 
 async def _calls(sidecar: Sidecar, ws, n: int, **extra) -> None:

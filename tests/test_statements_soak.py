@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-from support.harness import TENANT_ADMIN_TOKEN, Sidecar, Workspace, chat_body
+import pytest
+from support.harness import TENANT_ADMIN_TOKEN, Sidecar, Workspace, chat_body, start_sidecar, stop_sidecar
 from support.statements import (
     add_entries,
     check_margin,
     check_summary,
+    ensure_past_partitions,
     expected_margin,
     expected_summary,
     get,
@@ -22,6 +25,7 @@ from support.statements import (
 )
 
 from sidecar.ledger.flusher import Flusher
+from sidecar.movements import Kind
 from sidecar.state import keys
 
 CALLS = 120
@@ -43,6 +47,19 @@ WHERE r.rows IS DISTINCT FROM d.rows OR r.input_tokens IS DISTINCT FROM d.input_
 """
 
 
+@pytest.fixture
+async def fee_sidecar(redis_client, redis_url: str, migrated_database_url: str) -> AsyncIterator[Sidecar]:
+    """Usage fees, a fee waiver and an initial allowance on: every column and kind of row in play."""
+    wallet = {"usage_fee_percent": "7.5", "fee_waiver_credits": "0.000200", "allowance_credits": "0.25"}
+    instance = await start_sidecar(redis_url, migrated_database_url, wallet=wallet)
+    try:
+        async with instance.svc.pool.acquire() as conn:
+            await ensure_past_partitions(conn)
+        yield instance
+    finally:
+        await stop_sidecar(instance)
+
+
 def _call_kinds(rng: random.Random) -> tuple[dict, dict]:
     """(body, headers) of one call: completed (streamed or not), free, fallback, or failing."""
     choice = rng.choice(["plain", "stream", "free", "fallback", "error_status", "error_mid_stream", "cache"])
@@ -62,7 +79,8 @@ def _call_kinds(rng: random.Random) -> tuple[dict, dict]:
     return chat_body(content), {}
 
 
-async def test_summary_and_margin_agree_with_raw_rows_after_a_soak(sidecar: Sidecar, redis_client) -> None:
+async def test_summary_and_margin_agree_with_raw_rows_after_a_soak(fee_sidecar: Sidecar, redis_client) -> None:
+    sidecar = fee_sidecar
     rng = random.Random(10)
     ws = await sidecar.workspace(credits_micro=50_000_000, office="paris", rpm=100_000)
     status, created = await sidecar.admin(
@@ -97,7 +115,8 @@ async def test_summary_and_margin_agree_with_raw_rows_after_a_soak(sidecar: Side
         assert status in (200, 500), answer  # 500: the provider's own error, relayed (the call has its row)
 
     try:
-        await asyncio.gather(*(one(i) for i in range(CALLS)))
+        refunds = [sidecar.svc.balances.debit(ws.id, f"refund-{i}", Kind.REFUND, 300 + i) for i in range(4)]
+        await asyncio.gather(*(one(i) for i in range(CALLS)), *refunds)
         for i in range(6):
             await sidecar.grant(ws.id, 1_000 + i)
         status, _ = await sidecar.admin(
@@ -126,11 +145,13 @@ async def test_summary_and_margin_agree_with_raw_rows_after_a_soak(sidecar: Side
     await add_entries(redis_client, sidecar, ws.id, extra)
     await sidecar.flush()
     await add_entries(redis_client, sidecar, ws.id, extra[:7])  # a replay: nothing more
+    await sidecar.svc.balances.debit(ws.id, "expiry-1", Kind.EXPIRY, None)  # what remains, forfeited
     await sidecar.flush()
 
     rows = await raw_rows(sidecar, ws.id)
     assert {r["status"] for r in rows} >= {"completed", "failed", "cancelled", "expired"}
-    assert {r["kind"] for r in rows} == {"usage", "grant", "topup"}
+    assert {r["kind"] for r in rows} == {"usage", "grant", "topup", "allowance", "refund", "expiry"}
+    assert any(r["fee_micro"] for r in rows) and any(r["fee_waived_micro"] for r in rows)
     assert any(r["byok"] for r in rows) and any(r["cache_read_tokens"] for r in rows)
     assert len([r for r in rows if r["kind"] == "usage"]) == CALLS + 1 + 20
     async with sidecar.svc.pool.acquire() as conn:
@@ -157,3 +178,4 @@ async def test_summary_and_margin_agree_with_raw_rows_after_a_soak(sidecar: Side
     assert status == 200
     check_margin(report, expected_margin(rows, first, today))
     assert report["totals"]["byok_calls"] > 0 and report["totals"]["upstream_cost_micro"] > 0
+    assert report["totals"]["fees_micro"] == sum(r["fee_micro"] for r in rows if r["kind"] == "usage") > 0
