@@ -82,7 +82,8 @@ def _call_kinds(rng: random.Random) -> tuple[dict, dict]:
 async def test_summary_and_margin_agree_with_raw_rows_after_a_soak(fee_sidecar: Sidecar, redis_client) -> None:
     sidecar = fee_sidecar
     rng = random.Random(10)
-    ws = await sidecar.workspace(credits_micro=50_000_000, office="paris", rpm=100_000)
+    office = f"of_{rng.getrandbits(32):08x}_{id(sidecar) & 0xFFFF:x}"  # office ids are global
+    ws = await sidecar.workspace(credits_micro=50_000_000, office=office, rpm=100_000)
     status, created = await sidecar.admin(
         "POST", f"/workspaces/{ws.id}/keys", {"name": "own", "rate_limit_rpm": 100_000}
     )
@@ -90,7 +91,7 @@ async def test_summary_and_margin_agree_with_raw_rows_after_a_soak(fee_sidecar: 
     credits_key = Workspace(ws.id, created["key"], created["id"])  # workspace-wide: the platform's key
     status, _ = await sidecar.admin(  # the office's calls go on the customer's own key
         "POST",
-        f"/workspaces/{ws.id}/offices/paris/byok-keys",
+        f"/workspaces/{ws.id}/offices/{office}/byok-keys",
         {"provider": "mock", "key": "sk-own-key-soak"},
         token=TENANT_ADMIN_TOKEN,
     )
