@@ -122,11 +122,15 @@ async def test_history_filters(sidecar: Sidecar) -> None:
         ({"modle": "gpt-4o-mini"}, "invalid_filter"),
         ({"cursor": "not-a-cursor"}, "invalid_cursor"),
         ({"model": "x" * 201}, "invalid_filter"),
+        ([("kind", "usage"), ("kind", "grant")], "invalid_filter"),
     ],
 )
 async def test_history_refuses_bad_input_in_the_admin_envelope(sidecar: Sidecar, params, code) -> None:
     ws = await sidecar.workspace()
-    status, body = await get(sidecar, f"/workspaces/{ws.id}/ledger", **params)
+    if isinstance(params, list):
+        status, body = await get(sidecar, f"/workspaces/{ws.id}/ledger", pairs=params)
+    else:
+        status, body = await get(sidecar, f"/workspaces/{ws.id}/ledger", **params)
     assert status == 400, body
     assert body["error"]["code"] == code and body["error"]["type"] == "admin_error"
 

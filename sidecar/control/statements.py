@@ -35,7 +35,15 @@ def _unavailable() -> AdminError:
     return AdminError(503, "the ledger database is unavailable; retry shortly", "postgres_unavailable")
 
 
+def _once(request: web.Request) -> None:
+    """A parameter given twice is refused: which one would count is a guess a statement must not make."""
+    repeated = sorted({name for name in request.query if len(request.query.getall(name)) > 1})
+    if repeated:
+        raise AdminError(400, f"parameter(s) given more than once: {', '.join(repeated)}", "invalid_filter")
+
+
 def _only(request: web.Request, known: frozenset[str]) -> None:
+    _once(request)
     unknown = sorted(set(request.query) - known)
     if unknown:
         raise AdminError(400, f"unknown parameter(s): {', '.join(unknown)}", "invalid_filter")
@@ -56,6 +64,7 @@ def _timed(svc: Services, report: str) -> Iterator[None]:
 
 async def ledger_page(request: web.Request) -> web.Response:
     ws = await existing_workspace(request)
+    _once(request)
     try:
         filters = parse_filters(request.query)
         limit = parse_limit(request.query.get("limit"))
@@ -75,6 +84,7 @@ async def ledger_page(request: web.Request) -> web.Response:
 async def ledger_csv(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     ws = await existing_workspace(request)
+    _once(request)
     try:
         filters = parse_filters(request.query)
         if {"cursor", "limit", "format"} & set(request.query):

@@ -18,9 +18,12 @@ from support.harness import ADMIN_TOKEN, Sidecar
 TOKENS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "reasoning")
 
 
-async def get(sidecar: Sidecar, path: str, token: str = ADMIN_TOKEN, **params: str) -> tuple[int, dict | bytes]:
+async def get(
+    sidecar: Sidecar, path: str, token: str = ADMIN_TOKEN, pairs: list | None = None, **params: str
+) -> tuple[int, dict | bytes]:
+    """GET on the admin API; `pairs` for a query string naming a parameter twice."""
     url = sidecar.control.make_url("/admin/v1" + path)
-    async with sidecar.http.get(url, params=params, headers={"Authorization": f"Bearer {token}"}) as resp:
+    async with sidecar.http.get(url, params=pairs or params, headers={"Authorization": f"Bearer {token}"}) as resp:
         body = await resp.read()
         if resp.content_type == "application/json":
             return resp.status, orjson.loads(body)
