@@ -29,17 +29,20 @@ MEASURES = ("rows", *(f"{c}_tokens" for c in TOKEN_CLASSES), "cost_micro", "upst
 MEASURES += ("balance_impact_micro",)
 USAGE = "usage"
 _SUMS = ", ".join(f"sum({m})::bigint AS {m}" for m in MEASURES)
+# Postgres sums the period's roll-up rows three ways at once (GROUPING SETS), so what reaches Python is a
+# few dozen rows whatever the period or the traffic: the totals, the products and the days. GROUPING()
+# says which set a row belongs to (a bit per column summed over: provider 4, model 2, day 1).
+TOTALS, PRODUCTS, DAYS = 7, 1, 6
+_QUERY = (
+    f"SELECT GROUPING(provider, model, day) AS grouping_set, kind, status, byok, provider, model, day, {_SUMS} "
+    "FROM ledger_daily WHERE workspace_id = $1 AND day BETWEEN $2 AND $3 "
+    "GROUP BY GROUPING SETS ((kind, status, byok), (kind, status, byok, provider, model), (kind, byok, day))"
+)
 
 
 async def rollup_rows(conn: asyncpg.Connection, workspace_id: str, period: Period) -> list[asyncpg.Record]:
-    """The workspace's roll-up rows of the period, one per day and group."""
-    return await conn.fetch(
-        f"SELECT day, kind, status, provider, model, byok, {', '.join(MEASURES)} FROM ledger_daily "
-        "WHERE workspace_id = $1 AND day BETWEEN $2 AND $3",
-        workspace_id,
-        period.first,
-        period.last,
-    )
+    """The period's roll-ups summed per set: totals (kind, status, byok), products, days."""
+    return await conn.fetch(_QUERY, workspace_id, period.first, period.last)
 
 
 class Tally:
@@ -54,7 +57,8 @@ class Tally:
     def add(self, row: asyncpg.Record) -> None:
         for measure in MEASURES:
             self.sums[measure] += row[measure]
-        self.by_status[row["status"]] += row["rows"]
+        if row["status"] is not None:  # the days' set is not by status
+            self.by_status[row["status"]] += row["rows"]
 
     def tokens(self) -> dict[str, int]:
         return {c: self.sums[f"{c}_tokens"] for c in TOKEN_CLASSES}
@@ -85,19 +89,24 @@ class Tally:
 
 
 def summarize(workspace_id: str, rows: list[asyncpg.Record], period: Period, series: Period) -> dict:
-    """The summary of `period` from its roll-up rows, with the daily series over `series` (inside it)."""
+    """The summary of `period` from its summed roll-ups (rollup_rows), with the daily series over
+    `series` (inside it)."""
     credits, byok = Tally(), Tally()
     products: dict[tuple[str, str], tuple[Tally, Tally]] = defaultdict(lambda: (Tally(), Tally()))
     movements: dict[str, Tally] = defaultdict(Tally)
     days: dict[date, tuple[Tally, Tally]] = defaultdict(lambda: (Tally(), Tally()))
     for row in rows:
-        if row["kind"] != USAGE:
-            movements[row["kind"]].add(row)
-            continue
-        which = 1 if row["byok"] else 0
-        (credits, byok)[which].add(row)
-        products[(row["provider"], row["model"])][which].add(row)
-        if series.first <= row["day"] <= series.last:
+        which, grouping = (1 if row["byok"] else 0), row["grouping_set"]
+        if grouping == TOTALS:
+            if row["kind"] != USAGE:
+                movements[row["kind"]].add(row)
+            else:
+                (credits, byok)[which].add(row)
+        elif row["kind"] != USAGE:
+            continue  # products and days are of calls
+        elif grouping == PRODUCTS:
+            products[(row["provider"], row["model"])][which].add(row)
+        elif grouping == DAYS and series.first <= row["day"] <= series.last:
             days[row["day"]][which].add(row)
     return {
         "object": "usage_summary",
