@@ -40,6 +40,7 @@ from sidecar.reload.orders_gateway import OrdersReloadGateway, order_listener
 from sidecar.reload.worker import ReloadWorker
 from sidecar.services import Services
 from sidecar.state.store import State, StateLimits
+from sidecar.statements import data_route
 from sidecar.watch import BalanceWatch
 
 log = logging.getLogger("sidecar.app")
@@ -190,6 +191,7 @@ def build_data_app(svc: Services) -> web.Application:
     app[serving.ERROR_BODY] = serving.protocol_error_body
     app[handler.SERVICES] = svc
     handler.add_routes(app)
+    data_route.add_route(app)
     return app
 
 

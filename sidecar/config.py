@@ -175,6 +175,9 @@ class LedgerConfig(_Strict):
     claim_idle_ms: Natural = 30_000
     retry_backoff_ms_max: Natural = 5_000
     workspace_refresh_ms: Natural = 5_000
+    # A CSV statement (admin GET .../ledger.csv) streams for at most this long: a year of a busy workspace
+    # takes well under a minute (bench/statements.py); a client reading slower than that is cut off.
+    statement_export_timeout_ms: Annotated[int, Meta(ge=1_000)] = 600_000
 
 
 class BillingConfig(_Strict):

@@ -31,6 +31,10 @@ re-based here; this module imports nothing of the package, so anything may impor
     │   ├── SignatureInvalid        (notify/signing.py) a webhook signature that does not verify: what a
     │   │                           customer's receiver raises; the sidecar only signs
     │   ├── BudgetExceeded          buffered answers past the process's byte budget -> proxy 503, unbilled
+    │   ├── QueryRefused            (ValueError) a read-side filter, period or cursor that cannot be read
+    │   │                           (statements/filters.py) -> admin 400 with its code
+    │   ├── ArchiveRefused          `sidecar ledger archive` will not archive a month (an open statement
+    │   │                           period, an invoice pointing into it) -> one line, exit 1
     │   ├── InvalidEvent            (ValueError) a stream entry that cannot become a ledger row -> the
     │   │                           flusher dead-letters it; never reaches a client
     │   ├── OrderConflict           a client order id reused with other figures -> admin 409 order_conflict

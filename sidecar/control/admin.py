@@ -19,7 +19,7 @@ from aiohttp import web
 
 from sidecar import db, serving
 from sidecar.auth import FailedAuthLimiter, hash_key, new_key
-from sidecar.control import byok, notifications, orders, reload
+from sidecar.control import byok, notifications, orders, reload, statements
 from sidecar.control import wallet as wallet_api
 from sidecar.control.http import (
     INT32_MAX,
@@ -249,6 +249,9 @@ def build_control_app(svc: Services) -> web.Application:
     for method, path, handler, permission in routes:
         app.router.add_route(method, PREFIX + path, handler)
         app[PERMISSION][(method, PREFIX + path)] = permission
+    for method, path, handler, permission in statements.ROUTES:  # full paths: some are not per workspace
+        app.router.add_route(method, path, handler)
+        app[PERMISSION][(method, path)] = permission
     app[PUBLIC] = frozenset((method, path) for method, path, _ in orders.PUBLIC_ROUTES)
     for method, path, handler in orders.PUBLIC_ROUTES:
         app.router.add_route(method, path, handler)

@@ -25,6 +25,9 @@ class RedisCheck(IntEnum):
     ON = 1
 
 
+READ_REPORTS = ("history", "csv", "summary", "margin")
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -115,6 +118,19 @@ class Metrics:
         )
         self.settlements_lost = Counter(
             "sidecar_settlements_lost", "Settlements neither taken by Redis nor spooled (alert on any)", registry=r
+        )
+        # The read side (sidecar/statements): how long each report takes, and what CSV statements stream.
+        self.read_seconds = Histogram(
+            "sidecar_read_seconds",
+            "Read-side answers (history page, CSV statement, usage summary, margin report), by report",
+            ["report"],
+            buckets=(*_LATENCY_BUCKETS, 600),
+            registry=r,
+        )
+        for report in READ_REPORTS:  # every series exists from the start, so panels and alerts always read it
+            self.read_seconds.labels(report)
+        self.rows_exported = Counter(
+            "sidecar_statement_rows_exported", "Ledger rows streamed in CSV statements", registry=r
         )
         self.dependency_errors = Counter(
             "sidecar_dependency_errors", "Redis or Postgres errors on the request path", ["dependency"], registry=r
