@@ -21,6 +21,7 @@ from support.harness import ADMIN_TOKEN, SCOPED_ADMIN_TOKEN, SCOPED_WORKSPACE, S
 from sidecar.money import format_micro
 
 CHROMIUM = os.environ.get("SIDECAR_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FOUND = os.path.exists(CHROMIUM)
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = Path(os.environ.get("SIDECAR_SCREENSHOTS_DIR", ROOT / "artifacts" / "console"))
 VIEWPORT = {"width": 1366, "height": 860}  # a laptop screen
@@ -29,7 +30,7 @@ CUSTOMER_KEY = "sk-customer-browser-key-5678"
 
 @pytest_asyncio.fixture
 async def browser() -> AsyncIterator[object]:
-    if not os.path.exists(CHROMIUM):
+    if not CHROMIUM_FOUND:
         pytest.fail(
             f"no Chromium at {CHROMIUM}: install Debian's chromium and chromium-driver "
             "(apt-get install -y chromium chromium-driver; .ci/run does) or set SIDECAR_CHROMIUM"
