@@ -136,6 +136,12 @@ def as_route(entry: Route | tuple, prefix: str = "") -> Route:
     return Route(method, prefix + path, handler, permission, rest[0] if rest else None)
 
 
+def declared(routes: tuple, scope: Scope) -> tuple[Route, ...]:
+    """(method, path, handler, permission) tuples, all declared with `scope`: how control/server.py
+    wires a module whose routes share one scope."""
+    return tuple(Route(m, p, h, perm, scope) for m, p, h, perm in routes)
+
+
 async def check(principal: Principal, route: Route | None, request: web.Request) -> None:
     """Raises AdminError unless `principal` may call `route` for this request's workspace."""
     if route is None or route.scope is None:
