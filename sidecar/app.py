@@ -16,7 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar import db, scrub, serving, sweeper
+from sidecar import db, expiry, scrub, serving, sweeper, wallet
 from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
 from sidecar.byok import keys as byok_keys
@@ -34,6 +34,7 @@ from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
 from sidecar.services import Services
 from sidecar.state.store import State, StateLimits
+from sidecar.statements import data_route
 
 log = logging.getLogger("sidecar.app")
 
@@ -81,8 +82,9 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     except BaseException:
         await client.aclose()
         raise
-    balances = Balances(state, pg_pool)
     metrics = Metrics()
+    balances = Balances(state, pg_pool, wallet.Policy.from_config(config.wallet))
+    balances.on_movement = metrics.on_movement
     flusher = Flusher(
         client,
         pg_pool,
@@ -158,6 +160,7 @@ def build_data_app(svc: Services) -> web.Application:
     app[serving.ERROR_BODY] = serving.protocol_error_body
     app[handler.SERVICES] = svc
     handler.add_routes(app)
+    data_route.add_route(app)
     return app
 
 
@@ -194,6 +197,10 @@ class Runtime:
             self._tasks.append(
                 asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop, served))
             )
+            if svc.config.wallet.expiry_enabled:
+                self._tasks.append(
+                    asyncio.create_task(expiry.run(svc.balances, svc.config.wallet, svc.metrics, self.stop, served))
+                )
         if self.control_plane:
             control_port = control_port if control_port is not None else port
             await self._serve(build_control_app(svc), host, control_port, limits)

@@ -170,12 +170,47 @@ class LedgerConfig(_Strict):
     claim_idle_ms: Natural = 30_000
     retry_backoff_ms_max: Natural = 5_000
     workspace_refresh_ms: Natural = 5_000
+    # A CSV statement (admin GET .../ledger.csv) streams for at most this long: a year of a busy workspace
+    # takes well under a minute (bench/statements.py); a client reading slower than that is cut off.
+    statement_export_timeout_ms: Annotated[int, Meta(ge=1_000)] = 600_000
 
 
 class BillingConfig(_Strict):
     bill_observed_on_upstream_failure: bool = False
     idempotency_ttl_ms: Natural = 86_400_000
     idempotency_body_bytes_max: Natural = 1024 * 1024
+
+
+class WalletConfig(_Strict):
+    """Money settings every workspace gets unless its wallet (admin API) says otherwise; amounts are
+    credits as decimal strings, parsed exactly (sidecar/wallet.py)."""
+
+    # The usage fee: this percent of a non-BYOK call's token cost is charged on top (its own column,
+    # fee_micro), rounded up to the micro-credit once per call. Never on BYOK calls or free models.
+    usage_fee_percent: str = "0"
+    # The first this-many credits of usage fees of each workspace are waived (per-workspace override).
+    fee_waiver_credits: str = "0"
+    # An initial allowance granted exactly once per workspace: when it is created, or on its first use.
+    allowance_credits: str = "0"
+    allowance_on: Literal["created", "first_use"] = "created"
+    # Expiry: each top-up moves the workspace's expiry to `expiry_extend_months` past the later of now
+    # and the current expiry, at most `expiry_ahead_months_max` ahead; at expiry the balance is forfeited.
+    expiry_enabled: bool = False
+    expiry_extend_months: Annotated[int, Meta(ge=1, le=12)] = 1
+    expiry_ahead_months_max: Annotated[int, Meta(ge=1, le=36)] = 3
+    expiry_check_interval_ms: Annotated[int, Meta(ge=100, le=3_600_000)] = 10_000
+    expiry_batch_max: Annotated[int, Meta(ge=1, le=10_000)] = 100  # workspaces forfeited per check
+
+    def __post_init__(self) -> None:
+        for name, decimals in (("usage_fee_percent", 4), ("fee_waiver_credits", 6), ("allowance_credits", 6)):
+            try:
+                value = parse_decimal_scaled(getattr(self, name), decimals)
+            except MoneyError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+            if name == "usage_fee_percent" and value > 100 * 10**4:
+                raise ValueError("usage_fee_percent: at most 100")
+        if self.expiry_ahead_months_max < self.expiry_extend_months:
+            raise ValueError("expiry_ahead_months_max: must be at least expiry_extend_months")
 
 
 class LimitsConfig(_Strict):
@@ -308,6 +343,7 @@ class ConfigFile(_Strict):
     holds: HoldConfig = HoldConfig()
     ledger: LedgerConfig = LedgerConfig()
     billing: BillingConfig = BillingConfig()
+    wallet: WalletConfig = WalletConfig()
     limits: LimitsConfig = LimitsConfig()
     byok: ByokConfig = ByokConfig()
     console: ConsoleConfig = ConsoleConfig()
@@ -341,6 +377,7 @@ class Config:
     models: dict[str, ModelConfig]  # public name and every alias -> model
     pricing: CostProfile
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    wallet: WalletConfig = field(default_factory=WalletConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     source: str = field(default="<defaults>", compare=False)
     pricing_by_hand: frozenset[str] = frozenset()  # the price entries of pricing.yaml; the rest: the catalog
@@ -416,6 +453,7 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
         holds=holds,
         ledger=file.ledger,
         billing=file.billing,
+        wallet=file.wallet,
         byok=file.byok,
         console=file.console,
         limits=file.limits,

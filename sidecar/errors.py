@@ -27,6 +27,10 @@ re-based here; this module imports nothing of the package, so anything may impor
     │   ├── WorkspaceNotServed      a valid key of a workspace this data plane does not serve
     │   │                           (server.workspaces) -> proxy 401 workspace_not_served
     │   ├── BudgetExceeded          buffered answers past the process's byte budget -> proxy 503, unbilled
+    │   ├── QueryRefused            (ValueError) a read-side filter, period or cursor that cannot be read
+    │   │                           (statements/filters.py) -> admin 400 with its code
+    │   ├── ArchiveRefused          `sidecar ledger archive` will not archive a month (an open statement
+    │   │                           period, an invoice pointing into it) -> one line, exit 1
     │   ├── InvalidEvent            (ValueError) a stream entry that cannot become a ledger row -> the
     │   │                           flusher dead-letters it; never reaches a client
     │   ├── SSEError                (ValueError) a provider's stream breaks a framing bound -> the stream

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from sidecar import db
 from sidecar.auth import hash_key, new_key
+from sidecar.control import wallet as wallet_api
 from sidecar.control.access import ANY_PERMISSION, IN_PATH, PLATFORM, SELF, Route
 from sidecar.control.http import (
     INT32_MAX,
@@ -34,6 +35,7 @@ from sidecar.control.http import (
     valid_name,
 )
 from sidecar.money import AMOUNT_MICRO_MAX, MoneyError, format_micro, parse_credits
+from sidecar.movements import CREDIT_KINDS
 from sidecar.services import Services
 
 GRANT_MICRO_MAX = AMOUNT_MICRO_MAX  # a typo guard, far above any real grant; keeps Redis arithmetic exact
@@ -43,8 +45,10 @@ async def create_workspace(request: web.Request) -> web.Response:
     payload = await read_object(request)
     ws = valid_id(payload.get("id") or f"ws_{secrets.token_hex(6)}", "id")
     name = valid_name(payload.get("name"), ws)
-    async with request.app[SERVICES].pool.acquire() as conn:
+    svc = request.app[SERVICES]
+    async with svc.pool.acquire() as conn:
         created = await db.create_workspace(conn, ws, name)
+    await svc.balances.grant_initial_allowance(ws)  # once per workspace (config wallet.allowance_on: created)
     return json_response({"id": ws, "name": name, "created": created}, 201 if created else 200)
 
 
@@ -122,9 +126,10 @@ async def key_create(svc: Services, ws: str, payload: dict) -> dict:
 
 
 async def keys_list(svc: Services, ws: str) -> list[dict]:
+    """The workspace's keys (last 4 characters only), each with its budget."""
     async with svc.pool.acquire() as conn:
         records = await db.list_api_keys(conn, ws)
-    return [_key_view(r) for r in records]
+    return [{**_key_view(r), **await wallet_api.key_budget_view(svc, r)} for r in records]
 
 
 async def key_revoke(svc: Services, ws: str, key_id: str) -> dict:
@@ -153,11 +158,11 @@ def _amount_micro(payload: dict) -> int:
 async def grant_credits(svc: Services, ws: str, payload: dict) -> dict:
     grant_id = valid_id(payload.get("grant_id"), "grant_id")
     kind = payload.get("kind", "grant")
-    if kind not in ("grant", "topup"):
-        raise AdminError(400, "kind must be 'grant' or 'topup'", "invalid_kind")
+    if kind not in CREDIT_KINDS:
+        raise AdminError(400, "kind must be 'grant', 'topup' or 'allowance'", "invalid_kind")
     amount = _amount_micro(payload)
     try:
-        result = await svc.balances.grant(ws, grant_id, kind, amount)
+        result = await svc.balances.credit(ws, grant_id, kind, amount)
     except db.GrantConflict:
         raise AdminError(
             409, "this grant_id was already used with a different amount or kind", "grant_conflict"

@@ -16,7 +16,8 @@ from aiohttp import web
 
 from sidecar import serving
 from sidecar.auth import FailedAuthLimiter
-from sidecar.control import access, admin, byok
+from sidecar.control import access, admin, byok, statements
+from sidecar.control import wallet as wallet_api
 from sidecar.control.console import app as console
 from sidecar.control.http import PRINCIPAL, ROUTE_TABLE, SERVICES, AdminError, error_body, error_response
 from sidecar.services import Services
@@ -51,6 +52,9 @@ TABLES = (
     (admin.SELF_PREFIX, admin.SELF_ROUTES, ADMIN_API),
     (admin.PREFIX, admin.ROUTES, ADMIN_API),
     (admin.PREFIX, byok.ROUTES, ADMIN_API),
+    (admin.PREFIX, access.declared(wallet_api.ROUTES, access.IN_PATH), ADMIN_API),
+    ("", access.declared(statements.WORKSPACE_ROUTES, access.IN_PATH), ADMIN_API),
+    ("", access.declared(statements.PLATFORM_ROUTES, access.PLATFORM), ADMIN_API),  # the margin report
     (console.PREFIX, console.ROUTES, CONSOLE),
 )
 

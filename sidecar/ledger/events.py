@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import orjson
 
 from sidecar.errors import DomainError
+from sidecar.movements import DEBIT_KINDS, Kind
 
 COLUMNS = (
     "event_id",
@@ -50,6 +51,10 @@ COLUMNS = (
     "fallback_reason",
     "protocol",
     "byok_fallback_reason",
+    "short_micro",
+    "fee_micro",
+    "fee_waived_micro",
+    "postpaid",
 )
 
 STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -89,7 +94,7 @@ def _time(ms: object) -> datetime | None:
 
 
 def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
-    """A stream entry (as written by settle.lua or sweep.lua) -> a ledger row in COLUMNS order."""
+    """A stream entry (as written by settle.lua, expire.lua or debit.lua) -> a ledger row in COLUMNS order."""
     event = orjson.loads(fields[b"e"])
     if not isinstance(event, dict):
         raise InvalidEvent(f"the event is a JSON {type(event).__name__}, not an object")
@@ -99,6 +104,9 @@ def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
     for name in ("event_id", "workspace_id"):
         if not isinstance(event.get(name), str) or not event[name]:
             raise InvalidEvent(f"{name} is missing or not a string")
+    kind = fields.get(b"kind", b"usage").decode()
+    if kind != Kind.USAGE and kind not in DEBIT_KINDS:  # credits are written by Postgres, never streamed
+        raise InvalidEvent(f"unknown kind {kind!r} in a ledger stream")
     after = fields.get(b"after", b"")
     text = {name: _text(event.get(name)) for name in _TEXT_FIELDS}
     tokens = {name: int(event.get(name, 0)) for name in _TOKEN_FIELDS}
@@ -108,7 +116,7 @@ def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
     return (
         uuid.UUID(event["event_id"]),
         _time(int(fields[b"at"])),
-        "usage",
+        kind,
         status,
         event["workspace_id"],
         text["office_id"],
@@ -136,6 +144,10 @@ def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
         _text(event.get("fallback_reason")),
         _text(event.get("protocol")),
         _text(event.get("byok_fallback_reason")),
+        int(fields.get(b"short", b"0")),
+        int(fields.get(b"fee", b"0")),
+        int(fields.get(b"waived", b"0")),
+        fields.get(b"postpaid", b"0") == b"1",
     )
 
 
