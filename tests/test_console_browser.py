@@ -8,6 +8,7 @@ docs/console/ keeps a committed set."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import AsyncIterator
@@ -64,6 +65,18 @@ async def log_in(page, sidecar: Sidecar, token: str) -> None:
     await page.click("button[type=submit]")
 
 
+async def reload_until(page, read, wanted):
+    """What `read()` gives once `wanted` holds, reloading meanwhile. History shows a row once every
+    transaction older than its own has ended (statements/history.py): on a shared Postgres another
+    session's open transaction can hold the newest rows back a moment."""
+    for _ in range(50):
+        if wanted(found := await read()):
+            return found
+        await asyncio.sleep(0.1)
+        await page.reload()
+    return await read()
+
+
 def _sdk(sidecar: Sidecar, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=sidecar.base_url, api_key=key, max_retries=0)
 
@@ -90,14 +103,35 @@ async def test_an_operator_sees_the_balance_calls_and_manages_keys(sidecar: Side
         await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": question}])
     rows = await sidecar.ledger_eventually(ws.id, 3)
     assert len(rows) == 3
-    await page.reload()
-    listed = await page.locator(".calls tbody tr").all_inner_texts()
+    listed = await reload_until(page, page.locator(".calls tbody tr").all_inner_texts, lambda rows: len(rows) == 3)
     assert len(listed) == 3 and all("gpt-4o-mini" in r and "completed" in r for r in listed)
     balance_micro, _ = await sidecar.redis_account(ws.id)
     assert balance_micro == 25_000_000 - sum(r["cost_micro"] for r in rows) < 25_000_000
     assert await _text(page, "[data-test=balance]") == format_micro(balance_micro)
     assert await _text(page, "[data-test=held]") == "0.000000"
+    assert await _text(page, "[data-test=calls-30d]") == "3"
+    assert await _text(page, "[data-test=spent-30d]") == format_micro(25_000_000 - balance_micro)
+    assert await page.locator("svg.chart rect.bar").count() == 7
+    assert "gpt-4o-mini" in await _text(page, ".models")
     await shot(page, "03-overview")
+
+    # The ledger: every entry, filtered, and the same entries as a CSV statement.
+    await page.click("nav >> text=Ledger")
+    assert len(await page.locator(".ledger tbody tr").all_inner_texts()) == 4  # the grant and 3 calls
+    await page.select_option("select[name=kind]", "usage")
+    await page.click("form.filters button")
+    await page.wait_for_url("**kind=usage**")
+    usage_rows = await page.locator(".ledger tbody tr").all_inner_texts()
+    assert len(usage_rows) == 3 and all("usage" in r for r in usage_rows)
+    await shot(page, "04-ledger")
+    async with page.expect_download() as info:
+        await page.click("[data-test=csv]")
+    download = await info.value
+    assert download.suggested_filename == f"ledger-{ws.id}.csv"
+    statement = await asyncio.to_thread(Path(await download.path()).read_text)
+    header, *lines = statement.strip().splitlines()
+    assert header.startswith("event_id,created_at,kind") and len(lines) == 3
+    assert {str(r["event_id"]) for r in rows} == {line.split(",")[0] for line in lines}
 
     # API keys: created and shown once, with a copy button; listed by last 4; revoked.
     await page.click("nav >> text=API keys")
@@ -107,7 +141,7 @@ async def test_an_operator_sees_the_balance_calls_and_manages_keys(sidecar: Side
     assert new_key.startswith("sk-sc-")
     await page.click("button.copy")
     await page.wait_for_selector("button.copy:has-text('Copied')")
-    await shot(page, "04-api-key-created")
+    await shot(page, "05-api-key-created")
     answer = await _sdk(sidecar, new_key).chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
     )
@@ -119,7 +153,12 @@ async def test_an_operator_sees_the_balance_calls_and_manages_keys(sidecar: Side
     await row.locator("button", has_text="Revoke").click()
     await page.wait_for_selector(".notice")
     assert "revoked" in await page.locator("tr", has_text="browser-agent").inner_text()
-    await shot(page, "05-api-keys")
+    await page.select_option("select[name=key_id]", ws.key_id)
+    await page.fill("input[name=budget]", "5.00")
+    await page.click("text=Set budget")
+    assert "budget was saved" in await _text(page, ".notice")
+    assert "of 5.000000 left (monthly)" in await page.locator("tr", has_text=f"…{ws.key[-4:]}").inner_text()
+    await shot(page, "06-api-keys")
 
     # BYOK: added (validated with the provider), shown by its last 4, used, deactivated, reactivated.
     await page.click("nav >> text=BYOK keys")
@@ -130,7 +169,7 @@ async def test_an_operator_sees_the_balance_calls_and_manages_keys(sidecar: Side
     byok_row = page.locator("tbody tr", has_text="5678")
     assert "active" in await byok_row.inner_text()
     assert CUSTOMER_KEY not in await page.content()
-    await shot(page, "06-byok-keys")
+    await shot(page, "07-byok-keys")
     await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "byok"}])
     assert sidecar.recorded[-1].headers["authorization"] == f"Bearer {CUSTOMER_KEY}"
     rows = await sidecar.ledger_eventually(ws.id, 5)
@@ -141,14 +180,15 @@ async def test_an_operator_sees_the_balance_calls_and_manages_keys(sidecar: Side
     await page.locator("tbody tr", has_text="5678").locator("button", has_text="Reactivate").click()
     assert "reactivated" in await _text(page, ".notice")
     await page.click(f"a[href='/console/w/{ws.id}']")
-    assert "BYOK" in await page.locator(".calls tbody tr").first.inner_text()
+    await reload_until(page, lambda: page.locator(".calls tbody tr").first.inner_text(), lambda t: "BYOK" in t)
+    assert await _text(page, "[data-test=byok-30d]") == "1"
 
     # A provider key the provider refuses is not stored, and the page says why.
     await page.click("nav >> text=BYOK keys")
     await page.fill("input[name=key]", "short")
     await page.click("text=Validate and add")
     assert "must be the provider's API key" in await _text(page, ".notice.error")
-    await shot(page, "07-byok-refused")
+    await shot(page, "08-byok-refused")
 
     await page.click("text=Log out")
     assert page.url.endswith("/console/login")
@@ -168,7 +208,7 @@ async def test_a_token_scoped_to_another_workspace_is_refused(sidecar: Sidecar, 
         assert response.status == 403
         assert "Not allowed" in await _text(page, "h1")
         assert other.id not in await page.inner_text("main")
-    await shot(page, "08-refused-other-workspace")
+    await shot(page, "09-refused-other-workspace")
 
     # A form whose CSRF token was tampered with is refused, and changes nothing.
     await page.goto(str(sidecar.control.make_url(f"/console/w/{SCOPED_WORKSPACE}/keys")))
@@ -178,5 +218,5 @@ async def test_a_token_scoped_to_another_workspace_is_refused(sidecar: Sidecar, 
     assert "security token" in await page.inner_text("main")
     _, keys = await sidecar.admin("GET", f"/workspaces/{SCOPED_WORKSPACE}/keys")
     assert not [k for k in keys["data"] if k["name"] == "forged"]
-    await shot(page, "09-refused-bad-csrf")
+    await shot(page, "10-refused-bad-csrf")
     assert re.search(r"403", await page.inner_text(".status"))

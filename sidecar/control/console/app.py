@@ -13,22 +13,24 @@ from __future__ import annotations
 import hmac
 import secrets
 from importlib import resources
+from urllib.parse import urlencode
 
 from aiohttp import web
 
-from sidecar.control import access, admin, byok
+from sidecar.control import access, admin, byok, statements
+from sidecar.control import wallet as wallet_api
 from sidecar.control.access import ANY_PERMISSION, IN_PATH, PLATFORM, PUBLIC, SELF, Route
-from sidecar.control.console import activity, pages, sessions
+from sidecar.control.console import pages, sessions
 from sidecar.control.console.pages import Frame, Markup, badge, card, code, esc, post_button, stat, table
 from sidecar.control.http import PRINCIPAL, SERVICES, AdminError, ensure_workspace
-from sidecar.money import format_micro
 
 PREFIX = "/console"
 COOKIE = "sidecar_console"
 LOGIN_COOKIE = "sidecar_console_login"
 SESSION = web.RequestKey("console_session", sessions.Session)
 FORM_FIELDS_MAX = 20
-RECENT_CALLS_SHOWN = 20
+RECENT_CALLS_SHOWN = 10
+LEDGER_ROWS_SHOWN = 50
 STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
 _STATIC_BODIES = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in STATIC}
 _SECURITY_HEADERS = {
@@ -40,6 +42,7 @@ _SECURITY_HEADERS = {
 }
 NOTICES = {
     "key_revoked": "The API key was revoked; calls with it are refused within seconds.",
+    "budget_set": "The key's budget was saved.",
     "byok_added": "The provider key was validated and stored. Only its last 4 characters are shown.",
     "byok_deactivated": "The provider key was deactivated: calls use the platform key.",
     "byok_reactivated": "The provider key was reactivated.",
@@ -114,7 +117,7 @@ def setup(app: web.Application) -> None:
 
 
 def _nav(principal: access.Principal) -> list[tuple[str, str]]:
-    items = [("", "Overview"), ("/keys", "API keys")]
+    items = [("", "Overview"), ("/ledger", "Ledger"), ("/keys", "API keys")]
     if principal.may("TENANT_MANAGE"):
         items.append(("/byok", "BYOK keys"))
     return items
@@ -216,48 +219,195 @@ async def workspaces(request: web.Request) -> web.Response:
     return _html(pages.page("Workspaces", body, _frame(request, None)))
 
 
+def _when(text: str | None) -> str:
+    return (text or "")[:19].replace("T", " ")
+
+
+def _recent_rows(rows: list[dict]) -> list[tuple]:
+    return [
+        (
+            _when(r["created_at"]),
+            code(r["model"] or "-"),
+            badge(r["status"], "ok" if r["status"] == "completed" else "warn"),
+            f"{r['input_tokens']:,}",
+            f"{r['output_tokens']:,}",
+            badge("BYOK", "info") if r["byok"] else "credits",
+            r["cost"],
+        )
+        for r in rows
+    ]
+
+
 async def overview(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
     ws = await _workspace(request)
     money = await admin.balance_view(svc, ws["id"])
+    wallet = await wallet_api.wallet_view(svc, ws["id"])
     keys = await admin.keys_list(svc, ws["id"])
-    stats = "".join(
+    usage = await statements.summary_view(svc, ws["id"], {})
+    totals, byok_totals = usage["totals"], usage["byok"]
+    expires = wallet["expires_at"][:10] if wallet["expires_at"] else "never"
+    balances = "".join(
         (
             stat("Balance", money["balance"], "credits", "balance"),
             stat("Available", money["available"], "balance less held", "available"),
             stat("Held", money["held"], "reserved by calls in flight", "held"),
+            stat("Credits expire", expires, f"{wallet['mode']} wallet", "expiry"),
+        )
+    )
+    month = "".join(
+        (
+            stat("Calls", f"{totals['calls']:,}", "paid with credits", "calls-30d"),
+            stat("Credits spent", totals["credits_spent"], f"fees {totals['fees']}", "spent-30d"),
+            stat("BYOK calls", f"{byok_totals['calls']:,}", f"priced {byok_totals['cost']}, not charged", "byok-30d"),
             stat("Active API keys", str(sum(1 for k in keys if not k["revoked_at"])), "", "active-keys"),
         )
     )
-    calls = await activity.recent_calls(svc.pool, ws["id"], RECENT_CALLS_SHOWN)
-    rows = [
+    week = usage["daily"][-7:]
+    chart = pages.bar_chart([(d["date"][5:], d["credits_spent_micro"], d["credits_spent"]) for d in week], "credits")
+    calls_week = sum(d["calls"] + d["byok_calls"] for d in week)
+    products = [
         (
-            c.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            code(c.model or "-"),
-            badge(c.status, "ok" if c.status == "completed" else "warn"),
-            f"{c.input_tokens:,}",
-            f"{c.output_tokens:,}",
-            badge("BYOK", "info") if c.byok else "credits",
-            format_micro(c.cost_micro),
+            p["provider"],
+            code(p["model"]),
+            f"{p['calls']:,}",
+            f"{sum(p['tokens'].values()):,}",
+            p["credits_spent"],
+            f"{p['byok']['calls']:,}",
         )
-        for c in calls
+        for p in usage["products"]
     ]
-    recent = table(
+    by_model = table(
+        ("Provider", "Model", "Calls", "Tokens", "Credits", "BYOK calls"),
+        products,
+        "No usage in the last 30 days.",
+        numeric=(2, 3, 4, 5),
+    )
+    recent = await statements.history_view(svc, ws["id"], {"kind": "usage", "limit": str(RECENT_CALLS_SHOWN)})
+    calls = table(
         ("Time (UTC)", "Model", "Status", "Input tokens", "Output tokens", "Paid with", "Cost"),
-        rows,
+        _recent_rows(recent["data"]),
         "No call yet. Calls appear here a moment after they finish.",
         numeric=(3, 4, 6),
     )
-    body = f'<div class="stats">{stats}</div>' + card(f"Recent calls (last {RECENT_CALLS_SHOWN})", recent, "calls")
+    more = f'<p><a href="{PREFIX}/w/{esc(ws["id"])}/ledger">The whole ledger, with filters and CSV</a></p>'
+    body = (
+        f'<div class="stats">{balances}</div>'
+        f'<p class="section-label">Last 30 days ({esc(usage["period"]["from"])} to {esc(usage["period"]["to"])})</p>'
+        f'<div class="stats">{month}</div>'
+        '<div class="grid2">'
+        + card(f"Credits spent, last 7 days ({calls_week:,} calls)", chart, "chart-card")
+        + card("By model, last 30 days", by_model, "models")
+        + "</div>"
+        + card(f"Recent calls (last {RECENT_CALLS_SHOWN})", calls + more, "calls")
+    )
     return _html(pages.page("Overview", body, _frame(request, ws, ""), _notice(request)))
 
 
-async def _keys_page(request: web.Request, ws: dict, new_key: dict | None = None, error: str = "") -> web.Response:
+LEDGER_KINDS = ("usage", "grant", "topup", "allowance", "refund", "expiry")
+LEDGER_FILTERS = ("kind", "status", "model", "from", "to", "byok")
+
+
+def _ledger_query(request: web.Request) -> dict[str, str]:
+    """The filters the form sent, empty fields dropped (the statement functions refuse the unknown)."""
+    wanted = (*LEDGER_FILTERS, "cursor")
+    return {k: v.strip() for k, v in request.query.items() if k in wanted and v.strip()}
+
+
+def _filters_form(ws: str, query: dict[str, str]) -> str:
+    def selected(name: str, value: str) -> str:
+        return " selected" if query.get(name) == value else ""
+
+    kinds = "".join(f'<option value="{k}"{selected("kind", k)}>{k}</option>' for k in LEDGER_KINDS)
+    byok = "".join(
+        f'<option value="{v}"{selected("byok", v)}>{label}</option>'
+        for v, label in (("true", "BYOK"), ("false", "credits"))
+    )
+    return (
+        f'<form class="filters" method="get" action="{PREFIX}/w/{esc(ws)}/ledger">'
+        f'<label>Kind <select name="kind"><option value="">any</option>{kinds}</select></label>'
+        f'<label>Status <input name="status" value="{esc(query.get("status", ""))}" '
+        'placeholder="e.g. completed"></label>'
+        f'<label>Model <input name="model" value="{esc(query.get("model", ""))}" placeholder="any"></label>'
+        f'<label>From (UTC) <input type="date" name="from" value="{esc(query.get("from", ""))}"></label>'
+        f'<label>To (UTC) <input type="date" name="to" value="{esc(query.get("to", ""))}"></label>'
+        f'<label>Paid with <select name="byok"><option value="">any</option>{byok}</select></label>'
+        '<button type="submit">Filter</button></form>'
+    )
+
+
+def _amount(text: str | None) -> Markup:
+    if text is None:
+        return Markup("-")
+    return Markup(f'<span class="{"neg" if text.startswith("-") else "pos"}">{esc(text)}</span>')
+
+
+async def ledger(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    ws = await _workspace(request)
+    query = _ledger_query(request)
+    frame = _frame(request, ws, "/ledger")
+    try:
+        found = await statements.history_view(svc, ws["id"], {**query, "limit": str(LEDGER_ROWS_SHOWN)})
+    except AdminError as exc:
+        if exc.status != 400:
+            raise
+        body = card("Filters", pages.notice(exc.message, "error") + _filters_form(ws["id"], query))
+        return _html(pages.page("Ledger", body, frame), 400)
+    rows = [
+        (
+            _when(r["created_at"]),
+            r["kind"],
+            badge(r["status"], "ok" if r["status"] in ("completed", "settled") else "warn"),
+            code(r["model"]) if r["model"] else "-",
+            f"{r['input_tokens']:,} / {r['output_tokens']:,}",
+            badge("BYOK", "info") if r["byok"] else "",
+            r["cost"],
+            _amount(r["balance_impact"]),
+            r["balance_after"] or "-",
+        )
+        for r in found["data"]
+    ]
+    headers = (
+        "Time (UTC)",
+        "Kind",
+        "Status",
+        "Model",
+        "Tokens in / out",
+        "",
+        "Cost",
+        "Balance change",
+        "Balance after",
+    )
+    listing = table(headers, rows, "No ledger entry matches these filters.", numeric=(4, 6, 7, 8))
+    filters = {k: v for k, v in query.items() if k != "cursor"}
+    csv_link = f"{PREFIX}/w/{ws['id']}/ledger.csv" + (f"?{urlencode(filters)}" if filters else "")
+    nav = f'<a class="button" href="{esc(csv_link)}" data-test="csv">Download CSV</a>'
+    if found["has_more"]:
+        next_link = f"{PREFIX}/w/{ws['id']}/ledger?{urlencode({**filters, 'cursor': found['next_cursor']})}"
+        nav += f'<a class="button" href="{esc(next_link)}" data-test="next">Older entries</a>'
+    body = card("Filters", _filters_form(ws["id"], query)) + card(
+        "Entries",
+        listing + f'<div class="actions"><span>{LEDGER_ROWS_SHOWN} per page</span><span>{nav}</span></div>',
+        "ledger",
+    )
+    return _html(pages.page("Ledger", body, frame))
+
+
+async def ledger_csv(request: web.Request) -> web.StreamResponse:
+    """The admin API's CSV statement, as it is: the same handler, behind the console's session."""
+    return await statements.ledger_csv(request)
+
+
+async def _keys_page(
+    request: web.Request, ws: dict, new_key: dict | None = None, error: str = "", budget_error: str = ""
+) -> web.Response:
     svc = request.app[SERVICES]
     frame = _frame(request, ws, "/keys")
     may_manage = request[PRINCIPAL].may("KEYS_MANAGE")
     rows = []
-    for k in await admin.keys_list(svc, ws["id"]):
+    keys = await admin.keys_list(svc, ws["id"])
+    for k in keys:
         revoked = bool(k["revoked_at"])
         action = (
             post_button(
@@ -277,6 +427,7 @@ async def _keys_page(request: web.Request, ws: dict, new_key: dict | None = None
                 code(k["id"]),
                 k["office_id"] or "-",
                 f"{k['rate_limit_rpm']:,}/min",
+                f"{k['remaining']} of {k['budget']} left ({k['budget_period']})" if k.get("budget") else "none",
                 k["created_at"][:16].replace("T", " ") if k["created_at"] else "",
                 badge("revoked", "off") if revoked else badge("active", "ok"),
                 action,
@@ -305,9 +456,28 @@ async def _keys_page(request: web.Request, ws: dict, new_key: dict | None = None
                 f'{pages.csrf_field(frame.csrf)}<button type="submit">Create key</button></form>',
             )
         )
-    headers = ("Name", "Key", "Id", "Office", "Rate limit", "Created (UTC)", "Status", "")
+    headers = ("Name", "Key", "Id", "Office", "Rate limit", "Budget", "Created (UTC)", "Status", "")
     parts.append(card("Keys", table(headers, rows, "No API key yet.")))
-    status = 400 if error else (201 if new_key else 200)
+    live = [k for k in keys if not k["revoked_at"]]
+    if may_manage and live:
+        options = "".join(
+            f'<option value="{esc(k["id"])}">{esc(k["name"])} (…{esc(k["last4"])})</option>' for k in live
+        )
+        periods = "".join(f'<option value="{p}">{p}</option>' for p in ("monthly", "daily", "total"))
+        parts.append(
+            card(
+                "Set a key's budget",
+                "<p>A key whose budget is spent is refused (402) until its period ends; the workspace's other "
+                "keys go on. Leave the amount empty to remove a budget.</p>"
+                + pages.notice(budget_error, "error")
+                + f'<form class="row" method="post" action="{PREFIX}/w/{esc(ws["id"])}/budgets">'
+                f'<label>Key <select name="key_id">{options}</select></label>'
+                '<label>Budget (credits) <input name="budget" inputmode="decimal" placeholder="e.g. 5.00"></label>'
+                f'<label>Period <select name="period">{periods}</select></label>'
+                f'{pages.csrf_field(frame.csrf)}<button type="submit">Set budget</button></form>',
+            )
+        )
+    status = 400 if error or budget_error else (201 if new_key else 200)
     return _html(pages.page("API keys", "".join(parts), frame, _notice(request)), status)
 
 
@@ -335,6 +505,21 @@ async def create_key(request: web.Request) -> web.Response:
             raise
         return await _keys_page(request, ws, error=exc.message)
     return await _keys_page(request, ws, new_key=created)
+
+
+async def set_budget(request: web.Request) -> web.Response:
+    ws = await _workspace(request)
+    form = await _form(request)
+    budget = form.get("budget", "").strip() or None
+    try:
+        await wallet_api.key_budget_set(
+            request.app[SERVICES], ws["id"], form.get("key_id", ""), {"budget": budget, "period": form.get("period")}
+        )
+    except AdminError as exc:
+        if exc.status != 400:
+            raise
+        return await _keys_page(request, ws, budget_error=exc.message)
+    raise _see(f"{PREFIX}/w/{ws['id']}/keys", "budget_set")
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -427,9 +612,12 @@ ROUTES = (
     Route("POST", "/logout", logout, ANY_PERMISSION, SELF),
     Route("GET", "/workspaces", workspaces, "READ", PLATFORM),
     Route("GET", "/w/{ws}", overview, "READ", IN_PATH),
+    Route("GET", "/w/{ws}/ledger", ledger, "READ", IN_PATH),
+    Route("GET", "/w/{ws}/ledger.csv", ledger_csv, "READ", IN_PATH),
     Route("GET", "/w/{ws}/keys", keys_page, "READ", IN_PATH),
     Route("POST", "/w/{ws}/keys", create_key, "KEYS_MANAGE", IN_PATH),
     Route("POST", "/w/{ws}/keys/{key_id}/revoke", revoke_key, "KEYS_MANAGE", IN_PATH),
+    Route("POST", "/w/{ws}/budgets", set_budget, "KEYS_MANAGE", IN_PATH),
     Route("GET", "/w/{ws}/byok", byok_page, "TENANT_MANAGE", IN_PATH),
     Route("POST", "/w/{ws}/byok", add_byok, "TENANT_MANAGE", IN_PATH),
     Route("POST", "/w/{ws}/byok/{key_id}/deactivate", deactivate_byok, "TENANT_MANAGE", IN_PATH),

@@ -164,3 +164,32 @@ def error_page(prefix: str, status: int, message: str, frame: Frame | None) -> s
     login = f'<p><a href="{prefix}/login">Log in</a></p>' if status == 401 else back
     body = f'<section class="card error-page"><p class="status">{status}</p><p>{esc(message)}</p>{login}</section>'
     return page(title, body, frame, prefix=prefix)
+
+
+CHART_W, CHART_H, CHART_PAD = 640, 200, 28
+
+
+def bar_chart(days: Sequence[tuple[str, int, str]], unit: str) -> Markup:
+    """An SVG bar chart, drawn here (no script): (label, value, value as text) per bar."""
+    if not days:
+        return Markup("")
+    top = max(v for _, v, _ in days) or 1
+    slot = (CHART_W - 2 * CHART_PAD) / len(days)
+    bars = []
+    for i, (label, value, shown) in enumerate(days):
+        height = round((CHART_H - 2 * CHART_PAD) * value / top)
+        x = round(CHART_PAD + i * slot + slot * 0.15)
+        y = CHART_H - CHART_PAD - height
+        width = round(slot * 0.7)
+        bars.append(
+            f"<g><title>{esc(label)}: {esc(shown)} {esc(unit)}</title>"
+            f'<rect class="bar" x="{x}" y="{y}" width="{width}" height="{max(height, 1)}" rx="3"></rect>'
+            + (f'<text class="value" x="{x + width // 2}" y="{y - 6}">{esc(shown)}</text>' if value else "")
+            + f'<text class="day" x="{x + width // 2}" y="{CHART_H - 8}">{esc(label)}</text></g>'
+        )
+    base = CHART_H - CHART_PAD
+    axis = f'<line class="axis" x1="{CHART_PAD}" y1="{base}" x2="{CHART_W - CHART_PAD}" y2="{base}"></line>'
+    return Markup(
+        f'<svg class="chart" viewBox="0 0 {CHART_W} {CHART_H}" role="img" aria-label="{esc(unit)} per day">'
+        f"{axis}{''.join(bars)}</svg>"
+    )
