@@ -55,6 +55,20 @@ class Command:
 WS = Arg("ws", "workspace id")
 KEY_COLUMNS = ("id", "name", "last4", "office_id", "rate_limit_rpm", "created_at", "revoked_at")
 BYOK_COLUMNS = ("id", "provider", "scope", "office_id", "last4", "status", "created_at", "last_used_at")
+LEDGER_COLUMNS = ("created_at", "kind", "status", "model", "input_tokens", "output_tokens", "cost", "balance_impact")
+# The ledger's filters (README, "Statements and reports"), as query parameters.
+LEDGER_FILTERS = tuple(
+    Arg(name, help, "query", False)
+    for name, help in (
+        ("from", "from this time or UTC date (2026-12-01)"),
+        ("to", "up to this time or UTC date, excluded"),
+        ("kind", "usage, grant, topup, ... (comma-separated)"),
+        ("status", "completed, failed, ... (comma-separated)"),
+        ("model", "model name(s)"),
+        ("key_id", "API key id(s)"),
+        ("byok", "true or false"),
+    )
+)
 
 COMMANDS: tuple[Command, ...] = (
     Command("whoami", "", "the token's name, permissions and workspace", "GET", "/whoami"),
@@ -113,7 +127,60 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        "keys",
+        "budget",
+        "set a key's budget (omit --budget to remove it)",
+        "POST",
+        "/workspaces/{ws}/keys/{key_id}/budget",
+        (
+            WS,
+            Arg("key_id", "key id"),
+            Arg("budget", "credits per period", "body", False),
+            Arg("period", "monthly, daily or total", "body", False),
+        ),
+        body={"budget": None},
+    ),
+    Command(
         "balance", "", "a workspace's balance, held and available credits", "GET", "/workspaces/{ws}/balance", (WS,)
+    ),
+    Command(
+        "wallet",
+        "",
+        "a workspace's wallet: mode, credit limit, fee waiver, expiry",
+        "GET",
+        "/workspaces/{ws}/wallet",
+        (WS,),
+    ),
+    Command(
+        "ledger",
+        "list",
+        "a page of a workspace's ledger, newest first",
+        "GET",
+        "/workspaces/{ws}/ledger",
+        (
+            WS,
+            *LEDGER_FILTERS,
+            Arg("limit", "rows (default 100)", "query", False),
+            Arg("cursor", "next_cursor of the page before", "query", False),
+        ),
+        LEDGER_COLUMNS,
+    ),
+    Command(
+        "ledger",
+        "export",
+        "the CSV statement of a workspace's ledger (to stdout or --output)",
+        "GET",
+        "/workspaces/{ws}/ledger.csv",
+        (WS, *LEDGER_FILTERS),
+        raw=True,
+    ),
+    Command(
+        "usage",
+        "",
+        "a workspace's usage summary (default: the last 30 days)",
+        "GET",
+        "/workspaces/{ws}/usage-summary",
+        (WS, Arg("from", "first UTC day", "query", False), Arg("to", "last UTC day", "query", False)),
     ),
     Command("byok", "list", "a workspace's provider keys", "GET", "/workspaces/{ws}/byok-keys", (WS,), BYOK_COLUMNS),
     Command(
@@ -241,7 +308,8 @@ def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 def readable(answer: object, command: Command) -> str:
     if isinstance(answer, dict) and isinstance(answer.get("data"), list):
-        return table(answer["data"], command.columns)
+        more = f"\nmore: --cursor {answer['next_cursor']}" if answer.get("has_more") else ""
+        return table(answer["data"], command.columns) + more
     if isinstance(answer, dict):
         width = max((len(k) for k in answer), default=0)
         lines = [f"{k.ljust(width)}  {_cell(v) if k != 'key' else v}" for k, v in answer.items()]

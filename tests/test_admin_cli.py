@@ -112,3 +112,38 @@ def test_a_new_route_gets_its_command_in_a_few_lines(capsys) -> None:
         "o1",
         "paid",
     ]
+
+
+async def test_ledger_list_export_usage_and_budgets(sidecar: Sidecar, tmp_path) -> None:
+    ws = await sidecar.workspace(credits_micro=10_000_000)
+    for _ in range(3):
+        status, _, _ = await sidecar.chat(ws)
+        assert status == 200
+    rows = await sidecar.ledger_eventually(ws.id, 3)
+    code, out, err = await cli(sidecar, "ledger", "list", ws.id, "--kind", "usage", "--limit", "2")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["CREATED_AT", "KIND", "STATUS"] and lines[-1].startswith("more: --cursor ")
+    code, out, _ = await cli(sidecar, "--json", "ledger", "list", ws.id, "--kind", "usage", "--cursor", lines[-1][15:])
+    assert code == 0 and len(json.loads(out)["data"]) == 1
+
+    target = tmp_path / "statement.csv"
+    code, _, err = await cli(sidecar, "ledger", "export", ws.id, "--kind", "usage", "--output", str(target))
+    assert code == 0, err
+    header, *exported = target.read_text().strip().splitlines()
+    assert header.startswith("event_id,") and {line.split(",")[0] for line in exported} == {
+        str(r["event_id"]) for r in rows
+    }
+    code, out, _ = await cli(sidecar, "ledger", "export", ws.id)  # to standard output: the grant too
+    assert code == 0 and len(out.strip().splitlines()) == 1 + 4
+    code, _, err = await cli(sidecar, "ledger", "export", ws.id, "--kind", "Not A Word")
+    assert code == 1 and "invalid_filter" in err
+
+    code, out, _ = await cli(sidecar, "--json", "usage", ws.id)
+    assert code == 0 and json.loads(out)["totals"]["calls"] == 3
+    code, out, _ = await cli(
+        sidecar, "--json", "keys", "budget", ws.id, ws.key_id, "--budget", "2.50", "--period", "daily"
+    )
+    assert code == 0 and json.loads(out)["budget_micro"] == 2_500_000 and json.loads(out)["budget_period"] == "daily"
+    code, out, _ = await cli(sidecar, "--json", "keys", "budget", ws.id, ws.key_id)  # removed
+    assert code == 0 and json.loads(out)["budget_micro"] is None
