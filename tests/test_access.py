@@ -325,3 +325,37 @@ async def test_console_session_cookie_and_log_out(sidecar: Sidecar) -> None:
         assert status == 303
     finally:
         await client.close()
+
+
+async def test_another_workspaces_ids_under_its_own_path_change_nothing(sidecar: Sidecar) -> None:
+    """A scoped token naming another workspace's key, BYOK key or office inside its own workspace's path
+    finds nothing there (404): resources are looked up within the path's workspace."""
+    other = await _two_workspaces(sidecar)
+    _, keys = await sidecar.admin("GET", f"/workspaces/{other}/keys")
+    _, byok_keys = await sidecar.admin("GET", f"/workspaces/{other}/byok-keys")
+    key_id, byok_id, office = keys["data"][0]["id"], byok_keys["data"][0]["id"], f"{OTHER_OFFICE}_{other}"
+    before = await _state_of(sidecar, other)
+    own = f"/workspaces/{SCOPED_WORKSPACE}"
+    for method, path, body in (
+        ("POST", f"{own}/keys/{key_id}/revoke", None),
+        ("DELETE", f"{own}/keys/{key_id}", None),
+        ("POST", f"{own}/keys/{key_id}/budget", {"budget": "1.00"}),
+        ("POST", f"{own}/byok-keys/{byok_id}/deactivate", None),
+        ("GET", f"{own}/offices/{office}/byok-keys", None),
+        ("POST", f"{own}/offices/{office}/byok-keys", {"provider": "mock", "key": "sk-sneaky-9999"}),
+    ):
+        status, answer = await sidecar.admin(method, path, body, token=SCOPED_ADMIN_TOKEN)
+        assert status == 404, (method, path, status, answer)
+    client = await signed_in(sidecar, SCOPED_ADMIN_TOKEN)
+    try:
+        for path, form in (
+            (f"/console/w/{SCOPED_WORKSPACE}/keys/{key_id}/revoke", {}),
+            (f"/console/w/{SCOPED_WORKSPACE}/budgets", {"key_id": key_id, "budget": "1.00", "period": "daily"}),
+            (f"/console/w/{SCOPED_WORKSPACE}/byok/{byok_id}/deactivate", {}),
+            (f"/console/w/{SCOPED_WORKSPACE}/byok/{byok_id}/deactivate", {"office": office}),
+        ):
+            status, page, _ = await client.post(path, form)
+            assert status == 404 and "theirs" not in page and "1234" not in page, (path, status)
+    finally:
+        await client.close()
+    assert await _state_of(sidecar, other) == before
