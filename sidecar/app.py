@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -33,6 +32,7 @@ from sidecar.proxy.inflight import Inflight
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
 from sidecar.services import Services
+from sidecar.state import servers
 from sidecar.state.store import State, StateLimits
 
 log = logging.getLogger("sidecar.app")
@@ -52,11 +52,12 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
             "SIDECAR_DATABASE_URL); `sidecar dev` starts both for you"
         )
     scrub.remember(config.admin_token)  # the bootstrap admin token never reaches a log line
-    # A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing.
-    redis_pool = aioredis.BlockingConnectionPool.from_url(
+    # A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing. A
+    # `redis+cluster://` URL gives redis-py's cluster client instead (state/servers.py).
+    client = servers.open_client(
         config.redis_url,
-        max_connections=REDIS_CONNECTIONS_MAX,
-        timeout=REDIS_POOL_WAIT_S,
+        connections_max=REDIS_CONNECTIONS_MAX,
+        pool_wait_s=REDIS_POOL_WAIT_S,
         socket_timeout=5,
         socket_connect_timeout=2,
         health_check_interval=10,
@@ -65,7 +66,6 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), 2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
-    client = aioredis.Redis(connection_pool=redis_pool)
     limits = config.limits
     state = State(
         client,
@@ -107,6 +107,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         await client.aclose()
         raise
     try:
+        await servers.ready(client)
         await state.load_scripts()
     except Exception:
         log.warning("could not load Lua scripts at start; they load on first use")
