@@ -24,6 +24,7 @@ from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_sta
 from sidecar.config import Config
 from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
+from sidecar.observability import tracing
 from sidecar.observability.metrics import Metrics
 from sidecar.ops import build_ops_app, warn_if_evicting
 from sidecar.proxy import handler, settlement
@@ -52,6 +53,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
             "SIDECAR_DATABASE_URL); `sidecar dev` starts both for you"
         )
     scrub.remember(config.admin_token)  # the bootstrap admin token never reaches a log line
+    tracing.configure(config.tracing)  # off (nothing per call) unless tracing.otlp_endpoint is set
     # A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing. A
     # `redis+cluster://` URL gives redis-py's cluster client instead (state/servers.py).
     client = servers.open_client(
@@ -149,6 +151,8 @@ async def close_services(svc: Services) -> None:
     await svc.upstreams.close()
     await svc.pool.close()
     await svc.state.redis.aclose()
+    if svc.config.tracing.otlp_endpoint:  # export what is queued; a provider a test installed is its own
+        await asyncio.to_thread(tracing.shutdown)
 
 
 def build_data_app(svc: Services) -> web.Application:

@@ -192,6 +192,19 @@ class ByokConfig(_Strict):
     validate_timeout_ms: Natural = 10_000
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry traces of each call (observability/tracing.py). Off unless otlp_endpoint is set;
+    the caller's `traceparent` is forwarded upstream either way."""
+
+    otlp_endpoint: str = ""  # OTLP/HTTP traces URL, e.g. http://otel-collector:4318/v1/traces; "": no export
+    service_name: Name = "ai-metering-sidecar"
+    sampled_percent: Annotated[int, Meta(ge=0, le=100)] = (
+        100  # of the traces this sidecar starts (a caller's sampled flag wins)
+    )
+    export_timeout_ms: TimeoutMs = 10_000
+    export_queue_spans_max: Positive = 2048  # spans waiting for export; past it, new spans are dropped
+
+
 class ProviderConfig(_Strict):
     name: Name
     protocol: Protocol
@@ -296,6 +309,7 @@ class ConfigFile(_Strict):
     billing: BillingConfig = BillingConfig()
     limits: LimitsConfig = LimitsConfig()
     byok: ByokConfig = ByokConfig()
+    tracing: TracingConfig = TracingConfig()
     admin_tokens: tuple[AdminTokenEntry, ...] = ()
 
 
@@ -325,6 +339,7 @@ class Config:
     models: dict[str, ModelConfig]  # public name and every alias -> model
     pricing: CostProfile
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     source: str = field(default="<defaults>", compare=False)
     pricing_by_hand: frozenset[str] = frozenset()  # the price entries of pricing.yaml; the rest: the catalog
 
@@ -401,6 +416,7 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
         billing=file.billing,
         byok=file.byok,
         limits=file.limits,
+        tracing=file.tracing,
         admin_tokens=tuple(admin_tokens),
         providers=providers,
         models=models,
