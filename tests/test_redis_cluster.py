@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from redis.cluster import key_slot
 from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
 from support.redis_cluster import RedisClusterProcesses, running_cluster
 
+from sidecar.proxy.settlement import replay_spool
 from sidecar.state import keys, servers
 from sidecar.state.store import State
 
@@ -91,7 +93,9 @@ async def _failover(cluster: RedisClusterProcesses, primary_port: int) -> None:
 async def test_a_primary_failing_over_mid_load_loses_no_event_and_no_hold(
     failover_cluster: RedisClusterProcesses, migrated_database_url: str
 ) -> None:
-    sc: Sidecar = await start_sidecar(failover_cluster.url, migrated_database_url)
+    # No concurrency limit: every call of the burst is admitted (429s would only thin the load).
+    unlimited = {"concurrent_calls_per_key": 0, "concurrent_calls_per_workspace": 0}
+    sc: Sidecar = await start_sidecar(failover_cluster.url, migrated_database_url, limits=unlimited)
     try:
         ws = await sc.workspace(credits_micro=10_000_000, rpm=100_000)
         other = await sc.workspace(credits_micro=1_000_000, rpm=100_000)
@@ -102,21 +106,36 @@ async def test_a_primary_failing_over_mid_load_loses_no_event_and_no_hold(
         assert loaded_under == (await state.run_ids())[owner]
         rng = random.Random(3)
 
+        spans: list[tuple[float, float]] = []
+
         async def one(i: int) -> tuple[int, str]:
             target = ws if i % 4 else other
-            headers = {"x-mock-chunks": str(rng.randint(1, 10)), "x-mock-delay-ms": str(rng.randint(0, 20))}
+            headers = {"x-mock-chunks": str(rng.randint(5, 15)), "x-mock-delay-ms": str(rng.randint(10, 40))}
+            started = time.monotonic()
             code, resp_headers, _ = await sc.chat(target, chat_body(f"call {i}", stream=i % 2 == 0), headers=headers)
+            spans.append((started, time.monotonic()))
             return code, resp_headers.get("x-request-id", "")
 
         calls = [asyncio.ensure_future(one(i)) for i in range(CALLS)]
         await asyncio.sleep(0.15)  # mid-load: holds live on the shard that fails over
+        switch_started = time.monotonic()
         await _failover(failover_cluster, int(owner.rsplit(":", 1)[1]))
+        switch_ended = time.monotonic()
         results = await asyncio.gather(*calls)
+        spanning = [1 for started, ended in spans if started < switch_started and ended > switch_ended]
+        assert spanning, "some calls held across the failover and settled after it"
         admitted = {rid for code, rid in results if code == 200}
         # A call admitted before or after the failover is served; one that hit the switch itself may be
         # refused (503) before anything was held or sent. None may be charged without a row.
         assert {code for code, _ in results} <= {200, 503}
         assert len(admitted) >= CALLS // 2
+        # A settlement the switch delayed past its budget waits in the spool; the spool loop replays it.
+        for _ in range(50):
+            if sc.svc.spool.size() == 0:
+                break
+            await replay_spool(sc.svc)
+            await asyncio.sleep(0.1)
+        assert sc.svc.spool.size() == 0
         await sc.svc.balances.revalidate(await sc.workspace_ids())  # the flusher does this each round
         new_owner_run = (await state.run_ids())[state.server_of(ws.id)]
         assert new_owner_run != loaded_under, "a new primary serves the workspace's slot"

@@ -8,7 +8,8 @@ code sends them the same way either way. What is per server, not per key, is her
 * `run_ids`: each primary's run_id, which the balance loads record to notice a restart or a failover
   that kept (possibly stale) data. In a cluster it is per shard: a workspace is checked against the
   primary that now owns its slot (`server_of`).
-* `info_each`: INFO from every primary (the eviction policy and AOF checks must hold on each shard).
+* `on_each_primary`: a keyless command on every primary (the eviction policy and AOF checks must hold
+  on each shard).
 """
 
 from __future__ import annotations
@@ -100,13 +101,13 @@ def server_of(client: Client, key: str) -> str:
     return SINGLE
 
 
-async def info_each(client: Client, *sections: str) -> dict[str, dict]:
-    """INFO (the given sections) from every primary, by server name."""
+async def info_each(client: Client, section: str) -> dict[str, dict]:
+    """INFO <section> from every primary, by server name (one section: Redis before 7 takes no more)."""
     if not isinstance(client, RedisCluster):
-        return {SINGLE: await client.info(*sections)}
+        return {SINGLE: await client.info(section)}
     await client.initialize()  # the layout is read on first use; a no-op after that
     primaries = client.get_primaries()
-    replies = await asyncio.gather(*(client.info(*sections, target_nodes=node) for node in primaries))
+    replies = await asyncio.gather(*(client.info(section, target_nodes=node) for node in primaries))
     return {node.name: reply for node, reply in zip(primaries, replies, strict=True)}
 
 
@@ -130,13 +131,14 @@ async def run_ids(client: Client) -> dict[str, str]:
             return {SINGLE: str((await client.info("server")).get("run_id", ""))}
         for _ in range(TOPOLOGY_REFRESHES_MAX):
             try:
-                infos = await info_each(client, "server", "replication")
+                by_server = info_each(client, "server")
+                infos, roles = await asyncio.gather(by_server, info_each(client, "replication"))
             except ResponseError:
                 raise
             except RedisError:  # a primary is gone: its replica may have taken over
                 await _refresh_layout(client)
                 continue
-            if all(str(info.get("role", "")) == "master" for info in infos.values()):
+            if infos.keys() == roles.keys() and all(str(r.get("role", "")) == "master" for r in roles.values()):
                 return {name: str(info.get("run_id", "")) for name, info in infos.items()}
             await _refresh_layout(client)
         raise RedisError("redis cluster: its layout kept changing while the primaries were asked for their run_id")
