@@ -54,20 +54,10 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         )
     scrub.remember(config.admin_token)  # the bootstrap admin token never reaches a log line
     tracing.configure(config.tracing)  # off (nothing per call) unless tracing.otlp_endpoint is set
-    # A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing. A
-    # `redis+cluster://` URL gives redis-py's cluster client instead (state/servers.py).
-    client = servers.open_client(
-        config.redis_url,
-        connections_max=REDIS_CONNECTIONS_MAX,
-        pool_wait_s=REDIS_POOL_WAIT_S,
-        socket_timeout=5,
-        socket_connect_timeout=2,
-        health_check_interval=10,
-        # After a Redis restart every pooled connection is dead; retry on a fresh one rather than fail
-        # the call. Safe because every script is idempotent for its call (see state/lua/*.lua).
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), 2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
+    try:
+        client = _open_redis(config.redis_url)
+    except ValueError as exc:  # a malformed cluster URL: say which part, in one line
+        raise SystemExit(f"sidecar: redis_url: {exc}") from None
     limits = config.limits
     state = State(
         client,
@@ -128,6 +118,23 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         flusher=flusher,
         byok=Resolver(pg_pool),
         vault=vault,
+    )
+
+
+def _open_redis(redis_url: str) -> servers.Client:
+    """A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing. A
+    `redis+cluster://` URL gives redis-py's cluster client instead (state/servers.py)."""
+    return servers.open_client(
+        redis_url,
+        connections_max=REDIS_CONNECTIONS_MAX,
+        pool_wait_s=REDIS_POOL_WAIT_S,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=10,
+        # After a Redis restart every pooled connection is dead; retry on a fresh one rather than fail
+        # the call. Safe because every script is idempotent for its call (see state/lua/*.lua).
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), 2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
 
 

@@ -199,7 +199,10 @@ _TIME_SCRIPT = "return redis.call('TIME')"
 
 
 async def _read_redis(redis: servers.Client, ws: str) -> _RedisView:
-    async with redis.pipeline(transaction=True) as pipe:
+    # One MULTI: a consistent view. redis-py's cluster pipeline cannot run this one (its transactions
+    # hand response callbacks arguments some do not take), so on a cluster the reads are pipelined
+    # without MULTI, and _redis_findings confirms a balance or held finding by reading again.
+    async with redis.pipeline(transaction=not servers.is_cluster(redis)) as pipe:
         pipe.eval(_TIME_SCRIPT, 1, keys.acct(ws))  # Redis time on the workspace's own server (a cluster's shard)
         pipe.hmget(keys.acct(ws), "balance", "held", "gen", "pgv")
         pipe.hgetall(keys.holds(ws))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -51,6 +51,10 @@ def cluster_startup_nodes(url: str) -> tuple[str, list[ClusterNode]]:
     return urlunsplit((scheme, first, "", parts.query, "")), nodes
 
 
+def _unquoted(value: str | None) -> str | None:
+    return unquote(value) if value is not None else None
+
+
 def open_client(url: str, *, connections_max: int, pool_wait_s: float, **options: Any) -> Client:
     """A client for url: redis-py's cluster client for a cluster URL, else a blocking-pool client.
     `options` are connection options both take (timeouts, retry)."""
@@ -59,8 +63,8 @@ def open_client(url: str, *, connections_max: int, pool_wait_s: float, **options
         parts = urlsplit(plain)
         return RedisCluster(
             startup_nodes=nodes,
-            username=parts.username,
-            password=parts.password,
+            username=_unquoted(parts.username),
+            password=_unquoted(parts.password),
             ssl=parts.scheme == "rediss",
             max_connections=connections_max,
             **options,
@@ -77,7 +81,10 @@ def from_url(url: str) -> Client:
         plain, nodes = cluster_startup_nodes(url)
         parts = urlsplit(plain)
         return RedisCluster(
-            startup_nodes=nodes, username=parts.username, password=parts.password, ssl=parts.scheme == "rediss"
+            startup_nodes=nodes,
+            username=_unquoted(parts.username),
+            password=_unquoted(parts.password),
+            ssl=parts.scheme == "rediss",
         )
     return aioredis.Redis.from_url(url)
 
@@ -87,6 +94,13 @@ async def ready(client: Client) -> None:
     use, and commands sent concurrently while it does so can fail on a half-made connection."""
     if isinstance(client, RedisCluster):
         await client.initialize()
+
+
+async def time_of(client: Client, key: str) -> tuple[int, int]:
+    """TIME (seconds, microseconds) of the server that owns key: in a cluster, that shard's clock."""
+    if isinstance(client, RedisCluster):
+        return await client.time(target_nodes=client.get_node_from_key(key))
+    return await client.time()
 
 
 def is_cluster(client: Client) -> bool:

@@ -392,7 +392,7 @@ class State:
     async def due_holds(self, ws: str, holds_max: int, grace_ms: int = 0) -> list[str]:
         """Ids of holds past their deadline by more than grace_ms (Redis time) when listed; expire()
         checks again."""
-        seconds, micros = await self.redis.time()
+        seconds, micros = await servers.time_of(self.redis, keys.hold_deadlines(ws))
         due_ms = seconds * 1000 + micros // 1000 - grace_ms
         ids = await self.redis.zrangebyscore(keys.hold_deadlines(ws), "-inf", due_ms, start=0, num=holds_max)
         return [i.decode() for i in ids]
