@@ -92,7 +92,7 @@ rules-check: venv
 WHEELHOUSE_EXTRA ?= 'async-timeout>=4.0.3'
 wheelhouse: venv
 	rm -f wheelhouse/*.whl
-	$(BIN)/pip wheel --quiet --wheel-dir wheelhouse . 'setuptools>=68' $(WHEELHOUSE_EXTRA)
+	$(BIN)/pip wheel --quiet --wheel-dir wheelhouse '.[tracing]' 'setuptools>=68' $(WHEELHOUSE_EXTRA)
 	# The sidecar itself is built from the sources inside the image, without its development tools.
 	rm -f wheelhouse/ai_metering_sidecar-*.whl
 
