@@ -15,6 +15,8 @@ from redis.cluster import key_slot
 from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
 from support.redis_cluster import RedisClusterProcesses, running_cluster
 
+from sidecar.observability.metrics import Metrics
+from sidecar.ops import check_redis_safety, eviction_policy, eviction_problem
 from sidecar.proxy.settlement import replay_spool
 from sidecar.state import keys, servers
 from sidecar.state.store import State
@@ -151,3 +153,20 @@ async def test_a_primary_failing_over_mid_load_loses_no_event_and_no_hold(
         assert len(rows) == len(admitted) + first
     finally:
         await stop_sidecar(sc)
+
+
+async def test_the_eviction_and_aof_checks_cover_every_primary(redis_cluster: RedisClusterProcesses) -> None:
+    client = servers.from_url(redis_cluster.url)
+    await servers.ready(client)
+    metrics = Metrics()
+    [evicting, *_] = redis_cluster.current_primaries()
+    try:
+        assert await check_redis_safety(client, metrics) == ("noeviction", False)
+        with evicting.client() as c:
+            c.config_set("maxmemory-policy", "allkeys-lru")  # one shard of three may evict
+        assert await eviction_policy(client) == "allkeys-lru"
+        assert eviction_problem(await eviction_policy(client)) is not None
+    finally:
+        with evicting.client() as c:
+            c.config_set("maxmemory-policy", "noeviction")
+        await client.aclose()
