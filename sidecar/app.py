@@ -15,15 +15,19 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar import db, scrub, serving, sweeper
+from sidecar import db, expiry, price_versions, scrub, serving, sweeper, wallet
 from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
+from sidecar.billing.payments import Payments, open_payments
 from sidecar.byok import keys as byok_keys
 from sidecar.byok.keys import Resolver
 from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_startup
 from sidecar.config import Config
 from sidecar.control.admin import build_control_app
 from sidecar.ledger.flusher import Flusher
+from sidecar.notify import endpoints as notify_endpoints
+from sidecar.notify import expiry as notify_expiry
+from sidecar.notify.delivery import DeliveryWorker
 from sidecar.observability import tracing
 from sidecar.observability.metrics import Metrics
 from sidecar.ops import build_ops_app, warn_if_evicting
@@ -32,9 +36,13 @@ from sidecar.proxy.budget import ByteBudget
 from sidecar.proxy.inflight import Inflight
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
+from sidecar.reload.orders_gateway import OrdersReloadGateway, order_listener
+from sidecar.reload.worker import ReloadWorker
 from sidecar.services import Services
 from sidecar.state import servers
 from sidecar.state.store import State, StateLimits
+from sidecar.statements import data_route
+from sidecar.watch import BalanceWatch
 
 log = logging.getLogger("sidecar.app")
 
@@ -73,8 +81,9 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     except BaseException:
         await client.aclose()
         raise
-    balances = Balances(state, pg_pool)
     metrics = Metrics()
+    balances = Balances(state, pg_pool, wallet.Policy.from_config(config.wallet))
+    balances.on_movement = metrics.on_movement
     flusher = Flusher(
         client,
         pg_pool,
@@ -104,7 +113,12 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     except Exception:
         log.warning("could not load Lua scripts at start; they load on first use")
     await warn_if_evicting(client)
+    payments, payments_problem = open_payments(
+        config, pg_pool, balances, metrics.payments, dict(os.environ) if env is None else env
+    )
     return Services(
+        payments=payments,
+        payments_problem=payments_problem,
         spool=Spool(config.holds.spool_dir, config.holds.spool_entries_max),
         inflight=Inflight(config.holds.spool_dir),
         buffer_budget=ByteBudget(config.upstream.buffered_answers_bytes_max),
@@ -116,8 +130,11 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         upstreams=upstreams,
         metrics=metrics,
         flusher=flusher,
-        byok=Resolver(pg_pool),
+        byok=Resolver(pg_pool, config.notifications.pending_deliveries_per_workspace_max),
         vault=vault,
+        watch=BalanceWatch(pg_pool, config, metrics),
+        reloads=_reloads(pg_pool, state, config, metrics, payments),
+        notifier=DeliveryWorker(pg_pool, vault, config.notifications, metrics),
     )
 
 
@@ -138,6 +155,17 @@ def _open_redis(redis_url: str) -> servers.Client:
     )
 
 
+def _reloads(pool, state: State, config: Config, metrics: Metrics, payments: Payments | None) -> ReloadWorker:
+    """Reloads are payment orders charged through Stripe (without Stripe, auto-reload cannot be turned
+    on); the webhook that ends a reload order ends its reload at once."""
+    if payments is None or payments.gateway is None:
+        return ReloadWorker(pool, state, config, metrics, gateway=None)
+    gateway = OrdersReloadGateway(payments)
+    worker = ReloadWorker(pool, state, config, metrics, gateway)
+    payments.listeners.append(order_listener(gateway, worker))
+    return worker
+
+
 async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
     """The BYOK vault from SIDECAR_KEK / SIDECAR_KEK_FILE. Refuse to start when stored BYOK keys could
     not be opened: calls would otherwise silently move to the platform key and the customer's credits."""
@@ -146,7 +174,8 @@ async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
     except VaultError as exc:  # a malformed SIDECAR_KEK / SIDECAR_KEK_FILE: say which, in one line
         raise SystemExit(f"sidecar: {exc}") from None
     async with pg_pool.acquire() as conn:
-        stored_kek_ids = await byok_keys.kek_ids(conn)
+        # Notification endpoints' signing secrets are sealed by the same vault.
+        stored_kek_ids = await byok_keys.kek_ids(conn) + await notify_endpoints.kek_ids(conn)
     try:
         check_startup(ring, stored_kek_ids)
     except KekMissing as exc:
@@ -155,6 +184,10 @@ async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
 
 
 async def close_services(svc: Services) -> None:
+    if svc.notifier is not None:
+        await svc.notifier.close()
+    if svc.payments is not None:
+        await svc.payments.close()
     await svc.upstreams.close()
     await svc.pool.close()
     await svc.state.redis.aclose()
@@ -170,6 +203,7 @@ def build_data_app(svc: Services) -> web.Application:
     app[serving.ERROR_BODY] = serving.protocol_error_body
     app[handler.SERVICES] = svc
     handler.add_routes(app)
+    data_route.add_route(app)
     return app
 
 
@@ -202,13 +236,29 @@ class Runtime:
             self._data_runner = self._runners[-1]
             served = frozenset(svc.config.server.workspaces)
             self._tasks.append(asyncio.create_task(settlement.run_spool(svc, self.stop)))
+            # The prices this process bills at, so each ledger row's price_version names its prices.
+            self._tasks.append(
+                asyncio.create_task(price_versions.keep_registered(svc.pool, svc.config.pricing, self.stop))
+            )
             self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
             self._tasks.append(
                 asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop, served))
             )
+            if svc.config.wallet.expiry_enabled:
+                self._tasks.append(
+                    asyncio.create_task(expiry.run(svc.balances, svc.config.wallet, svc.metrics, self.stop, served))
+                )
+            if svc.watch is not None:
+                self._tasks.append(asyncio.create_task(svc.watch.run(self.stop)))
         if self.control_plane:
+            if svc.payments_problem:  # the control plane takes Stripe's webhooks: it cannot run without them
+                raise SystemExit(f"sidecar: {svc.payments_problem}")
             control_port = control_port if control_port is not None else port
             await self._serve(build_control_app(svc), host, control_port, limits)
+            for worker in (svc.reloads, svc.notifier):
+                if worker is not None:
+                    self._tasks.append(asyncio.create_task(worker.run(self.stop)))
+            self._tasks.append(asyncio.create_task(notify_expiry.run(svc.pool, svc.config.notifications, self.stop)))
         # Its own listener and connection budget: /healthz answers while the data port is flooded.
         ops_host = svc.config.server.ops_host or host
         await self._serve(build_ops_app(svc), ops_host, ops_port, serving.ops_limits(svc.config.server))

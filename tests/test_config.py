@@ -112,7 +112,7 @@ def test_the_environment_moves_the_spool() -> None:
         (
             minimal(),
             {"models": {"m": {"input": "1", "output": "1", "cache_red": "1"}}},
-            "models.m.cache_red: unknown token class",
+            "models.m.cache_red: unknown price",
         ),
     ],
 )
@@ -189,7 +189,7 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
         (
             minimal(admin_tokens=[{"name": "a", "sha256": "a" * 64, "permissions": ["READ", "ALL"]}]),
             "admin_tokens[0].permissions: must be a list of WORKSPACES_MANAGE, KEYS_MANAGE, CREDITS_MANAGE, "
-            "TENANT_MANAGE, READ, got 'ALL'",
+            "TENANT_MANAGE, NOTIFICATIONS_MANAGE, READ, got 'ALL'",
         ),
         (
             minimal(admin_tokens=[{"name": "a", "sha256": "a" * 64, "permissions": []}]),

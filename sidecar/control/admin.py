@@ -19,7 +19,8 @@ from aiohttp import web
 
 from sidecar import db, serving
 from sidecar.auth import FailedAuthLimiter, hash_key, new_key
-from sidecar.control import byok
+from sidecar.control import byok, notifications, orders, reload, statements
+from sidecar.control import wallet as wallet_api
 from sidecar.control.http import (
     INT32_MAX,
     PERMISSION,
@@ -35,8 +36,10 @@ from sidecar.control.http import (
     valid_name,
 )
 from sidecar.money import AMOUNT_MICRO_MAX, MoneyError, format_micro, parse_credits
+from sidecar.movements import CREDIT_KINDS
 from sidecar.services import Services
 
+PUBLIC = web.AppKey("public_routes", frozenset)  # (method, path) answered without an admin token
 GRANT_MICRO_MAX = AMOUNT_MICRO_MAX  # a typo guard, far above any real grant; keeps Redis arithmetic exact
 
 
@@ -58,10 +61,12 @@ def _permissions_of(svc: Services, authorization: str) -> frozenset[str] | None:
 async def _admin_guard(request: web.Request, handler):
     svc = request.app[SERVICES]
     try:
+        route = request.match_info.route.resource
+        if route is not None and (request.method, route.canonical) in request.app[PUBLIC]:
+            return await handler(request)  # authenticated by its own means (a provider's signature)
         permissions = _permissions_of(svc, request.headers.get("Authorization", ""))
         if permissions is None:
             raise AdminError(401, "missing or invalid admin token", "invalid_admin_token")
-        route = request.match_info.route.resource
         needed = request.app[PERMISSION].get((request.method, route.canonical if route else ""))
         if needed is None or needed not in permissions:
             raise AdminError(403, f"this admin token lacks the {needed or 'required'} permission", "permission_denied")
@@ -74,8 +79,10 @@ async def create_workspace(request: web.Request) -> web.Response:
     payload = await read_object(request)
     ws = valid_id(payload.get("id") or f"ws_{secrets.token_hex(6)}", "id")
     name = valid_name(payload.get("name"), ws)
-    async with request.app[SERVICES].pool.acquire() as conn:
+    svc = request.app[SERVICES]
+    async with svc.pool.acquire() as conn:
         created = await db.create_workspace(conn, ws, name)
+    await svc.balances.grant_initial_allowance(ws)  # once per workspace (config wallet.allowance_on: created)
     return json_response({"id": ws, "name": name, "created": created}, 201 if created else 200)
 
 
@@ -138,10 +145,11 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
     ws = await existing_workspace(request)
-    async with request.app[SERVICES].pool.acquire() as conn:
+    async with svc.pool.acquire() as conn:
         records = await db.list_api_keys(conn, ws)
-    return json_response({"data": [_key_view(r) for r in records]})
+    return json_response({"data": [{**_key_view(r), **await wallet_api.key_budget_view(svc, r)} for r in records]})
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -174,11 +182,11 @@ async def grant(request: web.Request) -> web.Response:
     payload = await read_object(request)
     grant_id = valid_id(payload.get("grant_id"), "grant_id")
     kind = payload.get("kind", "grant")
-    if kind not in ("grant", "topup"):
-        raise AdminError(400, "kind must be 'grant' or 'topup'", "invalid_kind")
+    if kind not in CREDIT_KINDS:
+        raise AdminError(400, "kind must be 'grant', 'topup' or 'allowance'", "invalid_kind")
     amount = _amount_micro(payload)
     try:
-        result = await svc.balances.grant(ws, grant_id, kind, amount)
+        result = await svc.balances.credit(ws, grant_id, kind, amount)
     except db.GrantConflict:
         raise AdminError(
             409, "this grant_id was already used with a different amount or kind", "grant_conflict"
@@ -237,7 +245,14 @@ def build_control_app(svc: Services) -> web.Application:
     app[serving.ERROR_BODY] = error_body
     app[SERVICES] = svc
     app[PERMISSION] = {}
-    for method, path, handler, permission in ROUTES + byok.ROUTES:
+    routes = ROUTES + byok.ROUTES + wallet_api.ROUTES + orders.PREFIX_ROUTES + reload.ROUTES + notifications.ROUTES
+    for method, path, handler, permission in routes:
         app.router.add_route(method, PREFIX + path, handler)
         app[PERMISSION][(method, PREFIX + path)] = permission
+    for method, path, handler, permission in statements.ROUTES:  # full paths: some are not per workspace
+        app.router.add_route(method, path, handler)
+        app[PERMISSION][(method, path)] = permission
+    app[PUBLIC] = frozenset((method, path) for method, path, _ in orders.PUBLIC_ROUTES)
+    for method, path, handler in orders.PUBLIC_ROUTES:
+        app.router.add_route(method, path, handler)
     return app

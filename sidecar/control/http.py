@@ -11,6 +11,7 @@ from aiohttp import web
 
 from sidecar import db
 from sidecar.errors import ApiError
+from sidecar.money import MoneyError, format_micro, parse_credits
 from sidecar.services import Services
 
 SERVICES = web.AppKey("control_services", Services)
@@ -78,3 +79,29 @@ async def existing_workspace(request: web.Request) -> str:
         if not await db.workspace_exists(conn, ws):
             raise AdminError(404, f"workspace {ws!r} does not exist", "workspace_not_found")
     return ws
+
+
+def credits_field(payload: dict, name: str, high: int) -> int | None:
+    """An amount given as `<name>` (credits, a decimal string) or `<name>_micro` (an integer); None if
+    neither is given. Positive and at most `high` micro-credits."""
+    if f"{name}_micro" in payload:
+        amount = payload[f"{name}_micro"]
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise AdminError(400, f"{name}_micro must be an integer", "invalid_amount")
+    elif payload.get(name) is not None:
+        try:
+            amount = parse_credits(payload[name])
+        except MoneyError as exc:
+            raise AdminError(400, f"{name} (credits, a decimal string) {exc}", "invalid_amount") from None
+    else:
+        return None
+    if not 0 < amount <= high:
+        raise AdminError(400, f"{name} must be positive and at most {format_micro(high)}", "invalid_amount")
+    return amount
+
+
+def query_limit(request: web.Request, default: int, high: int) -> int:
+    text = request.query.get("limit", str(default))
+    if not text.isdigit() or not 1 <= int(text) <= high:
+        raise AdminError(400, f"limit must be an integer from 1 to {high}", "invalid_limit")
+    return int(text)

@@ -38,6 +38,9 @@ _FIELDS = (
     "holds",
     "port",
     "url",
+    "movement_kind",
+    "amount_micro",
+    "short_micro",
 )
 
 

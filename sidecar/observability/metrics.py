@@ -10,6 +10,8 @@ from enum import IntEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from sidecar.observability.payment_metrics import PaymentMetrics
+
 _CHILDREN_MAX = 10_000
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # The OpenTelemetry GenAI conventions' advised boundaries for gen_ai.client.token.usage.
@@ -23,6 +25,9 @@ class RedisCheck(IntEnum):
     UNKNOWN = -1  # not read yet, or Redis refused both CONFIG and INFO
     OFF = 0
     ON = 1
+
+
+READ_REPORTS = ("history", "csv", "summary", "margin")
 
 
 class Metrics:
@@ -105,6 +110,25 @@ class Metrics:
             registry=r,
         )
         self.holds_expired = Counter("sidecar_holds_expired", "Holds voided by the sweeper", registry=r)
+        # Money in and out beyond usage (sidecar/movements.py, sidecar/wallet.py).
+        self.movements = Counter(
+            "sidecar_movements_micro", "Micro-credits moved by credits and debits, by kind", ["kind"], registry=r
+        )
+        self.debits_short = Counter(
+            "sidecar_debits_short_micro",
+            "Micro-credits a debit asked for and could not take, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.usage_fees = Counter("sidecar_usage_fees_micro", "Usage fees charged on non-BYOK calls", registry=r)
+        self.usage_fees_waived = Counter(
+            "sidecar_usage_fees_waived_micro", "Usage fees the workspaces' fee waivers took", registry=r
+        )
+        self.key_budget_refusals = Counter(
+            "sidecar_key_budget_refusals", "Calls refused with 402 because the key's budget was spent", registry=r
+        )
+        self.postpaid_calls = Counter("sidecar_postpaid_calls", "Calls settled post-charge (nothing held)", registry=r)
+        self.expiry_forfeits = Counter("sidecar_expiry_forfeits", "Expired balances forfeited", registry=r)
         self.spooled = Counter(
             "sidecar_settlements_spooled",
             "Settlements written to the disk spool: Redis did not take them in time",
@@ -113,8 +137,50 @@ class Metrics:
         self.settlements_lost = Counter(
             "sidecar_settlements_lost", "Settlements neither taken by Redis nor spooled (alert on any)", registry=r
         )
+        # The read side (sidecar/statements): how long each report takes, and what CSV statements stream.
+        self.read_seconds = Histogram(
+            "sidecar_read_seconds",
+            "Read-side answers (history page, CSV statement, usage summary, margin report), by report",
+            ["report"],
+            buckets=(*_LATENCY_BUCKETS, 600),
+            registry=r,
+        )
+        for report in READ_REPORTS:  # every series exists from the start, so panels and alerts always read it
+            self.read_seconds.labels(report)
+        self.rows_exported = Counter(
+            "sidecar_statement_rows_exported", "Ledger rows streamed in CSV statements", registry=r
+        )
         self.dependency_errors = Counter(
             "sidecar_dependency_errors", "Redis or Postgres errors on the request path", ["dependency"], registry=r
+        )
+        # Money in: auto-reload, the balance watch that triggers it, notifications (README, "Auto-reload").
+        self.auto_reloads = Counter(
+            "sidecar_auto_reloads",
+            "Auto-reloads by step: created, started (payment begun), succeeded, failed, disabled (turned off)",
+            ["outcome"],
+            registry=r,
+        )
+        self.auto_reload_disabled_workspaces = Gauge(
+            "sidecar_auto_reload_disabled_workspaces",
+            "Workspaces whose auto-reload turned itself off after repeated failures (control plane)",
+            registry=r,
+        )
+        self.balance_crossings = Counter(
+            "sidecar_balance_crossings", "Thresholds crossed downward, by watch (notify, reload)", ["kind"], registry=r
+        )
+        self.balance_watch_skipped = Counter(
+            "sidecar_balance_watch_skipped",
+            "Settlement observations skipped: too many workspaces waiting to be checked",
+            registry=r,
+        )
+        self.notification_deliveries = Counter(
+            "sidecar_notification_deliveries",
+            "Webhook delivery attempts by outcome: delivered, retry, failed (gave up)",
+            ["outcome"],
+            registry=r,
+        )
+        self.notifications_pending = Gauge(
+            "sidecar_notifications_pending", "Notification events not yet delivered (control plane)", registry=r
         )
         # Read by /readyz and by each /metrics scrape (sidecar/ops.py), so alerts need no probe.
         self.redis_noeviction = Gauge(
@@ -127,6 +193,7 @@ class Metrics:
         )
         self.redis_noeviction.set(RedisCheck.UNKNOWN)
         self.redis_aof_enabled.set(RedisCheck.UNKNOWN)
+        self.payments = PaymentMetrics(r)
 
     def child(self, metric, *labels: str):
         """`metric.labels(*labels)`, cached: the hot path asks for the same few children every call."""
@@ -137,6 +204,12 @@ class Metrics:
                 return metric.labels(*labels)
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def on_movement(self, kind: str, amount_micro: int, short_micro: int = 0) -> None:
+        if amount_micro:
+            self.child(self.movements, kind).inc(amount_micro)
+        if short_micro:
+            self.child(self.debits_short, kind).inc(short_micro)
 
     def on_flush(self, rows: int, seconds: float, entries: int) -> None:
         self.flush_batch_rows.observe(rows)
