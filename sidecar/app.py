@@ -16,7 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar import db, scrub, serving, sweeper
+from sidecar import db, expiry, scrub, serving, sweeper, wallet
 from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
 from sidecar.billing.payments import open_payments
@@ -82,8 +82,9 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     except BaseException:
         await client.aclose()
         raise
-    balances = Balances(state, pg_pool)
     metrics = Metrics()
+    balances = Balances(state, pg_pool, wallet.Policy.from_config(config.wallet))
+    balances.on_movement = metrics.on_movement
     flusher = Flusher(
         client,
         pg_pool,
@@ -202,6 +203,10 @@ class Runtime:
             self._tasks.append(
                 asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop, served))
             )
+            if svc.config.wallet.expiry_enabled:
+                self._tasks.append(
+                    asyncio.create_task(expiry.run(svc.balances, svc.config.wallet, svc.metrics, self.stop, served))
+                )
         if self.control_plane:
             if svc.payments_problem:  # the control plane takes Stripe's webhooks: it cannot run without them
                 raise SystemExit(f"sidecar: {svc.payments_problem}")

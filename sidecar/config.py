@@ -178,6 +178,38 @@ class BillingConfig(_Strict):
     idempotency_body_bytes_max: Natural = 1024 * 1024
 
 
+class WalletConfig(_Strict):
+    """Money settings every workspace gets unless its wallet (admin API) says otherwise; amounts are
+    credits as decimal strings, parsed exactly (sidecar/wallet.py)."""
+
+    # The usage fee: this percent of a non-BYOK call's token cost is charged on top (its own column,
+    # fee_micro), rounded up to the micro-credit once per call. Never on BYOK calls or free models.
+    usage_fee_percent: str = "0"
+    # The first this-many credits of usage fees of each workspace are waived (per-workspace override).
+    fee_waiver_credits: str = "0"
+    # An initial allowance granted exactly once per workspace: when it is created, or on its first use.
+    allowance_credits: str = "0"
+    allowance_on: Literal["created", "first_use"] = "created"
+    # Expiry: each top-up moves the workspace's expiry to `expiry_extend_months` past the later of now
+    # and the current expiry, at most `expiry_ahead_months_max` ahead; at expiry the balance is forfeited.
+    expiry_enabled: bool = False
+    expiry_extend_months: Annotated[int, Meta(ge=1, le=12)] = 1
+    expiry_ahead_months_max: Annotated[int, Meta(ge=1, le=36)] = 3
+    expiry_check_interval_ms: Annotated[int, Meta(ge=100, le=3_600_000)] = 10_000
+    expiry_batch_max: Annotated[int, Meta(ge=1, le=10_000)] = 100  # workspaces forfeited per check
+
+    def __post_init__(self) -> None:
+        for name, decimals in (("usage_fee_percent", 4), ("fee_waiver_credits", 6), ("allowance_credits", 6)):
+            try:
+                value = parse_decimal_scaled(getattr(self, name), decimals)
+            except MoneyError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+            if name == "usage_fee_percent" and value > 100 * 10**4:
+                raise ValueError("usage_fee_percent: at most 100")
+        if self.expiry_ahead_months_max < self.expiry_extend_months:
+            raise ValueError("expiry_ahead_months_max: must be at least expiry_extend_months")
+
+
 class LimitsConfig(_Strict):
     """Bounds that keep one key or workspace from taking what others need; 0 = none."""
 
@@ -396,6 +428,7 @@ class ConfigFile(_Strict):
     holds: HoldConfig = HoldConfig()
     ledger: LedgerConfig = LedgerConfig()
     billing: BillingConfig = BillingConfig()
+    wallet: WalletConfig = WalletConfig()
     limits: LimitsConfig = LimitsConfig()
     byok: ByokConfig = ByokConfig()
     admin_tokens: tuple[AdminTokenEntry, ...] = ()
@@ -431,6 +464,7 @@ class Config:
     models: dict[str, ModelConfig]  # public name and every alias -> model
     pricing: CostProfile
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    wallet: WalletConfig = field(default_factory=WalletConfig)
     source: str = field(default="<defaults>", compare=False)
     pricing_by_hand: frozenset[str] = frozenset()  # the price entries of pricing.yaml; the rest: the catalog
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
@@ -509,6 +543,7 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
         holds=holds,
         ledger=file.ledger,
         billing=file.billing,
+        wallet=file.wallet,
         byok=file.byok,
         limits=file.limits,
         admin_tokens=tuple(admin_tokens),

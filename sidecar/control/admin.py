@@ -20,6 +20,7 @@ from aiohttp import web
 from sidecar import db, serving
 from sidecar.auth import FailedAuthLimiter, hash_key, new_key
 from sidecar.control import byok, orders
+from sidecar.control import wallet as wallet_api
 from sidecar.control.http import (
     INT32_MAX,
     PERMISSION,
@@ -78,8 +79,10 @@ async def create_workspace(request: web.Request) -> web.Response:
     payload = await read_object(request)
     ws = valid_id(payload.get("id") or f"ws_{secrets.token_hex(6)}", "id")
     name = valid_name(payload.get("name"), ws)
-    async with request.app[SERVICES].pool.acquire() as conn:
+    svc = request.app[SERVICES]
+    async with svc.pool.acquire() as conn:
         created = await db.create_workspace(conn, ws, name)
+    await svc.balances.grant_initial_allowance(ws)  # once per workspace (config wallet.allowance_on: created)
     return json_response({"id": ws, "name": name, "created": created}, 201 if created else 200)
 
 
@@ -142,10 +145,11 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
     ws = await existing_workspace(request)
-    async with request.app[SERVICES].pool.acquire() as conn:
+    async with svc.pool.acquire() as conn:
         records = await db.list_api_keys(conn, ws)
-    return json_response({"data": [_key_view(r) for r in records]})
+    return json_response({"data": [{**_key_view(r), **await wallet_api.key_budget_view(svc, r)} for r in records]})
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -241,7 +245,7 @@ def build_control_app(svc: Services) -> web.Application:
     app[serving.ERROR_BODY] = error_body
     app[SERVICES] = svc
     app[PERMISSION] = {}
-    for method, path, handler, permission in ROUTES + byok.ROUTES + orders.PREFIX_ROUTES:
+    for method, path, handler, permission in ROUTES + byok.ROUTES + wallet_api.ROUTES + orders.PREFIX_ROUTES:
         app.router.add_route(method, PREFIX + path, handler)
         app[PERMISSION][(method, PREFIX + path)] = permission
     app[PUBLIC] = frozenset((method, path) for method, path, _ in orders.PUBLIC_ROUTES)

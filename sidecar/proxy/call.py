@@ -36,6 +36,7 @@ class Call:
     hold_micro: int = 0  # what is held now: 0 while the call runs on the customer's own key
     credits_ceiling_micro: int = 0  # the worst case on the platform's key (the hold on credits)
     byok: bool = False  # the call went upstream with the customer's own key
+    postpaid: bool = False  # admitted post-charge: nothing held, the actual cost debited at settle
     byok_fallback_reason: str | None = None
     ceiling_tokens: int = 0  # the input bound plus the output bound, for the token rate limit
     output_cap: int = 0

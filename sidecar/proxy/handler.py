@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
@@ -22,11 +23,12 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from sidecar import scrub
+from sidecar import scrub, wallet
 from sidecar.auth import Caller, WorkspaceNotServed
 from sidecar.config import ModelConfig, ProviderConfig, Target
 from sidecar.db import POSTGRES_ERRORS
 from sidecar.errors import ControlFlow
+from sidecar.money import format_micro
 from sidecar.observability.logging import request_id_var
 from sidecar.pricing import Usage
 from sidecar.protocols import ALL as PROTOCOLS
@@ -45,13 +47,13 @@ from sidecar.proxy.relay import (
 )
 from sidecar.proxy.settlement import event, settle
 from sidecar.services import Services
-from sidecar.state.store import Admission, AdmitResult, ExpireStatus, GrowHold
+from sidecar.state.store import Admission, AdmitResult, ExpireStatus, GrowHold, KeyBudgetArgs
 
 log = logging.getLogger("sidecar.proxy")
 
 SERVICES = web.AppKey("services", Services)
 LEDGER_BACKLOG_MAX = 1_000_000  # per workspace stream: past this, Postgres is too far behind to admit more
-ADMIT_ATTEMPTS = 3
+ADMIT_ATTEMPTS = 4  # need load -> need key-budget load -> admitted (one spare for a budget changed between)
 # Before the first byte reached the client, these answers send the call to the next target.
 FALLBACK_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
 
@@ -106,7 +108,9 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
     call.output_cap = (
         (facts.max_output_tokens or call.model.max_output_tokens_default) if call.protocol.has_output else 0
     )
-    call.credits_ceiling_micro = _ceiling_micro(svc, call, facts, body)
+    # The worst case on credits, and the usage fee on top of it (settle.lua charges at most this).
+    ceiling_micro = _ceiling_micro(svc, call, facts, body)
+    call.credits_ceiling_micro = ceiling_micro + wallet.fee_micro(ceiling_micro, svc.balances.policy.fee_ppm)
     # The first target's credential decides the billing path: the customer's own key takes no hold.
     first = await credentials.choose(svc, call, svc.config.providers[call.targets[0].provider])
     call.hold_micro = 0 if first.stored else call.credits_ceiling_micro
@@ -248,8 +252,15 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
                 ceiling_tokens=call.ceiling_tokens,
                 token_limit=caller.tokens_per_minute or 0,
                 route=call.protocol.route,
+                key_budget=_key_budget(call),
             )
+            if result.outcome is Admission.NEED_KEY_LOAD:
+                await svc.balances.load_key_budget(
+                    caller.workspace_id, caller.key_id, caller.budget_period, caller.budget_since_ms
+                )
+                continue
             if result.outcome is not Admission.NEED_LOAD:
+                call.postpaid = result.postpaid
                 return _check_admission(svc, call, result)
             await svc.balances.ensure_loaded(caller.workspace_id)
         except (RedisError, *POSTGRES_ERRORS) as exc:
@@ -260,6 +271,15 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
             await _void_lost_admission(svc, call)
             raise SidecarError("unavailable", "metering is unavailable; nothing was charged, retry shortly") from None
     raise SidecarError("unavailable", "could not load the workspace balance; retry shortly")
+
+
+def _key_budget(call: Call) -> KeyBudgetArgs | None:
+    """The key's budget, held at the call's credits ceiling even when it starts on the customer's own
+    key: a fallback to the platform's key must fit it too, and nothing is spent if none happens."""
+    caller = call.caller
+    if caller.budget_micro is None:
+        return None
+    return KeyBudgetArgs(caller.budget_micro, caller.budget_period, call.credits_ceiling_micro)
 
 
 async def _void_lost_admission(svc: Services, call: Call) -> None:
@@ -299,8 +319,25 @@ def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitRes
         )
     if outcome is Admission.INSUFFICIENT:
         svc.metrics.child(svc.metrics.payment_required, route).inc()
-        error = payment_required()
+        error = payment_required()  # the workspace's balance (a key budget or an expiry says so)
         error.headers = {**_rate_headers(limit, result.remaining, result.reset_ms), "x-should-retry": "false"}
+        raise error
+    if outcome is Admission.OVER_KEY_BUDGET:
+        svc.metrics.child(svc.metrics.payment_required, route).inc()
+        svc.metrics.key_budget_refusals.inc()
+        period = call.caller.budget_period
+        error = payment_required(
+            f"this API key's {period} budget of {format_micro(call.caller.budget_micro)} credits is spent: "
+            f"{format_micro(result.available_micro)} left, this request may cost up to "
+            f"{format_micro(call.credits_ceiling_micro)}"
+        )
+        error.headers = {"x-should-retry": "false"}
+        raise error
+    if outcome is Admission.EXPIRED:
+        svc.metrics.child(svc.metrics.payment_required, route).inc()
+        expired = datetime.fromtimestamp(result.expires_at_ms / 1000, UTC).isoformat()
+        error = payment_required(f"the workspace's credits expired at {expired}; buy credits to continue")
+        error.headers = {"x-should-retry": "false"}
         raise error
     if outcome is Admission.DUPLICATE:
         return result
@@ -502,7 +539,7 @@ async def _ready_for_platform_key(
     if not svc.upstreams.has_credentials(provider.name):
         error = SidecarError("unavailable", f"provider {provider.name!r} has no platform key configured")
         return _next_or_fail(last, f"{provider.name}: no platform key configured", error)
-    if call.hold_micro >= call.credits_ceiling_micro:
+    if call.hold_micro >= call.credits_ceiling_micro or call.postpaid:  # post-charge: nothing is held
         return None
     ws = call.caller.workspace_id
     for _ in range(ADMIT_ATTEMPTS):

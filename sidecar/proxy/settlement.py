@@ -130,6 +130,9 @@ def settle_args(svc: Services, call: Call, outcome: Outcome) -> dict:
         "idempotency_ttl_ms": config.billing.idempotency_ttl_ms,
         "tokens_used": usage.total_input_tokens + usage.output_tokens,
         "route": call.protocol.route,
+        "fee_ppm": svc.balances.policy.fee_ppm,
+        "postpaid": call.postpaid,
+        "key_budget_period": caller.budget_period or "" if caller.budget_micro is not None else "",
     }
 
 
@@ -335,6 +338,13 @@ async def run_spool(svc: Services, stop: asyncio.Event) -> None:
 
 def _observe(svc: Services, call: Call, outcome: Outcome, result: SettleResult) -> None:
     svc.metrics.child(svc.metrics.settlements, outcome.status.value).inc()
+    if result.resolved_now:
+        if result.fee_micro:
+            svc.metrics.usage_fees.inc(result.fee_micro)
+        if result.fee_waived_micro:
+            svc.metrics.usage_fees_waived.inc(result.fee_waived_micro)
+        if call.postpaid:
+            svc.metrics.postpaid_calls.inc()
     usage = outcome.usage or Usage()
     if not (result.resolved_now and result.charged_micro) or call.byok:
         return

@@ -291,7 +291,7 @@ class Sidecar:
         assert account is not None
         return account.balance_micro, account.held_micro
 
-    async def assert_identity(self, ws: str) -> dict[str, int]:
+    async def assert_identity(self, ws: str, postpaid: bool = False) -> dict[str, int]:
         """DESIGN.md §6: grants + top-ups + allowances - refunds - expiries - usage - fees == balance, in
         Redis and in Postgres, from the ledger alone (each term from its own rows, see db.ledger_identity)."""
         await self.flush()
@@ -303,7 +303,7 @@ class Sidecar:
         balance, held = await self.redis_account(ws)
         assert balance == expected, (balance, identity)
         assert held == 0, f"holds left: {held}"
-        assert balance >= 0
+        assert balance >= 0 or postpaid  # only post-charge may end below zero
         assert await self.svc.state.active_holds(ws) == 0
         return identity
 
