@@ -97,7 +97,8 @@ async def credit(books: Books, order_id: str, payment: Payment) -> Result:
         return Result(EventOutcome.DEFERRED, "no such order (yet): the provider delivers it again")
     # A purchase moves the workspace's expiry (when expiry is on); a balance already expired is
     # forfeited first, so the purchase does not revive it.
-    extends = await books.balances.before_credit(found.workspace_id, Kind.TOPUP)
+    done = found.status in (OrderStatus.CREDITED, OrderStatus.REFUNDED)  # a replay: nothing to prepare
+    extends = False if done else await books.balances.before_credit(found.workspace_id, Kind.TOPUP)
     async with books.pool.acquire() as conn, conn.transaction():
         order = await orders.order_by_id(conn, order_id, lock=True)
         if order is None:
