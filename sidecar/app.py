@@ -16,7 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar import db, scrub, serving, sweeper
+from sidecar import db, expiry, price_versions, scrub, serving, sweeper, wallet
 from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
 from sidecar.billing.payments import Payments, open_payments
@@ -24,7 +24,7 @@ from sidecar.byok import keys as byok_keys
 from sidecar.byok.keys import Resolver
 from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_startup
 from sidecar.config import Config
-from sidecar.control.admin import build_control_app
+from sidecar.control.server import build_control_app
 from sidecar.ledger.flusher import Flusher
 from sidecar.notify import endpoints as notify_endpoints
 from sidecar.notify import expiry as notify_expiry
@@ -40,6 +40,7 @@ from sidecar.reload.orders_gateway import OrdersReloadGateway, order_listener
 from sidecar.reload.worker import ReloadWorker
 from sidecar.services import Services
 from sidecar.state.store import State, StateLimits
+from sidecar.statements import data_route
 from sidecar.watch import BalanceWatch
 
 log = logging.getLogger("sidecar.app")
@@ -88,8 +89,9 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     except BaseException:
         await client.aclose()
         raise
-    balances = Balances(state, pg_pool)
     metrics = Metrics()
+    balances = Balances(state, pg_pool, wallet.Policy.from_config(config.wallet))
+    balances.on_movement = metrics.on_movement
     flusher = Flusher(
         client,
         pg_pool,
@@ -189,6 +191,7 @@ def build_data_app(svc: Services) -> web.Application:
     app[serving.ERROR_BODY] = serving.protocol_error_body
     app[handler.SERVICES] = svc
     handler.add_routes(app)
+    data_route.add_route(app)
     return app
 
 
@@ -221,10 +224,18 @@ class Runtime:
             self._data_runner = self._runners[-1]
             served = frozenset(svc.config.server.workspaces)
             self._tasks.append(asyncio.create_task(settlement.run_spool(svc, self.stop)))
+            # The prices this process bills at, so each ledger row's price_version names its prices.
+            self._tasks.append(
+                asyncio.create_task(price_versions.keep_registered(svc.pool, svc.config.pricing, self.stop))
+            )
             self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
             self._tasks.append(
                 asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop, served))
             )
+            if svc.config.wallet.expiry_enabled:
+                self._tasks.append(
+                    asyncio.create_task(expiry.run(svc.balances, svc.config.wallet, svc.metrics, self.stop, served))
+                )
             if svc.watch is not None:
                 self._tasks.append(asyncio.create_task(svc.watch.run(self.stop)))
         if self.control_plane:

@@ -12,6 +12,7 @@ from sidecar.errors import DomainError
 from sidecar.ledger.events import COLUMNS
 from sidecar.money import AMOUNT_MICRO_MAX, format_micro
 from sidecar.movements import CREDIT_KINDS, DEBIT_KINDS, DebitResult, Kind
+from sidecar.wallet import extended_expiry
 
 # A Postgres that is down, starting, stopping, failing over, overloaded or cut off mid-query: an
 # outage, answered "unavailable, retry shortly". Every other PostgresError (a syntax error, an
@@ -48,6 +49,9 @@ class ApiKeyRecord:
     created_at: datetime
     revoked_at: datetime | None
     tokens_per_minute: int | None = None
+    budget_micro: int | None = None  # the key's budget per budget_period (None: no budget)
+    budget_period: str | None = None  # 'total' | 'monthly' | 'daily'
+    budget_since: datetime | None = None  # when the budget was set: a 'total' budget counts from here
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,26 @@ async def workspace_exists(conn: asyncpg.Connection, workspace_id: str) -> bool:
     return await conn.fetchval("SELECT true FROM workspaces WHERE id = $1", workspace_id) is not None
 
 
+@dataclass(frozen=True, slots=True)
+class WorkspaceRecord:
+    id: str
+    name: str
+    created_at: datetime
+
+
+WORKSPACES_LISTED_MAX = 10_000  # a list past this is cut (the admin API says so): no unbounded answer
+
+
+async def list_workspaces(conn: asyncpg.Connection, limit: int = WORKSPACES_LISTED_MAX) -> list[WorkspaceRecord]:
+    rows = await conn.fetch("SELECT id, name, created_at FROM workspaces ORDER BY id LIMIT $1", limit)
+    return [WorkspaceRecord(**r) for r in rows]
+
+
+async def get_workspace(conn: asyncpg.Connection, workspace_id: str) -> WorkspaceRecord | None:
+    row = await conn.fetchrow("SELECT id, name, created_at FROM workspaces WHERE id = $1", workspace_id)
+    return WorkspaceRecord(**row) if row else None
+
+
 async def workspace_ids(conn: asyncpg.Connection) -> list[str]:
     return [r["id"] for r in await conn.fetch("SELECT id FROM workspaces ORDER BY id")]
 
@@ -109,7 +133,8 @@ async def office_workspace(conn: asyncpg.Connection, office_id: str) -> str | No
 
 
 _KEY_COLUMNS = (
-    "id, workspace_id, office_id, name, key_hash, last4, rate_limit_rpm, created_at, revoked_at, tokens_per_minute"
+    "id, workspace_id, office_id, name, key_hash, last4, rate_limit_rpm, created_at, revoked_at, tokens_per_minute, "
+    "budget_micro, budget_period, budget_since"
 )
 
 
@@ -150,6 +175,112 @@ async def revoke_api_key(conn: asyncpg.Connection, workspace_id: str, key_id: st
     return ApiKeyRecord(**row) if row else None
 
 
+async def set_key_budget(
+    conn: asyncpg.Connection, workspace_id: str, key_id: str, budget_micro: int | None, period: str | None
+) -> ApiKeyRecord | None:
+    """Set (or, with None, remove) a key's budget; a 'total' budget counts from now."""
+    row = await conn.fetchrow(
+        f"UPDATE api_keys SET budget_micro = $3, budget_period = $4, budget_since = CASE WHEN $3::bigint IS NULL "
+        f"THEN NULL ELSE now() END WHERE id = $1 AND workspace_id = $2 RETURNING {_KEY_COLUMNS}",
+        key_id,
+        workspace_id,
+        budget_micro,
+        period,
+    )
+    return ApiKeyRecord(**row) if row else None
+
+
+async def key_spent_since(conn: asyncpg.Connection, workspace_id: str, key_id: str, since: datetime) -> int:
+    """What a key's calls debited since `since`: its usage rows' impacts (cost and fee)."""
+    return await conn.fetchval(
+        "SELECT coalesce(-sum(balance_impact_micro), 0)::bigint FROM ledger "
+        "WHERE workspace_id = $1 AND key_id = $2 AND kind = 'usage' AND created_at >= $3",
+        workspace_id,
+        key_id,
+        since,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WalletRow:
+    mode: str = "prepaid"
+    credit_limit_micro: int = 0
+    fee_waiver_micro: int | None = None  # None: the deployment's default
+    expires_at: datetime | None = None
+    version: int = 0
+
+
+_WALLET_COLUMNS = "mode, credit_limit_micro, fee_waiver_micro, expires_at, version"
+
+
+async def wallet(conn: asyncpg.Connection, workspace_id: str, lock: bool = False) -> WalletRow:
+    row = await conn.fetchrow(
+        f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE workspace_id = $1" + (" FOR UPDATE" if lock else ""),
+        workspace_id,
+    )
+    return WalletRow(**row) if row else WalletRow()
+
+
+_UNSET = object()
+
+
+async def update_wallet(
+    conn: asyncpg.Connection,
+    workspace_id: str,
+    mode: object = _UNSET,
+    credit_limit_micro: object = _UNSET,
+    fee_waiver_micro: object = _UNSET,
+    expires_at: object = _UNSET,
+) -> WalletRow:
+    """Change the given settings (the others stay), one version further."""
+    async with conn.transaction():
+        current = await wallet(conn, workspace_id, lock=True)
+        merged = WalletRow(
+            mode=current.mode if mode is _UNSET else mode,
+            credit_limit_micro=current.credit_limit_micro if credit_limit_micro is _UNSET else credit_limit_micro,
+            fee_waiver_micro=current.fee_waiver_micro if fee_waiver_micro is _UNSET else fee_waiver_micro,
+            expires_at=current.expires_at if expires_at is _UNSET else expires_at,
+        )
+        row = await conn.fetchrow(
+            "INSERT INTO wallets AS w (workspace_id, mode, credit_limit_micro, fee_waiver_micro, expires_at) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (workspace_id) DO UPDATE SET mode = $2, "
+            "credit_limit_micro = $3, fee_waiver_micro = $4, expires_at = $5, version = w.version + 1, "
+            f"updated_at = now() RETURNING {_WALLET_COLUMNS}",
+            workspace_id,
+            merged.mode,
+            merged.credit_limit_micro,
+            merged.fee_waiver_micro,
+            merged.expires_at,
+        )
+    return WalletRow(**row)
+
+
+async def expired_wallets(conn: asyncpg.Connection, rows_max: int) -> list[tuple[str, datetime]]:
+    """Workspaces past their expiry whose forfeiture is not recorded yet (movement 'expiry:<ms>')."""
+    rows = await conn.fetch(
+        "SELECT w.workspace_id, w.expires_at FROM wallets w WHERE w.expires_at <= now() AND NOT EXISTS ("
+        "  SELECT 1 FROM grants g WHERE g.workspace_id = w.workspace_id AND g.kind = 'expiry' "
+        "  AND g.taken_micro IS NOT NULL "
+        "  AND g.grant_id = 'expiry:' || floor(extract(epoch FROM w.expires_at) * 1000)::bigint) "
+        "ORDER BY w.expires_at LIMIT $1",
+        rows_max,
+    )
+    return [(r["workspace_id"], r["expires_at"]) for r in rows]
+
+
+async def fee_waived(conn: asyncpg.Connection, workspace_id: str) -> int:
+    return await conn.fetchval(
+        "SELECT coalesce((SELECT fee_waived_micro FROM accounts WHERE workspace_id = $1), 0)", workspace_id
+    )
+
+
+async def account_state(conn: asyncpg.Connection, workspace_id: str, lock: bool = False) -> tuple[int, int, int]:
+    """(balance_micro, version, fee_waived_micro) at one version (see account_snapshot)."""
+    query = "SELECT balance_micro, version, fee_waived_micro FROM accounts WHERE workspace_id = $1"
+    row = await conn.fetchrow(query + (" FOR UPDATE" if lock else ""), workspace_id)
+    return (row["balance_micro"], row["version"], row["fee_waived_micro"]) if row else (0, 0, 0)
+
+
 async def account_snapshot(conn: asyncpg.Connection, workspace_id: str, lock: bool = False) -> tuple[int, int]:
     """(balance_micro, version) as Postgres knows it: the ledger's sum, at a version. lock=True keeps
     the row locked until the caller's transaction ends (no flush or grant commits meanwhile)."""
@@ -181,10 +312,16 @@ async def forget_sync(conn: asyncpg.Connection, workspace_id: str, pg_version: i
 
 
 async def credit(
-    conn: asyncpg.Connection, workspace_id: str, grant_id: str, kind: str, amount_micro: int
+    conn: asyncpg.Connection,
+    workspace_id: str,
+    grant_id: str,
+    kind: str,
+    amount_micro: int,
+    expiry_months: tuple[int, int] | None = None,
 ) -> GrantResult:
     """Record a credit (grant, topup, allowance) in the ledger and the account, once per movement id,
-    in one transaction (sidecar/movements.py)."""
+    in one transaction (sidecar/movements.py). expiry_months (extend, ahead at most): the credit also
+    moves the workspace's expiry (wallet.extended_expiry), in the same transaction, so exactly once."""
     if kind not in CREDIT_KINDS:
         raise ValueError(f"credit kind must be one of {', '.join(sorted(CREDIT_KINDS))}, not {kind!r}")
     if not 0 < amount_micro <= AMOUNT_MICRO_MAX:
@@ -234,6 +371,10 @@ async def credit(
             grant_id,
             account["version"],
         )
+        if expiry_months is not None:
+            now = await conn.fetchval("SELECT now()")
+            current = await wallet(conn, workspace_id, lock=True)
+            await update_wallet(conn, workspace_id, expires_at=extended_expiry(now, current.expires_at, *expiry_months))
         # Owed to Redis until applied there: if this process cannot reach Redis after the commit, the
         # data plane's flusher applies it (sidecar/balances.py, Flusher._sync_balances).
         await conn.execute(

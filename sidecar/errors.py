@@ -31,6 +31,10 @@ re-based here; this module imports nothing of the package, so anything may impor
     │   ├── SignatureInvalid        (notify/signing.py) a webhook signature that does not verify: what a
     │   │                           customer's receiver raises; the sidecar only signs
     │   ├── BudgetExceeded          buffered answers past the process's byte budget -> proxy 503, unbilled
+    │   ├── QueryRefused            (ValueError) a read-side filter, period or cursor that cannot be read
+    │   │                           (statements/filters.py) -> admin 400 with its code
+    │   ├── ArchiveRefused          `sidecar ledger archive` will not archive a month (an open statement
+    │   │                           period, an invoice pointing into it) -> one line, exit 1
     │   ├── InvalidEvent            (ValueError) a stream entry that cannot become a ledger row -> the
     │   │                           flusher dead-letters it; never reaches a client
     │   ├── OrderConflict           a client order id reused with other figures -> admin 409 order_conflict
@@ -59,8 +63,10 @@ re-based here; this module imports nothing of the package, so anything may impor
         │                           proxy 502 (504 on a timeout) upstream_unavailable
         ├── _ClientGone             proxy/relay.py: the client left mid-stream -> relay.StreamEnd
         ├── _BadRequest             devtools/mock_provider.py: the mock provider's own 400
-        └── _Malformed              (ValueError) billing/webhooks.py: a signed event of a shape not read
+        ├── _Malformed              (ValueError) billing/webhooks.py: a signed event of a shape not read
                                     -> kept for review
+        └── _CliError               admin_cli.py: `sidecar admin` cannot build or send its request ->
+                                    one line on stderr, exit 2
 
 Anything else that escapes a handler is a bug: logged whole, answered 500 in the port's envelope (or, once
 a stream has begun, ended with the protocol's error event); an admitted call is still settled exactly once.

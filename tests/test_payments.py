@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta
 
 import orjson
-from support.payments import Shop
+from support.payments import Shop, start_shop, stop_shop
 
 from sidecar.billing import orders
 
@@ -366,3 +367,32 @@ async def test_a_payment_whose_webhook_beats_the_checkout_answer_is_credited_onc
     read = await shop.read(ws, order["id"])
     assert [e["to"] for e in read["events"]] == ["created", "paid", "credited"]
     await shop.sidecar.assert_identity(ws)
+
+
+async def test_a_credited_order_moves_the_expiry_and_revives_no_expired_balance(
+    redis_client, redis_url: str, migrated_database_url: str
+):
+    """With expiry on, crediting an order (its own transaction, with the invoice) moves the expiry a
+    month past now, once however often the payment is marked; a balance already expired is forfeited
+    first, so the purchase does not revive it."""
+    shop = await start_shop(redis_url, migrated_database_url, wallet={"expiry_enabled": True})
+    try:
+        sidecar = shop.sidecar
+        ws = (await sidecar.workspace(credits_micro=3_000_000)).id
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        status, _ = await sidecar.admin("POST", f"/workspaces/{ws}/wallet", {"expires_at": past.isoformat()})
+        assert status == 200
+        order = await shop.order(ws, "2.00", provider="manual")
+        path = f"/workspaces/{ws}/orders/{order['id']}/mark-paid"
+        results = await asyncio.gather(*(sidecar.admin("POST", path, {"reference": "wire 7"}) for _ in range(3)))
+        assert sorted(b["outcome"] for _, b in results) == ["applied", "ignored", "ignored"]
+        status, view = await sidecar.admin("GET", f"/workspaces/{ws}/wallet")
+        expires = datetime.fromisoformat(view["expires_at"])
+        assert timedelta(days=27) < expires - datetime.now(UTC) <= timedelta(days=31)
+        [forfeited] = await sidecar.ledger(ws, "expiry")
+        assert forfeited["balance_impact_micro"] == -3_000_000
+        assert await shop.balance(ws) == 2_000_000
+        identity = await sidecar.assert_identity(ws)
+        assert identity["expiries"] == 3_000_000
+    finally:
+        await stop_shop(shop)

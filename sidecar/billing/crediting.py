@@ -90,10 +90,16 @@ def review(kind: Review, reason: str, order: Order | None = None) -> Result:
 
 
 async def credit(books: Books, order_id: str, payment: Payment) -> Result:
+    async with books.pool.acquire() as conn:
+        found = await orders.order_by_id(conn, order_id)
+    if found is None:
+        return Result(EventOutcome.DEFERRED, "no such order (yet): the provider delivers it again")
+    # Before the crediting transaction: with expiry on, an expired balance is forfeited first (a
+    # purchase must not revive it), and the crediting then moves the expiry in its transaction.
+    extends = await books.balances.before_credit(found.workspace_id, "topup")
     async with books.pool.acquire() as conn, conn.transaction():
         order = await orders.order_by_id(conn, order_id, lock=True)
-        if order is None:
-            return Result(EventOutcome.DEFERRED, "no such order (yet): the provider delivers it again")
+        assert order is not None, "orders are never deleted"
         refused = refusal(order, payment)
         if refused is not None:
             return review(*refused, order)
@@ -109,11 +115,14 @@ async def credit(books: Books, order_id: str, payment: Payment) -> Result:
         }
         if order.status is not OrderStatus.PAID:
             order = await orders.transition(conn, order.id, OrderStatus.PAID, payment.detail, **fields)
-        grant = await db.grant(conn, order.workspace_id, f"order:{order.id}", "topup", order.amount_micro)
+        expiry_months = books.balances.expiry_months(extends)
+        grant = await db.credit(
+            conn, order.workspace_id, f"order:{order.id}", "topup", order.amount_micro, expiry_months
+        )
         detail = {**payment.detail, "grant_event_id": str(grant.event_id)}
         order = await orders.transition(conn, order.id, OrderStatus.CREDITED, detail)
         number = await invoices.assign(conn, order, books.issuer)
-    await books.balances.apply_grant(order.workspace_id, grant)
+    await books.balances.after_credit(order.workspace_id, grant, extends)
     return Result(EventOutcome.APPLIED, None, order, number, credited_micro=order.amount_micro)
 
 

@@ -25,6 +25,9 @@ class RedisCheck(IntEnum):
     ON = 1
 
 
+READ_REPORTS = ("history", "csv", "summary", "margin")
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -89,6 +92,25 @@ class Metrics:
             registry=r,
         )
         self.holds_expired = Counter("sidecar_holds_expired", "Holds voided by the sweeper", registry=r)
+        # Money in and out beyond usage (sidecar/movements.py, sidecar/wallet.py).
+        self.movements = Counter(
+            "sidecar_movements_micro", "Micro-credits moved by credits and debits, by kind", ["kind"], registry=r
+        )
+        self.debits_short = Counter(
+            "sidecar_debits_short_micro",
+            "Micro-credits a debit asked for and could not take, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.usage_fees = Counter("sidecar_usage_fees_micro", "Usage fees charged on non-BYOK calls", registry=r)
+        self.usage_fees_waived = Counter(
+            "sidecar_usage_fees_waived_micro", "Usage fees the workspaces' fee waivers took", registry=r
+        )
+        self.key_budget_refusals = Counter(
+            "sidecar_key_budget_refusals", "Calls refused with 402 because the key's budget was spent", registry=r
+        )
+        self.postpaid_calls = Counter("sidecar_postpaid_calls", "Calls settled post-charge (nothing held)", registry=r)
+        self.expiry_forfeits = Counter("sidecar_expiry_forfeits", "Expired balances forfeited", registry=r)
         self.spooled = Counter(
             "sidecar_settlements_spooled",
             "Settlements written to the disk spool: Redis did not take them in time",
@@ -96,6 +118,19 @@ class Metrics:
         )
         self.settlements_lost = Counter(
             "sidecar_settlements_lost", "Settlements neither taken by Redis nor spooled (alert on any)", registry=r
+        )
+        # The read side (sidecar/statements): how long each report takes, and what CSV statements stream.
+        self.read_seconds = Histogram(
+            "sidecar_read_seconds",
+            "Read-side answers (history page, CSV statement, usage summary, margin report), by report",
+            ["report"],
+            buckets=(*_LATENCY_BUCKETS, 600),
+            registry=r,
+        )
+        for report in READ_REPORTS:  # every series exists from the start, so panels and alerts always read it
+            self.read_seconds.labels(report)
+        self.rows_exported = Counter(
+            "sidecar_statement_rows_exported", "Ledger rows streamed in CSV statements", registry=r
         )
         self.dependency_errors = Counter(
             "sidecar_dependency_errors", "Redis or Postgres errors on the request path", ["dependency"], registry=r
@@ -151,6 +186,12 @@ class Metrics:
                 return metric.labels(*labels)
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def on_movement(self, kind: str, amount_micro: int, short_micro: int = 0) -> None:
+        if amount_micro:
+            self.child(self.movements, kind).inc(amount_micro)
+        if short_micro:
+            self.child(self.debits_short, kind).inc(short_micro)
 
     def on_flush(self, rows: int, seconds: float, entries: int) -> None:
         self.flush_batch_rows.observe(rows)

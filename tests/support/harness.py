@@ -18,10 +18,10 @@ import asyncpg
 import orjson
 from aiohttp.test_utils import TestServer
 
-from sidecar import db
+from sidecar import db, price_versions
 from sidecar.app import build_data_app, close_services, open_services
-from sidecar.config import Config, parse_config
-from sidecar.control.admin import build_control_app
+from sidecar.config import PERMISSIONS, Config, parse_config
+from sidecar.control.server import build_control_app
 from sidecar.devtools import mock_provider
 from sidecar.services import Services
 from sidecar.state import keys
@@ -32,7 +32,24 @@ TEST_KEK = "testkek1:" + base64.b64encode(bytes(range(32))).decode()
 # Admin tokens with fewer permissions than the bootstrap one, stored (as configured) by their SHA-256.
 TENANT_ADMIN_TOKEN = "tenant-admin-token"
 KEYS_ADMIN_TOKEN = "keys-admin-token"
+# Tokens limited to one workspace (admin_tokens[].workspace): every permission, and READ only.
+SCOPED_WORKSPACE = "ws_scoped"
+SCOPED_ADMIN_TOKEN = "scoped-admin-token"
+SCOPED_READER_TOKEN = "scoped-reader-token"
+ALL_PERMISSIONS = list(PERMISSIONS)  # every permission the config knows
 ADMIN_TOKENS = [
+    {
+        "name": "scoped",
+        "sha256": hashlib.sha256(SCOPED_ADMIN_TOKEN.encode()).hexdigest(),
+        "permissions": ALL_PERMISSIONS,
+        "workspace": SCOPED_WORKSPACE,
+    },
+    {
+        "name": "scoped-reader",
+        "sha256": hashlib.sha256(SCOPED_READER_TOKEN.encode()).hexdigest(),
+        "permissions": ["READ"],
+        "workspace": SCOPED_WORKSPACE,
+    },
     {
         "name": "tenant",
         "sha256": hashlib.sha256(TENANT_ADMIN_TOKEN.encode()).hexdigest(),
@@ -291,7 +308,7 @@ class Sidecar:
         assert account is not None
         return account.balance_micro, account.held_micro
 
-    async def assert_identity(self, ws: str) -> dict[str, int]:
+    async def assert_identity(self, ws: str, postpaid: bool = False) -> dict[str, int]:
         """DESIGN.md §6: grants + top-ups + allowances - refunds - expiries - usage - fees == balance, in
         Redis and in Postgres, from the ledger alone (each term from its own rows, see db.ledger_identity)."""
         await self.flush()
@@ -303,7 +320,7 @@ class Sidecar:
         balance, held = await self.redis_account(ws)
         assert balance == expected, (balance, identity)
         assert held == 0, f"holds left: {held}"
-        assert balance >= 0
+        assert balance >= 0 or postpaid  # only post-charge may end below zero
         assert await self.svc.state.active_holds(ws) == 0
         return identity
 
@@ -346,6 +363,7 @@ async def start_sidecar(
     svc = await open_services(config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY, **(env or {"SIDECAR_KEK": TEST_KEK})})
     svc.spool.open()
     svc.inflight.open()
+    await price_versions.register(svc.pool, config.pricing)  # what Runtime.start does for `sidecar serve`
     data = TestServer(build_data_app(svc))
     control = TestServer(build_control_app(svc))
     await data.start_server()

@@ -38,6 +38,8 @@ CREATE TABLE wallets (
     fee_waiver_micro    bigint CHECK (fee_waiver_micro >= 0),
     -- expiry: from this instant no call is admitted and the remaining balance is forfeited once
     expires_at          timestamptz,
+    -- grows with every change: Redis keeps the newest settings whichever writer comes last (wallet.lua)
+    version             bigint NOT NULL DEFAULT 1,
     updated_at          timestamptz NOT NULL DEFAULT now()
 );
 
