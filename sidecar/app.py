@@ -23,7 +23,7 @@ from sidecar.byok import keys as byok_keys
 from sidecar.byok.keys import Resolver
 from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_startup
 from sidecar.config import Config
-from sidecar.control.admin import build_control_app
+from sidecar.control.server import build_control_app
 from sidecar.ledger.flusher import Flusher
 from sidecar.notify import endpoints as notify_endpoints
 from sidecar.notify import expiry as notify_expiry

@@ -1,4 +1,5 @@
-"""The one CLI: `sidecar serve | control | dev | migrate | audit | mock-provider | kek | token-hash | schema`."""
+"""The one CLI: `sidecar serve | control | dev | migrate | audit | admin | mock-provider | kek | token-hash |
+schema`."""
 
 from __future__ import annotations
 
@@ -249,8 +250,13 @@ def _main(argv: list[str] | None) -> int:
     dev.add_argument("--port", type=int, default=8080)
     dev.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "WARNING"))
     sub.add_parser("mock-provider", help="the deterministic OpenAI-compatible provider", add_help=False)
+    sub.add_parser("admin", help="operate over the admin API (SIDECAR_ADMIN_URL, SIDECAR_ADMIN_TOKEN)", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
+    if args.command == "admin":
+        from sidecar import admin_cli
+
+        return admin_cli.run(rest)
     if args.command == "mock-provider":
         if (mock_provider := _devtool(args.command, "mock_provider")) is None:
             return 2

@@ -287,6 +287,16 @@ class BalanceWatchConfig(_Strict):
     batch_workspaces_max: Annotated[int, Meta(ge=1, le=10_000)] = 200
 
 
+class ConsoleConfig(_Strict):
+    """The billing console under /console (control plane)."""
+
+    session_ttl_ms: Annotated[int, Meta(ge=60_000)] = 8 * 3_600_000  # a log-in lasts this long at most
+    sessions_per_token_max: Positive = 50  # past it, the token's oldest session is ended
+    # Secure cookies even when the request arrived over plain HTTP (behind a TLS-terminating proxy).
+    # Requests that arrive over TLS always get Secure cookies.
+    secure_cookies: bool = False
+
+
 class ProviderConfig(_Strict):
     name: Name
     protocol: Protocol
@@ -481,8 +491,12 @@ class AdminTokenEntry(_Strict):
     name: Name
     sha256: str  # of the token: `sidecar token-hash`
     permissions: Annotated[frozenset[Permission], Meta(min_length=1)]
+    # Limits the token (and console sessions opened with it) to this one workspace; null: every one.
+    workspace: str | None = None
 
     def __post_init__(self) -> None:
+        if self.workspace is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.workspace):
+            raise ValueError("workspace: must be a workspace id (1-64 letters, digits, '_', '.', '-')")
         if not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
             raise ValueError("sha256: must be the 64 hex digits of the token's SHA-256 (`sidecar token-hash`)")
 
@@ -508,6 +522,7 @@ class ConfigFile(_Strict):
     notifications: NotificationsConfig = NotificationsConfig()
     auto_reload: AutoReloadConfig = AutoReloadConfig()
     balance_watch: BalanceWatchConfig = BalanceWatchConfig()
+    console: ConsoleConfig = ConsoleConfig()
     admin_tokens: tuple[AdminTokenEntry, ...] = ()
     payments: PaymentsConfig = PaymentsConfig()
     fees: FeesConfig = FeesConfig()
@@ -522,6 +537,7 @@ class AdminToken:
     name: str
     sha256: bytes
     permissions: frozenset[str]
+    workspace: str | None = None  # None: platform-wide
 
 
 @dataclass(frozen=True)
@@ -546,6 +562,7 @@ class Config:
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     auto_reload: AutoReloadConfig = field(default_factory=AutoReloadConfig)
     balance_watch: BalanceWatchConfig = field(default_factory=BalanceWatchConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     source: str = field(default="<defaults>", compare=False)
     pricing_by_hand: frozenset[str] = frozenset()  # the price entries of pricing.yaml; the rest: the catalog
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
@@ -606,7 +623,7 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
     by_hand = frozenset(pricing.models)
     pricing = CostProfile(pricing.name, pricing.currency, pricing.charge_micro_min, priced.models, priced.changes)
     bootstrap = env.get("SIDECAR_ADMIN_TOKEN") or None
-    admin_tokens = [AdminToken(t.name, bytes.fromhex(t.sha256), t.permissions) for t in file.admin_tokens]
+    admin_tokens = [AdminToken(t.name, bytes.fromhex(t.sha256), t.permissions, t.workspace) for t in file.admin_tokens]
     if bootstrap:  # the environment's token may do everything
         admin_tokens.insert(
             0, AdminToken("bootstrap", hashlib.sha256(bootstrap.encode()).digest(), frozenset(PERMISSIONS))
@@ -626,6 +643,7 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
         billing=file.billing,
         wallet=file.wallet,
         byok=file.byok,
+        console=file.console,
         limits=file.limits,
         tracing=file.tracing,
         notifications=file.notifications,

@@ -63,8 +63,10 @@ re-based here; this module imports nothing of the package, so anything may impor
         │                           proxy 502 (504 on a timeout) upstream_unavailable
         ├── _ClientGone             proxy/relay.py: the client left mid-stream -> relay.StreamEnd
         ├── _BadRequest             devtools/mock_provider.py: the mock provider's own 400
-        └── _Malformed              (ValueError) billing/webhooks.py: a signed event of a shape not read
+        ├── _Malformed              (ValueError) billing/webhooks.py: a signed event of a shape not read
                                     -> kept for review
+        └── _CliError               admin_cli.py: `sidecar admin` cannot build or send its request ->
+                                    one line on stderr, exit 2
 
 Anything else that escapes a handler is a bug: logged whole, answered 500 in the port's envelope (or, once
 a stream has begun, ended with the protocol's error event); an admitted call is still settled exactly once.

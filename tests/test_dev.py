@@ -4,6 +4,7 @@ no ledger row; a second run on the same data directory finds the same key, balan
 
 from __future__ import annotations
 
+import http.cookiejar
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from contextlib import suppress
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from support.services import run_sync
 
 from sidecar.config import parse_config
 from sidecar.devtools import dev, embedded
+from sidecar.money import format_micro
 
 SIDECAR = Path(sys.executable).with_name("sidecar")
 READY_LINE = "Ctrl-C stops everything."
@@ -144,6 +147,10 @@ class Banner:
     @property
     def admin_token(self) -> str:
         return self.field(r"^Admin API\s+\S+\s+token: (\S+)")
+
+    @property
+    def console_url(self) -> str:
+        return self.field(r"^Console\s+(\S+)")
 
     @property
     def metrics_url(self) -> str:
@@ -277,6 +284,16 @@ def _top_up(banner: Banner, amount_micro: int) -> None:
         time.sleep(0.05)
 
 
+def _console_overview(banner: Banner) -> str:
+    """Logs in to the printed console URL with the printed token, as a browser would; the page it lands on."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    with opener.open(banner.console_url, timeout=CALL_TIMEOUT_S) as response:  # -> the log-in page
+        csrf = re.search(r'name="csrf" value="([^"]+)"', response.read().decode()).group(1)
+    form = urllib.parse.urlencode({"token": banner.admin_token, "csrf": csrf}).encode()
+    with opener.open(banner.console_url + "/login", data=form, timeout=CALL_TIMEOUT_S) as response:
+        return response.read().decode()
+
+
 def _run_printed(argv: list[str]) -> str:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
@@ -340,6 +357,13 @@ def test_dev_runs_meters_stops_cleanly_and_keeps_its_state(tmp_path: Path) -> No
         assert first.ready_s < 15, "a new user should be running in seconds"
         assert (data_dir / "dev-state.json").stat().st_mode & 0o077 == 0, "the key file must be private"
         assert _balance_micro(banner) == INITIAL_GRANT_MICRO
+        assert banner.console_url == f"http://127.0.0.1:{port + 1}/console"
+        landing = _console_overview(banner)  # the bootstrap token sees every workspace
+        assert "<h1>Workspaces</h1>" in landing and "/console/w/demo" in landing
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        printed_cli = banner.block("SIDECAR_ADMIN_URL=", lines=1)
+        answer = subprocess.run(["bash", "-c", printed_cli], capture_output=True, text=True, env=env, timeout=60)
+        assert answer.returncode == 0 and format_micro(INITIAL_GRANT_MICRO) in answer.stdout, answer.stderr
 
         assert _chat(banner) == MOCK_ANSWER
         snippet = banner.block("from openai import OpenAI", lines=3)

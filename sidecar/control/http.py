@@ -15,7 +15,8 @@ from sidecar.money import MoneyError, format_micro, parse_credits
 from sidecar.services import Services
 
 SERVICES = web.AppKey("control_services", Services)
-PERMISSION = web.AppKey("route_permissions", dict)
+ROUTE_TABLE = web.AppKey("route_table", dict)  # (method, canonical path) -> access.Route
+PRINCIPAL = web.RequestKey("principal", object)  # the access.Principal the guard let through
 
 # \Z, not $: `$` also matches before a trailing newline, which let "wsA\n" pass as a new id.
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
@@ -73,9 +74,10 @@ def bounded_int(value: object, what: str, low: int, high: int, code: str) -> int
     return value
 
 
-async def existing_workspace(request: web.Request) -> str:
-    ws = valid_id(request.match_info["ws"], "workspace id")
-    async with request.app[SERVICES].pool.acquire() as conn:
+async def ensure_workspace(svc: Services, ws: str) -> str:
+    """`ws`, checked to be an id of an existing workspace; else AdminError 400 or 404."""
+    valid_id(ws, "workspace id")
+    async with svc.pool.acquire() as conn:
         if not await db.workspace_exists(conn, ws):
             raise AdminError(404, f"workspace {ws!r} does not exist", "workspace_not_found")
     return ws
@@ -105,3 +107,7 @@ def query_limit(request: web.Request, default: int, high: int) -> int:
     if not text.isdigit() or not 1 <= int(text) <= high:
         raise AdminError(400, f"limit must be an integer from 1 to {high}", "invalid_limit")
     return int(text)
+
+
+async def existing_workspace(request: web.Request) -> str:
+    return await ensure_workspace(request.app[SERVICES], request.match_info["ws"])

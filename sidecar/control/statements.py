@@ -11,7 +11,7 @@ Postgres only (DESIGN.md section 12). A bad filter changes nothing and gets a 40
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -62,23 +62,27 @@ def _timed(svc: Services, report: str) -> Iterator[None]:
         svc.metrics.read_seconds.labels(report).observe(time.perf_counter() - started)
 
 
-async def ledger_page(request: web.Request) -> web.Response:
-    ws = await existing_workspace(request)
-    _once(request)
+async def history_view(svc: Services, ws: str, query: Mapping[str, str]) -> dict:
+    """A page of `ws`'s ledger history for the filters in `query` (the admin route's and the console's)."""
     try:
-        filters = parse_filters(request.query)
-        limit = parse_limit(request.query.get("limit"))
-        if "format" in request.query:
+        filters = parse_filters(query)
+        limit = parse_limit(query.get("limit"))
+        if "format" in query:
             raise QueryRefused("format is for the CSV statement (ledger.csv)")
-        svc = request.app[SERVICES]
         with _timed(svc, "history"):
             async with svc.pool.acquire() as conn:
-                body = await history.page(conn, ws, filters, request.query.get("cursor"), limit)
+                body = await history.page(conn, ws, filters, query.get("cursor"), limit)
     except QueryRefused as error:
         raise _refused(error) from None
     except db.POSTGRES_OUTAGE:
         raise _unavailable() from None
-    return json_response({"workspace_id": ws, **body})
+    return {"workspace_id": ws, **body}
+
+
+async def ledger_page(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    _once(request)
+    return json_response(await history_view(request.app[SERVICES], ws, request.query))
 
 
 async def ledger_csv(request: web.Request) -> web.StreamResponse:
@@ -114,20 +118,25 @@ async def ledger_csv(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def usage_summary(request: web.Request) -> web.Response:
-    ws = await existing_workspace(request)
-    _only(request, _PERIOD_PARAMS)
+async def summary_view(svc: Services, ws: str, query: Mapping[str, str]) -> dict:
+    """`ws`'s usage summary for the period in `query` (the admin route's and the console's)."""
+    unknown = sorted(set(query) - _PERIOD_PARAMS)
+    if unknown:
+        raise AdminError(400, f"unknown parameter(s): {', '.join(unknown)}", "invalid_filter")
     try:
-        period = parse_period(request.query.get("from"), request.query.get("to"), _today().date(), SUMMARY_DAYS_DEFAULT)
-        svc = request.app[SERVICES]
+        period = parse_period(query.get("from"), query.get("to"), _today().date(), SUMMARY_DAYS_DEFAULT)
         with _timed(svc, "summary"):
             async with svc.pool.acquire() as conn:
-                body = await summary.usage_summary(conn, ws, period, period)
+                return await summary.usage_summary(conn, ws, period, period)
     except QueryRefused as error:
         raise _refused(error) from None
     except db.POSTGRES_OUTAGE:
         raise _unavailable() from None
-    return json_response(body)
+
+
+async def usage_summary(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    return json_response(await summary_view(request.app[SERVICES], ws, request.query))
 
 
 async def margin_report(request: web.Request) -> web.Response:
@@ -161,9 +170,10 @@ async def margin_report(request: web.Request) -> web.Response:
     return json_response(report)
 
 
-ROUTES = (
+WORKSPACE_ROUTES = (
     ("GET", "/admin/v1/workspaces/{ws}/ledger", ledger_page, "READ"),
     ("GET", "/admin/v1/workspaces/{ws}/ledger.csv", ledger_csv, "READ"),
     ("GET", "/admin/v1/workspaces/{ws}/usage-summary", usage_summary, "READ"),
-    ("GET", "/admin/v1/reports/margin", margin_report, "READ"),
 )
+# The margin report shows what the platform pays upstream: platform-wide tokens only.
+PLATFORM_ROUTES = (("GET", "/admin/v1/reports/margin", margin_report, "READ"),)

@@ -409,6 +409,10 @@ def render_banner(info: BannerInfo) -> str:
         f"Admin API    {admin_url}   token: {info.admin_token}",
         "  Balance:",
         balance_curl,
+        "  or with the operator CLI:",
+        f"  SIDECAR_ADMIN_URL=http://{HOST}:{info.port + 1} SIDECAR_ADMIN_TOKEN={info.admin_token} "
+        f"sidecar admin balance {DEMO_WORKSPACE}",
+        f"Console      http://{HOST}:{info.port + 1}/console   log in with the admin token above",
         f"Metrics      {ops_url}/metrics   (health: {ops_url}/healthz, {ops_url}/readyz)",
         "Ledger       (settled calls reach Postgres within a second)",
         f"  {info.psql} {info.database_url} -c {shlex.quote(ledger_sql)}",
