@@ -14,17 +14,20 @@ from math import ceil
 from pathlib import Path
 
 import orjson
+import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
 from support.scripts import admit
 
 from sidecar import db, expiry, wallet
-from sidecar.state import keys
+from sidecar.state import keys, servers
 from sidecar.state.store import Admission, ExpireStatus, IdempotencyRecord, KeyBudgetArgs, State, WalletSettings
 from sidecar.wallet import BudgetPeriod
+
+# The wallet's money path runs against a single Redis and against a Redis Cluster (conftest.py).
+pytestmark = pytest.mark.both_redis
 
 LUA = Path(__file__).resolve().parents[1] / "sidecar" / "state" / "lua"
 
@@ -45,7 +48,8 @@ def test_a_percent_is_parts_per_million_exactly(percent) -> None:
 async def _fee_case(redis_url: str, ppm: int, waiver: int, costs: list[int]) -> None:
     """settle.lua, call after call, charges exactly what wallet.fee_charged says, the waiver taking
     the first micro-credits of fees and never more than it has."""
-    client = aioredis.Redis.from_url(redis_url)
+    client = servers.from_url(redis_url)
+    await servers.ready(client)
     state = State(client)
     ws = f"ws_{secrets.token_hex(5)}"
     try:
@@ -92,12 +96,14 @@ def _lua_period_id() -> str:
 @given(now_ms=st.integers(0, 4_102_444_800_000), period=st.sampled_from(list(BudgetPeriod)))
 def test_the_scripts_period_boundaries_are_exact_utc(redis_url: str, now_ms: int, period: BudgetPeriod) -> None:
     async def case() -> None:
-        client = aioredis.Redis.from_url(redis_url)
+        client = servers.from_url(redis_url)
+        await servers.ready(client)
         try:
             script = _lua_period_id()
             start = wallet.period_start_ms(period, now_ms, 0)
             for at in (now_ms, start, max(start - 1, 0)):
-                lua = (await client.eval(script, 0, period.value, at)).decode()
+                # One key (unused), so a cluster client knows where to send it.
+                lua = (await client.eval(script, 1, "{period}:probe", period.value, at)).decode()
                 assert lua == wallet.period_id(period, at), (period, at)
         finally:
             await client.aclose()
