@@ -101,12 +101,13 @@ async def test_configuration_errors_exit_2() -> None:
 
 def test_a_new_route_gets_its_command_in_a_few_lines(capsys) -> None:
     extra = admin_cli.Command(
-        "orders", "list", "a workspace's orders", "GET", "/workspaces/{ws}/orders", (admin_cli.WS,), ("id", "state")
+        "reports", "margin", "the margin report", "GET", "/reports/margin", (admin_cli.Arg("from", "", "query", False),)
     )
     parser = admin_cli._parser((*admin_cli.COMMANDS, extra))
-    args = parser.parse_args(["orders", "list", "ws_1"])
-    assert args.command is extra and args.ws == "ws_1"
-    assert admin_cli.readable({"data": [{"id": "o1", "state": "paid", "x": 1}]}, extra).split() == [
+    args = parser.parse_args(["reports", "margin", "--from", "2026-11-01"])
+    assert args.command is extra and getattr(args, "from") == "2026-11-01"
+    shown = admin_cli.Command("x", "y", "", "GET", "/x", (), ("id", "state"))
+    assert admin_cli.readable({"data": [{"id": "o1", "state": "paid", "x": 1}]}, shown).split() == [
         "ID",
         "STATE",
         "o1",
