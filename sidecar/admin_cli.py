@@ -55,6 +55,8 @@ class Command:
 WS = Arg("ws", "workspace id")
 KEY_COLUMNS = ("id", "name", "last4", "office_id", "rate_limit_rpm", "created_at", "revoked_at")
 BYOK_COLUMNS = ("id", "provider", "scope", "office_id", "last4", "status", "created_at", "last_used_at")
+ORDER = Arg("order_id", "order id")
+ORDER_COLUMNS = ("id", "status", "provider", "amount", "total_minor", "currency", "created_at")
 LEDGER_COLUMNS = ("created_at", "kind", "status", "model", "input_tokens", "output_tokens", "cost", "balance_impact")
 # The ledger's filters (README, "Statements and reports"), as query parameters.
 LEDGER_FILTERS = tuple(
@@ -173,6 +175,70 @@ COMMANDS: tuple[Command, ...] = (
         "/workspaces/{ws}/ledger.csv",
         (WS, *LEDGER_FILTERS),
         raw=True,
+    ),
+    Command(
+        "orders",
+        "list",
+        "a workspace's payment orders, newest first",
+        "GET",
+        "/workspaces/{ws}/orders",
+        (WS, Arg("limit", "rows", "query", False)),
+        ORDER_COLUMNS,
+    ),
+    Command("orders", "show", "one order", "GET", "/workspaces/{ws}/orders/{order_id}", (WS, ORDER)),
+    Command(
+        "orders",
+        "create",
+        "an order for credits: stripe (prints the checkout URL) or manual (mark it paid later)",
+        "POST",
+        "/workspaces/{ws}/orders",
+        (
+            WS,
+            Arg("amount", "credits, a decimal string", "body"),
+            Arg("client_order_id", "your idempotency id for the order", "body"),
+            Arg("provider", "stripe (default) or manual", "body", False),
+        ),
+    ),
+    Command(
+        "orders",
+        "mark-paid",
+        "record a manual order's payment (credits it once)",
+        "POST",
+        "/workspaces/{ws}/orders/{order_id}/mark-paid",
+        (WS, ORDER, Arg("reference", "the payment's reference (bank transfer id...)", "body")),
+    ),
+    Command(
+        "orders", "cancel", "cancel an open order", "POST", "/workspaces/{ws}/orders/{order_id}/cancel", (WS, ORDER)
+    ),
+    Command(
+        "orders", "refund", "refund a paid order", "POST", "/workspaces/{ws}/orders/{order_id}/refund", (WS, ORDER)
+    ),
+    Command(
+        "invoices",
+        "list",
+        "a workspace's invoices",
+        "GET",
+        "/workspaces/{ws}/invoices",
+        (WS,),
+        ("number", "order_id", "issued_at", "pdf"),
+    ),
+    Command(
+        "invoices",
+        "pdf",
+        "an invoice's PDF (to --output or stdout)",
+        "GET",
+        "/workspaces/{ws}/invoices/{number}/pdf",
+        (WS, Arg("number", "invoice number")),
+        raw=True,
+    ),
+    Command("auto-reload", "show", "a workspace's auto-reload settings", "GET", "/workspaces/{ws}/auto-reload", (WS,)),
+    Command(
+        "auto-reload",
+        "disable",
+        "turn a workspace's auto-reload off",
+        "DELETE",
+        "/workspaces/{ws}/auto-reload",
+        (WS,),
     ),
     Command(
         "usage",

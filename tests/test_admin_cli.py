@@ -101,12 +101,13 @@ async def test_configuration_errors_exit_2() -> None:
 
 def test_a_new_route_gets_its_command_in_a_few_lines(capsys) -> None:
     extra = admin_cli.Command(
-        "orders", "list", "a workspace's orders", "GET", "/workspaces/{ws}/orders", (admin_cli.WS,), ("id", "state")
+        "reports", "margin", "the margin report", "GET", "/reports/margin", (admin_cli.Arg("from", "", "query", False),)
     )
     parser = admin_cli._parser((*admin_cli.COMMANDS, extra))
-    args = parser.parse_args(["orders", "list", "ws_1"])
-    assert args.command is extra and args.ws == "ws_1"
-    assert admin_cli.readable({"data": [{"id": "o1", "state": "paid", "x": 1}]}, extra).split() == [
+    args = parser.parse_args(["reports", "margin", "--from", "2026-11-01"])
+    assert args.command is extra and getattr(args, "from") == "2026-11-01"
+    shown = admin_cli.Command("x", "y", "", "GET", "/x", (), ("id", "state"))
+    assert admin_cli.readable({"data": [{"id": "o1", "state": "paid", "x": 1}]}, shown).split() == [
         "ID",
         "STATE",
         "o1",
@@ -147,3 +148,30 @@ async def test_ledger_list_export_usage_and_budgets(sidecar: Sidecar, tmp_path) 
     assert code == 0 and json.loads(out)["budget_micro"] == 2_500_000 and json.loads(out)["budget_period"] == "daily"
     code, out, _ = await cli(sidecar, "--json", "keys", "budget", ws.id, ws.key_id)  # removed
     assert code == 0 and json.loads(out)["budget_micro"] is None
+
+
+async def test_orders_invoices_and_auto_reload(shop, tmp_path) -> None:
+    sidecar = shop.sidecar
+    ws = (await sidecar.workspace()).id
+    argv = ("orders", "create", ws, "25.00", "cli-order-1", "--provider", "manual")
+    code, out, err = await cli(sidecar, "--json", *argv)
+    assert code == 0, err
+    order = json.loads(out)
+    assert order["status"] == "created" and order["amount_micro"] == 25_000_000
+    code, out, _ = await cli(sidecar, "orders", "list", ws)
+    assert code == 0 and order["id"] in out and "created" in out
+    code, out, err = await cli(sidecar, "--json", "orders", "mark-paid", ws, order["id"], "wire 42")
+    assert code == 0 and json.loads(out)["outcome"] == "applied", err
+    code, out, _ = await cli(sidecar, "--json", "balance", ws)
+    assert json.loads(out)["balance_micro"] == 25_000_000
+    code, out, _ = await cli(sidecar, "--json", "invoices", "list", ws)
+    invoices = json.loads(out)["data"]
+    assert code == 0 and len(invoices) == 1 and invoices[0]["order_id"] == order["id"]
+    target = tmp_path / "invoice.pdf"
+    code, _, err = await cli(sidecar, "invoices", "pdf", ws, invoices[0]["number"], "-o", str(target))
+    assert code == 0, err
+    assert target.read_bytes().startswith(b"%PDF-")
+    code, out, _ = await cli(sidecar, "--json", "auto-reload", "show", ws)
+    assert code == 0 and json.loads(out)["enabled"] is False
+    code, _, err = await cli(sidecar, "orders", "cancel", ws, order["id"])  # credited: too late
+    assert code == 1 and "order_state" in err
