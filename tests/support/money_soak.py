@@ -73,8 +73,10 @@ MODELS = ("gpt-4o-mini", "gpt-4o-mini", "mock-free", "fallback-503")
 ROLES = ("checkout", "reload", "declined", "postpaid", "budget", "expiring", "manual")
 FINAL_ROUNDS_MAX = 60
 WEBHOOK_COPIES = (1, 1, 1, 2, 3, 8, 20)
-BURST_CALLS = 4
+BURST_CALLS = 8
 BURST_ROUNDS_MAX = 100
+SLOW_MS = "4000"  # a call that is still running through what happens next
+HOLD_WAIT_ROUNDS = 300
 
 
 @dataclass
@@ -228,7 +230,7 @@ async def cast(soak: Soak) -> None:
 async def _burst_budget(soak: Soak) -> None:
     """The burst key's budget: exactly BURST_CALLS of its calls fit (a probe call says what one holds)."""
     sc, burst = soak.sc, soak.burst
-    assert (await sc.chat(burst, chat_body("burst")))[0] == 200
+    assert (await sc.chat(burst, _burst_body()))[0] == 200
     await sc.flush()
     [row] = [r for r in await sc.ledger(burst.id) if r["key_id"] == burst.key_id]
     soak.truth.burst_budget_micro = BURST_CALLS * row["hold_micro"]
@@ -318,16 +320,27 @@ async def clerk(soak: Soak) -> None:
 
 async def expire_mid_call(soak: Soak) -> None:
     """The expiring workspace's credits expire while a slow call holds some, and a purchase is paid at
-    that very moment: it must wait for the forfeiture, never revive the expired credits."""
+    that very moment: it must wait for the forfeiture (503: Stripe delivers it again), never revive the
+    expired credits."""
     await asyncio.sleep(soak.duration_s * 0.3)
-    ws = soak.cast["expiring"]
-    slow = asyncio.ensure_future(soak.sc.chat(ws, chat_body(), headers={"x-mock-first-byte-delay-ms": "600"}))
-    await asyncio.sleep(0.1)
+    sc, ws = soak.sc, soak.cast["expiring"]
+    slow = asyncio.ensure_future(sc.chat(ws, chat_body(), headers={"x-mock-first-byte-delay-ms": SLOW_MS}))
+    await _until_held(soak, ws.id, 1)
     soak.truth.expiry_set_at = datetime.now(UTC) + timedelta(milliseconds=100)
     await _put(soak, ws.id, "wallet", {"expires_at": soak.truth.expiry_set_at.isoformat()})
     await asyncio.sleep(0.15)
-    await checkout(soak, ws.id, "0.20", deliver=False)  # the postman delivers it now, during the hold
+    await checkout(soak, ws.id, "0.20", deliver=False)
+    assert not slow.done(), "the purchase must be paid while the expired credits are held"
+    for evt in soak.shop.fake.events[-2:]:
+        await soak.postman.send(evt, 3)  # the postman owns what was deferred
     soak.truth.calls[(await slow)[0]] += 1
+
+
+async def _until_held(soak: Soak, ws: str, holds_min: int) -> None:
+    for _ in range(HOLD_WAIT_ROUNDS):
+        if await soak.sc.svc.state.active_holds(ws) >= holds_min:
+            return
+        await asyncio.sleep(0.01)
 
 
 async def redis_loses_everything(soak: Soak) -> None:
@@ -335,16 +348,25 @@ async def redis_loses_everything(soak: Soak) -> None:
     until its budget says no. The calls whose holds were lost must not take it past its budget."""
     await asyncio.sleep(soak.duration_s / 2)
     sc, burst = soak.sc, soak.burst
-    slow_headers = {"x-mock-first-byte-delay-ms": "700"}
-    first = asyncio.gather(*[sc.chat(burst, chat_body("burst"), headers=slow_headers) for _ in range(BURST_CALLS)])
-    await asyncio.sleep(0.3)
+    slow_headers = {"x-mock-first-byte-delay-ms": SLOW_MS}
+    first = asyncio.gather(*[sc.chat(burst, _burst_body(), headers=slow_headers) for _ in range(BURST_CALLS)])
+    began = time.monotonic()
+    await _until_held(soak, burst.id, BURST_CALLS)
+    held_s = time.monotonic() - began
     await sc.flush()
     await soak.redis.flushdb()
+    spent_s = time.monotonic() - began
+    assert not first.done(), f"the burst must be in flight when Redis loses everything ({held_s:.2f} {spent_s:.2f} s)"
     for _ in range(BURST_ROUNDS_MAX):
-        answers = await asyncio.gather(*[sc.chat(burst, chat_body("burst")) for _ in range(BURST_CALLS)])
+        answers = await asyncio.gather(*[sc.chat(burst, _burst_body()) for _ in range(BURST_CALLS)])
         if first.done() and any(status == 402 for status, *_ in answers):
             break
+        await asyncio.sleep(0.05)
     soak.truth.calls.update(status for status, *_ in await first)
+
+
+def _burst_body() -> dict:
+    return chat_body("burst", max_tokens=8)  # the mock answers 8 tokens: a call costs most of its hold
 
 
 # --- the run --------------------------------------------------------------------------------------------
@@ -384,6 +406,9 @@ async def run(soak: Soak) -> None:
 async def settle_the_rest(soak: Soak) -> None:
     """Deliver what is owed (Stripe retries for days), end the reloads in flight, forfeit what expired."""
     svc = soak.sc.svc
+    in_flight, declined = 0, None
+    for ws in soak.ids():  # a retry after a back-off reads the live balance (Redis was emptied)
+        await svc.balances.ensure_loaded(ws)
     for _ in range(FINAL_ROUNDS_MAX):
         await soak.postman.round(final=True)
         while await svc.watch.run_once():
@@ -400,7 +425,10 @@ async def settle_the_rest(soak: Soak) -> None:
         if soak.postman.done() and not in_flight and not declined.enabled:
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"still owed after {FINAL_ROUNDS_MAX} rounds: {list(soak.postman.owed)}")
+    raise AssertionError(
+        f"not settled after {FINAL_ROUNDS_MAX} rounds: events owed {list(soak.postman.owed)}, "
+        f"reloads in flight {in_flight}, declined card's auto-reload {declined.view() if declined else None}"
+    )
 
 
 # --- the books ------------------------------------------------------------------------------------------
