@@ -39,6 +39,6 @@ async def test_money_in_short_soak(money_shop, redis_client) -> None:
 @pytest.mark.slow
 async def test_money_in_soak(money_shop, redis_client) -> None:
     soak = await _soak(money_shop, redis_client, duration_s=50.0, workers=24, seed=20261202)
-    figures = await money_soak.check(soak, reloads_min=3)
-    assert sum(soak.truth.calls.values()) > 2_000, figures
+    figures = await money_soak.check(soak, reloads_min=2)
+    assert sum(soak.truth.calls.values()) > 1_000, figures
     print(figures)

@@ -206,8 +206,8 @@ async def cast(soak: Soak) -> None:
     c = soak.cast
     c["checkout"] = await sc.workspace(credits_micro=200_000, rpm=100_000)
     c["reload"] = await sc.workspace(rpm=100_000)
-    await checkout(soak, c["reload"].id, "0.10")  # saves the card auto-reload charges
-    await _put(soak, c["reload"].id, "auto-reload", {"threshold": "0.08", "amount": "0.08"}, "PUT")
+    await checkout(soak, c["reload"].id, "0.02")  # saves the card auto-reload charges
+    await _put(soak, c["reload"].id, "auto-reload", {"threshold": "0.03", "amount": "0.03"}, "PUT")
     c["declined"] = await sc.workspace(credits_micro=60_000, rpm=100_000)
     declined = {"threshold": "10", "amount": "10", "payment_method_id": "pm_declined_soak", "customer_id": "cus_x"}
     await _put(soak, c["declined"].id, "auto-reload", declined, "PUT")
@@ -326,9 +326,12 @@ async def expire_mid_call(soak: Soak) -> None:
     sc, ws = soak.sc, soak.cast["expiring"]
     slow = asyncio.ensure_future(sc.chat(ws, chat_body(), headers={"x-mock-first-byte-delay-ms": SLOW_MS}))
     await _until_held(soak, ws.id, 1)
-    soak.truth.expiry_set_at = datetime.now(UTC) + timedelta(milliseconds=100)
-    await _put(soak, ws.id, "wallet", {"expires_at": soak.truth.expiry_set_at.isoformat()})
-    await asyncio.sleep(0.15)
+    expires_at = datetime.now(UTC) + timedelta(milliseconds=300)
+    await _put(soak, ws.id, "wallet", {"expires_at": expires_at.isoformat()})
+    # Admission knows the expiry once the wallet route pushed it into Redis (a loaded machine may take
+    # longer than the 300 ms): calls are refused from the later of the two instants.
+    soak.truth.expiry_set_at = max(expires_at, datetime.now(UTC))
+    await asyncio.sleep(max((soak.truth.expiry_set_at - datetime.now(UTC)).total_seconds(), 0) + 0.05)
     await checkout(soak, ws.id, "0.20", deliver=False)
     assert not slow.done(), "the purchase must be paid while the expired credits are held"
     for evt in soak.shop.fake.events[-2:]:
@@ -349,20 +352,29 @@ async def redis_loses_everything(soak: Soak) -> None:
     await asyncio.sleep(soak.duration_s / 2)
     sc, burst = soak.sc, soak.burst
     slow_headers = {"x-mock-first-byte-delay-ms": SLOW_MS}
+    await _flush_a_little(soak)
     first = asyncio.gather(*[sc.chat(burst, _burst_body(), headers=slow_headers) for _ in range(BURST_CALLS)])
     began = time.monotonic()
     await _until_held(soak, burst.id, BURST_CALLS)
-    held_s = time.monotonic() - began
-    await sc.flush()
     await soak.redis.flushdb()
     spent_s = time.monotonic() - began
-    assert not first.done(), f"the burst must be in flight when Redis loses everything ({held_s:.2f} {spent_s:.2f} s)"
+    assert not first.done(), f"the burst must be in flight when Redis loses everything ({spent_s:.2f} s)"
     for _ in range(BURST_ROUNDS_MAX):
         answers = await asyncio.gather(*[sc.chat(burst, _burst_body()) for _ in range(BURST_CALLS)])
         if first.done() and any(status == 402 for status, *_ in answers):
             break
         await asyncio.sleep(0.05)
     soak.truth.calls.update(status for status, *_ in await first)
+
+
+async def _flush_a_little(soak: Soak) -> None:
+    """Most of what is settled into Postgres before Redis loses it (under load the streams never stay
+    empty: what settles after this is lost with Redis, as without an AOF: fewer rows, same identity)."""
+    flusher = soak.sc.svc.flusher
+    for ws in soak.ids():
+        flusher.note_workspace(ws)
+    for _ in range(3):
+        await flusher.flush_once()
 
 
 def _burst_body() -> dict:
