@@ -215,3 +215,25 @@ async def test_a_paid_checkout_while_expired_credits_are_held_is_redelivered_the
     assert status == 200, body
     assert len(await sc.ledger(ws.id, "expiry")) == 2
     assert (await sc.assert_identity(ws.id))["account_balance"] == 5_000_000
+
+
+async def test_admission_refuses_from_the_expiry_millisecond_exactly(redis_client) -> None:
+    """Admissions in a tight loop across the expiry instant (several per millisecond on an idle
+    machine, so one lands in the expiry's own millisecond: `>` for `>=` in admit.lua shows): every one
+    admitted ran before it (Redis time), and the refusals start there."""
+    state = State(redis_client)
+    ws = f"ws_{secrets.token_hex(5)}"
+    expires_ms = await state.time_ms() + 40
+    await state.load(ws, 10**12, 0, wallet=WalletSettings(version=1, expires_at_ms=expires_ms))
+    admitted_ms: list[int] = []
+    for _ in range(20_000):
+        _, result = await _admit(state, ws, ceiling=1)
+        if result.outcome is Admission.EXPIRED:
+            assert result.expires_at_ms == expires_ms
+            break
+        assert result.outcome is Admission.ADMITTED
+        admitted_ms.append(result.now_us // 1000)
+    else:
+        raise AssertionError("admission never refused past the expiry")
+    assert admitted_ms and max(admitted_ms) < expires_ms, (max(admitted_ms), expires_ms)
+    assert (await state.time_ms()) >= expires_ms
