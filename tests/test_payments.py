@@ -396,3 +396,25 @@ async def test_a_credited_order_moves_the_expiry_and_revives_no_expired_balance(
         assert identity["expiries"] == 3_000_000
     finally:
         await stop_shop(shop)
+
+
+async def test_a_paid_order_moves_the_expiry_like_any_top_up(redis_client, redis_url, migrated_database_url):
+    shop = await start_shop(redis_url, migrated_database_url, wallet={"expiry_enabled": True})
+    try:
+        ws = (await shop.sidecar.workspace()).id
+        order = await shop.order(ws, "2.00", provider="manual")
+        path = f"/workspaces/{ws}/orders/{order['id']}/mark-paid"
+        for _ in range(3):  # once: a replay moves nothing
+            assert (await shop.sidecar.admin("POST", path, {"reference": "r"}))[0] == 200
+        status, wallet = await shop.sidecar.admin("GET", f"/workspaces/{ws}/wallet")
+        assert status == 200 and wallet["expires_at"] is not None
+        first = wallet["expires_at"]
+        order2 = await shop.order(ws, "2.00", provider="manual")
+        path2 = f"/workspaces/{ws}/orders/{order2['id']}/mark-paid"
+        assert (await shop.sidecar.admin("POST", path2, {"reference": "r2"}))[0] == 200
+        _, wallet = await shop.sidecar.admin("GET", f"/workspaces/{ws}/wallet")
+        assert wallet["expires_at"] > first, "a second purchase moves it further"
+        assert await shop.balance(ws) == 4_000_000
+        await shop.sidecar.assert_identity(ws)
+    finally:
+        await stop_shop(shop)

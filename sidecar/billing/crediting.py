@@ -24,6 +24,7 @@ from sidecar.balances import Balances
 from sidecar.billing import invoices, orders
 from sidecar.billing.orders import CLOSED_UNPAID, OPEN, EventOutcome, Order, OrderStatus, Provider
 from sidecar.config import InvoiceIssuerConfig
+from sidecar.movements import Kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +102,10 @@ async def _credit(books: Books, order_id: str, payment: Payment) -> Result:
         found = await orders.order_by_id(conn, order_id)
     if found is None:
         return Result(EventOutcome.DEFERRED, "no such order (yet): the provider delivers it again")
-    # Before the crediting transaction: with expiry on, an expired balance is forfeited first (a
-    # purchase must not revive it), and the crediting then moves the expiry in its transaction.
-    extends = await books.balances.before_credit(found.workspace_id, "topup")
+    # A purchase moves the workspace's expiry (when expiry is on); a balance already expired is
+    # forfeited first, so the purchase does not revive it.
+    done = found.status in (OrderStatus.CREDITED, OrderStatus.REFUNDED)  # a replay: nothing to prepare
+    extends = False if done else await books.balances.before_credit(found.workspace_id, Kind.TOPUP)
     async with books.pool.acquire() as conn, conn.transaction():
         order = await orders.order_by_id(conn, order_id, lock=True)
         assert order is not None, "orders are never deleted"
@@ -122,9 +124,13 @@ async def _credit(books: Books, order_id: str, payment: Payment) -> Result:
         }
         if order.status is not OrderStatus.PAID:
             order = await orders.transition(conn, order.id, OrderStatus.PAID, payment.detail, **fields)
-        expiry_months = books.balances.expiry_months(extends)
         grant = await db.credit(
-            conn, order.workspace_id, f"order:{order.id}", "topup", order.amount_micro, expiry_months
+            conn,
+            order.workspace_id,
+            f"order:{order.id}",
+            Kind.TOPUP,
+            order.amount_micro,
+            books.balances.expiry_months(extends),
         )
         detail = {**payment.detail, "grant_event_id": str(grant.event_id)}
         order = await orders.transition(conn, order.id, OrderStatus.CREDITED, detail)
@@ -165,7 +171,7 @@ async def refund(books: Books, order: Order, detail: dict) -> Result:
         return Result(EventOutcome.DEFERRED, "refunded before its payment was seen: delivered again later", order)
     if order.status in CLOSED_UNPAID:
         return review(Review.CLOSED, f"a refund of an order that was {order.status.value}", order)
-    debit = await books.balances.debit(order.workspace_id, f"refund:{order.id}", "refund", order.amount_micro)
+    debit = await books.balances.debit(order.workspace_id, f"refund:{order.id}", Kind.REFUND, order.amount_micro)
     async with books.pool.acquire() as conn, conn.transaction():
         current = await orders.order_by_id(conn, order.id, lock=True)
         if current.status is OrderStatus.REFUNDED:

@@ -15,7 +15,6 @@ from datetime import datetime
 
 import asyncpg
 import orjson
-from fpdf import FPDF
 
 from sidecar.billing.orders import Order
 from sidecar.billing.tax import format_money
@@ -126,6 +125,8 @@ def lines(order: Order) -> list[tuple[str, str]]:
 
 
 def render_pdf(inv: Invoice, order: Order) -> bytes:
+    from fpdf import FPDF  # a second of import: only the process that renders an invoice pays it
+
     pdf = FPDF(format="A4")
     pdf.set_title(inv.number)
     pdf.set_creator("ai-metering-sidecar")

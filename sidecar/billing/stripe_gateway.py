@@ -8,13 +8,14 @@ The secret key and the webhook secret are read once at start and live only in th
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from types import ModuleType
 
 import orjson
-import stripe
 
 from sidecar import scrub
 from sidecar.billing.orders import Order
@@ -24,6 +25,12 @@ from sidecar.errors import DomainError
 from sidecar.money import format_micro
 
 log = logging.getLogger("sidecar.billing.stripe")
+
+
+def _stripe() -> ModuleType:
+    """The SDK, imported on first use: it takes seconds to import, and only a control plane with
+    payments.stripe configured ever calls Stripe (the data plane and `sidecar migrate` never do)."""
+    return importlib.import_module("stripe")
 
 
 class PaymentsUnavailable(DomainError):
@@ -88,13 +95,22 @@ class StripeGateway:
         scrub.remember(webhook_secret)
         self.config = config
         self._webhook_secret = webhook_secret
-        self._http = stripe.AIOHTTPClient(timeout=config.timeout_ms / 1000)
-        self._client = stripe.StripeClient(
-            secret_key,
-            base_addresses={"api": config.api_base} if config.api_base else None,
-            http_client=self._http,
-            max_network_retries=config.max_network_retries,
-        )
+        self._secret_key = secret_key
+        self._sdk = None  # (http client, StripeClient), made on first use (see _stripe)
+
+    @property
+    def _client(self):
+        if self._sdk is None:
+            stripe = _stripe()
+            http = stripe.AIOHTTPClient(timeout=self.config.timeout_ms / 1000)
+            client = stripe.StripeClient(
+                self._secret_key,
+                base_addresses={"api": self.config.api_base} if self.config.api_base else None,
+                http_client=http,
+                max_network_retries=self.config.max_network_retries,
+            )
+            self._sdk = (http, client)
+        return self._sdk[1]
 
     @classmethod
     def from_config(cls, config: StripeConfig, env: dict[str, str]) -> StripeGateway:
@@ -104,7 +120,8 @@ class StripeGateway:
         return cls(config, key, webhook)
 
     async def close(self) -> None:
-        await self._http.close_async()
+        if self._sdk is not None:
+            await self._sdk[0].close_async()
 
     async def checkout(self, order: Order) -> Checkout:
         """A Checkout Session charging the order's total; the order id is its idempotency key and
@@ -159,7 +176,7 @@ class StripeGateway:
         }
         try:
             intent = await self._call(self._client.v1.payment_intents.create_async, params, order.id)
-        except stripe.CardError as exc:
+        except _stripe().CardError as exc:
             raise PaymentDeclined(exc.code) from None
         return Charge(payment_id=intent["id"], status=intent["status"])
 
@@ -168,9 +185,9 @@ class StripeGateway:
         because the session is not open any more (paid, or expired already: its webhook tells which)."""
         try:
             session = await self._client.v1.checkout.sessions.expire_async(order.provider_session_id)
-        except stripe.InvalidRequestError:
+        except _stripe().InvalidRequestError:
             return False
-        except stripe.StripeError as exc:
+        except _stripe().StripeError as exc:
             log.warning(
                 "stripe refused or could not be reached",
                 extra={"order_id": order.id, "error": type(exc).__name__, "http_status": exc.http_status},
@@ -181,9 +198,9 @@ class StripeGateway:
     async def _call(self, create, params: dict, order_id: str):
         try:
             return await create(params, {"idempotency_key": order_id})
-        except stripe.CardError:
+        except _stripe().CardError:
             raise
-        except stripe.StripeError as exc:
+        except _stripe().StripeError as exc:
             # The SDK's message names no secret; its class and HTTP status say enough to act on.
             log.warning(
                 "stripe refused or could not be reached",
@@ -197,7 +214,7 @@ class StripeGateway:
             event = self._client.construct_event(
                 payload, signature, self._webhook_secret, self.config.webhook_tolerance_ms // 1000
             )
-        except stripe.SignatureVerificationError as exc:
+        except _stripe().SignatureVerificationError as exc:
             stale = "tolerance" in str(exc).lower()
             raise WebhookRefused(WebhookRefusal.STALE if stale else WebhookRefusal.SIGNATURE) from None
         except (ValueError, UnicodeDecodeError):
