@@ -436,6 +436,7 @@ class State:
         fee_ppm: int = 0,
         postpaid: bool = False,
         key_budget_period: str = "",
+        key_budget_micro: int | None = None,
     ) -> SettleResult:
         """Resolve the hold once (the money rules: settle.lua's header). NEED_LOAD: Redis lost the workspace
         (restarted empty) during the call.
@@ -480,6 +481,8 @@ class State:
                 fee_ppm,
                 "1" if postpaid else "0",
                 key_budget_period,
+                key_id,
+                "" if key_budget_micro is None else key_budget_micro,
             ],
         )
         result = _decode_settle(reply, replaying and bool(body))
