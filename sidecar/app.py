@@ -16,9 +16,10 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar import db, expiry, scrub, serving, sweeper, wallet
+from sidecar import db, expiry, price_versions, scrub, serving, sweeper, wallet
 from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
+from sidecar.billing.payments import open_payments
 from sidecar.byok import keys as byok_keys
 from sidecar.byok.keys import Resolver
 from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_startup
@@ -113,7 +114,12 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     except Exception:
         log.warning("could not load Lua scripts at start; they load on first use")
     await warn_if_evicting(client)
+    payments, payments_problem = open_payments(
+        config, pg_pool, balances, metrics.payments, dict(os.environ) if env is None else env
+    )
     return Services(
+        payments=payments,
+        payments_problem=payments_problem,
         spool=Spool(config.holds.spool_dir, config.holds.spool_entries_max),
         inflight=Inflight(config.holds.spool_dir),
         buffer_budget=ByteBudget(config.upstream.buffered_answers_bytes_max),
@@ -147,6 +153,8 @@ async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
 
 
 async def close_services(svc: Services) -> None:
+    if svc.payments is not None:
+        await svc.payments.close()
     await svc.upstreams.close()
     await svc.pool.close()
     await svc.state.redis.aclose()
@@ -193,6 +201,10 @@ class Runtime:
             self._data_runner = self._runners[-1]
             served = frozenset(svc.config.server.workspaces)
             self._tasks.append(asyncio.create_task(settlement.run_spool(svc, self.stop)))
+            # The prices this process bills at, so each ledger row's price_version names its prices.
+            self._tasks.append(
+                asyncio.create_task(price_versions.keep_registered(svc.pool, svc.config.pricing, self.stop))
+            )
             self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
             self._tasks.append(
                 asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop, served))
@@ -202,6 +214,8 @@ class Runtime:
                     asyncio.create_task(expiry.run(svc.balances, svc.config.wallet, svc.metrics, self.stop, served))
                 )
         if self.control_plane:
+            if svc.payments_problem:  # the control plane takes Stripe's webhooks: it cannot run without them
+                raise SystemExit(f"sidecar: {svc.payments_problem}")
             control_port = control_port if control_port is not None else port
             await self._serve(build_control_app(svc), host, control_port, limits)
         # Its own listener and connection budget: /healthz answers while the data port is flooded.

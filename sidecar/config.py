@@ -27,7 +27,7 @@ from msgspec import Meta, Struct
 from sidecar import catalog
 from sidecar.errors import StartupError
 from sidecar.money import MoneyError, parse_credits, parse_decimal_scaled, parse_price_per_million
-from sidecar.pricing import CostProfile, ModelPrice, TokenPrices
+from sidecar.pricing import EXTRA_TOKEN_CLASSES, TOOL_FEES, CostProfile, ModelPrice, TokenPrices
 from sidecar.protocols.base import ROUTING_FIELDS
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ PROTOCOLS = get_args(Protocol)
 Permission = Literal["WORKSPACES_MANAGE", "KEYS_MANAGE", "CREDITS_MANAGE", "TENANT_MANAGE", "READ"]
 PERMISSIONS = get_args(Permission)
 RoutingField = Literal[ROUTING_FIELDS]  # OpenRouter's request fields a model may allow
+# How a model's targets are ordered for a call (proxy/routing.py): as listed, by `priority` (lowest
+# first), or by the call's price ceiling on each (cheapest first).
+Routing = Literal["order", "priority", "cheapest"]
 TARGETS_MAX = 8
 
 Natural = Annotated[int, Meta(ge=0)]
@@ -267,6 +270,7 @@ class Target(_Strict):
     provider: Name
     upstream_model: str | None = None  # default: the model's name
     price: str | None = None  # default: the model's name
+    priority: Natural | None = None  # with the model's `routing: priority`: lowest first (ties: as listed)
 
 
 class ModelConfig(_Strict):
@@ -282,8 +286,12 @@ class ModelConfig(_Strict):
     aliases: tuple[Name, ...] = ()
     provider: str | None = None  # with upstream_model: the one-target shorthand of `targets`
     upstream_model: str | None = None
-    # Tried in order; the next one only if nothing reached the client yet.
+    # Tried in the `routing` order; the next one only if nothing reached the client yet.
     targets: Annotated[tuple[Target, ...], Meta(max_length=TARGETS_MAX)] = ()
+    # order: as listed; priority: by each target's `priority`, lowest first; cheapest: by the call's
+    # price ceiling on each target, cheapest first. In every case a target whose ceiling the workspace
+    # cannot cover is skipped (402 only when none fits).
+    routing: Routing = "order"
     # OpenRouter routing fields (protocols.base.ROUTING_FIELDS) a client may send for this model;
     # the others get a 400. With `models` allowed, the hold is at the dearest model listed.
     allow_routing_fields: tuple[RoutingField, ...] = ()
@@ -291,6 +299,11 @@ class ModelConfig(_Strict):
     def __post_init__(self) -> None:
         if self.markup_percent is not None:
             _check_markup(self.markup_percent)
+        prioritized = [t.priority is not None for t in self.targets]
+        if self.routing == "priority" and not all(prioritized):
+            raise ValueError("targets: with routing: priority, every target needs a priority")
+        if self.routing != "priority" and any(prioritized):
+            raise ValueError("routing: a target has a priority; set routing: priority to use it")
 
 
 def _check_markup(text: str) -> None:
@@ -303,6 +316,108 @@ def _check_markup(text: str) -> None:
 def parse_markup_percent(text: str) -> Decimal:
     """'12.5' -> Decimal('12.5'): a non-negative decimal string, exact."""
     return Decimal(parse_decimal_scaled(text, 6)) / 10**6
+
+
+class StripeConfig(_Strict):
+    """Stripe, through its official SDK. The secret key and the webhook endpoint's signing secret are
+    read at start from a file (a mounted secret; wins) or else an environment variable, never from
+    this file, and never written anywhere."""
+
+    secret_key_env: str = "STRIPE_SECRET_KEY"
+    secret_key_file: str = ""
+    webhook_secret_env: str = "STRIPE_WEBHOOK_SECRET"
+    webhook_secret_file: str = ""
+    # "": Stripe's own API. The dev tools and the tests point it at the local fake (devtools/fake_stripe.py).
+    api_base: str = ""
+    # Where Checkout sends the customer back; {ORDER_ID} is replaced by the order's id.
+    success_url: Name = "http://localhost:3000/credits/success?order={ORDER_ID}"
+    cancel_url: Name = "http://localhost:3000/credits/canceled?order={ORDER_ID}"
+    # A webhook signed longer ago than this is refused (400): a replayed capture cannot be used later.
+    webhook_tolerance_ms: Annotated[int, Meta(ge=1_000, le=3_600_000)] = 300_000
+    timeout_ms: TimeoutMs = 10_000
+    max_network_retries: Annotated[int, Meta(ge=0, le=5)] = 2
+    product_name: Name = "Credits"
+
+    def __post_init__(self) -> None:
+        if self.api_base and not self.api_base.startswith(("http://", "https://")):
+            raise ValueError(f"api_base: must start with http:// or https://, got {self.api_base!r}")
+
+
+class PaymentsConfig(_Strict):
+    """Buying credits (README, "Buying credits"): payment orders, paid through Stripe or by hand."""
+
+    # The currency customers pay in; credits are units of it, so it is the cost profile's currency.
+    # "": the cost profile's currency.
+    currency: str = ""
+    order_amount_min: str = "1"  # credits, a decimal string
+    order_amount_max: str = "100000"
+    stripe: StripeConfig | None = None  # absent: only the manual provider (an operator marks orders paid)
+
+    def __post_init__(self) -> None:
+        for key in ("order_amount_min", "order_amount_max"):
+            try:
+                parse_credits(getattr(self, key))
+            except MoneyError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        if parse_credits(self.order_amount_min) <= 0 or parse_credits(self.order_amount_min) > parse_credits(
+            self.order_amount_max
+        ):
+            raise ValueError("order_amount_min: must be positive and at most order_amount_max")
+        if self.currency and not re.fullmatch(r"[A-Za-z]{3}", self.currency):
+            raise ValueError(f"currency: must be a 3-letter ISO 4217 code, got {self.currency!r}")
+
+
+class FeesConfig(_Strict):
+    # Added on top of a purchase: the customer pays amount + fee + tax and receives amount in credits.
+    purchase_percent: str = "0"
+
+    def __post_init__(self) -> None:
+        _check_percent(self.purchase_percent, "purchase_percent", "1000")
+
+
+class TaxConfig(_Strict):
+    """Tax on purchases (sidecar/billing/tax.py): a rate per buyer country, else the default rate;
+    an EU business (a tax id) in another EU country than the invoice issuer's: reverse charge, 0."""
+
+    rates_percent: dict[str, str] = {}  # ISO 3166 alpha-2 country -> percent, e.g. {DE: "19"}
+    default_rate_percent: str = "0"
+    eu_reverse_charge: bool = True
+
+    def __post_init__(self) -> None:
+        _check_percent(self.default_rate_percent, "default_rate_percent", "100")
+        for country, rate in self.rates_percent.items():
+            if not re.fullmatch(r"[A-Z]{2}", country):
+                raise ValueError(f"rates_percent: {country!r} is not an ISO 3166 alpha-2 country code (e.g. DE)")
+            _check_percent(rate, f"rates_percent.{country}", "100")
+
+
+class InvoiceIssuerConfig(_Strict):
+    """Who issues the invoices of credited orders; the numbers run per issuer id and year."""
+
+    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "default"
+    number_prefix: Annotated[str, Meta(pattern=r"^[A-Z]{1,8}$")] = "INV"
+    legal_name: str = ""
+    address: str = ""  # lines separated by "\n"
+    country: str = ""  # ISO 3166 alpha-2; the reverse-charge rule compares the buyer's with it
+    tax_id: str = ""
+    email: str = ""
+
+    def __post_init__(self) -> None:
+        if self.country and not re.fullmatch(r"[A-Z]{2}", self.country):
+            raise ValueError(f"country: must be an ISO 3166 alpha-2 code (e.g. DE), got {self.country!r}")
+
+
+class InvoicesConfig(_Strict):
+    issuer: InvoiceIssuerConfig = InvoiceIssuerConfig()
+
+
+def _check_percent(text: str, key: str, high: str) -> None:
+    try:
+        scaled = parse_decimal_scaled(text, 4)
+    except MoneyError as exc:
+        raise ValueError(f"{key}: {exc} (a percent with at most 4 decimals)") from None
+    if scaled > parse_decimal_scaled(high, 4):
+        raise ValueError(f"{key}: must be at most {high} percent")
 
 
 class AdminTokenEntry(_Strict):
@@ -333,6 +448,10 @@ class ConfigFile(_Strict):
     limits: LimitsConfig = LimitsConfig()
     byok: ByokConfig = ByokConfig()
     admin_tokens: tuple[AdminTokenEntry, ...] = ()
+    payments: PaymentsConfig = PaymentsConfig()
+    fees: FeesConfig = FeesConfig()
+    tax: TaxConfig = TaxConfig()
+    invoices: InvoicesConfig = InvoicesConfig()
 
 
 @dataclass(frozen=True)
@@ -364,6 +483,10 @@ class Config:
     wallet: WalletConfig = field(default_factory=WalletConfig)
     source: str = field(default="<defaults>", compare=False)
     pricing_by_hand: frozenset[str] = frozenset()  # the price entries of pricing.yaml; the rest: the catalog
+    payments: PaymentsConfig = field(default_factory=PaymentsConfig)
+    fees: FeesConfig = field(default_factory=FeesConfig)
+    tax: TaxConfig = field(default_factory=TaxConfig)
+    invoices: InvoicesConfig = field(default_factory=InvoicesConfig)
 
     def model(self, public_name: str) -> ModelConfig | None:
         return self.models.get(public_name)
@@ -445,8 +568,13 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
         pricing=pricing,
         source=source,
         pricing_by_hand=by_hand,
+        payments=file.payments,
+        fees=file.fees,
+        tax=file.tax,
+        invoices=file.invoices,
     )
     _check_hold_outlives_call(config)
+    _check_payment_currency(config)
     return config
 
 
@@ -510,7 +638,9 @@ def _with_targets(
             entry = _catalog_price(model, provider, upstream_model, price, priced, at, where)
             if j == 0:
                 catalog_window = entry.context_window_tokens
-        targets.append(Target(provider=target.provider, upstream_model=upstream_model, price=price))
+        targets.append(
+            Target(provider=target.provider, upstream_model=upstream_model, price=price, priority=target.priority)
+        )
     first = targets[0]
     window = model.context_window_tokens or catalog_window or first_provider.context_window_tokens
     if window is None:
@@ -555,7 +685,8 @@ def _catalog_price(
         sell = catalog.with_markup(entry.prices, markup, f"{where}upstream_model: {upstream_model!r}")
     except catalog.CatalogError as exc:
         raise ConfigError(str(exc)) from None
-    found = ModelPrice(model=price, sell=sell, upstream=entry.prices)
+    source = f"genai-prices=={catalog.package_version()}"
+    found = ModelPrice(model=price, sell=sell, upstream=entry.prices, source=source)
     if priced.models.setdefault(price, found) != found:
         raise ConfigError(f"{where}price: {price!r} is priced twice, differently (markup or upstream model)")
     if entry.changes:
@@ -566,7 +697,9 @@ def _catalog_price(
             except catalog.CatalogError as exc:
                 raise ConfigError(f"{exc} (its price from {change.effective_at.date()})") from None
             effective_ms = int(change.effective_at.timestamp() * 1000)
-            dated.append(ModelPrice(model=price, sell=sell, upstream=change.prices, effective_ms=effective_ms))
+            dated.append(
+                ModelPrice(model=price, sell=sell, upstream=change.prices, effective_ms=effective_ms, source=source)
+            )
         priced.changes[price] = tuple(dated)
     return entry
 
@@ -611,6 +744,17 @@ def _offered_models(
     return added
 
 
+def _check_payment_currency(config: Config) -> None:
+    # Credits are units of the cost profile's currency: a purchase in another currency would need an
+    # exchange rate, which the sidecar does not keep.
+    currency = config.payments.currency
+    if currency and currency.lower() != config.pricing.currency.lower():
+        raise ConfigError(
+            f"payments.currency: {currency!r} differs from the cost profile's currency "
+            f"{config.pricing.currency!r}; credits are bought in the currency they are priced in"
+        )
+
+
 def _check_hold_outlives_call(config: Config) -> None:
     # A hold must outlive one attempt of the call it covers, relay and settlement retries included, or
     # the sweeper would void a live call's hold. Each further attempt (fallback, BYOK retry) pushes the
@@ -634,26 +778,62 @@ def _check_hold_outlives_call(config: Config) -> None:
 # --- pricing.yaml ----------------------------------------------------------------------------------
 
 _PRICE_CLASSES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+# Optional: a class with a price of its own (per 1M tokens; absent: billed as its parent class, and a
+# request that would incur it on purpose is refused), fees in credits per call, context-length tiers.
+_EXTRA_CLASSES = EXTRA_TOKEN_CLASSES
+_FEES = ("request_fee", *TOOL_FEES)
+_TIERS = "tiers"
+_PRICE_KEYS = (*_PRICE_CLASSES, *_EXTRA_CLASSES, *_FEES, _TIERS)
+FEE_DECIMALS_MAX = 9  # credits per call: a thousandth of a micro-credit
 
 
-def _parse_prices(raw: Any, path: str) -> TokenPrices:
+def _parse_prices(raw: Any, path: str, tiers_allowed: bool = True) -> TokenPrices:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of token class to price per 1M tokens")
-    unknown = sorted(set(raw) - set(_PRICE_CLASSES))
+    known = _PRICE_KEYS if tiers_allowed else _PRICE_KEYS[:-1]
+    unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ConfigError(f"{path}.{unknown[0]}: unknown token class (known: {', '.join(_PRICE_CLASSES)})")
+        raise ConfigError(f"{path}.{unknown[0]}: unknown price (known: {', '.join(known)})")
     for required in ("input", "output"):
         if required not in raw:
             raise ConfigError(f"{path}.{required}: required")
-    scaled = {}
-    for cls in _PRICE_CLASSES:
+    scaled: dict[str, Any] = {}
+    for cls in (*_PRICE_CLASSES, *_EXTRA_CLASSES):
+        if cls not in raw and cls in _EXTRA_CLASSES:
+            continue
         # An unpriced cache class costs what plain input costs: never less than the provider charges us.
         text = raw.get(cls, raw["input"])
         try:
             scaled[cls] = parse_price_per_million(text)
         except MoneyError as exc:
             raise ConfigError(f"{path}.{cls}: {exc}") from None
-    return TokenPrices(**scaled)
+    for fee in _FEES:
+        if fee in raw:
+            try:  # credits per call -> micro-credits per call * PRICE_SCALE
+                scaled[fee] = parse_decimal_scaled(raw[fee], FEE_DECIMALS_MAX) * 10**6
+            except MoneyError as exc:
+                raise ConfigError(f"{path}.{fee}: {exc}") from None
+    return TokenPrices(**scaled, tiers=_parse_tiers(raw.get(_TIERS), raw, path))
+
+
+def _parse_tiers(raw: Any, base: dict, path: str) -> tuple[tuple[int, TokenPrices], ...]:
+    """`tiers: [{input_tokens_above: 200000, input: "6", ...}]`: each tier's prices, the base's for what
+    it does not give; in ascending order."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{path}.tiers: must be a non-empty list of {{input_tokens_above: N, <prices>}}")
+    tiers, last = [], -1
+    for k, tier in enumerate(raw):
+        where = f"{path}.tiers[{k}]"
+        start = tier.get("input_tokens_above") if isinstance(tier, dict) else None
+        if not isinstance(start, int) or isinstance(start, bool) or start <= last:
+            raise ConfigError(f"{where}.input_tokens_above: must be an integer above the previous tier's")
+        own = {key: value for key, value in tier.items() if key != "input_tokens_above"}
+        inherited = {key: value for key, value in base.items() if key != _TIERS}
+        tiers.append((start, _parse_prices({**inherited, **own}, where, tiers_allowed=False)))
+        last = start
+    return tuple(tiers)
 
 
 def parse_pricing(raw: Any, source: str) -> CostProfile:
@@ -732,7 +912,9 @@ def _convert(raw: dict, kind: type) -> Any:
         raise ConfigError(_in_our_words(str(exc), kind)) from None
 
 
-_DECLARED_ORDER = {tuple(sorted(v)): v for v in (PROTOCOLS, PERMISSIONS, ROUTING_FIELDS)}  # msgspec sorts them
+_DECLARED_ORDER = {
+    tuple(sorted(v)): v for v in (PROTOCOLS, PERMISSIONS, ROUTING_FIELDS, get_args(Routing))
+}  # msgspec sorts them
 _TYPE_WORDS = {"int": "a non-negative integer", "str": "a string", "bool": "true or false", "object": "a mapping"}
 _TYPE_WORDS |= {"array": "a list", "str | null": "a string"}
 
@@ -781,7 +963,10 @@ def _type_at(kind: type, path: str, why: bool = False) -> Any:
     for step in re.findall(r"[^.\[\]]+|\[\d+\]", path):
         node = node.item_type if step.startswith("[") else next(f.type for f in node.fields if f.name == step)
         reason = ""
-        while isinstance(node, msgspec.inspect.Metadata):
+        while isinstance(node, msgspec.inspect.Metadata | msgspec.inspect.UnionType):
+            if isinstance(node, msgspec.inspect.UnionType):  # `X | None`: the section, when given, is an X
+                node = next(t for t in node.types if not isinstance(t, msgspec.inspect.NoneType))
+                continue
             reason = reason or (node.extra_json_schema or {}).get("description", "")
             node = node.type
     return (f" ({reason})" if reason else "") if why else node

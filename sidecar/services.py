@@ -9,6 +9,7 @@ import asyncpg
 
 from sidecar.auth import Authenticator
 from sidecar.balances import Balances
+from sidecar.billing.payments import Payments
 from sidecar.byok.keys import Resolver
 from sidecar.byok.vault import Vault
 from sidecar.config import Config
@@ -43,3 +44,6 @@ class Services:
     # Once handlers are drained at shutdown, settlements still retrying stop at this loop time and go
     # to the spool: the pod's grace period is finite, the spool outlives the process.
     settle_cutoff_s: float | None = None
+    # Money in (sidecar/billing/): payment orders, Stripe, invoices. None only in a Services built by hand.
+    payments: Payments | None = None
+    payments_problem: str | None = None  # why Stripe is configured but unusable (the control plane refuses to start)

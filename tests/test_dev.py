@@ -37,6 +37,7 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
 CALL_TIMEOUT_S = 15.0
 INITIAL_GRANT_MICRO = 10_000_000
+TOP_UP_MICRO = 5_000_000  # bought through the fake Stripe
 MOCK_ANSWER = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
 # Anything that would point `sidecar dev` at outside servers or a real provider.
 FOREIGN_ENV = (
@@ -249,6 +250,33 @@ def _balance_micro(banner: Banner) -> int:
         return json.loads(response.read())["balance_micro"]
 
 
+def _admin_post(banner: Banner, path: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        f"{banner.admin_url}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {banner.admin_token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=CALL_TIMEOUT_S) as response:
+        return json.loads(response.read())
+
+
+def _top_up(banner: Banner, amount_micro: int) -> None:
+    """A customer's top-up in `sidecar dev`, without network: an order, the fake Stripe's checkout page,
+    Pay, and the balance once the signed webhook has credited it."""
+    before = _balance_micro(banner)
+    order = _admin_post(
+        banner, "/workspaces/demo/orders", {"client_order_id": "dev-top-up", "amount_micro": amount_micro}
+    )
+    with urllib.request.urlopen(order["checkout_url"], timeout=CALL_TIMEOUT_S) as page:
+        assert b"Pay" in page.read()
+    with urllib.request.urlopen(urllib.request.Request(order["checkout_url"], data=b""), timeout=CALL_TIMEOUT_S):
+        pass  # the Pay button; redirected to the success page
+    deadline = time.monotonic() + 10
+    while _balance_micro(banner) != before + amount_micro:
+        assert time.monotonic() < deadline, "the top-up was not credited"
+        time.sleep(0.05)
+
+
 def _run_printed(argv: list[str]) -> str:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
@@ -324,6 +352,7 @@ def test_dev_runs_meters_stops_cleanly_and_keeps_its_state(tmp_path: Path) -> No
         with urllib.request.urlopen(banner.metrics_url, timeout=CALL_TIMEOUT_S) as response:
             assert b"sidecar_requests_total" in response.read()
         assert _balance_micro(banner) < INITIAL_GRANT_MICRO
+        _top_up(banner, TOP_UP_MICRO)
         # The last call right before Ctrl-C: its row is the one most likely still waiting in Redis.
         assert _chat_streamed(banner) == MOCK_ANSWER
         calls += 1
@@ -335,7 +364,7 @@ def test_dev_runs_meters_stops_cleanly_and_keeps_its_state(tmp_path: Path) -> No
     ledger = _ledger_at_rest(data_dir / "postgres")
     assert ledger["usage_rows"] == calls and ledger["statuses"] == {"completed"}
     assert ledger["grant_rows"] == 1
-    assert ledger["balance"] == INITIAL_GRANT_MICRO - ledger["debits"]
+    assert ledger["balance"] == INITIAL_GRANT_MICRO + TOP_UP_MICRO - ledger["debits"]
 
     second = DevProcess(data_dir, port, tmp_path / "second.stderr")
     try:

@@ -108,13 +108,33 @@ async def test_months_a_statement_or_an_invoice_points_to_are_refused(sidecar: S
         # Its statement period is open until September starts.
         with pytest.raises(archive.ArchiveRefused, match="statement period is still open"):
             await archive.run(conn, date(2001, 8, 1), tmp_path, date(2001, 8, 31), False, False)
-        await conn.execute("CREATE TABLE invoice_lines_test (id serial, ledger_event_id uuid)")
-        try:
-            await conn.execute("INSERT INTO invoice_lines_test (ledger_event_id) VALUES ($1)", ids[0])
-            with pytest.raises(archive.ArchiveRefused, match="invoice line"):
-                await archive.run(conn, date(2001, 8, 1), tmp_path, datetime.now(UTC).date(), False, False)
-        finally:
-            await conn.execute("DROP TABLE invoice_lines_test")
+        # Its row is the crediting of a payment order that has an invoice.
+        order = f"ord_{uuid.uuid4().hex[:12]}"
+        await conn.execute(
+            "INSERT INTO payment_orders (id, workspace_id, client_order_id, provider, purpose, status, amount_micro, "
+            "fee_micro, tax_micro, total_micro, currency, total_minor, tax_snapshot) "
+            "VALUES ($1, $2, $1, 'manual', 'manual', 'created', 10000, 0, 0, 10000, 'usd', 1, '{}')",
+            order,
+            ws.id,
+        )
+        await conn.execute(
+            "INSERT INTO grants (workspace_id, grant_id, kind, amount_micro, event_id) "
+            "VALUES ($1, $2, 'topup', 10000, $3)",
+            ws.id,
+            f"order:{order}",
+            ids[0],
+        )
+        seq = await conn.fetchval("SELECT coalesce(max(seq), 0) + 1 FROM invoices WHERE issuer = 'archive-test'")
+        await conn.execute(
+            "INSERT INTO invoices (number, issuer, year, seq, order_id, workspace_id, issuer_snapshot) "
+            "VALUES ($1, 'archive-test', 2001, $2, $3, $4, '{}')",
+            f"INV-TEST-{order}",
+            seq,
+            order,
+            ws.id,
+        )
+        with pytest.raises(archive.ArchiveRefused, match="invoiced payment orders"):
+            await archive.run(conn, date(2001, 8, 1), tmp_path, datetime.now(UTC).date(), False, False)
         assert july in await archive.partitions(conn), "a refused month stays in the ledger"
         assert not await _postgres_findings(conn, [ws.id])
 

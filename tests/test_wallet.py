@@ -159,6 +159,32 @@ async def test_usage_fees_are_charged_on_top_waived_first_and_never_on_free_mode
     assert status == 200 and view["fee_waived_micro"] == 100 and view["fee_waiver_left_micro"] == 0
 
 
+async def test_fees_waiver_and_refunds_under_concurrency_keep_the_identity(fee_sidecar: Sidecar) -> None:
+    """100 calls at once with a usage fee, a waiver smaller than their fees, and refunds racing them:
+    the waiver is used exactly once over, and the identity holds in Redis and Postgres."""
+    sidecar = fee_sidecar
+    ws = await sidecar.workspace(credits_micro=2_000_000)
+    calls = [sidecar.chat(ws, chat_body(max_tokens=20)) for _ in range(100)]
+    refunds = [sidecar.svc.balances.debit(ws.id, f"r{i}", "refund", 40_000) for i in range(10)]
+    results = await asyncio.gather(*calls, *refunds)
+    admitted = [r[0] for r in results[:100]].count(200)
+    rows = await sidecar.ledger_eventually(ws.id, admitted)
+    assert len(rows) == admitted > 0
+    assert sum(r["fee_waived_micro"] for r in rows) == 100  # the waiver, exactly, across concurrent calls
+    for row in rows:
+        assert row["fee_micro"] + row["fee_waived_micro"] == wallet.fee_micro(row["cost_micro"], 125_000)
+    identity = await sidecar.assert_identity(ws.id)
+    assert identity["refunds"] == sum(r.taken_micro for r in results[100:])
+    async with sidecar.svc.pool.acquire() as conn:
+        assert await db.fee_waived(conn, ws.id) == 100 == await sidecar.svc.state.fee_waived(ws.id)
+    # Redis restarted empty: the waiver used is loaded with the balance, never granted again.
+    await sidecar.svc.state.redis.delete(keys.acct(ws.id))
+    assert (await sidecar.chat(ws, chat_body()))[0] == 200
+    rows = await sidecar.ledger_eventually(ws.id, admitted + 1)
+    assert sum(r["fee_waived_micro"] for r in rows) == 100
+    await sidecar.assert_identity(ws.id)
+
+
 async def test_a_workspace_fee_waiver_overrides_the_default(fee_sidecar: Sidecar) -> None:
     sidecar = fee_sidecar
     ws = await sidecar.workspace(credits_micro=1_000_000)

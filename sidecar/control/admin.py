@@ -19,7 +19,7 @@ from aiohttp import web
 
 from sidecar import db, serving
 from sidecar.auth import FailedAuthLimiter, hash_key, new_key
-from sidecar.control import byok, statements
+from sidecar.control import byok, orders, statements
 from sidecar.control import wallet as wallet_api
 from sidecar.control.http import (
     INT32_MAX,
@@ -39,6 +39,7 @@ from sidecar.money import AMOUNT_MICRO_MAX, MoneyError, format_micro, parse_cred
 from sidecar.movements import CREDIT_KINDS
 from sidecar.services import Services
 
+PUBLIC = web.AppKey("public_routes", frozenset)  # (method, path) answered without an admin token
 GRANT_MICRO_MAX = AMOUNT_MICRO_MAX  # a typo guard, far above any real grant; keeps Redis arithmetic exact
 
 
@@ -60,10 +61,12 @@ def _permissions_of(svc: Services, authorization: str) -> frozenset[str] | None:
 async def _admin_guard(request: web.Request, handler):
     svc = request.app[SERVICES]
     try:
+        route = request.match_info.route.resource
+        if route is not None and (request.method, route.canonical) in request.app[PUBLIC]:
+            return await handler(request)  # authenticated by its own means (a provider's signature)
         permissions = _permissions_of(svc, request.headers.get("Authorization", ""))
         if permissions is None:
             raise AdminError(401, "missing or invalid admin token", "invalid_admin_token")
-        route = request.match_info.route.resource
         needed = request.app[PERMISSION].get((request.method, route.canonical if route else ""))
         if needed is None or needed not in permissions:
             raise AdminError(403, f"this admin token lacks the {needed or 'required'} permission", "permission_denied")
@@ -242,10 +245,13 @@ def build_control_app(svc: Services) -> web.Application:
     app[serving.ERROR_BODY] = error_body
     app[SERVICES] = svc
     app[PERMISSION] = {}
-    for method, path, handler, permission in ROUTES + byok.ROUTES + wallet_api.ROUTES:
+    for method, path, handler, permission in ROUTES + byok.ROUTES + wallet_api.ROUTES + orders.PREFIX_ROUTES:
         app.router.add_route(method, PREFIX + path, handler)
         app[PERMISSION][(method, PREFIX + path)] = permission
     for method, path, handler, permission in statements.ROUTES:  # full paths: some are not per workspace
         app.router.add_route(method, path, handler)
         app[PERMISSION][(method, path)] = permission
+    app[PUBLIC] = frozenset((method, path) for method, path, _ in orders.PUBLIC_ROUTES)
+    for method, path, handler in orders.PUBLIC_ROUTES:
+        app.router.add_route(method, path, handler)
     return app

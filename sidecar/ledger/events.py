@@ -51,6 +51,16 @@ COLUMNS = (
     "fallback_reason",
     "protocol",
     "byok_fallback_reason",
+    # 006: the price version billed at, why the target was chosen, the classes beyond text tokens
+    "price_version",
+    "route_reason",
+    "input_audio_tokens",
+    "input_image_tokens",
+    "output_audio_tokens",
+    "output_image_tokens",
+    "web_searches",
+    "file_searches",
+    # 007: a debit's untaken part, the usage fee and its waived part, post-charge rows
     "short_micro",
     "fee_micro",
     "fee_waived_micro",
@@ -65,6 +75,15 @@ _TOKEN_FIELDS = (
     "cache_write_5m_tokens",
     "cache_write_1h_tokens",
     "reasoning_tokens",
+)
+# Counted like tokens: zero on an expired row (nothing observed).
+_EXTRA_COUNT_FIELDS = (
+    "input_audio_tokens",
+    "input_image_tokens",
+    "output_audio_tokens",
+    "output_image_tokens",
+    "web_searches",
+    "file_searches",
 )
 _TEXT_FIELDS = (
     "office_id",
@@ -110,8 +129,10 @@ def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
     after = fields.get(b"after", b"")
     text = {name: _text(event.get(name)) for name in _TEXT_FIELDS}
     tokens = {name: int(event.get(name, 0)) for name in _TOKEN_FIELDS}
+    extra = {name: int(event.get(name, 0)) for name in _EXTRA_COUNT_FIELDS}
     if status == "expired":  # the call never settled: nothing observed, nothing charged
         tokens = dict.fromkeys(_TOKEN_FIELDS, 0)
+        extra = dict.fromkeys(_EXTRA_COUNT_FIELDS, 0)
         text["error"] = "sidecar stopped before the call settled; hold voided at its deadline"
     return (
         uuid.UUID(event["event_id"]),
@@ -144,6 +165,9 @@ def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
         _text(event.get("fallback_reason")),
         _text(event.get("protocol")),
         _text(event.get("byok_fallback_reason")),
+        _text(event.get("price_version")),
+        _text(event.get("route_reason")),
+        *extra.values(),
         int(fields.get(b"short", b"0")),
         int(fields.get(b"fee", b"0")),
         int(fields.get(b"waived", b"0")),

@@ -10,6 +10,8 @@ from enum import IntEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from sidecar.observability.payment_metrics import PaymentMetrics
+
 _CHILDREN_MAX = 10_000
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -144,6 +146,7 @@ class Metrics:
         )
         self.redis_noeviction.set(RedisCheck.UNKNOWN)
         self.redis_aof_enabled.set(RedisCheck.UNKNOWN)
+        self.payments = PaymentMetrics(r)
 
     def child(self, metric, *labels: str):
         """`metric.labels(*labels)`, cached: the hot path asks for the same few children every call."""

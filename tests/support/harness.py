@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 from aiohttp.test_utils import TestServer
 
-from sidecar import db
+from sidecar import db, price_versions
 from sidecar.app import build_data_app, close_services, open_services
 from sidecar.config import Config, parse_config
 from sidecar.control.admin import build_control_app
@@ -346,6 +346,7 @@ async def start_sidecar(
     svc = await open_services(config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY, **(env or {"SIDECAR_KEK": TEST_KEK})})
     svc.spool.open()
     svc.inflight.open()
+    await price_versions.register(svc.pool, config.pricing)  # what Runtime.start does for `sidecar serve`
     data = TestServer(build_data_app(svc))
     control = TestServer(build_control_app(svc))
     await data.start_server()
