@@ -69,6 +69,7 @@ class Settings:
     hold_ramp_s: float = 1.0
     flush_events: int = 50_000
     sidecar_log_level: str = "INFO"
+    sidecar_workers: int = 1  # `sidecar serve --workers N`
     profile: bool = False
     quiet_wait_s: float = 60.0
     profile_s: float = 8.0
@@ -196,11 +197,12 @@ class Bench:
         passthrough = await start_passthrough(log_dir, mock.url)
         self.children["passthrough"] = passthrough
         sidecar, _ = await start_sidecar(
-            log_dir, mock.url, stores.redis_url, stores.database_url, self.s.sidecar_log_level
+            log_dir, mock.url, stores.redis_url, stores.database_url, self.s.sidecar_log_level, self.s.sidecar_workers
         )
         self.children["sidecar"] = sidecar
         for name in ("mock", "passthrough", "sidecar"):
-            self.watched.append(procstat.Watched(name, self.children[name].pid))
+            # The sidecar with its children: its serving workers and its flusher/sweeper process.
+            self.watched.append(procstat.Watched(name, self.children[name].pid, with_children=name == "sidecar"))
         self.watched.append(procstat.Watched("bench", os.getpid()))  # this orchestrator (and its pollers)
         if stores.redis is not None:
             self.watched.append(procstat.Watched("redis", stores.redis.process.pid))

@@ -16,8 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from sidecar.money import AMOUNT_MICRO_MAX
-from sidecar.state import keys
-from sidecar.state.batching import ScriptBatcher
+from sidecar.state import keys, transport
 
 SETTLED_RETENTION_MS = 3_600_000  # how long "this hold is resolved" is remembered: far past any retry
 EVICT_ENTRIES_MAX_PER_CALL = 1_000  # rate-window entries one admission may drop: bounds its work inside Redis
@@ -218,13 +217,15 @@ class State:
     """One instance per process; wraps a redis.asyncio client and the registered scripts.
 
     Scripts run by EVALSHA and are loaded again on NOSCRIPT (after a Redis restart). The two hot-path
-    scripts (admit, settle) go through the batcher, which pipelines concurrent calls.
+    scripts (admit, settle) go through the transport state/transport.py chooses (lean: a pipelined
+    connection of their own, on a single Redis server; else redis-py's auto-pipelining batcher). The
+    rest, off the hot path, use the client. aclose() closes both.
     """
 
-    def __init__(self, client: aioredis.Redis, limits: StateLimits | None = None) -> None:
+    def __init__(self, client: aioredis.Redis, limits: StateLimits | None = None, lean: bool = False) -> None:
         self.redis = client
         self.limits = limits or StateLimits()
-        self._batcher = ScriptBatcher(client)
+        self._batcher = transport.hot_path(client, lean)
         self._admit = client.register_script(_script_source("admit"))
         self._settle = client.register_script(_script_source("settle"))
         self._expire = client.register_script(_script_source("expire"))
@@ -478,6 +479,10 @@ class State:
         if balance is None:
             return None
         return Account(int(balance), int(held or 0))
+
+    async def aclose(self) -> None:
+        await transport.close(self._batcher)
+        await self.redis.aclose()
 
     async def ping(self) -> None:
         await self.redis.ping()
