@@ -196,7 +196,7 @@ class Bench:
         self.children["mock"] = mock
         passthrough = await start_passthrough(log_dir, mock.url)
         self.children["passthrough"] = passthrough
-        sidecar, _ = await start_sidecar(
+        sidecar, self.sidecar_ops_url = await start_sidecar(
             log_dir, mock.url, stores.redis_url, stores.database_url, self.s.sidecar_log_level, self.s.sidecar_workers
         )
         self.children["sidecar"] = sidecar
