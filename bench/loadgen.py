@@ -392,6 +392,7 @@ class StreamLoop(Driver):
         self.ttfb: list[int] = []
         self.head: list[int] = []
         self.gaps: list[int] = []
+        self.totals: list[int] = []  # from the request to the stream's last event
         self.events_per_stream: collections.Counter[int] = collections.Counter()
         self.streams = 0
         self.gap_events = spec.get("gap_events", 64)
@@ -417,6 +418,7 @@ class StreamLoop(Driver):
         self.head.append(_us(conn.head_at - conn.sent_at))
         if events:
             self.ttfb.append(_us(events[0] - conn.sent_at))
+            self.totals.append(_us(events[-1] - conn.sent_at))
             # Gaps before each content event: events[0] is the role chunk, 1..N the content chunks.
             last = min(len(events), self.gap_events + 1)
             self.gaps.extend(_us(events[i] - events[i - 1]) for i in range(1, last))
@@ -443,6 +445,7 @@ class StreamLoop(Driver):
             "ttfb_us": self.ttfb,
             "head_us": self.head,
             "gap_us": self.gaps,
+            "total_us": self.totals,
         }
 
 
