@@ -107,6 +107,9 @@ def _spawn(role: Role, index: int, body: Body) -> _Child:
         return _Child(role, index, pid)
     code = 1
     try:
+        # Its own process group: a terminal's Ctrl-C reaches the supervisor alone, which stops the
+        # children in order (workers, then the background process), as it does on SIGTERM.
+        os.setpgid(0, 0)
         _die_with_parent()
         for signo in SIGNALS:
             signal.signal(signo, signal.SIG_DFL)

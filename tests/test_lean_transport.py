@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 
 import pytest
 import redis.asyncio as aioredis
@@ -92,6 +93,18 @@ async def test_admit_and_settle_hold_the_money_rules_under_concurrency(redis_cli
         assert len(state._batcher._link.waiting) == 0  # every reply matched its call
     finally:
         await state.aclose()
+
+
+async def test_the_connection_sends_without_waiting_for_acks(redis_client, redis_url) -> None:
+    """TCP_NODELAY: one small write per loop turn must not wait for Nagle or a delayed ACK."""
+    runner = transport.hot_path(aioredis.Redis.from_url(redis_url))
+    echo = redis_client.register_script("return ARGV[1]")
+    try:
+        assert await runner.run(echo, [], ["x"]) == b"x"
+        sock = runner._link.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        await transport.close(runner)
 
 
 async def test_replies_stay_in_order_when_callers_are_cancelled(redis_client, redis_url) -> None:
