@@ -23,6 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench import procstat
 from bench.accounts import create_account
 from bench.run import CHAT_PATH, chat_body
 from bench.servers import HOST, PROVIDER_KEY_ENV, UPSTREAM_KEY, Stores, _pythonpath, sidecar_config, spawn, start_mock
@@ -96,6 +97,11 @@ async def _calls(url: str, headers: dict, count: int, concurrency: int) -> None:
         await asyncio.gather(*(one_connection() for _ in range(concurrency)))
 
 
+def _control(action: str, pids: list[str]) -> None:
+    for pid in pids:
+        subprocess.run(["callgrind_control", action, pid], capture_output=True, check=False)
+
+
 def _clear(out_dir: Path, name: str) -> None:
     for path in out_dir.glob(f"{name}.*"):
         path.unlink()
@@ -120,11 +126,13 @@ async def measure(name: str, args: argparse.Namespace, stores: Stores, mock_url:
         try:
             await _calls(url, headers, args.warmup, args.concurrency)
             await asyncio.sleep(1.0)  # the warm-up's settlements and flush
-            await asyncio.to_thread(subprocess.run, ["callgrind_control", "--zero"], capture_output=True, check=False)
+            # Only this target's processes (with --workers, the supervisor's children): never another user's.
+            pids = [str(p) for p in [child.pid, *procstat.child_pids(child.pid)]]
+            await asyncio.to_thread(_control, "--zero", pids)
             await _calls(url, headers, args.calls, args.concurrency)
             await asyncio.sleep(args.tail_s)  # the flusher's share of these calls
             await asyncio.to_thread(_clear, work, name)  # what the start wrote: only the dump below counts
-            await asyncio.to_thread(subprocess.run, ["callgrind_control", "--dump"], capture_output=True, check=False)
+            await asyncio.to_thread(_control, "--dump", pids)
             await asyncio.sleep(1.0)
             return await asyncio.to_thread(_total_ir, work, name) / args.calls
         finally:

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.state import transport
@@ -206,3 +206,21 @@ async def test_a_closed_transport_refuses_calls(redis_client, redis_url) -> None
     await transport.close(runner)
     with pytest.raises(RedisConnectionError):
         await runner.run(echo, [], ["y"])
+
+
+async def test_a_primary_demoted_to_replica_is_left_for_a_new_connection(private_redis) -> None:
+    admin = aioredis.Redis.from_url(private_redis.url)
+    runner = transport.hot_path(aioredis.Redis.from_url(private_redis.url))
+    write = admin.register_script("return redis.call('INCR', KEYS[1])")
+    try:
+        assert await runner.run(write, ["n"], []) == 1
+        first = runner._link
+        await admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # a failover demoted it
+        with pytest.raises(ReadOnlyError):
+            await runner.run(write, ["n"], [])
+        await admin.execute_command("REPLICAOF", "NO", "ONE")  # the address names a primary again
+        assert await runner.run(write, ["n"], []) == 2
+        assert runner._link is not first and first.dead
+    finally:
+        await transport.close(runner)
+        await admin.aclose()

@@ -12,7 +12,9 @@ What redis-py's pool gave and this keeps:
   connects again; a call is sent again (up to RETRIES times) when its connection broke, which is
   safe because every script is idempotent for its call (see state/lua/*.lua);
 - no reply within `reply_timeout_s` closes the connection (every waiting call gets TimeoutError);
-- NOSCRIPT (Redis restarted empty) loads the script and runs it again.
+- NOSCRIPT (Redis restarted empty) loads the script and runs it again;
+- READONLY (the server was demoted to a replica in a failover) fails that call and the next one connects
+  anew, to whatever the address names now.
 It speaks to one Redis server (plain TCP or a unix socket, AUTH and SELECT as the URL says); TLS and
 Redis Cluster keep redis-py (see state/transport.py, where the choice is made).
 """
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import hiredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 PENDING_MAX = 65_536  # replies awaited on the connection at once; past it a call fails at once
@@ -58,7 +60,8 @@ class _Link(asyncio.Protocol):
         self.sent_at: collections.deque[float] = collections.deque()
         self.out: list[bytes] = []
         self.flush_scheduled = False
-        self.broken: Exception | None = None
+        self.broken: Exception | None = None  # set: takes no more calls (the next call connects anew)
+        self.dead = False  # the transport is gone: nothing more is written or read
         self.reply_timeout_s = reply_timeout_s
         self._watchdog: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
@@ -78,13 +81,19 @@ class _Link(asyncio.Protocol):
                 if future.done():  # its caller was cancelled: the reply is dropped, the order kept
                     continue
                 if isinstance(reply, ResponseError):
-                    future.set_exception(_typed(reply))
+                    error = _typed(reply)
+                    future.set_exception(error)
+                    if isinstance(error, ReadOnlyError):  # a demoted primary: the next call connects anew
+                        self.broken = self.broken or RedisConnectionError("Redis is a read-only replica now")
                 else:
                     future.set_result(reply)
         except RedisConnectionError as exc:  # a protocol error: nothing after it can be trusted
             self.fail(exc)
         except IndexError:  # a reply nobody asked for
             self.fail(RedisConnectionError("Redis sent a reply no command asked for"))
+        if self.broken is not None and not self.waiting and not self.dead:  # retired, and every reply is in
+            self.dead = True
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
@@ -110,14 +119,14 @@ class _Link(asyncio.Protocol):
     def _flush(self) -> None:
         """Everything asked during the last turn of the loop, in one write."""
         self.flush_scheduled = False
-        if self.broken is None and self.out:
+        if self.out and not self.dead:
             data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
             self.out.clear()
             self.transport.write(data)
 
     def _check_overdue(self) -> None:
         self._watchdog = None
-        if not self.sent_at or self.broken is not None:
+        if not self.sent_at or self.dead:
             return
         overdue_at = self.sent_at[0] + self.reply_timeout_s
         if self.loop.time() >= overdue_at:
@@ -129,6 +138,7 @@ class _Link(asyncio.Protocol):
         """The connection is done for: every waiting call gets `exc`; the next call connects anew."""
         if self.broken is None:
             self.broken = exc
+        self.dead = True
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -143,8 +153,12 @@ class _Link(asyncio.Protocol):
 
 
 def _typed(error: ResponseError) -> ResponseError:
-    if str(error).startswith("NOSCRIPT"):
-        return NoScriptError(str(error))
+    """redis-py's class for the replies callers tell apart."""
+    text = str(error)
+    if text.startswith("NOSCRIPT"):
+        return NoScriptError(text)
+    if text.startswith("READONLY"):
+        return ReadOnlyError(text)
     return error
 
 
