@@ -16,7 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar import db, scrub, serving, sweeper
+from sidecar import db, expiry, price_versions, scrub, serving, sweeper, wallet
 from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
 from sidecar.byok import keys as byok_keys
@@ -82,8 +82,9 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     except BaseException:
         await client.aclose()
         raise
-    balances = Balances(state, pg_pool)
     metrics = Metrics()
+    balances = Balances(state, pg_pool, wallet.Policy.from_config(config.wallet))
+    balances.on_movement = metrics.on_movement
     flusher = Flusher(
         client,
         pg_pool,
@@ -198,10 +199,18 @@ class Runtime:
                 self._open_spool(journal=False)
             served = frozenset(svc.config.server.workspaces)
             self._tasks.append(asyncio.create_task(settlement.run_spool(svc, self.stop)))
+            # The prices this process bills at, so each ledger row's price_version names its prices.
+            self._tasks.append(
+                asyncio.create_task(price_versions.keep_registered(svc.pool, svc.config.pricing, self.stop))
+            )
             self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
             self._tasks.append(
                 asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop, served))
             )
+            if svc.config.wallet.expiry_enabled:
+                self._tasks.append(
+                    asyncio.create_task(expiry.run(svc.balances, svc.config.wallet, svc.metrics, self.stop, served))
+                )
         if self.control_plane:
             control_port = control_port if control_port is not None else port
             await self._serve(build_control_app(svc), host, control_port, limits)

@@ -3,6 +3,9 @@
 It reads Postgres and Redis only (it shares no state with a running sidecar) and reports:
 
 - ledger_vs_account: the ledger's sum of balance impacts differs from the accounts table;
+- identity: grants + topups + allowances - refunds - expiries - usage - fees, each term summed from
+  its own rows and columns (usage from the cost charged, fees from fee_micro), differs from the
+  accounts table (sidecar/movements.py);
 - doubled_request / doubled_event: a request or an event with more than one ledger row;
 - redis_balance: the Redis balance differs from what Postgres implies for it (the account, plus the
   live load's events not flushed yet, minus the changes Redis is still owed);
@@ -48,6 +51,7 @@ UNREACHABLE = (RedisError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg
 
 class Kind(StrEnum):
     LEDGER_VS_ACCOUNT = "ledger_vs_account"
+    IDENTITY = "identity"
     DOUBLED_REQUEST = "doubled_request"
     DOUBLED_EVENT = "doubled_event"
     REDIS_BALANCE = "redis_balance"
@@ -155,6 +159,7 @@ async def _postgres_findings(conn: asyncpg.Connection, workspaces: list[str]) ->
                     f"{format_micro(row['account'])} (difference {format_micro(row['account'] - row['ledger'])})",
                 )
             )
+    found += await _identity_findings(conn, workspaces)
     doubled = await conn.fetch(
         "SELECT workspace_id, request_id, count(*) AS n FROM ledger "
         "WHERE workspace_id = ANY($1::text[]) AND request_id IS NOT NULL "
@@ -175,6 +180,33 @@ async def _postgres_findings(conn: asyncpg.Connection, workspaces: list[str]) ->
     )
     for row in events[:LIST_MAX]:
         found.append(Finding(Kind.DOUBLED_EVENT, row["workspace_id"], f"event {row['event_id']} has {row['n']} rows"))
+    return found
+
+
+_IDENTITY = (
+    "SELECT w.id, coalesce(a.balance_micro, 0) AS account, ("
+    "  SELECT coalesce(sum(balance_impact_micro) FILTER (WHERE kind IN ('grant', 'topup', 'allowance')), 0)"
+    "       + coalesce(sum(balance_impact_micro) FILTER (WHERE kind IN ('refund', 'expiry')), 0)"
+    "       - coalesce(sum(cost_micro + fee_micro) FILTER (WHERE kind = 'usage' AND NOT byok), 0)"
+    "  FROM ledger l WHERE l.workspace_id = w.id)::bigint AS identity "
+    "FROM workspaces w LEFT JOIN accounts a ON a.workspace_id = w.id WHERE w.id = ANY($1::text[])"
+)
+
+
+async def _identity_findings(conn: asyncpg.Connection, workspaces: list[str]) -> list[Finding]:
+    """The identity from each kind's own terms: a usage row whose impact is not -(cost + fee), or a
+    movement booked with the wrong sign, shows here even when the impacts add up to the account."""
+    found = []
+    for row in await conn.fetch(_IDENTITY, workspaces):
+        if row["identity"] != row["account"]:
+            found.append(
+                Finding(
+                    Kind.IDENTITY,
+                    row["id"],
+                    f"grants + topups + allowances - refunds - expiries - usage - fees = "
+                    f"{format_micro(row['identity'])}, the accounts table says {format_micro(row['account'])}",
+                )
+            )
     return found
 
 

@@ -24,6 +24,7 @@ import asyncpg
 
 from sidecar import db
 from sidecar.errors import DomainError
+from sidecar.wallet import epoch_ms
 
 KEY_PREFIX = "sk-sc-"
 _KEY_SHAPE = re.compile(r"sk-sc-[A-Za-z0-9_-]{43}\Z")  # what new_key makes: the prefix and 32 bytes, base64url
@@ -43,6 +44,9 @@ class Caller:
     office_id: str | None
     rate_limit_rpm: int
     tokens_per_minute: int | None = None
+    budget_micro: int | None = None  # the key's budget per budget_period (None: none)
+    budget_period: str | None = None
+    budget_since_ms: int = 0  # a 'total' budget counts from here
 
 
 def new_key() -> str:
@@ -95,7 +99,14 @@ class Authenticator:
             _remember(self._misses, digest, now + self.cache_ttl_s, self.max_misses)
             return None
         caller = Caller(
-            record.id, record.workspace_id, record.office_id, record.rate_limit_rpm, record.tokens_per_minute
+            record.id,
+            record.workspace_id,
+            record.office_id,
+            record.rate_limit_rpm,
+            record.tokens_per_minute,
+            record.budget_micro,
+            record.budget_period,
+            epoch_ms(record.budget_since) if record.budget_since else 0,
         )
         self._misses.pop(digest, None)
         _remember(self._cache, digest, (now + self.cache_ttl_s, caller), self.max_entries)

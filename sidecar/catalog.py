@@ -5,16 +5,18 @@ and never fetched at run time. A provider's `price_source` names the package's p
 is then priced by its upstream id alone.
 
 Every price is converted EXACTLY into the cost profile's integers (pricing.TokenPrices: micro-credits
-per token * PRICE_SCALE); a price that does not fit is refused, never rounded. A model whose prices the
-profile cannot express is refused with the reason, rather than billed as plain text:
-- context-length tiers (the price of every token depends on the call's input size),
-- per-request fees, and token classes other than input/output/cache read/cache write
-  (image, video, reasoning, citation tokens, pages, characters, messages),
-- time-of-day prices.
-Classes whose only use the protocols already refuse per request (audio input and output: 400
-`unsupported_feature`; OpenAI's and Anthropic's web and file search: their server tools are refused)
-do not refuse the model:
-those requests never reach the provider, so their fee is never incurred.
+per token, per tool call or per request, * PRICE_SCALE); a price that does not fit is refused, never
+rounded. What the profile expresses: input, output, cache read, cache writes (5-minute and 1-hour),
+audio and image input and output tokens, reasoning tokens, a per-request fee, web and file search fees
+(per call, at OpenAI and Anthropic, whose searches are server tools a request names), and context-length
+tiers of all of them (the tier chosen by the call's total input tokens, as genai-prices chooses it). A model
+priced by anything else is refused with the reason rather than billed as plain text:
+- token classes the providers' usage never reports through these protocols (video, citation, tool-use
+  prompt tokens, text-only modality prices), pages, characters, messages, pixels, audio hours together
+  with audio tokens, search fees where searching is not a tool the request names,
+- time-of-day prices, and price sets genai-prices itself cannot compute.
+Cached audio and image reads are priced by the catalog but never reported apart by these protocols'
+usage: such tokens are billed as the usage reports them (cache reads), as genai-prices' own extractors do.
 """
 
 from __future__ import annotations
@@ -29,26 +31,40 @@ from importlib.metadata import version as _package_version
 
 from sidecar.errors import DomainError
 from sidecar.money import PRICE_SCALE
-from sidecar.pricing import TokenPrices
+from sidecar.pricing import PRICE_FIELDS, TokenPrices
 
 CATALOG_CURRENCY = "USD"  # genai-prices' prices are in US dollars
 
-# genai-prices price key -> the cost profile's class; the cache write keys are resolved in _token_prices.
-_TOKEN_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok", "cache_write_5m_mtok")
-_TOKEN_KEYS += ("cache_write_1h_mtok",)
-# Used only by requests the protocols refuse with 400 unsupported_feature (protocols/base.py).
-_REFUSED_PER_REQUEST = frozenset(
-    {
-        "input_audio_mtok",
-        "output_audio_mtok",
-        "cache_audio_read_mtok",
-        "audio_hours",
-        "input_audio_hours",
-    }
-)
-# Search fees incurred only through a server tool the protocols refuse (`web_search*` and `file_search`
-# tools, `web_search_options`), at the providers whose API offers search that way and no other. Elsewhere
-# (Perplexity's sonar, Google's grounding tool, which is not refused) search is part of the call: refused.
+# genai-prices price key -> the cost profile's field (pricing.TokenPrices); the generic cache write price
+# is resolved into the 5-minute and 1-hour ones in _flat_prices.
+_PRICE_KEYS = {
+    "input_mtok": "input",
+    "output_mtok": "output",
+    "cache_read_mtok": "cache_read",
+    "cache_write_5m_mtok": "cache_write_5m",
+    "cache_write_1h_mtok": "cache_write_1h",
+    "input_audio_mtok": "input_audio",
+    "input_image_mtok": "input_image",
+    "output_audio_mtok": "output_audio",
+    "output_image_mtok": "output_image",
+    "output_reasoning_mtok": "reasoning",
+    "requests_kcount": "request_fee",
+    "web_searches_kcount": "web_search_fee",
+    "storage_searches_kcount": "file_search_fee",
+}
+# Prices whose class the protocols' usage never reports apart: the tokens are billed as reported, as
+# genai-prices' own extractors bill them (cache reads). Audio hours price speech models' audio, which
+# they take only in requests refused per request (audio input without an audio token price).
+_NEVER_REPORTED = frozenset({"cache_write_mtok", "cache_audio_read_mtok", "cache_image_read_mtok"})
+_AUDIO_DURATION = frozenset({"audio_hours", "input_audio_hours"})
+# A genai-prices price is per `per` units; the profile's is per unit, scaled by PRICE_SCALE, in
+# micro-credits: a price per 1M tokens in credits is already micro-credits per token.
+_PER_MILLION = 1
+_PER_THOUSAND = 1000  # credits per 1000 calls = 1000 micro-credits per call
+_SCALE = {key: (_PER_THOUSAND if key.endswith("_kcount") else _PER_MILLION) for key in _PRICE_KEYS}
+# Search fees are incurred through a server tool the protocols recognise (`web_search*`, `file_search`,
+# `web_search_options`), bounded and counted per call, only at these providers. Elsewhere (Perplexity's
+# sonar-deep-research, Google's grounding tool) search is part of the call, unbounded: refused.
 _TOOL_SEARCH_FEES = frozenset({"web_searches_kcount", "storage_searches_kcount"})
 _TOOL_SEARCH_PROVIDERS = frozenset({"openai", "anthropic"})
 
@@ -83,7 +99,8 @@ class CatalogModel:
         return self.prices is not None
 
 
-def package_version() -> str:
+@cache
+def package_version() -> str:  # reading package metadata costs ~10 ms: once per process
     return _package_version("genai-prices")
 
 
@@ -174,28 +191,79 @@ def _token_prices(model, at: datetime, provider_id: str) -> TokenPrices:
     if isinstance(model.prices, list):
         if any(isinstance(c.constraint, types.TimeOfDateConstraint) for c in model.prices):
             raise CatalogError("its price depends on the time of day")
-    given = {k: v for k, v in model.get_prices(at).__dict__.items() if v is not None and not k.startswith("_")}
-    for key, value in given.items():
-        if isinstance(value, types.TieredPrices):
-            raise CatalogError(f"{key} has context-length tiers")
-        if key in _TOOL_SEARCH_FEES and provider_id in _TOOL_SEARCH_PROVIDERS:
-            continue
-        if key not in _TOKEN_KEYS and key not in _REFUSED_PER_REQUEST:
-            raise CatalogError(f"it is priced by {key}, which the cost profile cannot express")
+    price = model.get_prices(at)
+    given = {k: v for k, v in price.__dict__.items() if v is not None and not k.startswith("_")}
+    _check_keys(given, provider_id)
     if "input_mtok" not in given and "output_mtok" not in given:
         raise CatalogError("it has no token prices")
-    scaled = {key: scale_exact(given[key], f"{model.id}: {key}") for key in _TOKEN_KEYS if key in given}
-    plain_input = scaled.get("input_mtok", 0)
+    problem = _uncomputable(frozenset(given))
+    if problem:
+        raise CatalogError(f"genai-prices cannot compute its price: {problem}")
+    starts = sorted({tier.start for v in given.values() if isinstance(v, types.TieredPrices) for tier in v.tiers})
+    base = _flat_prices({k: _tier_price(v, None) for k, v in given.items()}, model.id)
+    tiers = tuple((s, _flat_prices({k: _tier_price(v, s) for k, v in given.items()}, model.id)) for s in starts)
+    return TokenPrices(**{name: getattr(base, name) for name in PRICE_FIELDS}, tiers=tiers)
+
+
+@cache
+def _uncomputable(keys: frozenset[str]) -> str | None:
+    """genai-prices' own check that a set of priced keys is computable (every class's ancestors and joins
+    priced), as its calc_price runs it: depends on the keys only, so once per set."""
+    from genai_prices import Usage as GenaiUsage
+    from genai_prices import types
+
+    try:
+        types.ModelPrice(**dict.fromkeys(keys, Decimal(1))).calc_price(GenaiUsage())
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _check_keys(given: dict, provider_id: str) -> None:
+    for key in given:
+        if key in _TOOL_SEARCH_FEES and provider_id not in _TOOL_SEARCH_PROVIDERS:
+            raise CatalogError(f"it is priced by {key}, searches this provider makes without a tool the request names")
+        if key in _AUDIO_DURATION and "input_audio_mtok" in given:
+            raise CatalogError(f"it is priced by {key} and audio tokens, which the cost profile cannot express")
+        if key not in _PRICE_KEYS and key not in _NEVER_REPORTED and key not in _AUDIO_DURATION:
+            raise CatalogError(f"it is priced by {key}, which the cost profile cannot express")
+
+
+def _tier_price(value, start: int | None) -> Decimal:
+    """The price in force when a call's input exceeds `start` (None: the base), as genai-prices chooses it:
+    the highest tier whose start the input exceeds."""
+    from genai_prices import types
+
+    if not isinstance(value, types.TieredPrices):
+        return value
+    chosen = value.base
+    for tier in value.tiers:
+        if start is not None and start + 1 > tier.start:
+            chosen = tier.price
+    return chosen
+
+
+def _flat_prices(given: dict[str, Decimal], model_id: str) -> TokenPrices:
+    scaled = {
+        _PRICE_KEYS[key]: scale_exact(value * _SCALE[key], f"{model_id}: {key}")
+        for key, value in given.items()
+        if key in _PRICE_KEYS
+    }
+    plain_input = scaled.get("input", 0)
     # Mirrors genai-prices' leaf arithmetic: an unpriced class is counted in its parent class, so cache
     # writes without their own duration's price cost the generic cache write price, else input.
-    cache_write = scaled.get("cache_write_mtok", plain_input)
-    return TokenPrices(
-        input=plain_input,
-        output=scaled.get("output_mtok", 0),
-        cache_read=scaled.get("cache_read_mtok", plain_input),
-        cache_write_5m=scaled.get("cache_write_5m_mtok", cache_write),
-        cache_write_1h=scaled.get("cache_write_1h_mtok", cache_write),
+    cache_write = (
+        scale_exact(given["cache_write_mtok"], f"{model_id}: cache_write_mtok")
+        if "cache_write_mtok" in given
+        else plain_input
     )
+    scaled.setdefault("input", plain_input)
+    scaled.setdefault("output", 0)
+    scaled.setdefault("cache_read", plain_input)
+    scaled.setdefault("cache_write_5m", cache_write)
+    scaled.setdefault("cache_write_1h", cache_write)
+    scaled.setdefault("request_fee", 0)
+    return TokenPrices(**scaled)
 
 
 def scale_exact(price_per_million: Decimal | Fraction, what: str) -> int:
@@ -210,17 +278,19 @@ def scale_exact(price_per_million: Decimal | Fraction, what: str) -> int:
 
 
 def with_markup(prices: TokenPrices, markup_percent: Decimal, what: str) -> TokenPrices:
-    """Each class's price times (1 + markup/100), exactly; a price the markup makes inexact is refused."""
+    """Every price (each class, fee and tier) times (1 + markup/100), exactly; a price the markup makes
+    inexact is refused."""
     if markup_percent == 0:
         return prices
     factor = 1 + Fraction(markup_percent) / 100
-    marked = {}
-    for cls in ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h"):
-        exact = Fraction(getattr(prices, cls)) * factor
+
+    def marked(price: int) -> int:
+        exact = Fraction(price) * factor
         if exact.denominator != 1:
             raise CatalogError(
-                f"{what}: a {markup_percent}% markup on its {cls} price gives more than 9 decimals per 1M "
-                "tokens; choose another markup or give an explicit sell price in pricing.yaml"
+                f"{what}: a {markup_percent}% markup on its {Fraction(price, PRICE_SCALE)} price gives more "
+                "than 9 decimals per 1M tokens; choose another markup or give an explicit sell price in pricing.yaml"
             )
-        marked[cls] = int(exact)
-    return TokenPrices(**marked)
+        return int(exact)
+
+    return prices.mapped(marked)

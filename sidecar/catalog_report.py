@@ -11,10 +11,11 @@ from datetime import UTC, datetime
 
 from sidecar import catalog
 from sidecar.config import Config
-from sidecar.money import PRICE_SCALE
-from sidecar.pricing import TokenPrices
+from sidecar.pricing import EXTRA_TOKEN_CLASSES, TOOL_FEES, TokenPrices, decimal_json, per_call, per_million
 
 CLASSES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+# Per call, in credits: a price per 1000 calls is this * 1000.
+FEES = ("request_fee", *TOOL_FEES)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Row:
     upstream: TokenPrices | None
     sell: TokenPrices | None
     note: str = ""  # why the catalog cannot price it, or how the catalog differs from the prices in force
+    price_version: str | None = None  # the version in force now (ledger rows' price_version)
+    changes: tuple[dict, ...] = ()  # the dated changes to come: {effective_at, price_version, upstream, sell}
 
     def as_json(self) -> dict:
         return {
@@ -36,17 +39,13 @@ class Row:
             "upstream": _prices_json(self.upstream),
             "sell": _prices_json(self.sell),
             "note": self.note,
+            "price_version": self.price_version,
+            "changes": list(self.changes),
         }
 
 
-def per_million(scaled: int) -> str:
-    """A scaled price per token (see money.PRICE_SCALE) as its exact decimal price per 1M tokens."""
-    whole, frac = divmod(scaled, PRICE_SCALE)
-    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(whole)
-
-
 def _prices_json(prices: TokenPrices | None) -> dict | None:
-    return None if prices is None else {cls: per_million(getattr(prices, cls)) for cls in CLASSES}
+    return None if prices is None else decimal_json(prices)
 
 
 def rows(config: Config, provider: str | None = None, everything: bool = False) -> list[Row]:
@@ -81,12 +80,42 @@ def _offered_row(config: Config, provider: str, source: str | None, model: str, 
         note = "catalog upstream differs: " + _text(known.prices)
     elif known is not None and known.prices is None and source:
         note = f"catalog cannot price it ({known.refused})"
+    changes = []
     for change in config.pricing.changes.get(target.price, ()):
-        when = datetime.fromtimestamp(change.effective_ms / 1000, UTC).date()
+        when = datetime.fromtimestamp(change.effective_ms / 1000, UTC)
         note = f"{note}; " if note else ""
-        note += f"from {when}: upstream {_text(change.upstream)}, sell {_text(change.sell)}"
+        note += f"from {when.date()} ({change.version}): upstream {_text(change.upstream)}, sell {_text(change.sell)}"
+        changes.append(
+            {
+                "effective_at": when.isoformat(),
+                "price_version": change.version,
+                "upstream": _prices_json(change.upstream),
+                "sell": _prices_json(change.sell),
+            }
+        )
+    note = _extras(price.sell, note)
     price_from = "catalog" if from_catalog else "pricing.yaml"
-    return Row(provider, target.upstream_model, model, price_from, price.upstream, price.sell, note)
+    return Row(
+        provider,
+        target.upstream_model,
+        model,
+        price_from,
+        price.upstream,
+        price.sell,
+        note,
+        price.version,
+        tuple(changes),
+    )
+
+
+def _extras(sell: TokenPrices, note: str) -> str:
+    """What the five-class columns do not show: tiers, fees, audio/image/reasoning classes (sell prices)."""
+    parts = [
+        f"{cls} {per_million(getattr(sell, cls))}" for cls in EXTRA_TOKEN_CLASSES if getattr(sell, cls) is not None
+    ]
+    parts += [f"{fee.replace('_', ' ')} {per_call(getattr(sell, fee))}/call" for fee in FEES if getattr(sell, fee)]
+    parts += [f"above {start} input tokens: {_text(tier)}" for start, tier in sell.tiers]
+    return "; ".join([note, *parts] if note else parts)
 
 
 def _text(prices: TokenPrices | None) -> str:
@@ -96,9 +125,27 @@ def _text(prices: TokenPrices | None) -> str:
 
 
 def text(found: list[Row]) -> str:
-    header = ("provider", "upstream model", "offered as", "price from", "upstream " + "/".join(CLASSES), "sell", "note")
+    header = (
+        "provider",
+        "upstream model",
+        "offered as",
+        "price from",
+        "version",
+        "upstream " + "/".join(CLASSES),
+        "sell",
+        "note",
+    )
     table = [header] + [
-        (r.provider, r.upstream_model, r.model or "-", r.price_from or "-", _text(r.upstream), _text(r.sell), r.note)
+        (
+            r.provider,
+            r.upstream_model,
+            r.model or "-",
+            r.price_from or "-",
+            r.price_version or "-",
+            _text(r.upstream),
+            _text(r.sell),
+            r.note,
+        )
         for r in found
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]

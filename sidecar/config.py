@@ -27,7 +27,7 @@ from msgspec import Meta, Struct
 from sidecar import catalog
 from sidecar.errors import StartupError
 from sidecar.money import MoneyError, parse_credits, parse_decimal_scaled, parse_price_per_million
-from sidecar.pricing import CostProfile, ModelPrice, TokenPrices
+from sidecar.pricing import EXTRA_TOKEN_CLASSES, TOOL_FEES, CostProfile, ModelPrice, TokenPrices
 from sidecar.protocols.base import ROUTING_FIELDS
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ PROTOCOLS = get_args(Protocol)
 Permission = Literal["WORKSPACES_MANAGE", "KEYS_MANAGE", "CREDITS_MANAGE", "TENANT_MANAGE", "READ"]
 PERMISSIONS = get_args(Permission)
 RoutingField = Literal[ROUTING_FIELDS]  # OpenRouter's request fields a model may allow
+# How a model's targets are ordered for a call (proxy/routing.py): as listed, by `priority` (lowest
+# first), or by the call's price ceiling on each (cheapest first).
+Routing = Literal["order", "priority", "cheapest"]
 TARGETS_MAX = 8
 
 Natural = Annotated[int, Meta(ge=0)]
@@ -185,6 +188,38 @@ class BillingConfig(_Strict):
     idempotency_body_bytes_max: Natural = 1024 * 1024
 
 
+class WalletConfig(_Strict):
+    """Money settings every workspace gets unless its wallet (admin API) says otherwise; amounts are
+    credits as decimal strings, parsed exactly (sidecar/wallet.py)."""
+
+    # The usage fee: this percent of a non-BYOK call's token cost is charged on top (its own column,
+    # fee_micro), rounded up to the micro-credit once per call. Never on BYOK calls or free models.
+    usage_fee_percent: str = "0"
+    # The first this-many credits of usage fees of each workspace are waived (per-workspace override).
+    fee_waiver_credits: str = "0"
+    # An initial allowance granted exactly once per workspace: when it is created, or on its first use.
+    allowance_credits: str = "0"
+    allowance_on: Literal["created", "first_use"] = "created"
+    # Expiry: each top-up moves the workspace's expiry to `expiry_extend_months` past the later of now
+    # and the current expiry, at most `expiry_ahead_months_max` ahead; at expiry the balance is forfeited.
+    expiry_enabled: bool = False
+    expiry_extend_months: Annotated[int, Meta(ge=1, le=12)] = 1
+    expiry_ahead_months_max: Annotated[int, Meta(ge=1, le=36)] = 3
+    expiry_check_interval_ms: Annotated[int, Meta(ge=100, le=3_600_000)] = 10_000
+    expiry_batch_max: Annotated[int, Meta(ge=1, le=10_000)] = 100  # workspaces forfeited per check
+
+    def __post_init__(self) -> None:
+        for name, decimals in (("usage_fee_percent", 4), ("fee_waiver_credits", 6), ("allowance_credits", 6)):
+            try:
+                value = parse_decimal_scaled(getattr(self, name), decimals)
+            except MoneyError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+            if name == "usage_fee_percent" and value > 100 * 10**4:
+                raise ValueError("usage_fee_percent: at most 100")
+        if self.expiry_ahead_months_max < self.expiry_extend_months:
+            raise ValueError("expiry_ahead_months_max: must be at least expiry_extend_months")
+
+
 class LimitsConfig(_Strict):
     """Bounds that keep one key or workspace from taking what others need; 0 = none."""
 
@@ -239,6 +274,7 @@ class Target(_Strict):
     provider: Name
     upstream_model: str | None = None  # default: the model's name
     price: str | None = None  # default: the model's name
+    priority: Natural | None = None  # with the model's `routing: priority`: lowest first (ties: as listed)
 
 
 class ModelConfig(_Strict):
@@ -254,8 +290,12 @@ class ModelConfig(_Strict):
     aliases: tuple[Name, ...] = ()
     provider: str | None = None  # with upstream_model: the one-target shorthand of `targets`
     upstream_model: str | None = None
-    # Tried in order; the next one only if nothing reached the client yet.
+    # Tried in the `routing` order; the next one only if nothing reached the client yet.
     targets: Annotated[tuple[Target, ...], Meta(max_length=TARGETS_MAX)] = ()
+    # order: as listed; priority: by each target's `priority`, lowest first; cheapest: by the call's
+    # price ceiling on each target, cheapest first. In every case a target whose ceiling the workspace
+    # cannot cover is skipped (402 only when none fits).
+    routing: Routing = "order"
     # OpenRouter routing fields (protocols.base.ROUTING_FIELDS) a client may send for this model;
     # the others get a 400. With `models` allowed, the hold is at the dearest model listed.
     allow_routing_fields: tuple[RoutingField, ...] = ()
@@ -263,6 +303,11 @@ class ModelConfig(_Strict):
     def __post_init__(self) -> None:
         if self.markup_percent is not None:
             _check_markup(self.markup_percent)
+        prioritized = [t.priority is not None for t in self.targets]
+        if self.routing == "priority" and not all(prioritized):
+            raise ValueError("targets: with routing: priority, every target needs a priority")
+        if self.routing != "priority" and any(prioritized):
+            raise ValueError("routing: a target has a priority; set routing: priority to use it")
 
 
 def _check_markup(text: str) -> None:
@@ -301,6 +346,7 @@ class ConfigFile(_Strict):
     holds: HoldConfig = HoldConfig()
     ledger: LedgerConfig = LedgerConfig()
     billing: BillingConfig = BillingConfig()
+    wallet: WalletConfig = WalletConfig()
     limits: LimitsConfig = LimitsConfig()
     byok: ByokConfig = ByokConfig()
     admin_tokens: tuple[AdminTokenEntry, ...] = ()
@@ -332,6 +378,7 @@ class Config:
     models: dict[str, ModelConfig]  # public name and every alias -> model
     pricing: CostProfile
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    wallet: WalletConfig = field(default_factory=WalletConfig)
     source: str = field(default="<defaults>", compare=False)
     pricing_by_hand: frozenset[str] = frozenset()  # the price entries of pricing.yaml; the rest: the catalog
 
@@ -406,6 +453,7 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
         holds=holds,
         ledger=file.ledger,
         billing=file.billing,
+        wallet=file.wallet,
         byok=file.byok,
         limits=file.limits,
         admin_tokens=tuple(admin_tokens),
@@ -479,7 +527,9 @@ def _with_targets(
             entry = _catalog_price(model, provider, upstream_model, price, priced, at, where)
             if j == 0:
                 catalog_window = entry.context_window_tokens
-        targets.append(Target(provider=target.provider, upstream_model=upstream_model, price=price))
+        targets.append(
+            Target(provider=target.provider, upstream_model=upstream_model, price=price, priority=target.priority)
+        )
     first = targets[0]
     window = model.context_window_tokens or catalog_window or first_provider.context_window_tokens
     if window is None:
@@ -524,7 +574,8 @@ def _catalog_price(
         sell = catalog.with_markup(entry.prices, markup, f"{where}upstream_model: {upstream_model!r}")
     except catalog.CatalogError as exc:
         raise ConfigError(str(exc)) from None
-    found = ModelPrice(model=price, sell=sell, upstream=entry.prices)
+    source = f"genai-prices=={catalog.package_version()}"
+    found = ModelPrice(model=price, sell=sell, upstream=entry.prices, source=source)
     if priced.models.setdefault(price, found) != found:
         raise ConfigError(f"{where}price: {price!r} is priced twice, differently (markup or upstream model)")
     if entry.changes:
@@ -535,7 +586,9 @@ def _catalog_price(
             except catalog.CatalogError as exc:
                 raise ConfigError(f"{exc} (its price from {change.effective_at.date()})") from None
             effective_ms = int(change.effective_at.timestamp() * 1000)
-            dated.append(ModelPrice(model=price, sell=sell, upstream=change.prices, effective_ms=effective_ms))
+            dated.append(
+                ModelPrice(model=price, sell=sell, upstream=change.prices, effective_ms=effective_ms, source=source)
+            )
         priced.changes[price] = tuple(dated)
     return entry
 
@@ -603,26 +656,62 @@ def _check_hold_outlives_call(config: Config) -> None:
 # --- pricing.yaml ----------------------------------------------------------------------------------
 
 _PRICE_CLASSES = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+# Optional: a class with a price of its own (per 1M tokens; absent: billed as its parent class, and a
+# request that would incur it on purpose is refused), fees in credits per call, context-length tiers.
+_EXTRA_CLASSES = EXTRA_TOKEN_CLASSES
+_FEES = ("request_fee", *TOOL_FEES)
+_TIERS = "tiers"
+_PRICE_KEYS = (*_PRICE_CLASSES, *_EXTRA_CLASSES, *_FEES, _TIERS)
+FEE_DECIMALS_MAX = 9  # credits per call: a thousandth of a micro-credit
 
 
-def _parse_prices(raw: Any, path: str) -> TokenPrices:
+def _parse_prices(raw: Any, path: str, tiers_allowed: bool = True) -> TokenPrices:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of token class to price per 1M tokens")
-    unknown = sorted(set(raw) - set(_PRICE_CLASSES))
+    known = _PRICE_KEYS if tiers_allowed else _PRICE_KEYS[:-1]
+    unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ConfigError(f"{path}.{unknown[0]}: unknown token class (known: {', '.join(_PRICE_CLASSES)})")
+        raise ConfigError(f"{path}.{unknown[0]}: unknown price (known: {', '.join(known)})")
     for required in ("input", "output"):
         if required not in raw:
             raise ConfigError(f"{path}.{required}: required")
-    scaled = {}
-    for cls in _PRICE_CLASSES:
+    scaled: dict[str, Any] = {}
+    for cls in (*_PRICE_CLASSES, *_EXTRA_CLASSES):
+        if cls not in raw and cls in _EXTRA_CLASSES:
+            continue
         # An unpriced cache class costs what plain input costs: never less than the provider charges us.
         text = raw.get(cls, raw["input"])
         try:
             scaled[cls] = parse_price_per_million(text)
         except MoneyError as exc:
             raise ConfigError(f"{path}.{cls}: {exc}") from None
-    return TokenPrices(**scaled)
+    for fee in _FEES:
+        if fee in raw:
+            try:  # credits per call -> micro-credits per call * PRICE_SCALE
+                scaled[fee] = parse_decimal_scaled(raw[fee], FEE_DECIMALS_MAX) * 10**6
+            except MoneyError as exc:
+                raise ConfigError(f"{path}.{fee}: {exc}") from None
+    return TokenPrices(**scaled, tiers=_parse_tiers(raw.get(_TIERS), raw, path))
+
+
+def _parse_tiers(raw: Any, base: dict, path: str) -> tuple[tuple[int, TokenPrices], ...]:
+    """`tiers: [{input_tokens_above: 200000, input: "6", ...}]`: each tier's prices, the base's for what
+    it does not give; in ascending order."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{path}.tiers: must be a non-empty list of {{input_tokens_above: N, <prices>}}")
+    tiers, last = [], -1
+    for k, tier in enumerate(raw):
+        where = f"{path}.tiers[{k}]"
+        start = tier.get("input_tokens_above") if isinstance(tier, dict) else None
+        if not isinstance(start, int) or isinstance(start, bool) or start <= last:
+            raise ConfigError(f"{where}.input_tokens_above: must be an integer above the previous tier's")
+        own = {key: value for key, value in tier.items() if key != "input_tokens_above"}
+        inherited = {key: value for key, value in base.items() if key != _TIERS}
+        tiers.append((start, _parse_prices({**inherited, **own}, where, tiers_allowed=False)))
+        last = start
+    return tuple(tiers)
 
 
 def parse_pricing(raw: Any, source: str) -> CostProfile:
@@ -701,7 +790,9 @@ def _convert(raw: dict, kind: type) -> Any:
         raise ConfigError(_in_our_words(str(exc), kind)) from None
 
 
-_DECLARED_ORDER = {tuple(sorted(v)): v for v in (PROTOCOLS, PERMISSIONS, ROUTING_FIELDS)}  # msgspec sorts them
+_DECLARED_ORDER = {
+    tuple(sorted(v)): v for v in (PROTOCOLS, PERMISSIONS, ROUTING_FIELDS, get_args(Routing))
+}  # msgspec sorts them
 _TYPE_WORDS = {"int": "a non-negative integer", "str": "a string", "bool": "true or false", "object": "a mapping"}
 _TYPE_WORDS |= {"array": "a list", "str | null": "a string"}
 

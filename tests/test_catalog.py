@@ -17,13 +17,26 @@ from hypothesis import strategies as st
 from sidecar import catalog
 from sidecar.config import ConfigError, parse_config
 from sidecar.money import MICRO_PER_CREDIT
-from sidecar.pricing import CostProfile, ModelPrice, TokenPrices, Usage
+from sidecar.pricing import EXTRA_TOKEN_CLASSES, CostProfile, ModelPrice, Reach, TokenPrices, Usage
 
 AT = datetime.now(tz=UTC)
-# A sample of providers: OpenAI and Anthropic (with their search-tool fees), and providers whose
-# models use other shapes (no cache prices, time-of-day prices, OCR pages, tiers).
-SAMPLED_PROVIDERS = ("openai", "anthropic", "mistral", "groq", "deepseek", "x-ai", "together")
+# A sample of providers: OpenAI and Anthropic (search-tool fees, audio and image classes, Anthropic's
+# long-context tiers), Perplexity (per-request fees), Google (tiers, audio, image output), and providers
+# whose models use other shapes (no cache prices, time-of-day prices, OCR pages).
+SAMPLED_PROVIDERS = ("openai", "anthropic", "perplexity", "google", "mistral", "groq", "deepseek", "x-ai", "together")
 SAMPLED = [(pid, m) for pid in SAMPLED_PROVIDERS for m in catalog.models_of(pid, AT) if m.offerable]
+# Besides, every model of every provider priced by more than plain token classes (tiers, fees, audio,
+# image, reasoning): the shapes the catalog used to refuse.
+SPECIAL = [
+    (pid, m)
+    for pid in catalog.provider_ids()
+    if pid not in SAMPLED_PROVIDERS
+    for m in catalog.models_of(pid, AT)
+    if m.offerable
+    and (
+        m.prices.tiers or m.prices.request_fee or any(getattr(m.prices, cls) is not None for cls in EXTRA_TOKEN_CLASSES)
+    )
+]
 CHARGE_MICRO_MIN = 3
 
 
@@ -35,36 +48,65 @@ def config(providers: list[dict], models: list[dict] = (), pricing: dict | None 
     return parse_config({"providers": providers, "models": list(models)}, pricing or {}, {})
 
 
-def test_the_sample_is_large_and_covers_every_cache_shape() -> None:
-    assert len(SAMPLED) > 150
+def test_the_sample_is_large_and_covers_every_shape() -> None:
+    assert len(SAMPLED) > 200
     shapes = {(m.prices.cache_read != m.prices.input, m.prices.cache_write_1h != m.prices.input) for _, m in SAMPLED}
     assert shapes >= {(False, False), (True, False), (True, True)}
+    everything = SAMPLED + SPECIAL
+    assert any(m.prices.tiers for _, m in SAMPLED) and any(len(m.prices.tiers) > 1 for _, m in everything)
+    assert any(m.prices.request_fee for _, m in SAMPLED) and any(m.prices.web_search_fee for _, m in SAMPLED)
+    assert any(m.prices.file_search_fee for _, m in SAMPLED)
+    for cls in EXTRA_TOKEN_CLASSES:
+        assert any(getattr(m.prices, cls) is not None for _, m in everything), cls
 
 
 # --- 4. the cost of a call equals genai-prices' calculation ------------------------------------------
 
 
-def genai_cost_micro(provider_id: str, model_id: str, usage: Usage, markup: Fraction, prices: TokenPrices) -> int:
-    """The price database's own cost for `usage`, with the markup, by the money rule (DESIGN.md §4):
-    computed exactly, rounded up once to a micro-credit, then the minimum charge; nothing for no tokens."""
-    theirs = genai_prices.Usage(
-        input_tokens=usage.total_input_tokens,  # theirs counts cached tokens in input; ours does not
-        output_tokens=usage.output_tokens,
-        output_reasoning_tokens=usage.reasoning_tokens,
+def genai_usage(usage: Usage) -> genai_prices.Usage:
+    """Our disjoint classes as genai-prices' nested ones: input counts every input class, output every
+    output class; a class only our usage splits off is counted in its parent too."""
+    return genai_prices.Usage(
+        input_tokens=usage.total_input_tokens,  # theirs counts cached, audio and image tokens in input
         cache_read_tokens=usage.cache_read_tokens,
         cache_write_tokens=usage.cache_write_5m_tokens + usage.cache_write_1h_tokens,
         cache_write_5m_tokens=usage.cache_write_5m_tokens,
         cache_write_1h_tokens=usage.cache_write_1h_tokens,
+        input_audio_tokens=usage.input_audio_tokens,
+        input_image_tokens=usage.input_image_tokens,
+        cache_audio_read_tokens=0,  # never reported apart by these protocols (catalog.py)
+        cache_image_read_tokens=0,
+        output_tokens=usage.total_output_tokens,
+        output_reasoning_tokens=usage.reasoning_tokens,
+        output_audio_tokens=usage.output_audio_tokens,
+        output_image_tokens=usage.output_image_tokens,
+        web_searches=usage.web_searches,
+        storage_searches=usage.file_searches,
     )
-    calc = genai_prices.calc_price(theirs, model_id, provider_id=provider_id, genai_request_timestamp=AT)
+
+
+def genai_total(provider_id: str, model_id: str, usage: Usage, when: datetime = AT) -> Fraction:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unknown usage key would be silently unpriced
+        calc = genai_prices.calc_price(
+            genai_usage(usage), model_id, provider_id=provider_id, genai_request_timestamp=when
+        )
     assert calc.model.id == model_id
-    exact = Fraction(calc.total_price) * (1 + markup) * MICRO_PER_CREDIT
+    return Fraction(calc.total_price)
+
+
+def genai_cost_micro(provider_id: str, model_id: str, usage: Usage, markup: Fraction, prices: TokenPrices) -> int:
+    """The price database's own cost for `usage`, with the markup, by the money rule (DESIGN.md §4):
+    computed exactly, rounded up once to a micro-credit, then the minimum charge; nothing for no usage."""
     if usage.is_empty or prices.is_free:
         return 0
+    exact = genai_total(provider_id, model_id, usage) * (1 + markup) * MICRO_PER_CREDIT
     return max(math.ceil(exact), CHARGE_MICRO_MIN)
 
 
 tokens = st.integers(min_value=0, max_value=2_000_000)
+maybe = st.one_of(st.just(0), tokens)
+calls = st.one_of(st.just(0), st.integers(min_value=0, max_value=20))
 
 
 @st.composite
@@ -73,41 +115,72 @@ def usages(draw) -> Usage:
     return Usage(
         input_tokens=draw(tokens),
         output_tokens=output,
-        cache_read_tokens=draw(st.one_of(st.just(0), tokens)),
-        cache_write_5m_tokens=draw(st.one_of(st.just(0), tokens)),
-        cache_write_1h_tokens=draw(st.one_of(st.just(0), tokens)),
+        cache_read_tokens=draw(maybe),
+        cache_write_5m_tokens=draw(maybe),
+        cache_write_1h_tokens=draw(maybe),
         reasoning_tokens=draw(st.integers(min_value=0, max_value=output)),
+        input_audio_tokens=draw(maybe),
+        input_image_tokens=draw(maybe),
+        output_audio_tokens=draw(maybe),
+        output_image_tokens=draw(maybe),
+        web_searches=draw(calls),
+        file_searches=draw(calls),
     )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def assert_costs_match(provider_id: str, model, usage: Usage, markup_text: str) -> None:
+    markup = Fraction(Decimal(markup_text)) / 100
+    sell = catalog.with_markup(model.prices, Decimal(markup_text), model.model_id)
+    profile = CostProfile("t", "USD", CHARGE_MICRO_MIN, {})
+    price = ModelPrice(model.model_id, sell=sell, upstream=model.prices)
+    ours = profile.cost_micro(price, usage)
+    assert ours == genai_cost_micro(provider_id, model.model_id, usage, markup, model.prices), (
+        provider_id,
+        model.model_id,
+        usage,
+    )
+    theirs_upstream = (
+        0 if usage.is_empty else math.ceil(genai_total(provider_id, model.model_id, usage) * MICRO_PER_CREDIT)
+    )
+    assert profile.upstream_cost_micro(price, usage) == theirs_upstream
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(usage=usages(), markup_text=st.sampled_from(["0", "10", "12.5", "100"]))
 def test_every_sampled_model_costs_what_genai_prices_says(usage: Usage, markup_text: str) -> None:
-    markup = Fraction(Decimal(markup_text)) / 100
-    for provider_id, model in SAMPLED:  # every model of the sample, for each drawn usage
-        sell = catalog.with_markup(model.prices, Decimal(markup_text), model.model_id)
-        profile = CostProfile("t", "USD", CHARGE_MICRO_MIN, {})
-        price = ModelPrice(model.model_id, sell=sell, upstream=model.prices)
-        ours = profile.cost_micro(price, usage)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # an unknown usage key would be silently unpriced
-            theirs = genai_cost_micro(provider_id, model.model_id, usage, markup, model.prices)
-        assert ours == theirs, (provider_id, model.model_id, usage)
-        upstream = profile.upstream_cost_micro(price, usage)
-        assert upstream == genai_cost_micro_upstream(provider_id, model.model_id, usage)
+    for provider_id, model in SAMPLED + SPECIAL:  # every model of the sample, for each drawn usage
+        assert_costs_match(provider_id, model, usage, markup_text)
 
 
-def genai_cost_micro_upstream(provider_id: str, model_id: str, usage: Usage) -> int:
-    theirs = genai_prices.Usage(
-        input_tokens=usage.total_input_tokens,
-        output_tokens=usage.output_tokens,
-        cache_read_tokens=usage.cache_read_tokens,
-        cache_write_tokens=usage.cache_write_5m_tokens + usage.cache_write_1h_tokens,
-        cache_write_5m_tokens=usage.cache_write_5m_tokens,
-        cache_write_1h_tokens=usage.cache_write_1h_tokens,
-    )
-    total = genai_prices.calc_price(theirs, model_id, provider_id=provider_id, genai_request_timestamp=AT).total_price
-    return math.ceil(Fraction(total) * MICRO_PER_CREDIT)
+TIERED = [(pid, m) for pid, m in SAMPLED + SPECIAL if m.prices.tiers]
+
+
+@pytest.mark.parametrize(("provider_id", "model"), TIERED, ids=[f"{p}:{m.model_id}" for p, m in TIERED])
+def test_every_tier_of_every_tiered_model_costs_what_genai_prices_says(provider_id: str, model) -> None:
+    """At each tier's edge (its start, where the tier below still applies, and one token past it, where it
+    starts), with the input split over every input class, and with output, searches and fees."""
+    assert model.prices.tiers
+    for start, _ in model.prices.tiers:
+        for total in (start - 1, start, start + 1, start * 2):
+            parts = total // 4
+            usage = Usage(
+                input_tokens=total - 3 * parts,
+                cache_read_tokens=parts,
+                cache_write_5m_tokens=parts // 2,
+                cache_write_1h_tokens=parts - parts // 2,
+                input_audio_tokens=parts,
+                output_tokens=1_234,
+                reasoning_tokens=200,
+                output_audio_tokens=17,
+                web_searches=2,
+            )
+            assert usage.total_input_tokens == total
+            for markup in ("0", "10"):
+                assert_costs_match(provider_id, model, usage, markup)
+            reached = model.prices.at(total)
+            assert reached is (model.prices if total <= start and reached is model.prices else reached)
+    # The highest tier is the one a call past every start pays.
+    assert model.prices.at(model.prices.tiers[-1][0] + 1) is model.prices.tiers[-1][1]
 
 
 @settings(max_examples=40, deadline=None)
@@ -115,15 +188,75 @@ def genai_cost_micro_upstream(provider_id: str, model_id: str, usage: Usage) -> 
     usage=usages(),
     slack_input=st.integers(min_value=0, max_value=1000),
     slack_output=st.integers(min_value=0, max_value=1000),
+    slack_calls=st.integers(min_value=0, max_value=3),
 )
-def test_the_hold_bounds_every_priced_class_of_every_sampled_model(usage, slack_input, slack_output) -> None:
-    for _, model in SAMPLED:
+def test_the_hold_bounds_every_priced_class_tier_and_fee_of_every_sampled_model(
+    usage, slack_input, slack_output, slack_calls
+) -> None:
+    """The hold, for a request that may incur every class (audio, images, searches), bounds the cost of
+    any usage within its bounds: every tier its input can reach, every per-call and per-request fee."""
+    reach = Reach(
+        audio_in=True,
+        audio_out=True,
+        image_in=True,
+        web_searches_max=usage.web_searches + slack_calls,
+        file_searches_max=usage.file_searches + slack_calls,
+    )
+    for _, model in SAMPLED + SPECIAL:
         profile = CostProfile("t", "USD", CHARGE_MICRO_MIN, {})
         price = ModelPrice(model.model_id, sell=model.prices, upstream=model.prices)
         ceiling = profile.ceiling_micro(
-            price, usage.total_input_tokens + slack_input, usage.output_tokens + slack_output
+            price, usage.total_input_tokens + slack_input, usage.total_output_tokens + slack_output, reach
         )
         assert profile.cost_micro(price, usage) <= ceiling, model.model_id
+
+
+@settings(max_examples=40, deadline=None)
+@given(usage=usages())
+def test_a_text_only_request_is_held_for_text_only(usage) -> None:
+    """Without audio in the request, the hold does not assume audio prices; with it, it does; and a text
+    call's cost (no audio, no searches) stays under the text hold."""
+    text = Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_tokens=usage.cache_read_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+    )
+    for _, model in SAMPLED + SPECIAL:
+        profile = CostProfile("t", "USD", CHARGE_MICRO_MIN, {})
+        price = ModelPrice(model.model_id, sell=model.prices, upstream=model.prices)
+        plain = profile.ceiling_micro(price, text.total_input_tokens, text.total_output_tokens)
+        audio = profile.ceiling_micro(price, text.total_input_tokens, text.total_output_tokens, Reach(audio_in=True))
+        assert profile.cost_micro(price, text) <= plain <= audio
+
+
+def test_a_request_fee_and_searches_are_in_the_hold_and_the_cost() -> None:
+    sonar = catalog.find("perplexity", "sonar", AT)
+    assert sonar.prices.request_fee == 12_000 * 10**9  # $12 per 1000 calls: 12,000 micro-credits a call
+    profile = CostProfile("t", "USD", 0, {})
+    price = ModelPrice("sonar", sell=sonar.prices, upstream=sonar.prices)
+    assert profile.cost_micro(price, Usage(input_tokens=1)) == 12_001
+    assert profile.cost_micro(price, Usage()) == 0  # a failed call: nothing, the fee neither
+    assert profile.ceiling_micro(price, 0, 0) == 12_000
+    opus = catalog.find("anthropic", "claude-opus-4-5", AT)
+    price = ModelPrice("opus", sell=opus.prices, upstream=opus.prices)
+    fee = opus.prices.web_search_fee // 10**9  # micro-credits per search
+    assert fee == 10_000
+    base = profile.ceiling_micro(price, 10, 10)
+    assert profile.ceiling_micro(price, 10, 10, Reach(web_searches_max=3)) == base + 3 * fee
+    assert profile.cost_micro(price, Usage(output_tokens=1, web_searches=2)) == 2 * fee + 25
+
+
+def test_the_hold_assumes_the_worst_tier_the_input_can_reach() -> None:
+    sonnet = catalog.find("anthropic", "claude-sonnet-4-5", AT)
+    [(start, long)] = sonnet.prices.tiers
+    assert start == 200_000 and long.input == 2 * sonnet.prices.input
+    profile = CostProfile("t", "USD", 0, {})
+    price = ModelPrice("s", sell=sonnet.prices, upstream=sonnet.prices)
+    below = profile.ceiling_micro(price, start, 0)
+    above = profile.ceiling_micro(price, start + 1, 0)
+    assert below == start * sonnet.prices.max_input_class // 10**9
+    assert above == (start + 1) * long.max_input_class // 10**9
 
 
 # --- 1. exact conversion, and what the profile cannot express is refused -----------------------------
@@ -144,12 +277,12 @@ def test_a_snapshot_price_that_is_not_exact_refuses_its_model() -> None:
 @pytest.mark.parametrize(
     ("provider_id", "reason"),
     [
-        ("anthropic", "context-length tiers"),
         ("deepseek", "time of day"),
         ("mistral", "input_document_kpages"),
-        ("perplexity", "requests_kcount"),
-        ("perplexity", "web_searches_kcount"),  # sonar searches on every call: not a tool the gateway refuses
+        ("perplexity", "output_citation_mtok"),
+        ("google", "web_searches_kcount"),  # Google's grounding searches: not a tool a request names
         ("x-ai", "input_text_messages_kcount"),
+        ("groq", "input_mchars"),
     ],
 )
 def test_what_the_profile_cannot_express_refuses_the_model(provider_id: str, reason: str) -> None:
@@ -165,9 +298,9 @@ def test_what_the_profile_cannot_express_refuses_the_model(provider_id: str, rea
     assert name not in glob.models and glob.models
 
 
-def test_search_fees_of_refused_tools_do_not_refuse_the_model() -> None:
-    """OpenAI's web and file search are server tools the protocols refuse (400 unsupported_feature), so
-    their per-search fee is never incurred and gpt-4o is offered; its token prices are exact."""
+def test_search_fees_of_server_tools_are_priced_per_call() -> None:
+    """OpenAI's web and file search are server tools a request names, bounded per call: their fees are
+    priced ($25 and $2.50 per 1000 calls for gpt-4o), and its token prices are exact."""
     gpt_4o = catalog.find("openai", "gpt-4o", AT)
     assert gpt_4o.offerable
     assert (gpt_4o.prices.input, gpt_4o.prices.output, gpt_4o.prices.cache_read) == (
@@ -175,6 +308,7 @@ def test_search_fees_of_refused_tools_do_not_refuse_the_model() -> None:
         10_000_000_000,
         1_250_000_000,
     )
+    assert gpt_4o.prices.web_search_fee is not None and gpt_4o.prices.file_search_fee is not None
 
 
 # --- 1-3. config: price_source, explicit prices win, markups, offers ---------------------------------
@@ -319,10 +453,16 @@ def test_the_catalog_command_shows_offers_prices_and_what_the_catalog_says_diffe
     assert rows["gpt-4o-mini"]["price_from"] == "pricing.yaml"
     assert rows["gpt-4o-mini"]["note"] == "catalog upstream differs: 0.15/0.6/0.075/0.15/0.15"
     assert rows["claude-opus-4-5"]["sell"]["cache_write_1h"] == "10"
+    # The version each is billed at now (ledger rows' price_version), and its fees.
+    from sidecar.config import load_config
+
+    loaded = load_config(tmp_path / "sidecar.yaml", env={})
+    assert rows["o3-mini"]["price_version"] == loaded.pricing.price_of("o3-mini").version
+    assert rows["claude-opus-4-5"]["sell"]["web_search_fee"] == "0.01" and rows["o3-mini"]["changes"] == []
     everything = subprocess.run(
         [*run, "--provider", "anthropic", "--all"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    assert "context-length tiers" in everything and "genai-prices 0.2.3" in everything
+    assert "genai-prices 0.2.3" in everything and "claude-sonnet-4-5" in everything
     assert "o3-mini" not in everything
     unknown = subprocess.run([*run, "--provider", "nope"], capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "no provider 'nope'" in unknown.stderr
@@ -351,7 +491,9 @@ def test_a_dated_price_change_of_the_snapshot_applies_from_its_date_without_a_re
     from sidecar import catalog_report
 
     [row] = catalog_report.rows(loaded)
-    assert f"from {change.effective_at.date()}: upstream " in row.note and row.upstream == before.upstream
+    assert f"from {change.effective_at.date()} ({after.version}): upstream " in row.note
+    assert row.upstream == before.upstream and row.price_version == before.version != after.version
+    assert [c["price_version"] for c in row.changes] == [after.version]
 
 
 @settings(max_examples=30, deadline=None)
@@ -363,20 +505,8 @@ def test_after_a_dated_change_the_cost_still_equals_genai_prices(usage: Usage, d
         loaded = config([provider(provider_id, offer=[model.model_id], context_window_tokens=1000)])
         when = model.changes[-1].effective_at + timedelta(days=days_after, hours=5)
         price = loaded.pricing.price_of(model.model_id, int(when.timestamp() * 1000))
-        theirs = genai_prices.calc_price(
-            genai_prices.Usage(
-                input_tokens=usage.total_input_tokens,
-                output_tokens=usage.output_tokens,
-                cache_read_tokens=usage.cache_read_tokens,
-                cache_write_tokens=usage.cache_write_5m_tokens + usage.cache_write_1h_tokens,
-                cache_write_5m_tokens=usage.cache_write_5m_tokens,
-                cache_write_1h_tokens=usage.cache_write_1h_tokens,
-            ),
-            model.model_id,
-            provider_id=provider_id,
-            genai_request_timestamp=when,
-        )
-        exact_micro = math.ceil(Fraction(theirs.total_price) * MICRO_PER_CREDIT)
+        theirs = genai_total(provider_id, model.model_id, usage, when)
+        exact_micro = math.ceil(theirs * MICRO_PER_CREDIT)
         expected = 0 if usage.is_empty or price.sell.is_free else max(exact_micro, loaded.pricing.charge_micro_min)
         assert loaded.pricing.cost_micro(price, usage) == expected, (model.model_id, when, usage)
 
@@ -402,8 +532,50 @@ def test_a_dated_change_the_profile_cannot_express_refuses_the_model_now() -> No
     fine = catalog.describe("openai", model_with(types.ModelPrice(input_mtok=Decimal(3), output_mtok=Decimal(4))), AT)
     assert fine.offerable and [c.prices.output for c in fine.changes] == [4_000_000_000]
     tiered = types.TieredPrices(base=Decimal(3), tiers=[types.Tier(start=200_000, price=Decimal(6))])
-    refused = catalog.describe("openai", model_with(types.ModelPrice(input_mtok=tiered, output_mtok=Decimal(4))), AT)
+    fine = catalog.describe("openai", model_with(types.ModelPrice(input_mtok=tiered, output_mtok=Decimal(4))), AT)
+    assert fine.offerable and fine.changes[0].prices.tiers[0][1].input == 6_000_000_000
+    pages = types.ModelPrice(input_mtok=Decimal(3), input_document_kpages=Decimal(1))
+    refused = catalog.describe("openai", model_with(pages), AT)
     assert not refused.offerable
     assert refused.refused == (
-        "its price changes on 2099-01-01 to one that cannot be billed: input_mtok has context-length tiers"
+        "its price changes on 2099-01-01 to one that cannot be billed: it is priced by input_document_kpages, "
+        "which the cost profile cannot express"
     )
+
+
+def test_pricing_yaml_expresses_fees_extra_classes_and_tiers() -> None:
+    pricing = {
+        "models": {
+            "m": {
+                "input": "1",
+                "output": "2",
+                "input_audio": "40",
+                "request_fee": "0.005",
+                "web_search_fee": "0.01",
+                "tiers": [{"input_tokens_above": 1000, "input": "2", "output": "4"}],
+            }
+        }
+    }
+    model = {"name": "m", "provider": "p", "max_output_tokens_default": 1, "context_window_tokens": 10}
+    loaded = parse_config(
+        {"providers": [{"name": "p", "protocol": "openai", "base_url": "http://x"}], "models": [model]}, pricing, {}
+    )
+    sell = loaded.pricing.price_of("m").sell
+    assert (sell.input_audio, sell.request_fee, sell.web_search_fee) == (40 * 10**9, 5_000 * 10**9, 10_000 * 10**9)
+    assert sell.output_audio is None  # no price of its own: audio output is refused, billed as output if reported
+    [(start, tier)] = sell.tiers
+    assert (start, tier.input, tier.output, tier.input_audio, tier.request_fee) == (
+        1000,
+        2 * 10**9,
+        4 * 10**9,
+        40 * 10**9,
+        5_000 * 10**9,
+    )
+    profile = loaded.pricing
+    assert profile.cost_micro(loaded.pricing.price_of("m"), Usage(input_tokens=1000)) == 1000 + 5_000
+    assert profile.cost_micro(loaded.pricing.price_of("m"), Usage(input_tokens=1001)) == 2002 + 5_000
+    bad = {"models": {"m": {**pricing["models"]["m"], "tiers": [{"input_tokens_above": 5}, {"input_tokens_above": 5}]}}}
+    with pytest.raises(ConfigError, match=r"tiers\[1\]\.input_tokens_above: must be an integer above"):
+        parse_config(
+            {"providers": [{"name": "p", "protocol": "openai", "base_url": "http://x"}], "models": [model]}, bad, {}
+        )

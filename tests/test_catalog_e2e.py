@@ -3,12 +3,18 @@ and a call's ledger row costs what genai-prices computes for the usage the provi
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import math
+import time
 from fractions import Fraction
 
 import genai_prices
 import orjson
 from support.harness import chat_body, start_sidecar, stop_sidecar
+
+from sidecar import price_versions
+from sidecar.pricing import ModelPrice, TokenPrices
 
 CREDITS = 10_000_000
 CATALOG_MODELS = [
@@ -59,26 +65,92 @@ async def test_a_catalog_model_is_listed_and_billed_as_genai_prices_computes(
         await stop_sidecar(sidecar)
 
 
-async def test_the_fees_a_catalog_model_is_offered_despite_are_refused_per_request(
+async def test_a_search_fee_is_held_billed_and_recorded_with_the_price_version(
     redis_client, redis_url, migrated_database_url
 ) -> None:
-    """gpt-4o's catalog entry has per-search fees and audio prices the profile cannot express; it is
-    offered because every request that would incur them gets a 400 and never reaches the provider."""
+    """gpt-4o prices web search per call: chat's `web_search_options` (one search per call) is served,
+    held and billed with the fee, as genai-prices computes it; the row names the price version it was
+    billed at, registered with its prices. What the catalog cannot price is a 400, nothing forwarded."""
     sidecar = await start_sidecar(redis_url, migrated_database_url, more_models=CATALOG_MODELS)
     try:
         ws = await sidecar.workspace(credits_micro=CREDITS)
+        status, _, raw = await sidecar.chat(ws, chat_body("x" * 400, model="cat-4o", web_search_options={}))
+        assert status == 200, raw
+        usage = orjson.loads(raw)["usage"]
+        [row] = await sidecar.ledger_eventually(ws.id)
+        theirs = genai_prices.calc_price(
+            genai_prices.Usage(
+                input_tokens=usage["prompt_tokens"], output_tokens=usage["completion_tokens"], web_searches=1
+            ),
+            "gpt-4o",
+            provider_id="openai",
+        )
+        assert row["web_searches"] == 1
+        assert row["cost_micro"] == math.ceil(Fraction(theirs.total_price) * Fraction(6, 5) * 1_000_000)
+        fee_micro = 10_000 * 6 // 5  # $10 per 1000 searches, +20%
+        assert row["hold_micro"] > fee_micro and row["cost_micro"] > fee_micro
+        price = sidecar.svc.config.pricing.price_of("cat-4o")
+        assert row["price_version"] == price.version and row["route_reason"] == "order"
+        async with sidecar.svc.pool.acquire() as conn:
+            registered = await price_versions.at_version(conn, row["price_version"])
+        assert registered["source"] == f"genai-prices=={genai_prices.__version__}"
+        assert registered["prices"]["sell"]["web_search_fee"] == fee_micro * 10**9
+
         before = len(sidecar.recorded)
-        for extra in (
-            {"web_search_options": {}},
-            {"tools": [{"type": "web_search_preview"}]},
-            {"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]},
-            {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+        for extra, param in (
+            ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools"),  # not on chat
+            ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
+            ({"tools": [{"type": "code_interpreter"}]}, "tools"),
         ):
             status, _, raw = await sidecar.chat(ws, chat_body(model="cat-4o", **extra))
             assert status == 400, (extra, raw)
-            assert orjson.loads(raw)["error"]["code"] == "unsupported_feature", raw
+            error = orjson.loads(raw)["error"]
+            assert error["code"] == "unsupported_feature" and error["param"] == param, raw
         assert len(sidecar.recorded) == before
-        identity = await sidecar.assert_identity(ws.id)
-        assert identity["account_balance"] == CREDITS
+        await sidecar.assert_identity(ws.id)
     finally:
         await stop_sidecar(sidecar)
+
+
+async def test_a_dated_price_change_bills_each_call_at_the_version_in_force_when_it_arrived(
+    redis_client, redis_url, migrated_database_url
+) -> None:
+    sidecar = await start_sidecar(redis_url, migrated_database_url, more_models=CATALOG_MODELS)
+    try:
+        pricing = sidecar.svc.config.pricing
+        now = pricing.price_of("cat-4o")
+        doubled = now.sell.mapped(lambda p: 2 * p)
+        effective_ms = int(time.time() * 1000) + 1500
+        later = ModelPrice("cat-4o", doubled, now.upstream, effective_ms=effective_ms, source=now.source)
+        changed = dataclasses.replace(pricing, changes={**pricing.changes, "cat-4o": (later,)})
+        sidecar.svc.config = dataclasses.replace(sidecar.svc.config, pricing=changed)
+        await price_versions.register(sidecar.svc.pool, changed)
+        ws = await sidecar.workspace(credits_micro=CREDITS)
+        body = chat_body("x" * 400, model="cat-4o")
+        assert (await sidecar.chat(ws, body))[0] == 200
+        await asyncio.sleep(max(effective_ms / 1000 - time.time(), 0) + 0.05)
+        assert (await sidecar.chat(ws, body))[0] == 200
+        first, second = await sidecar.ledger_eventually(ws.id, rows_min=2)
+        assert (first["price_version"], second["price_version"]) == (now.version, later.version)
+        assert second["cost_micro"] in (2 * first["cost_micro"], 2 * first["cost_micro"] - 1)
+        async with sidecar.svc.pool.acquire() as conn:
+            registered = await price_versions.at_version(conn, later.version)
+        assert registered["effective_at"].timestamp() * 1000 == effective_ms
+        assert registered["prices"]["sell"]["input"] == 2 * now.sell.input
+    finally:
+        await stop_sidecar(sidecar)
+
+
+def test_price_versions_are_content_hashes() -> None:
+    price = ModelPrice("m", TokenPrices(1, 2, 3, 4, 5), TokenPrices(1, 1, 1, 1, 1))
+    assert price.version == ModelPrice("m", TokenPrices(1, 2, 3, 4, 5), TokenPrices(1, 1, 1, 1, 1)).version
+    for other in (
+        ModelPrice("m2", price.sell, price.upstream),
+        ModelPrice("m", TokenPrices(1, 2, 3, 4, 6), price.upstream),
+        ModelPrice("m", price.sell, TokenPrices(1, 1, 1, 1, 2)),
+        ModelPrice("m", price.sell, price.upstream, effective_ms=1),
+        ModelPrice("m", price.sell, price.upstream, source="genai-prices==0.2.3"),
+        ModelPrice("m", TokenPrices(1, 2, 3, 4, 5, request_fee=1), price.upstream),
+        ModelPrice("m", TokenPrices(1, 2, 3, 4, 5, tiers=((10, TokenPrices(2, 2, 3, 4, 5)),)), price.upstream),
+    ):
+        assert other.version != price.version

@@ -112,7 +112,7 @@ def test_the_environment_moves_the_spool() -> None:
         (
             minimal(),
             {"models": {"m": {"input": "1", "output": "1", "cache_red": "1"}}},
-            "models.m.cache_red: unknown token class",
+            "models.m.cache_red: unknown price",
         ),
     ],
 )

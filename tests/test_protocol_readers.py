@@ -16,6 +16,7 @@ from sidecar.pricing import Usage
 from sidecar.protocols import (
     anthropic_messages,
     openai_chat,
+    openai_common,
     openai_completions,
     openai_embeddings,
     openai_responses,
@@ -419,11 +420,13 @@ def test_input_unbounded_is_read_from_the_parsed_request(protocol, raw: bytes, u
     assert protocol.read_request(orjson.loads(raw)).input_unbounded is unbounded
 
 
-def test_audio_anywhere_is_refused_and_named() -> None:
+def test_audio_anywhere_is_found_and_named() -> None:
+    """Audio is priced per audio token: the request's reach says so (a target without an audio price
+    refuses it, proxy/routing.py) and names the field, and its input is not bounded by its bytes."""
     payload = {"model": "m", "messages": [{"role": "assistant", "content": "x", "audio": {"id": "audio_1"}}]}
-    with pytest.raises(SidecarError) as caught:
-        openai_chat.PROTOCOL.read_request(payload)
-    assert caught.value.status == 400 and caught.value.param == "audio" and "audio" in caught.value.message
+    facts = openai_chat.PROTOCOL.read_request(payload)
+    assert facts.reach.audio_in and facts.reach.param_of("audio input") == "audio" and facts.input_unbounded
+    assert not openai_chat.PROTOCOL.read_request({"model": "m", "messages": []}).reach.audio_in
 
 
 EVENT_NAMES = st.sampled_from(
@@ -514,3 +517,78 @@ def test_any_json_in_any_request_field_is_facts_or_a_400(position: tuple[int, tu
     cap = parsed.max_output_tokens or 100
     for to_openrouter in (False, True):
         assert orjson.loads(protocol.rewrite_request(payload, parsed, "up", cap, to_openrouter))["model"] == "up"
+
+
+# --- issue 16.3: the classes beyond text tokens, read from usage; search calls bounded ---------------------
+
+
+def test_openai_usage_splits_audio_image_and_reasoning_into_their_classes() -> None:
+    usage = openai_common.usage_from_object(
+        {
+            "prompt_tokens": 100,
+            "completion_tokens": 50,
+            "prompt_tokens_details": {"cached_tokens": 10, "audio_tokens": 30, "image_tokens": 5},
+            "completion_tokens_details": {"reasoning_tokens": 8, "audio_tokens": 20},
+        }
+    )
+    assert usage == Usage(
+        input_tokens=55,
+        cache_read_tokens=10,
+        input_audio_tokens=30,
+        input_image_tokens=5,
+        output_tokens=30,
+        output_audio_tokens=20,
+        reasoning_tokens=8,
+    )
+    assert usage.total_input_tokens == 100 and usage.total_output_tokens == 50
+    # Details that claim more than their total are clamped to it, never a negative class.
+    lying = openai_common.usage_from_object(
+        {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"audio_tokens": 50}}
+    )
+    assert (lying.input_tokens, lying.input_audio_tokens) == (0, 10)
+
+
+def test_responses_counts_search_calls_and_bounds_them_per_call() -> None:
+    protocol = openai_responses.PROTOCOL
+    payload = {"model": "m", "input": "x", "tools": [{"type": "web_search"}, {"type": "file_search"}]}
+    facts = protocol.read_request(payload)
+    assert (facts.reach.web_searches_max, facts.reach.file_searches_max) == (5, 5) and facts.input_unbounded
+    sent = orjson.loads(protocol.rewrite_request(payload, facts, "m", 10, False))
+    assert sent["max_tool_calls"] == 5  # the bound the hold assumed, injected
+    bounded = protocol.read_request({**payload, "max_tool_calls": 2})
+    assert bounded.reach.web_searches_max == 2
+    assert (
+        orjson.loads(protocol.rewrite_request({**payload, "max_tool_calls": 2}, bounded, "m", 10, False))[
+            "max_tool_calls"
+        ]
+        == 2
+    )
+    body = {
+        "usage": {"input_tokens": 10, "output_tokens": 4},
+        "output": [{"type": "web_search_call"}, {"type": "web_search_call"}, {"type": "file_search_call"}, {}],
+    }
+    usage = protocol.read_body(orjson.dumps(body)).usage
+    assert (usage.web_searches, usage.file_searches, usage.input_tokens) == (2, 1, 10)
+
+
+def test_anthropic_web_search_is_bounded_per_tool_and_counted_from_usage() -> None:
+    protocol = anthropic_messages.PROTOCOL
+    tools = [{"type": "web_search_20250305", "name": "web_search"}, {"type": "web_search_20250305", "max_uses": 2}]
+    payload = {"model": "m", "max_tokens": 5, "messages": [], "tools": tools}
+    facts = protocol.read_request(payload)
+    assert facts.reach.web_searches_max == 5 + 2
+    sent = orjson.loads(protocol.rewrite_request(payload, facts, "m", 5, False))
+    assert [t["max_uses"] for t in sent["tools"]] == [5, 2]
+    usage = anthropic_messages.usage_from_fields(
+        {"input_tokens": 10, "output_tokens": 3, "server_tool_use": {"web_search_requests": 3}}
+    )
+    assert usage.web_searches == 3
+    assert protocol.long_context({"anthropic-beta": "prompt-caching-2024-07-31, context-1m-2025-08-07"})
+    assert not protocol.long_context({})
+
+
+def test_search_tools_on_a_route_that_cannot_bound_them_are_refused() -> None:
+    payload = {"model": "m", "messages": [], "tools": [{"type": "web_search_preview"}]}
+    with pytest.raises(SidecarError) as caught:
+        openai_chat.PROTOCOL.read_request(payload)
+    assert caught.value.code == "unsupported_feature" and caught.value.param == "tools"

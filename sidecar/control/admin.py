@@ -20,6 +20,7 @@ from aiohttp import web
 from sidecar import db, serving
 from sidecar.auth import FailedAuthLimiter, hash_key, new_key
 from sidecar.control import byok
+from sidecar.control import wallet as wallet_api
 from sidecar.control.http import (
     INT32_MAX,
     PERMISSION,
@@ -35,6 +36,7 @@ from sidecar.control.http import (
     valid_name,
 )
 from sidecar.money import AMOUNT_MICRO_MAX, MoneyError, format_micro, parse_credits
+from sidecar.movements import CREDIT_KINDS
 from sidecar.services import Services
 
 GRANT_MICRO_MAX = AMOUNT_MICRO_MAX  # a typo guard, far above any real grant; keeps Redis arithmetic exact
@@ -74,8 +76,10 @@ async def create_workspace(request: web.Request) -> web.Response:
     payload = await read_object(request)
     ws = valid_id(payload.get("id") or f"ws_{secrets.token_hex(6)}", "id")
     name = valid_name(payload.get("name"), ws)
-    async with request.app[SERVICES].pool.acquire() as conn:
+    svc = request.app[SERVICES]
+    async with svc.pool.acquire() as conn:
         created = await db.create_workspace(conn, ws, name)
+    await svc.balances.grant_initial_allowance(ws)  # once per workspace (config wallet.allowance_on: created)
     return json_response({"id": ws, "name": name, "created": created}, 201 if created else 200)
 
 
@@ -138,10 +142,11 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
     ws = await existing_workspace(request)
-    async with request.app[SERVICES].pool.acquire() as conn:
+    async with svc.pool.acquire() as conn:
         records = await db.list_api_keys(conn, ws)
-    return json_response({"data": [_key_view(r) for r in records]})
+    return json_response({"data": [{**_key_view(r), **await wallet_api.key_budget_view(svc, r)} for r in records]})
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -174,11 +179,11 @@ async def grant(request: web.Request) -> web.Response:
     payload = await read_object(request)
     grant_id = valid_id(payload.get("grant_id"), "grant_id")
     kind = payload.get("kind", "grant")
-    if kind not in ("grant", "topup"):
-        raise AdminError(400, "kind must be 'grant' or 'topup'", "invalid_kind")
+    if kind not in CREDIT_KINDS:
+        raise AdminError(400, "kind must be 'grant', 'topup' or 'allowance'", "invalid_kind")
     amount = _amount_micro(payload)
     try:
-        result = await svc.balances.grant(ws, grant_id, kind, amount)
+        result = await svc.balances.credit(ws, grant_id, kind, amount)
     except db.GrantConflict:
         raise AdminError(
             409, "this grant_id was already used with a different amount or kind", "grant_conflict"
@@ -237,7 +242,7 @@ def build_control_app(svc: Services) -> web.Application:
     app[serving.ERROR_BODY] = error_body
     app[SERVICES] = svc
     app[PERMISSION] = {}
-    for method, path, handler, permission in ROUTES + byok.ROUTES:
+    for method, path, handler, permission in ROUTES + byok.ROUTES + wallet_api.ROUTES:
         app.router.add_route(method, PREFIX + path, handler)
         app[PERMISSION][(method, PREFIX + path)] = permission
     return app

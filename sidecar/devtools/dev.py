@@ -238,7 +238,7 @@ def choose_upstream(env: dict[str, str], mock_url: Callable[[], str]) -> Upstrea
     )
 
 
-# A Claude model the catalog prices (claude-sonnet-4-5 has a long-context tier the profile cannot express).
+# The Claude model the printed snippets use (every Claude model of the catalog is offered and priced).
 CLAUDE_MODEL = "claude-haiku-4-5"
 _ANTHROPIC_PROVIDER = {
     "name": "anthropic",

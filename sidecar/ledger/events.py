@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import orjson
 
 from sidecar.errors import DomainError
+from sidecar.movements import DEBIT_KINDS, Kind
 
 COLUMNS = (
     "event_id",
@@ -50,6 +51,20 @@ COLUMNS = (
     "fallback_reason",
     "protocol",
     "byok_fallback_reason",
+    # 006: the price version billed at, why the target was chosen, the classes beyond text tokens
+    "price_version",
+    "route_reason",
+    "input_audio_tokens",
+    "input_image_tokens",
+    "output_audio_tokens",
+    "output_image_tokens",
+    "web_searches",
+    "file_searches",
+    # 007: a debit's untaken part, the usage fee and its waived part, post-charge rows
+    "short_micro",
+    "fee_micro",
+    "fee_waived_micro",
+    "postpaid",
 )
 
 STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -60,6 +75,15 @@ _TOKEN_FIELDS = (
     "cache_write_5m_tokens",
     "cache_write_1h_tokens",
     "reasoning_tokens",
+)
+# Counted like tokens: zero on an expired row (nothing observed).
+_EXTRA_COUNT_FIELDS = (
+    "input_audio_tokens",
+    "input_image_tokens",
+    "output_audio_tokens",
+    "output_image_tokens",
+    "web_searches",
+    "file_searches",
 )
 _TEXT_FIELDS = (
     "office_id",
@@ -89,7 +113,7 @@ def _time(ms: object) -> datetime | None:
 
 
 def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
-    """A stream entry (as written by settle.lua or sweep.lua) -> a ledger row in COLUMNS order."""
+    """A stream entry (as written by settle.lua, expire.lua or debit.lua) -> a ledger row in COLUMNS order."""
     event = orjson.loads(fields[b"e"])
     if not isinstance(event, dict):
         raise InvalidEvent(f"the event is a JSON {type(event).__name__}, not an object")
@@ -99,16 +123,21 @@ def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
     for name in ("event_id", "workspace_id"):
         if not isinstance(event.get(name), str) or not event[name]:
             raise InvalidEvent(f"{name} is missing or not a string")
+    kind = fields.get(b"kind", b"usage").decode()
+    if kind != Kind.USAGE and kind not in DEBIT_KINDS:  # credits are written by Postgres, never streamed
+        raise InvalidEvent(f"unknown kind {kind!r} in a ledger stream")
     after = fields.get(b"after", b"")
     text = {name: _text(event.get(name)) for name in _TEXT_FIELDS}
     tokens = {name: int(event.get(name, 0)) for name in _TOKEN_FIELDS}
+    extra = {name: int(event.get(name, 0)) for name in _EXTRA_COUNT_FIELDS}
     if status == "expired":  # the call never settled: nothing observed, nothing charged
         tokens = dict.fromkeys(_TOKEN_FIELDS, 0)
+        extra = dict.fromkeys(_EXTRA_COUNT_FIELDS, 0)
         text["error"] = "sidecar stopped before the call settled; hold voided at its deadline"
     return (
         uuid.UUID(event["event_id"]),
         _time(int(fields[b"at"])),
-        "usage",
+        kind,
         status,
         event["workspace_id"],
         text["office_id"],
@@ -136,6 +165,13 @@ def row_from_entry(fields: dict[bytes, bytes]) -> tuple:
         _text(event.get("fallback_reason")),
         _text(event.get("protocol")),
         _text(event.get("byok_fallback_reason")),
+        _text(event.get("price_version")),
+        _text(event.get("route_reason")),
+        *extra.values(),
+        int(fields.get(b"short", b"0")),
+        int(fields.get(b"fee", b"0")),
+        int(fields.get(b"waived", b"0")),
+        fields.get(b"postpaid", b"0") == b"1",
     )
 
 

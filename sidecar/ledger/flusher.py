@@ -37,6 +37,7 @@ log = logging.getLogger("sidecar.flusher")
 _EVENT_ID = COLUMNS.index("event_id")
 _WORKSPACE = COLUMNS.index("workspace_id")
 _IMPACT = COLUMNS.index("balance_impact_micro")
+_WAIVED = COLUMNS.index("fee_waived_micro")
 DEAD_LETTERS_MAX = 100_000  # per workspace; the stream is capped so a flood of bad events stays bounded
 
 _STAGE_DDL = "CREATE TEMP TABLE IF NOT EXISTS ledger_stage (LIKE ledger INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -44,17 +45,19 @@ _INSERT = (
     f"INSERT INTO ledger ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM ledger_stage "
     # In event id order: two flushers writing overlapping batches (a replay, a claim) then wait on each
     # other's event ids in the same order, instead of deadlocking on ledger_event_ids.
-    "ORDER BY event_id ON CONFLICT DO NOTHING RETURNING event_id, workspace_id, balance_impact_micro"
+    "ORDER BY event_id ON CONFLICT DO NOTHING RETURNING event_id, workspace_id, balance_impact_micro, fee_waived_micro"
 )
+# The fee waiver used is kept with the balance (same rows, same version): a load reads both at once.
 _ACCOUNTS = (
-    "INSERT INTO accounts AS a (workspace_id, balance_micro, version) "
-    "SELECT ws, delta, 1 FROM unnest($1::text[], $2::bigint[]) AS d(ws, delta) "
+    "INSERT INTO accounts AS a (workspace_id, balance_micro, version, fee_waived_micro) "
+    "SELECT ws, delta, 1, waived FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS d(ws, delta, waived) "
     "ON CONFLICT (workspace_id) DO UPDATE SET balance_micro = a.balance_micro + EXCLUDED.balance_micro, "
+    "fee_waived_micro = a.fee_waived_micro + EXCLUDED.fee_waived_micro, "
     "version = a.version + 1, updated_at = now() RETURNING workspace_id, version"
 )
 _SYNC_INSERT = (
-    "INSERT INTO balance_sync (workspace_id, pg_version, gen, delta_micro) "
-    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[])"
+    "INSERT INTO balance_sync (workspace_id, pg_version, gen, delta_micro, waived_micro) "
+    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[])"
 )
 
 
@@ -268,11 +271,13 @@ class Flusher:
             if not inserted:
                 return 0
             deltas: dict[str, int] = defaultdict(int)
+            waived: dict[str, int] = defaultdict(int)
             for row in sorted(inserted, key=lambda r: r["workspace_id"]):  # accounts locked in one order too
                 deltas[row["workspace_id"]] += row["balance_impact_micro"]
+                waived[row["workspace_id"]] += row["fee_waived_micro"]
             versions = {
                 r["workspace_id"]: r["version"]
-                for r in await conn.fetch(_ACCOUNTS, list(deltas), list(deltas.values()))
+                for r in await conn.fetch(_ACCOUNTS, list(deltas), list(deltas.values()), [waived[w] for w in deltas])
             }
             await self._record_sync(conn, entries, {row["event_id"] for row in inserted}, versions)
         return len(inserted)
@@ -283,25 +288,28 @@ class Flusher:
         impacts are recorded per workspace and Redis load; after commit `_sync_balances` applies those
         whose load is not the live one, exactly once, and deletes the record. A crash in between
         leaves the record for the next flush: no change committed here can miss Redis."""
-        owed: dict[tuple[str, str], int] = defaultdict(int)
+        owed: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         for entry in entries:
-            impact = entry.row[_IMPACT]
-            if impact and entry.row[_EVENT_ID] in inserted:
-                owed[(entry.workspace_id, generation(entry.fields))] += impact
-        owed = {k: v for k, v in owed.items() if v}
+            impact, waived = entry.row[_IMPACT], entry.row[_WAIVED]
+            if (impact or waived) and entry.row[_EVENT_ID] in inserted:
+                owed[(entry.workspace_id, generation(entry.fields))][0] += impact
+                owed[(entry.workspace_id, generation(entry.fields))][1] += waived
+        owed = {k: v for k, v in owed.items() if v[0] or v[1]}
         if owed:
             await conn.execute(
                 _SYNC_INSERT,
                 [ws for ws, _ in owed],
                 [versions[ws] for ws, _ in owed],
                 [g for _, g in owed],
-                list(owed.values()),
+                [v[0] for v in owed.values()],
+                [v[1] for v in owed.values()],
             )
 
     async def _sync_balances(self) -> None:
         async with self.pool.acquire() as conn:
             owed = await conn.fetch(
-                "SELECT workspace_id, pg_version, gen, delta_micro FROM balance_sync ORDER BY pg_version LIMIT 1000"
+                "SELECT workspace_id, pg_version, gen, delta_micro, waived_micro FROM balance_sync "
+                "ORDER BY pg_version LIMIT 1000"
             )
         if not owed:
             return
@@ -311,7 +319,9 @@ class Flusher:
             # A grant never went through Redis; a batch settled under an earlier load is not in the live
             # balance. Either is applied once (by version and token); a batch of the live load already is.
             if gen.startswith("grant:") or gen != live[ws]:
-                await self.balances.apply_committed(ws, version, row["delta_micro"], sync_token(version, gen))
+                await self.balances.apply_committed(
+                    ws, version, row["delta_micro"], sync_token(version, gen), row["waived_micro"]
+                )
         async with self.pool.acquire() as conn:
             await conn.execute(
                 "DELETE FROM balance_sync AS s USING unnest($1::text[], $2::bigint[], $3::text[]) AS d(ws, v, g) "

@@ -36,6 +36,9 @@ _FIELDS = (
     "holds",
     "port",
     "url",
+    "movement_kind",
+    "amount_micro",
+    "short_micro",
 )
 
 

@@ -87,6 +87,25 @@ class Metrics:
             registry=r,
         )
         self.holds_expired = Counter("sidecar_holds_expired", "Holds voided by the sweeper", registry=r)
+        # Money in and out beyond usage (sidecar/movements.py, sidecar/wallet.py).
+        self.movements = Counter(
+            "sidecar_movements_micro", "Micro-credits moved by credits and debits, by kind", ["kind"], registry=r
+        )
+        self.debits_short = Counter(
+            "sidecar_debits_short_micro",
+            "Micro-credits a debit asked for and could not take, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.usage_fees = Counter("sidecar_usage_fees_micro", "Usage fees charged on non-BYOK calls", registry=r)
+        self.usage_fees_waived = Counter(
+            "sidecar_usage_fees_waived_micro", "Usage fees the workspaces' fee waivers took", registry=r
+        )
+        self.key_budget_refusals = Counter(
+            "sidecar_key_budget_refusals", "Calls refused with 402 because the key's budget was spent", registry=r
+        )
+        self.postpaid_calls = Counter("sidecar_postpaid_calls", "Calls settled post-charge (nothing held)", registry=r)
+        self.expiry_forfeits = Counter("sidecar_expiry_forfeits", "Expired balances forfeited", registry=r)
         self.spooled = Counter(
             "sidecar_settlements_spooled",
             "Settlements written to the disk spool: Redis did not take them in time",
@@ -119,6 +138,12 @@ class Metrics:
                 return metric.labels(*labels)
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def on_movement(self, kind: str, amount_micro: int, short_micro: int = 0) -> None:
+        if amount_micro:
+            self.child(self.movements, kind).inc(amount_micro)
+        if short_micro:
+            self.child(self.debits_short, kind).inc(short_micro)
 
     def on_flush(self, rows: int, seconds: float, entries: int) -> None:
         self.flush_batch_rows.observe(rows)

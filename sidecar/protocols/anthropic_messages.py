@@ -15,6 +15,7 @@ import orjson
 from sidecar.pricing import Usage
 from sidecar.protocols.base import (
     BodyFacts,
+    PerToolBound,
     Protocol,
     RequestFacts,
     StreamReader,
@@ -30,7 +31,6 @@ from sidecar.protocols.base import (
     require_model,
     require_stream_flag,
     text_bytes,
-    unpriced,
 )
 from sidecar.protocols.errors import SidecarError
 from sidecar.sse import SSEEvent
@@ -54,9 +54,10 @@ ERROR_TYPES = {
 _INPUT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 # Server-side input: a code-execution container, remote MCP servers.
 SERVER_CONTEXT_FIELDS = ("container", "mcp_servers")
-# `anthropic-beta` features priced beyond what the cost profile expresses: the 1M-token context beta
-# bills input above 200K tokens at a higher tier.
-UNPRICED_BETAS = ("context-1m",)
+# The 1M-token context beta: input above 200K tokens is billed at the model's long-context tier, which
+# the catalog prices (a target without tiers cannot serve such a call: handler).
+LONG_CONTEXT_BETAS = ("context-1m",)
+LONG_CONTEXT_TOKENS = 1_000_000
 
 
 def usage_from_fields(fields: object) -> Usage | None:
@@ -79,9 +80,12 @@ def _counts(fields: object, required: tuple[str, ...]) -> dict[str, int] | None:
         counts[key] = value
     split = optional_object(fields.get("cache_creation"))
     write_1h = None if split is None else optional_count(split.get("ephemeral_1h_input_tokens"))
-    if write_1h is None:
+    tools = optional_object(fields.get("server_tool_use"))
+    searches = None if tools is None else optional_count(tools.get("web_search_requests"))
+    if write_1h is None or searches is None:
         return None
     counts["ephemeral_1h"] = write_1h
+    counts["web_searches"] = searches
     return counts
 
 
@@ -94,6 +98,7 @@ def _usage(counts: dict[str, int]) -> Usage:
         cache_read_tokens=counts["cache_read_input_tokens"],
         cache_write_5m_tokens=cache_write - write_1h,
         cache_write_1h_tokens=write_1h,
+        web_searches=counts.get("web_searches", 0),
     )
 
 
@@ -170,6 +175,7 @@ class Messages(Protocol):
     upstream_path = "/messages"
     family = "anthropic"
     cap_fields = ("max_tokens",)
+    search_bound = PerToolBound()
 
     def read_request(self, payload: dict) -> RequestFacts:
         model = require_model(payload)
@@ -179,14 +185,17 @@ class Messages(Protocol):
         if max_tokens is None:
             raise SidecarError("invalid_request", "max_tokens: field required", param="max_tokens")
         return request_facts(
-            payload, model, require_stream_flag(payload), max_tokens, server_context_keys=SERVER_CONTEXT_FIELDS
+            payload,
+            model,
+            require_stream_flag(payload),
+            max_tokens,
+            server_context_keys=SERVER_CONTEXT_FIELDS,
+            search_bound=self.search_bound,
         )
 
-    def check_headers(self, headers) -> None:
+    def long_context(self, headers) -> bool:
         values = headers.getall("anthropic-beta", ()) if hasattr(headers, "getall") else [headers.get("anthropic-beta")]
-        for beta in ",".join(v for v in values if v).split(","):
-            if beta.strip().startswith(UNPRICED_BETAS):
-                raise unpriced(f"the beta {beta.strip()[:60]!r} (long-context pricing)", "anthropic-beta")
+        return any(beta.strip().startswith(LONG_CONTEXT_BETAS) for beta in ",".join(v for v in values if v).split(","))
 
     def read_body(self, body: bytes) -> BodyFacts:
         payload = loads_object(body) or {}

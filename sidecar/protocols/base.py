@@ -6,11 +6,11 @@ in, usage out. The request handler owns all I/O and drives any protocol through 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
-from sidecar.pricing import CostProfile, ModelPrice, Usage
+from sidecar.pricing import CostProfile, ModelPrice, Reach, Usage
 from sidecar.protocols.errors import SidecarError
 from sidecar.sse import SSEEvent
 
@@ -35,6 +35,12 @@ class RequestFacts:
     input_unbounded: bool = False
     routing_fields: tuple[str, ...] = ()  # the ROUTING_FIELDS the client sent
     routing_models: tuple[str, ...] = ()  # OpenRouter's `models`: any of them may serve the call
+    # The priced classes beyond text the call may incur (audio, images, server-tool calls): the hold
+    # includes them, and a target whose price has none for one of them cannot serve the call.
+    reach: Reach = field(default_factory=Reach)
+    # Server-tool calls billed even when the usage does not count them (chat's `web_search_options`:
+    # one search per call).
+    implied_web_searches: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,7 @@ class Protocol:
     has_output = True  # False for embeddings: input-only pricing, no output cap
     cap_field: str | None = None  # injected when the client sent no output cap
     cap_fields: tuple[str, ...] = ()  # every field a provider may read as the output cap
+    search_bound: SearchBound | None = None  # how server search calls are bounded (None: refused)
 
     def read_request(self, payload: dict) -> RequestFacts:
         raise NotImplementedError
@@ -110,7 +117,13 @@ class Protocol:
         if not to_openrouter:
             for name in OPENROUTER_ONLY_FIELDS:
                 out.pop(name, None)
+        if self.search_bound is not None:
+            out = self.search_bound.bound_payload(out)
         return out
+
+    def long_context(self, headers) -> bool:
+        """The request opts in to a context window beyond the model's usual one (Anthropic's 1M beta)."""
+        return False
 
     def check_headers(self, headers) -> None:
         """Refuse request headers that turn on features the cost profile cannot price."""
@@ -252,16 +265,24 @@ _MEDIA_TYPES = frozenset(
         "item_reference",  # a Responses input item stored server-side
     }
 )
-# Audio is priced per audio token, a class the cost profile does not have: refused (issue 15.14).
+# Audio is priced per audio token: allowed only on a target whose price has an audio class (handler).
 _AUDIO_KEYS = frozenset({"input_audio", "audio", "audio_url"})
 _AUDIO_TYPES = frozenset({"input_audio", "audio", "audio_url", "output_audio"})
 # Subtrees that describe data rather than carry it (JSON schemas of tools and formats, metadata): a
 # property named "image_url" in a tool's schema is not an image.
 _DESCRIPTIVE_KEYS = frozenset({"parameters", "input_schema", "schema", "json_schema", "metadata"})
-# Server tools with a fee of their own (per search, per container, per generated image), which the
-# cost profile cannot express: refused. Any other non-client tool runs server-side with input the
-# body does not bound (web fetch, MCP, computer use screenshots): the input is held at the window.
-_FEE_TOOL_PREFIXES = ("web_search", "file_search", "code_interpreter", "code_execution", "image_generation")
+# Server tools with a fee of their own the cost profile cannot express (per container, per generated
+# image): refused. Web and file search are priced per call (the catalog's search fees) and bounded: by the
+# tool's `max_uses` (Anthropic) or the call's `max_tool_calls` (Responses), injected when absent. Any other
+# non-client tool runs server-side with input the body does not bound (web fetch, MCP, computer use
+# screenshots): the input is held at the window.
+_FEE_TOOL_PREFIXES = ("code_interpreter", "code_execution", "image_generation")
+_WEB_SEARCH_PREFIX = "web_search"
+_FILE_SEARCH_PREFIX = "file_search"
+# The most server-tool calls a call may make when the client set no bound: injected upstream, so the
+# hold's search fees are a real worst case.
+TOOL_CALLS_MAX_DEFAULT = 5
+TOOL_CALLS_MAX = 1_000
 _CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
 # OpenRouter plugins with a fee of their own (issue 15.14).
 _FEE_PLUGINS = frozenset({"web"})
@@ -279,14 +300,15 @@ def unpriced(feature: str, param: str) -> SidecarError:
     )
 
 
-def content_is_unbounded(payload: dict) -> bool:
-    """Walk the parsed request (so escaped or spaced keys are seen as what they are) for media parts;
-    refuse audio anywhere, so the whole request is walked."""
-    stack: list[object] = [payload]
-    media = False
+def media_of(payload: dict) -> tuple[bool, str | None]:
+    """Walk the parsed request (so escaped or spaced keys are seen as what they are) for media parts:
+    (whether there is any media part, the key or type that names audio, if any), the whole request walked."""
+    # Top-level `audio` (chat) configures audio OUTPUT (voice, format): not input; see wants_audio_output.
+    stack: list[object] = [{k: v for k, v in payload.items() if k != "audio"}]
+    media, audio = False, None
     for _ in range(_WALK_NODES_MAX):
         if not stack:
-            return media
+            return media, audio
         node = stack.pop()
         if isinstance(node, list):
             stack.extend(item for item in node if isinstance(item, dict | list))
@@ -296,7 +318,7 @@ def content_is_unbounded(payload: dict) -> bool:
                 continue
             kind = value if key == "type" and isinstance(value, str) else None
             if key in _AUDIO_KEYS or kind in _AUDIO_TYPES:
-                raise unpriced("audio input or output", kind or key)
+                audio = audio or kind or key
             if key in _MEDIA_KEYS or kind in _MEDIA_TYPES:
                 media = True
             if isinstance(value, dict | list):
@@ -304,32 +326,95 @@ def content_is_unbounded(payload: dict) -> bool:
     raise SidecarError("invalid_request", "the request body is nested too deeply or has too many parts")
 
 
-def tools_are_unbounded(payload: dict) -> bool:
-    """True when a server tool is present; refuses server tools with a fee of their own."""
+@dataclass(frozen=True, slots=True)
+class ServerTools:
+    present: bool = False  # any server tool: its input is not bounded by the body
+    web_search: bool = False
+    file_search: bool = False
+    uses_max: int = 0  # the sum of the search tools' own `max_uses` (Anthropic)
+    unbounded: int = 0  # search tools without their own `max_uses`
+
+
+def server_tools_of(payload: dict) -> ServerTools:
+    """The server tools of the request; refuses those with a fee the cost profile cannot express."""
     tools = payload.get("tools")
-    unbounded = False
     if not isinstance(tools, list):
-        return False
+        return ServerTools()
+    found = ServerTools()
     for tool in tools:
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind is None or (isinstance(kind, str) and kind in _CLIENT_TOOL_TYPES):
             continue
         if not isinstance(kind, str) or kind.startswith(_FEE_TOOL_PREFIXES):
             raise unpriced(f"the server tool {str(kind)[:60]!r}", "tools")
-        unbounded = True
-    return unbounded
+        web, file = kind.startswith(_WEB_SEARCH_PREFIX), kind.startswith(_FILE_SEARCH_PREFIX)
+        uses = positive_int(tool, "max_uses", TOOL_CALLS_MAX) if web or file else None
+        found = ServerTools(
+            present=True,
+            web_search=found.web_search or web,
+            file_search=found.file_search or file,
+            uses_max=found.uses_max + (uses or 0),
+            unbounded=found.unbounded + ((web or file) and uses is None),
+        )
+    return found
+
+
+class SearchBound:
+    """How a protocol bounds the server search calls of one call, so the hold's search fees are a real
+    worst case: each bound the client left out is injected upstream (`bound_payload`)."""
+
+    def searches_max(self, payload: dict, tools: ServerTools) -> int:
+        raise NotImplementedError
+
+    def bound_payload(self, payload: dict) -> dict:
+        raise NotImplementedError
+
+
+class PerCallBound(SearchBound):
+    """OpenAI Responses: `max_tool_calls` bounds every built-in tool call of the response."""
+
+    def searches_max(self, payload: dict, tools: ServerTools) -> int:
+        return positive_int(payload, "max_tool_calls", TOOL_CALLS_MAX) or TOOL_CALLS_MAX_DEFAULT
+
+    def bound_payload(self, payload: dict) -> dict:
+        tools = server_tools_of(payload)
+        if (tools.web_search or tools.file_search) and payload.get("max_tool_calls") is None:
+            return {**payload, "max_tool_calls": TOOL_CALLS_MAX_DEFAULT}
+        return payload
+
+
+class PerToolBound(SearchBound):
+    """Anthropic: each search tool's own `max_uses`."""
+
+    def searches_max(self, payload: dict, tools: ServerTools) -> int:
+        return tools.uses_max + tools.unbounded * TOOL_CALLS_MAX_DEFAULT
+
+    def bound_payload(self, payload: dict) -> dict:
+        tools = payload.get("tools")
+        if not isinstance(tools, list):
+            return payload
+        bounded = [
+            {**tool, "max_uses": TOOL_CALLS_MAX_DEFAULT}
+            if isinstance(tool, dict)
+            and isinstance(tool.get("type"), str)
+            and tool["type"].startswith((_WEB_SEARCH_PREFIX, _FILE_SEARCH_PREFIX))
+            and tool.get("max_uses") is None
+            else tool
+            for tool in tools
+        ]
+        return {**payload, "tools": bounded}
 
 
 def refuse_unpriced_options(payload: dict) -> None:
     """Request options that change the price per token in ways the cost profile cannot express."""
-    if payload.get("web_search_options") is not None:
-        raise unpriced("web search", "web_search_options")
-    modalities = payload.get("modalities")
-    if isinstance(modalities, list) and "audio" in modalities:
-        raise unpriced("audio output", "modalities")
     tier = payload.get("service_tier")
     if tier is not None and not (isinstance(tier, str) and tier in _PRICED_SERVICE_TIERS):
         raise unpriced(f"the service tier {str(tier)[:40]!r}", "service_tier")
+
+
+def wants_audio_output(payload: dict) -> bool:
+    modalities = payload.get("modalities")
+    return (isinstance(modalities, list) and "audio" in modalities) or payload.get("audio") is not None
 
 
 def routing_of(payload: dict) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
@@ -382,11 +467,11 @@ def check_routing(facts: RequestFacts, allowed: tuple[str, ...]) -> None:
             )
 
 
-def routing_prices(facts: RequestFacts, profile: CostProfile) -> list[ModelPrice]:
+def routing_prices(facts: RequestFacts, profile: CostProfile, at_ms: int | None = None) -> list[ModelPrice]:
     """The price of every model OpenRouter may serve instead (its `models`); an unpriced one is refused."""
     prices = []
     for name in facts.routing_models:
-        price = profile.price_of(name)
+        price = profile.price_of(name, at_ms)
         if price is None:
             raise SidecarError("invalid_request", f"the model {name[:100]!r} in 'models' has no price", param="models")
         prices.append(price)
@@ -399,21 +484,44 @@ def request_facts(
     stream: bool,
     max_output_tokens: int | None,
     server_context_keys: tuple[str, ...] = (),
+    search_bound: SearchBound | None = None,
     **extra,
 ) -> RequestFacts:
     """The facts every protocol shares, with what makes the input unbounded decided from the parsed
-    request. `server_context_keys`: top-level fields that pull input stored at the provider."""
+    request. `server_context_keys`: top-level fields that pull input stored at the provider.
+    `search_bound`: how this protocol bounds server search calls (None: it has no search tools)."""
     refuse_unpriced_options(payload)
     routing_fields, routing_models, plugins = routing_of(payload)
     server_context = any(payload.get(key) not in (None, False) for key in server_context_keys)
-    tools = tools_are_unbounded(payload)
-    media = content_is_unbounded(payload)
+    tools = server_tools_of(payload)
+    media, audio = media_of(payload)
+    searches = 0
+    if tools.web_search or tools.file_search:
+        if search_bound is None:
+            raise unpriced("a search tool on this route", "tools")
+        searches = search_bound.searches_max(payload, tools)
+    implied = 1 if payload.get("web_search_options") is not None else 0
+    reach = Reach(
+        audio_in=audio is not None,
+        audio_out=wants_audio_output(payload),
+        image_in=media,
+        web_searches_max=(searches if tools.web_search else 0) + implied,
+        file_searches_max=searches if tools.file_search else 0,
+        params=(
+            ("audio input", audio or "messages"),
+            ("audio output", "modalities"),
+            ("web search", "web_search_options" if implied else "tools"),
+            ("file search", "tools"),
+        ),
+    )
     return RequestFacts(
         model=model,
         stream=stream,
         max_output_tokens=max_output_tokens,
-        input_unbounded=server_context or tools or media or plugins,
+        input_unbounded=server_context or tools.present or media or audio is not None or plugins,
         routing_fields=routing_fields,
         routing_models=routing_models,
+        reach=reach,
+        implied_web_searches=implied,
         **extra,
     )

@@ -45,5 +45,6 @@ class SidecarError(ApiError):
         return KINDS[self.kind][0]
 
 
-def payment_required() -> SidecarError:
-    return SidecarError("payment_required", "insufficient credits", code="PAYMENT_REQUIRED")
+def payment_required(message: str = "insufficient credits") -> SidecarError:
+    """402 PAYMENT_REQUIRED in the client's protocol envelope; the message says which limit refused."""
+    return SidecarError("payment_required", message, code="PAYMENT_REQUIRED")

@@ -40,8 +40,8 @@ def stream_error(message: str) -> bytes:
 
 def usage_from_object(usage: object) -> Usage | None:
     """Chat/completions usage -> disjoint token classes, or None when it is missing or does not parse
-    (the caller then estimates). Cached and cache-write tokens are part of prompt_tokens; reasoning
-    tokens are part of completion_tokens."""
+    (the caller then estimates). Cached, cache-write, audio and image tokens are part of prompt_tokens;
+    reasoning, audio and image tokens are part of completion_tokens."""
     if not isinstance(usage, dict):
         return None
     prompt = count(usage.get("prompt_tokens"))
@@ -50,19 +50,45 @@ def usage_from_object(usage: object) -> Usage | None:
     completion_details = optional_object(usage.get("completion_tokens_details"))
     if prompt is None or completion is None or prompt_details is None or completion_details is None:
         return None
-    cached = optional_count(prompt_details.get("cached_tokens"))
-    cache_write = optional_count(prompt_details.get("cache_write_tokens"))
-    reasoning = optional_count(completion_details.get("reasoning_tokens"))
-    if cached is None or cache_write is None or reasoning is None:
+    return split_counts(prompt, completion, prompt_details, completion_details)
+
+
+def split_counts(total_input: int, total_output: int, input_details: dict, output_details: dict) -> Usage | None:
+    """Totals and their details (OpenAI's shape, chat or Responses) -> disjoint classes, each detail
+    clamped to what is left of its total, in the order genai-prices' leaf arithmetic would refuse an
+    overlap: cached, cache writes, audio, image; audio, image, reasoning (part of the text output)."""
+    details = {
+        name: optional_count(source.get(key))
+        for name, source, key in (
+            ("cached", input_details, "cached_tokens"),
+            ("cache_write", input_details, "cache_write_tokens"),
+            ("audio_in", input_details, "audio_tokens"),
+            ("image_in", input_details, "image_tokens"),
+            ("audio_out", output_details, "audio_tokens"),
+            ("image_out", output_details, "image_tokens"),
+            ("reasoning", output_details, "reasoning_tokens"),
+        )
+    }
+    if any(value is None for value in details.values()):
         return None
-    cached = min(cached, prompt)
-    cache_write = min(cache_write, prompt - cached)
+    left_in, taken = total_input, {}
+    for name in ("cached", "cache_write", "audio_in", "image_in"):
+        taken[name] = min(details[name], left_in)
+        left_in -= taken[name]
+    left_out = total_output
+    for name in ("audio_out", "image_out"):
+        taken[name] = min(details[name], left_out)
+        left_out -= taken[name]
     return Usage(
-        input_tokens=prompt - cached - cache_write,
-        output_tokens=completion,
-        cache_read_tokens=cached,
-        cache_write_5m_tokens=cache_write,
-        reasoning_tokens=min(reasoning, completion),
+        input_tokens=left_in,
+        output_tokens=left_out,
+        cache_read_tokens=taken["cached"],
+        cache_write_5m_tokens=taken["cache_write"],
+        reasoning_tokens=min(details["reasoning"], left_out),
+        input_audio_tokens=taken["audio_in"],
+        input_image_tokens=taken["image_in"],
+        output_audio_tokens=taken["audio_out"],
+        output_image_tokens=taken["image_out"],
     )
 
 

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import orjson
 
 from sidecar.pricing import Usage
 from sidecar.protocols import openai_common as common
 from sidecar.protocols.base import (
     BodyFacts,
+    PerCallBound,
     Protocol,
     RequestFacts,
     StreamReader,
     count,
     error_text,
     loads_object,
-    optional_count,
     optional_object,
     positive_int,
     request_facts,
@@ -29,28 +31,34 @@ from sidecar.sse import SSEEvent
 TERMINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 
 
-def usage_from_object(usage: object) -> Usage | None:
-    """Responses usage: input_tokens INCLUDES cached tokens; output_tokens includes reasoning. None
-    when it is missing or does not parse (the caller then estimates)."""
+def usage_from_object(usage: object, output: object = None) -> Usage | None:
+    """Responses usage: input_tokens INCLUDES cached, cache-write, audio and image tokens; output_tokens
+    includes reasoning. Search calls are counted from the response's `output` items. None when it is
+    missing or does not parse (the caller then estimates)."""
     if not isinstance(usage, dict):
         return None
     total_input = count(usage.get("input_tokens"))
-    output = count(usage.get("output_tokens"))
+    output_tokens = count(usage.get("output_tokens"))
     input_details = optional_object(usage.get("input_tokens_details"))
     output_details = optional_object(usage.get("output_tokens_details"))
-    if total_input is None or output is None or input_details is None or output_details is None:
+    if total_input is None or output_tokens is None or input_details is None or output_details is None:
         return None
-    cached = optional_count(input_details.get("cached_tokens"))
-    reasoning = optional_count(output_details.get("reasoning_tokens"))
-    if cached is None or reasoning is None:
+    split = common.split_counts(total_input, output_tokens, input_details, output_details)
+    if split is None:
         return None
-    cached = min(cached, total_input)
-    return Usage(
-        input_tokens=total_input - cached,
-        output_tokens=output,
-        cache_read_tokens=cached,
-        reasoning_tokens=min(reasoning, output),
+    return replace(
+        split, web_searches=_items(output, "web_search_call"), file_searches=_items(output, "file_search_call")
     )
+
+
+def _items(output: object, kind: str) -> int:
+    """How many items of this type the response's output has (each a billed server-tool call)."""
+    if not isinstance(output, list):
+        return 0
+    return sum(1 for item in output[:TOOL_ITEMS_MAX] if isinstance(item, dict) and item.get("type") == kind)
+
+
+TOOL_ITEMS_MAX = 10_000  # output items looked at for tool calls: far above any bounded call
 
 
 # Streamed deltas that are not model output text (audio is base64 bytes, and refused anyway).
@@ -93,7 +101,7 @@ class ResponsesStreamReader(StreamReader):
         if not isinstance(response, dict):  # unreadable: the call's usage is missing, estimated
             self.usage = None
             return
-        self.usage = usage_from_object(response.get("usage"))
+        self.usage = usage_from_object(response.get("usage"), response.get("output"))
         self.model = common.model_of(response) or self.model
         if kind == "response.failed":
             self.error = error_text(response.get("error"), "failed")
@@ -106,6 +114,7 @@ class Responses(Protocol):
     family = "openai"
     cap_field = "max_output_tokens"
     cap_fields = ("max_output_tokens",)
+    search_bound = PerCallBound()
 
     def read_request(self, payload: dict) -> RequestFacts:
         model = require_model(payload)
@@ -120,11 +129,13 @@ class Responses(Protocol):
             require_stream_flag(payload),
             positive_int(payload, "max_output_tokens"),
             server_context_keys=SERVER_CONTEXT_FIELDS,
+            search_bound=self.search_bound,
         )
 
     def read_body(self, body: bytes) -> BodyFacts:
         payload = loads_object(body) or {}
-        return BodyFacts(usage_from_object(payload.get("usage")), common.model_of(payload), common.error_of(payload))
+        usage = usage_from_object(payload.get("usage"), payload.get("output"))
+        return BodyFacts(usage, common.model_of(payload), common.error_of(payload))
 
     def stream_reader(self, facts: RequestFacts) -> StreamReader:
         return ResponsesStreamReader()

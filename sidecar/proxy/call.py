@@ -10,6 +10,7 @@ from sidecar.config import ModelConfig, Target
 from sidecar.pricing import ModelPrice
 from sidecar.protocols.base import Protocol, StreamReader
 from sidecar.proxy.budget import Reservation
+from sidecar.proxy.routing import Plan
 from sidecar.scrub import Scrubber
 
 NO_SECRETS = Scrubber(())
@@ -27,15 +28,20 @@ class Call:
     started_perf: float = field(default_factory=time.perf_counter)
     caller: Caller | None = None
     model: ModelConfig | None = None
-    targets: tuple[Target, ...] = ()
+    targets: tuple[Target, ...] = ()  # the plan's, in the order they are tried
+    plan: Plan | None = None  # the targets that may serve the call and why (proxy/routing.py)
+    available_micro: int = 0  # what the workspace had free when admission refused the dearest plan
+    implied_web_searches: int = 0  # billed even when the usage does not count them
     target: Target | None = None  # the target being tried, then the one that served
-    price: ModelPrice | None = None  # the served target's price (or the model OpenRouter says it used)
+    # The served target's price (or the model OpenRouter says it used), as in force when the call arrived.
+    price: ModelPrice | None = None
     served_model: str | None = None
     attempts: int = 0
     fallback_reason: str | None = None
     hold_micro: int = 0  # what is held now: 0 while the call runs on the customer's own key
     credits_ceiling_micro: int = 0  # the worst case on the platform's key (the hold on credits)
     byok: bool = False  # the call went upstream with the customer's own key
+    postpaid: bool = False  # admitted post-charge: nothing held, the actual cost debited at settle
     byok_fallback_reason: str | None = None
     ceiling_tokens: int = 0  # the input bound plus the output bound, for the token rate limit
     output_cap: int = 0
@@ -53,6 +59,11 @@ class Call:
     scrubber: Scrubber = NO_SECRETS
     buffered: Reservation | None = None  # the memory a buffered answer holds until it is sent
     rate_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def route_reason(self) -> str | None:
+        """Why the call went to its target: the routing policy, the fallback, and the targets skipped."""
+        return self.plan.reason(max(self.attempts, 1) - 1) if self.plan is not None else None
 
     @property
     def provider(self) -> str:

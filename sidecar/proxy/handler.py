@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
@@ -22,17 +23,19 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from sidecar import scrub
+from sidecar import scrub, wallet
 from sidecar.auth import Caller, WorkspaceNotServed
-from sidecar.config import ModelConfig, ProviderConfig, Target
+from sidecar.config import TARGETS_MAX, ModelConfig, ProviderConfig, Target
 from sidecar.db import POSTGRES_ERRORS
 from sidecar.errors import ControlFlow
+from sidecar.money import format_micro
 from sidecar.observability.logging import request_id_var
-from sidecar.pricing import Usage
+from sidecar.pricing import Usage, decimal_json
 from sidecar.protocols import ALL as PROTOCOLS
+from sidecar.protocols.anthropic_messages import LONG_CONTEXT_TOKENS
 from sidecar.protocols.base import Protocol, RequestFacts, check_routing, parse_json, routing_prices
 from sidecar.protocols.errors import SidecarError, payment_required
-from sidecar.proxy import credentials
+from sidecar.proxy import credentials, routing
 from sidecar.proxy.call import Call, now_ms
 from sidecar.proxy.outcome import Ending, failed
 from sidecar.proxy.relay import (
@@ -45,13 +48,13 @@ from sidecar.proxy.relay import (
 )
 from sidecar.proxy.settlement import event, settle
 from sidecar.services import Services
-from sidecar.state.store import Admission, AdmitResult, ExpireStatus, GrowHold
+from sidecar.state.store import Admission, AdmitResult, ExpireStatus, GrowHold, KeyBudgetArgs
 
 log = logging.getLogger("sidecar.proxy")
 
 SERVICES = web.AppKey("services", Services)
 LEDGER_BACKLOG_MAX = 1_000_000  # per workspace stream: past this, Postgres is too far behind to admit more
-ADMIT_ATTEMPTS = 3
+ADMIT_ATTEMPTS = 4  # need load -> need key-budget load -> admitted (one spare for a budget changed between)
 # Before the first byte reached the client, these answers send the call to the next target.
 FALLBACK_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
 
@@ -100,21 +103,18 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
     facts = call.protocol.read_request(payload)
     call.protocol.check_headers(request.headers)
     call.model = _resolve_model(svc, facts.model)
-    call.targets = _eligible_targets(svc, call)
     call.session_id = _header_value(request, "x-session-id", 128)
     call.idempotency_key = _header_value(request, "idempotency-key", 255)
     call.output_cap = (
         (facts.max_output_tokens or call.model.max_output_tokens_default) if call.protocol.has_output else 0
     )
-    call.credits_ceiling_micro = _ceiling_micro(svc, call, facts, body)
-    # The first target's credential decides the billing path: the customer's own key takes no hold.
-    first = await credentials.choose(svc, call, svc.config.providers[call.targets[0].provider])
-    call.hold_micro = 0 if first.stored else call.credits_ceiling_micro
-    call.byok = first.stored is not None  # so the expired-row template says which key it was
+    call.implied_web_searches = facts.implied_web_searches
+    call.plan = _plan(svc, call, facts, body, call.protocol.long_context(request.headers))
+    first = await _choose_first(svc, call)
 
     fingerprint = hashlib.sha256(body).hexdigest() if call.idempotency_key else ""
     try:
-        admitted = await _admit(svc, call, fingerprint)
+        admitted, first = await _admit_affordable(svc, call, fingerprint, first)
     except asyncio.CancelledError:  # the script may have run: release what it held
         await asyncio.shield(_void_lost_admission(svc, call))
         raise
@@ -179,7 +179,7 @@ def _resolve_model(svc: Services, name: str) -> ModelConfig:
     return model
 
 
-def _eligible_targets(svc: Services, call: Call) -> tuple[Target, ...]:
+def _eligible_targets(svc: Services, call: Call) -> tuple[Target, ...]:  # before routing
     """The model's targets that speak this route's protocol family."""
     family = call.protocol.family
     speaking = [t for t in call.model.targets if svc.config.providers[t.provider].protocol == family]
@@ -193,26 +193,43 @@ def _eligible_targets(svc: Services, call: Call) -> tuple[Target, ...]:
     return tuple(speaking)
 
 
-def _ceiling_micro(svc: Services, call: Call, facts: RequestFacts, body: bytes) -> int:
-    """The hold: the worst case over every target the call may end up on, so a fallback never costs
-    more than the client was held for."""
+def _plan(svc: Services, call: Call, facts: RequestFacts, body: bytes, long_context: bool) -> routing.Plan:
+    """The targets that may serve the call, in the model's routing order, each with the call's ceiling
+    there: the worst case over every model that target may end up serving."""
     check_routing(facts, call.model.allow_routing_fields)
-    max_input_tokens = _max_input_tokens(facts, body, call.model)
+    window = max(call.model.context_window_tokens, LONG_CONTEXT_TOKENS if long_context else 0)
+    max_input_tokens = window if facts.input_unbounded else min(len(body), window)
     max_output_tokens = call.output_cap * facts.choices
     call.ceiling_tokens = max_input_tokens + max_output_tokens
-    pricing = svc.config.pricing
+    pricing, at_ms = svc.config.pricing, call.started_ms
     # OpenRouter's `models` (when the model allows it) may serve the call instead: held at the dearest.
-    prices = [pricing.price_of(t.price) for t in call.targets] + routing_prices(facts, pricing)
-    return max(pricing.ceiling_micro(price, max_input_tokens, max_output_tokens) for price in prices)
+    extra = routing_prices(facts, pricing, at_ms)
+
+    fee_ppm = svc.balances.policy.fee_ppm
+
+    def ceiling_of(price) -> int:  # the worst case on credits: the dearest token cost, and its usage fee
+        prices = [price, *extra]
+        cost_micro = max(pricing.ceiling_micro(p, max_input_tokens, max_output_tokens, facts.reach) for p in prices)
+        return cost_micro + wallet.fee_micro(cost_micro, fee_ppm)
+
+    return routing.plan(
+        call.model,
+        _eligible_targets(svc, call),
+        lambda target: pricing.price_of(target.price, at_ms),
+        ceiling_of,
+        facts.reach,
+        long_context,
+    )
 
 
-def _max_input_tokens(facts: RequestFacts, body: bytes, model: ModelConfig) -> int:
-    # Every text token covers at least one byte of the request body (byte-level BPE), and the body
-    # also holds JSON syntax, so its length bounds text input. Media, server-side context, server
-    # tools and plugins cost tokens the body does not bound: then only the context window does.
-    if facts.input_unbounded:
-        return model.context_window_tokens
-    return min(len(body), model.context_window_tokens)
+async def _choose_first(svc: Services, call: Call) -> credentials.Credential:
+    """The first target's credential decides the billing path: the customer's own key takes no hold."""
+    call.targets = call.plan.targets
+    call.credits_ceiling_micro = call.plan.ceiling_micro
+    first = await credentials.choose(svc, call, svc.config.providers[call.targets[0].provider])
+    call.hold_micro = 0 if first.stored else call.credits_ceiling_micro
+    call.byok = first.stored is not None  # so the expired-row template says which key it was
+    return first
 
 
 def _header_value(request: web.Request, name: str, max_length: int) -> str | None:
@@ -225,6 +242,24 @@ def _header_value(request: web.Request, name: str, max_length: int) -> str | Non
 
 
 # --- admission --------------------------------------------------------------------------------------
+
+
+async def _admit_affordable(
+    svc: Services, call: Call, fingerprint: str, first: credentials.Credential
+) -> tuple[AdmitResult, credentials.Credential]:
+    """Admit the call; when the balance cannot cover its dearest target, skip the targets it cannot
+    cover and admit at the worst case of the rest (402 only when no target fits). A refused admission
+    leaves nothing behind (admit.lua checks before it writes), so trying again costs nothing."""
+    for _ in range(TARGETS_MAX):
+        try:
+            return await _admit(svc, call, fingerprint), first
+        except SidecarError as error:
+            cheaper = routing.affordable(call.plan, call.available_micro) if error.status == 402 else None
+            if cheaper is None:
+                raise
+        call.plan = cheaper
+        first = await _choose_first(svc, call)
+    raise AssertionError("unreachable: each retry drops at least one target")
 
 
 async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
@@ -248,8 +283,15 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
                 ceiling_tokens=call.ceiling_tokens,
                 token_limit=caller.tokens_per_minute or 0,
                 route=call.protocol.route,
+                key_budget=_key_budget(call),
             )
+            if result.outcome is Admission.NEED_KEY_LOAD:
+                await svc.balances.load_key_budget(
+                    caller.workspace_id, caller.key_id, caller.budget_period, caller.budget_since_ms
+                )
+                continue
             if result.outcome is not Admission.NEED_LOAD:
+                call.postpaid = result.postpaid
                 return _check_admission(svc, call, result)
             await svc.balances.ensure_loaded(caller.workspace_id)
         except (RedisError, *POSTGRES_ERRORS) as exc:
@@ -260,6 +302,15 @@ async def _admit(svc: Services, call: Call, fingerprint: str) -> AdmitResult:
             await _void_lost_admission(svc, call)
             raise SidecarError("unavailable", "metering is unavailable; nothing was charged, retry shortly") from None
     raise SidecarError("unavailable", "could not load the workspace balance; retry shortly")
+
+
+def _key_budget(call: Call) -> KeyBudgetArgs | None:
+    """The key's budget, held at the call's credits ceiling even when it starts on the customer's own
+    key: a fallback to the platform's key must fit it too, and nothing is spent if none happens."""
+    caller = call.caller
+    if caller.budget_micro is None:
+        return None
+    return KeyBudgetArgs(caller.budget_micro, caller.budget_period, call.credits_ceiling_micro)
 
 
 async def _void_lost_admission(svc: Services, call: Call) -> None:
@@ -298,9 +349,28 @@ def _check_admission(svc: Services, call: Call, result: AdmitResult) -> AdmitRes
             code="tokens_per_minute_exceeded",
         )
     if outcome is Admission.INSUFFICIENT:
-        svc.metrics.child(svc.metrics.payment_required, route).inc()
-        error = payment_required()
+        call.available_micro = result.available_micro
+        if routing.affordable(call.plan, result.available_micro) is None:  # else: retried on fewer targets
+            svc.metrics.child(svc.metrics.payment_required, route).inc()
+        error = payment_required()  # the workspace's balance (a key budget or an expiry says so)
         error.headers = {**_rate_headers(limit, result.remaining, result.reset_ms), "x-should-retry": "false"}
+        raise error
+    if outcome is Admission.OVER_KEY_BUDGET:
+        svc.metrics.child(svc.metrics.payment_required, route).inc()
+        svc.metrics.key_budget_refusals.inc()
+        period = call.caller.budget_period
+        error = payment_required(
+            f"this API key's {period} budget of {format_micro(call.caller.budget_micro)} credits is spent: "
+            f"{format_micro(result.available_micro)} left, this request may cost up to "
+            f"{format_micro(call.credits_ceiling_micro)}"
+        )
+        error.headers = {"x-should-retry": "false"}
+        raise error
+    if outcome is Admission.EXPIRED:
+        svc.metrics.child(svc.metrics.payment_required, route).inc()
+        expired = datetime.fromtimestamp(result.expires_at_ms / 1000, UTC).isoformat()
+        error = payment_required(f"the workspace's credits expired at {expired}; buy credits to continue")
+        error.headers = {"x-should-retry": "false"}
         raise error
     if outcome is Admission.DUPLICATE:
         return result
@@ -382,7 +452,7 @@ async def _forward(
         last = attempt == len(call.targets)
         call.target, call.attempts = target, attempt
         provider = svc.config.providers[target.provider]
-        call.price = svc.config.pricing.price_of(target.price)
+        call.price = svc.config.pricing.price_of(target.price, call.started_ms)
         credential = first
         if attempt > 1:
             await _extend_hold(svc, call)
@@ -502,7 +572,7 @@ async def _ready_for_platform_key(
     if not svc.upstreams.has_credentials(provider.name):
         error = SidecarError("unavailable", f"provider {provider.name!r} has no platform key configured")
         return _next_or_fail(last, f"{provider.name}: no platform key configured", error)
-    if call.hold_micro >= call.credits_ceiling_micro:
+    if call.hold_micro >= call.credits_ceiling_micro or call.postpaid:  # post-charge: nothing is held
         return None
     ws = call.caller.workspace_id
     for _ in range(ADMIT_ATTEMPTS):
@@ -609,10 +679,8 @@ async def list_models(request: web.Request) -> web.Response:
                 "owned_by": model.provider,
                 "aliases": list(model.aliases),
                 "max_output_tokens_default": model.max_output_tokens_default,
-                "pricing": {  # credits per 1M tokens, exact decimal strings
-                    cls: _per_million(getattr(sell, cls))
-                    for cls in ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
-                },
+                # Exact decimal strings: credits per 1M tokens; fees in credits per call; tiers by input size.
+                "pricing": decimal_json(sell),
             }
         )
     body = {"object": "list", "data": data, "has_more": False}
@@ -621,11 +689,6 @@ async def list_models(request: web.Request) -> web.Response:
     return web.Response(
         body=orjson.dumps(body), content_type="application/json", headers={"x-request-id": call.request_id}
     )
-
-
-def _per_million(scaled: int) -> str:
-    whole, frac = divmod(scaled, 1_000_000_000)
-    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(whole)
 
 
 def add_routes(app: web.Application) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import logging
 import uuid
+from dataclasses import replace
 
 import asyncpg
 import orjson
@@ -47,6 +48,10 @@ _TOKEN_CLASSES = (
     "cache_read_tokens",
     "cache_write_5m_tokens",
     "cache_write_1h_tokens",
+    "input_audio_tokens",
+    "input_image_tokens",
+    "output_audio_tokens",
+    "output_image_tokens",
 )
 
 
@@ -75,6 +80,14 @@ def event(call: Call, status: str, usage: Usage, upstream_cost_micro: int, estim
         "cache_write_5m_tokens": usage.cache_write_5m_tokens,
         "cache_write_1h_tokens": usage.cache_write_1h_tokens,
         "reasoning_tokens": usage.reasoning_tokens,
+        "input_audio_tokens": usage.input_audio_tokens,
+        "input_image_tokens": usage.input_image_tokens,
+        "output_audio_tokens": usage.output_audio_tokens,
+        "output_image_tokens": usage.output_image_tokens,
+        "web_searches": usage.web_searches,
+        "file_searches": usage.file_searches,
+        "price_version": call.price.version if call.price else None,
+        "route_reason": call.route_reason,
         "upstream_cost_micro": upstream_cost_micro,
         "hold_micro": call.hold_micro,
         "byok": call.byok,
@@ -102,14 +115,14 @@ async def settle(svc: Services, call: Call, outcome: Outcome) -> SettleResult | 
 def settle_args(svc: Services, call: Call, outcome: Outcome) -> dict:
     """The settle script's arguments for this outcome (also what a spooled settlement stores)."""
     config, pricing, caller = svc.config, svc.config.pricing, call.caller
-    usage = outcome.usage or Usage()
+    usage = _with_implied_searches(call, outcome.usage or Usage())
     billable = outcome.status is not CallStatus.FAILED or config.billing.bill_observed_on_upstream_failure
     price = _price(svc, call)
     cost_micro = pricing.cost_micro(price, usage) if billable else 0
     upstream_cost_micro = pricing.upstream_cost_micro(price, usage)
-    body_event = orjson.dumps(
-        event(call, outcome.status.value, usage, upstream_cost_micro, outcome.estimated, outcome.error)
-    )
+    recorded = event(call, outcome.status.value, usage, upstream_cost_micro, outcome.estimated, outcome.error)
+    recorded["price_version"] = price.version  # the version the call was billed at
+    body_event = orjson.dumps(recorded)
     replay = outcome.replay
     if replay is not None and len(replay.body) > config.billing.idempotency_body_bytes_max:
         replay = Replay(0, "", b"")  # remembered as done, too large to replay
@@ -128,8 +141,11 @@ def settle_args(svc: Services, call: Call, outcome: Outcome) -> dict:
         "content_type": replay.content_type if replay else "",
         "body": replay.body if replay else b"",
         "idempotency_ttl_ms": config.billing.idempotency_ttl_ms,
-        "tokens_used": usage.total_input_tokens + usage.output_tokens,
+        "tokens_used": usage.total_input_tokens + usage.total_output_tokens,
         "route": call.protocol.route,
+        "fee_ppm": svc.balances.policy.fee_ppm,
+        "postpaid": call.postpaid,
+        "key_budget_period": caller.budget_period or "" if caller.budget_micro is not None else "",
     }
 
 
@@ -165,16 +181,24 @@ async def _settle_or_spool(svc: Services, call: Call, outcome: Outcome) -> Settl
     return result
 
 
+def _with_implied_searches(call: Call, usage: Usage) -> Usage:
+    """Searches the request implies (chat's `web_search_options`) that its usage does not count."""
+    if usage.is_empty or usage.web_searches >= call.implied_web_searches:
+        return usage
+    return replace(usage, web_searches=call.implied_web_searches)
+
+
 def _price(svc: Services, call: Call):
     """The served target's price; on OpenRouter, the price of the model it says actually served
-    (it falls back between models on its own) when the cost profile knows that model."""
+    (it falls back between models on its own) when the cost profile knows that model. Always the
+    version in force when the call arrived (the one its hold was computed at)."""
     pricing = svc.config.pricing
     target = call.target or call.targets[0]
     if call.served_model and svc.config.providers[target.provider].openrouter:
-        served = pricing.price_of(call.served_model)
+        served = pricing.price_of(call.served_model, call.started_ms)
         if served is not None:
             return served
-    return call.price or pricing.price_of(target.price)
+    return call.price or pricing.price_of(target.price, call.started_ms)
 
 
 async def _settle_within_budget(svc: Services, args: dict) -> SettleResult | None:
@@ -335,6 +359,13 @@ async def run_spool(svc: Services, stop: asyncio.Event) -> None:
 
 def _observe(svc: Services, call: Call, outcome: Outcome, result: SettleResult) -> None:
     svc.metrics.child(svc.metrics.settlements, outcome.status.value).inc()
+    if result.resolved_now:
+        if result.fee_micro:
+            svc.metrics.usage_fees.inc(result.fee_micro)
+        if result.fee_waived_micro:
+            svc.metrics.usage_fees_waived.inc(result.fee_waived_micro)
+        if call.postpaid:
+            svc.metrics.postpaid_calls.inc()
     usage = outcome.usage or Usage()
     if not (result.resolved_now and result.charged_micro) or call.byok:
         return

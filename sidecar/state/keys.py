@@ -72,6 +72,22 @@ def expired_holds(ws: str) -> str:
     return f"{tag(ws)}:expired"
 
 
+def movements(ws: str) -> str:
+    """Hash: ledger event id of a debit movement -> its result (debit.lua). Never reset by a load: a
+    replayed refund must find it whatever Redis reloaded since."""
+    return f"{tag(ws)}:movements"
+
+
+def key_budgets(ws: str) -> str:
+    """Hash: '<key id>:p|t|s|h' -> the key budget's period id, period kind, spent and held (admit.lua)."""
+    return f"{tag(ws)}:kbudget"
+
+
+def hold_key_budget(ws: str) -> str:
+    """Hash: live hold id -> what it holds against its key's budget."""
+    return f"{tag(ws)}:hold_kb"
+
+
 def live_per_key(ws: str) -> str:
     """Hash: API key id -> number of its live holds (concurrent calls)."""
     return f"{tag(ws)}:live_keys"

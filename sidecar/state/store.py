@@ -7,11 +7,13 @@ a reply's positions or a script's sentinel numbers.
 from __future__ import annotations
 
 import secrets
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from importlib import resources
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
@@ -36,6 +38,9 @@ class Admission(IntEnum):
     OVER_TOKEN_LIMIT = 9
     TOO_MANY_CONCURRENT = 10  # limited_by says whether the key's or the workspace's limit
     CEILING_TOO_LARGE = 11  # at or above AMOUNT_MICRO_MAX: no balance can ever cover it (not sent to Redis)
+    NEED_KEY_LOAD = 12  # the key's budget record is not in Redis: rebuild it from Postgres, then admit again
+    OVER_KEY_BUDGET = 13  # the call does not fit the key's budget (available_micro: what is left of it)
+    EXPIRED = 14  # the workspace's credits expired (expires_at_ms); no call needing credits is admitted
 
 
 class SettleOutcome(IntEnum):
@@ -75,6 +80,77 @@ class Applied(IntEnum):
     NOT_LOADED = -1  # load the balance first (which may include the change), then apply again
 
 
+class DebitOutcome(IntEnum):
+    """debit.lua's answer."""
+
+    DEBITED = 0
+    DEBITED_BEFORE = 1  # this event id was debited already: the same result, nothing changed
+    NEED_LOAD = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Debit:
+    outcome: DebitOutcome
+    taken_micro: int = 0
+    short_micro: int = 0
+    at_ms: int = 0
+    balance_after_micro: int = 0
+    gen: str = ""
+
+
+class WalletSet(IntEnum):
+    SET = 1
+    NOT_NEWER = 0  # the same or a newer version is there already
+    NOT_LOADED = -1  # the next load reads the settings from Postgres
+
+
+@dataclass(frozen=True, slots=True)
+class WalletSettings:
+    """A workspace's wallet settings as the scripts read them (Postgres table `wallets`)."""
+
+    version: int = 0
+    postpaid: bool = False
+    credit_limit_micro: int = 0
+    expires_at_ms: int | None = None
+    fee_waiver_micro: int = 0
+
+    def args(self) -> tuple:
+        return (
+            self.version,
+            "postpaid" if self.postpaid else "prepaid",
+            self.credit_limit_micro,
+            "" if self.expires_at_ms is None else self.expires_at_ms,
+            self.fee_waiver_micro,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBudgetArgs:
+    budget_micro: int
+    period: str  # 'total' | 'monthly' | 'daily'
+    hold_micro: int  # what the call holds against it: its credits ceiling, fee included
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBudgetState:
+    period_id: str
+    period: str
+    spent_micro: int
+    held_micro: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """A ledger stream entry, read for what a key budget rebuild needs."""
+
+    entry_id: str
+    event_id: uuid.UUID | None
+    key_id: str | None
+    kind: str
+    at_ms: int
+    impact_micro: int
+
+
 class HoldExtension(IntEnum):
     NOT_LIVE = 0  # resolved or unknown: nothing changed
     EXTENDED = 1
@@ -109,6 +185,8 @@ class AdmitResult:
     now_us: int = 0  # Redis server time of the admission
     tokens_remaining: int = -1  # in the token window, when the key has a token limit
     limited_by: str = ""  # "requests" or "tokens" when rate limited; "key" or "workspace" when too many concurrent
+    postpaid: bool = False  # admitted post-charge: nothing held, the actual cost is debited at settle
+    expires_at_ms: int = 0  # EXPIRED: when the credits expired
     replay_status: int = 0
     replay_content_type: str = ""
     replay_body: bytes = b""
@@ -127,6 +205,8 @@ class SettleResult:
     hold_micro: int = 0
     hold_lost: bool = False
     replay_stored: bool = False  # the response body was kept for replay under the idempotency key
+    fee_micro: int = 0  # the usage fee charged on top of charged_micro
+    fee_waived_micro: int = 0  # the part of the fee the workspace's waiver took
 
     @property
     def resolved_now(self) -> bool:
@@ -185,6 +265,7 @@ def _decode_admit(reply: list) -> AdmitResult:
             reset_ms=int(reply[2]),
             now_us=int(reply[6]),
             tokens_remaining=int(reply[7]),
+            postpaid=int(reply[8]) == 1,
         )
     if outcome is Admission.RATE_LIMITED:
         return AdmitResult(outcome, retry_after_ms=int(reply[1]), reset_ms=int(reply[2]), limited_by=reply[3].decode())
@@ -196,6 +277,10 @@ def _decode_admit(reply: list) -> AdmitResult:
         )
     if outcome is Admission.TOO_MANY_CONCURRENT:
         return AdmitResult(outcome, limited_by=reply[1].decode())
+    if outcome is Admission.OVER_KEY_BUDGET:
+        return AdmitResult(outcome, available_micro=int(reply[1]))
+    if outcome is Admission.EXPIRED:
+        return AdmitResult(outcome, expires_at_ms=int(reply[1]))
     return AdmitResult(outcome)
 
 
@@ -210,6 +295,8 @@ def _decode_settle(reply: list, with_body: bool) -> SettleResult:
         hold_micro=int(reply[3]),
         hold_lost=int(reply[4]) == 1,
         replay_stored=with_body and int(reply[6]) == 1,  # reply[6]: the record was this hold's
+        fee_micro=int(reply[7]),
+        fee_waived_micro=int(reply[8]),
     )
 
 
@@ -234,6 +321,9 @@ class State:
         self._grow = client.register_script(_script_source("grow_hold"))
         self._extend = client.register_script(_script_source("extend_hold"))
         self._reserve = client.register_script(_script_source("reserve_bytes"))
+        self._debit = client.register_script(_script_source("debit"))
+        self._wallet = client.register_script(_script_source("wallet"))
+        self._key_budget_load = client.register_script(_script_source("key_budget_load"))
         self._all = (
             self._admit,
             self._settle,
@@ -243,6 +333,9 @@ class State:
             self._grow,
             self._extend,
             self._reserve,
+            self._debit,
+            self._wallet,
+            self._key_budget_load,
         )
 
     async def load_scripts(self) -> None:
@@ -269,7 +362,9 @@ class State:
         ceiling_tokens: int = 0,
         token_limit: int = 0,
         route: str = "",
+        key_budget: KeyBudgetArgs | None = None,
     ) -> AdmitResult:
+        """key_budget: the key's budget, and what this call holds against it (None: the key has none)."""
         assert ceiling_micro >= 0 and rate_limit > 0 and ceiling_tokens >= 0 and token_limit >= 0
         assert 0 < hold_ttl_ms <= HOLD_TTL_MS_MAX
         if ceiling_micro >= AMOUNT_MICRO_MAX:
@@ -289,6 +384,8 @@ class State:
                 keys.hold_keys(ws),
                 keys.live_per_key(ws),
                 keys.hold_idempotency(ws),
+                keys.key_budgets(ws),
+                keys.hold_key_budget(ws),
             ],
             args=[
                 hold_id,
@@ -306,6 +403,9 @@ class State:
                 self.limits.concurrent_calls_per_key,
                 self.limits.concurrent_calls_per_workspace,
                 EVICT_ENTRIES_MAX_PER_CALL,
+                "" if key_budget is None else key_budget.budget_micro,
+                "" if key_budget is None else key_budget.period,
+                0 if key_budget is None else min(key_budget.hold_micro, AMOUNT_MICRO_MAX),
             ],
         )
         return _decode_admit(reply)
@@ -326,8 +426,12 @@ class State:
         idempotency_ttl_ms: int,
         tokens_used: int = 0,
         route: str = "",
+        fee_ppm: int = 0,
+        postpaid: bool = False,
+        key_budget_period: str = "",
     ) -> SettleResult:
-        """Resolve the hold once. NEED_LOAD: Redis lost the workspace (restarted empty) during the call.
+        """Resolve the hold once (the money rules: settle.lua's header). NEED_LOAD: Redis lost the workspace
+        (restarted empty) during the call.
 
         A body is kept for replay only within the replay-bytes bounds; past them the call is still
         remembered as done, with status 0 (too large to replay)."""
@@ -351,6 +455,8 @@ class State:
                 keys.live_per_key(ws),
                 keys.hold_idempotency(ws),
                 keys.expired_holds(ws),
+                keys.key_budgets(ws),
+                keys.hold_key_budget(ws),
             ],
             args=[
                 hold_id,
@@ -364,6 +470,9 @@ class State:
                 idempotency_ttl_ms,
                 SETTLED_RETENTION_MS,
                 tokens_used,
+                fee_ppm,
+                "1" if postpaid else "0",
+                key_budget_period,
             ],
         )
         result = _decode_settle(reply, replaying and bool(body))
@@ -418,6 +527,8 @@ class State:
                 keys.live_per_key(ws),
                 keys.hold_idempotency(ws),
                 keys.expired_holds(ws),
+                keys.key_budgets(ws),
+                keys.hold_key_budget(ws),
             ],
             args=[hold_id, status.value, SETTLED_RETENTION_MS, grace_ms, template],
         )
@@ -437,6 +548,8 @@ class State:
         run_id: str = "",
         replacing_gen: str = "",
         resolved_holds: Sequence[str] = (),
+        waived_micro: int = 0,
+        wallet: WalletSettings | None = None,
     ) -> bool:
         """Set the balance read from Postgres, with `held` rebuilt from the live holds (see load.lua).
         replacing_gen '': only if Redis has no balance (the first of concurrent loaders wins); else
@@ -457,15 +570,94 @@ class State:
                 keys.hold_keys(ws),
                 keys.live_per_key(ws),
                 keys.hold_idempotency(ws),
+                keys.key_budgets(ws),
+                keys.hold_key_budget(ws),
                 *records,
             ],
-            args=[balance_micro, pg_version, secrets.token_hex(8), run_id, replacing_gen, *resolved_holds],
+            args=[
+                balance_micro,
+                pg_version,
+                secrets.token_hex(8),
+                run_id,
+                replacing_gen,
+                waived_micro,
+                *(wallet or WalletSettings()).args(),
+                *resolved_holds,
+            ],
         )
         return int(reply) == 1
 
-    async def apply(self, ws: str, pg_version: int, delta_micro: int, token: str) -> Applied:
-        reply = await self._apply(keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token])
+    async def apply(self, ws: str, pg_version: int, delta_micro: int, token: str, waived_micro: int = 0) -> Applied:
+        reply = await self._apply(
+            keys=[keys.acct(ws), keys.applied(ws)], args=[pg_version, delta_micro, token, waived_micro]
+        )
         return Applied(int(reply))
+
+    async def set_wallet(self, ws: str, wallet: WalletSettings) -> WalletSet:
+        """The wallet settings into the loaded account, unless a newer version is there (wallet.lua)."""
+        return WalletSet(int(await self._wallet(keys=[keys.acct(ws)], args=list(wallet.args()))))
+
+    async def load_key_budget(
+        self, ws: str, key_id: str, period: str, period_id: str, spent_micro: int, last_entry: str, since_ms: int
+    ) -> bool:
+        """Rebuild a key's budget record (see key_budget_load.lua); False: it was there already."""
+        reply = await self._key_budget_load(
+            keys=[keys.key_budgets(ws), keys.hold_key_budget(ws), keys.hold_keys(ws), keys.stream(ws)],
+            args=[key_id, period, period_id, spent_micro, last_entry, since_ms],
+        )
+        return int(reply) == 1
+
+    async def key_budget(self, ws: str, key_id: str) -> KeyBudgetState | None:
+        """The key's budget record as Redis has it (None: not loaded)."""
+        fields = [f"{key_id}:{f}" for f in ("p", "t", "s", "h")]
+        period_id, period, spent, held = await self.redis.hmget(keys.key_budgets(ws), fields)
+        if period_id is None:
+            return None
+        return KeyBudgetState(period_id.decode(), (period or b"").decode(), int(spent or 0), int(held or 0))
+
+    async def forget_key_budget(self, ws: str, key_id: str) -> None:
+        """Drop a key's budget record: the next admission rebuilds it from Postgres (its budget changed)."""
+        await self.redis.hdel(keys.key_budgets(ws), *[f"{key_id}:{f}" for f in ("p", "t", "s", "h")])
+
+    async def stream_entries(self, ws: str, entries_max: int) -> list[StreamEntry]:
+        """The workspace's ledger stream (not yet deleted by the flusher), oldest first."""
+        found = []
+        for entry_id, fields in await self.redis.xrange(keys.stream(ws), count=entries_max):
+            try:
+                event = orjson.loads(fields[b"e"])
+                event_id = uuid.UUID(event["event_id"])
+                key_id = event.get("key_id")
+            except (KeyError, ValueError, TypeError):
+                event_id, key_id = None, None  # unreadable: dead-lettered by the flusher, never in the ledger
+            found.append(
+                StreamEntry(
+                    entry_id.decode(),
+                    event_id,
+                    key_id,
+                    fields.get(b"kind", b"usage").decode(),
+                    int(fields.get(b"at", b"0")),
+                    int(fields.get(b"impact", b"0")),
+                )
+            )
+        return found
+
+    async def time_ms(self) -> int:
+        seconds, micros = await self.redis.time()
+        return seconds * 1000 + micros // 1000
+
+    async def debit(self, ws: str, event_id: str, requested_micro: int | None, event: bytes, kind: str) -> Debit:
+        """Take min(requested, balance - held) from the live balance once per event id (see debit.lua);
+        requested None: everything that remains."""
+        assert requested_micro is None or 0 < requested_micro <= AMOUNT_MICRO_MAX
+        reply = await self._debit(
+            keys=[keys.acct(ws), keys.movements(ws), keys.stream(ws)],
+            args=[event_id, "" if requested_micro is None else requested_micro, event, kind],
+        )
+        outcome = DebitOutcome(int(reply[0]))
+        if outcome is DebitOutcome.NEED_LOAD:
+            return Debit(outcome)
+        gen = reply[5].decode() if isinstance(reply[5], bytes) else str(reply[5])
+        return Debit(outcome, int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]), gen)
 
     async def grow_hold(self, ws: str, hold_id: str, amount_micro: int) -> GrowHold:
         """Raise a live hold to amount_micro (see grow_hold.lua)."""
@@ -483,6 +675,11 @@ class State:
     async def aclose(self) -> None:
         await transport.close(self._batcher)
         await self.redis.aclose()
+
+    async def fee_waived(self, ws: str) -> int | None:
+        """The fee waiver used so far, as the live account knows it (None: not loaded)."""
+        waived = await self.redis.hget(keys.acct(ws), "waived")
+        return int(waived) if waived is not None else None
 
     async def ping(self) -> None:
         await self.redis.ping()

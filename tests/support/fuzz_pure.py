@@ -284,6 +284,7 @@ def check_envelope(case) -> int:
             protocol.check_headers(_Headers(betas))
         except SidecarError as refused:
             assert_client_error(protocol, refused)
+        assert isinstance(protocol.long_context(_Headers(betas)), bool)
         key = protocol.client_key({"Authorization": betas[0] if betas else "", "x-api-key": message})
         assert key is None or isinstance(key, str)
     for status in (400, 401, 404, 405, 408, 413, 429, 503):

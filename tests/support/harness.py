@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 from aiohttp.test_utils import TestServer
 
-from sidecar import db
+from sidecar import db, price_versions
 from sidecar.app import build_data_app, close_services, open_services
 from sidecar.config import Config, parse_config
 from sidecar.control.admin import build_control_app
@@ -291,17 +291,19 @@ class Sidecar:
         assert account is not None
         return account.balance_micro, account.held_micro
 
-    async def assert_identity(self, ws: str) -> dict[str, int]:
-        """DESIGN.md §6: balance = grants + top-ups - debits, in Redis and in Postgres, from the ledger alone."""
+    async def assert_identity(self, ws: str, postpaid: bool = False) -> dict[str, int]:
+        """DESIGN.md §6: grants + top-ups + allowances - refunds - expiries - usage - fees == balance, in
+        Redis and in Postgres, from the ledger alone (each term from its own rows, see db.ledger_identity)."""
         await self.flush()
         async with self.svc.pool.acquire() as conn:
             identity = await db.ledger_identity(conn, ws)
-        expected = identity["grants"] + identity["topups"] - identity["debits"]
+        expected = identity["expected"]
         assert identity["account_balance"] == expected, identity
+        assert identity["debits"] == identity["usage"] + identity["fees"], identity
         balance, held = await self.redis_account(ws)
         assert balance == expected, (balance, identity)
         assert held == 0, f"holds left: {held}"
-        assert balance >= 0
+        assert balance >= 0 or postpaid  # only post-charge may end below zero
         assert await self.svc.state.active_holds(ws) == 0
         return identity
 
@@ -344,6 +346,7 @@ async def start_sidecar(
     svc = await open_services(config, env={"MOCK_PLATFORM_KEY": PLATFORM_KEY, **(env or {"SIDECAR_KEK": TEST_KEK})})
     svc.spool.open()
     svc.inflight.open()
+    await price_versions.register(svc.pool, config.pricing)  # what Runtime.start does for `sidecar serve`
     data = TestServer(build_data_app(svc))
     control = TestServer(build_control_app(svc))
     await data.start_server()

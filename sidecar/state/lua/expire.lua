@@ -8,6 +8,7 @@
 --
 -- KEYS: 1 acct  2 holds  3 hold_dl  4 hold_meta  5 settled  6 stream  7 idem (may not exist)
 --       8 hold_key  9 live_keys  10 hold_idem  11 expired (ids the sweeper voided, for a late settle)
+--       12 kbudget  13 hold_kb (a voided hold gives its key budget back: nothing was spent)
 -- A `lost` expire is for a call whose process died (its journal says so, proxy/inflight.py): still
 -- held, it is left to the sweeper; neither held nor resolved, Redis lost the hold (it restarted
 -- without its AOF), so the call is recorded `expired` at 0 from the journalled template.
@@ -56,6 +57,13 @@ local owner = redis.call('HGET', KEYS[8], hold_id)
 if owner then
   if redis.call('HINCRBY', KEYS[9], owner, -1) <= 0 then redis.call('HDEL', KEYS[9], owner) end
   redis.call('HDEL', KEYS[8], hold_id)
+  local kb_held = redis.call('HGET', KEYS[13], hold_id)
+  if kb_held then
+    if redis.call('HINCRBY', KEYS[12], owner .. ':h', string.format('%d', -tonumber(kb_held))) < 0 then
+      redis.call('HSET', KEYS[12], owner .. ':h', 0)
+    end
+    redis.call('HDEL', KEYS[13], hold_id)
+  end
 end
 redis.call('HDEL', KEYS[10], hold_id)
 redis.call('HDEL', KEYS[2], hold_id)

@@ -3,14 +3,40 @@
 --
 -- KEYS: 1 acct  2 holds  3 hold_dl  4 hold_meta  5 settled (zset id -> resolved ms)  6 stream  7 idem
 --       8 tpm (the key's token-window hash)  9 hold_key  10 live_keys  11 hold_idem  12 expired (ids the sweeper voided)
+--       13 kbudget (key budgets, see admit.lua)  14 hold_kb (hold id -> amount held against its key's budget)
 -- ARGV: 1 hold_id  2 cost_micro (actual cost, before the cap)  3 billed ('1' debits the balance, '0' BYOK
 --       or failed: records only)  4 event (opaque JSON, relayed to the ledger)
 --       5 idempotency ('' none, 'replay': keep the outcome for replay, 'forget': delete the record)
 --       6 status  7 content_type  8 body ('' with status 0: remembered as done, not replayable)
 --       9 idem_ttl_ms  10 settled_retention_ms  11 tokens_used
+--       12 fee_ppm (the usage fee, parts per million of the cost; 0 none)  13 postpaid ('1': admitted
+--       post-charge: nothing was held, the actual cost and fee are debited even below zero)
+--       14 the key budget's period kind ('' = the key has none)
+--
+-- Money: cost = min(actual, hold) (postpaid: the actual cost); fee = ceil(cost * ppm / 10^6), of which
+-- the workspace's fee waiver (acct `wtotal` - `waived`) takes what it still has; the balance is
+-- debited cost + fee. A hold covers its worst-case cost plus that cost's fee, so cost + fee <= hold.
 -- Returns: {0 settled, cost recorded (charged when billed), balance_after ('' if not loaded), hold_micro,
---           lost_hold (0/1), now_ms, record (1 the idempotency record was written or deleted, 0 untouched)}
+--           lost_hold (0/1), now_ms, record (1 the idempotency record was written or deleted, 0 untouched),
+--           fee charged, fee waived}
 --          {1 already_resolved}   {2 need_load}
+
+-- A key budget's period id (the same function as admit.lua's; see sidecar/wallet.py).
+local function period_id(kind, now_ms)
+  if kind == 'total' then return 't' end
+  local day = math.floor(now_ms / 86400000)
+  if kind == 'daily' then return string.format('d%d', day) end
+  local z = day + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local month = mp < 10 and mp + 3 or mp - 9
+  local year = yoe + era * 400
+  if month <= 2 then year = year + 1 end
+  return string.format('m%d', year * 12 + month - 1)
+end
 
 local hold_id = ARGV[1]
 if redis.call('ZSCORE', KEYS[5], hold_id) then
@@ -22,24 +48,45 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cost = tonumber(ARGV[2])
 local billed = ARGV[3] == '1'
+local fee_ppm = tonumber(ARGV[12] or '0')
+local postpaid = ARGV[13] == '1'
+
+-- ceil(c * ppm / 10^6) exactly: c splits into whole credits and micro-credits, so no product passes 2^53.
+local function fee_of(c)
+  if fee_ppm <= 0 or c <= 0 then return 0 end
+  local whole = math.floor(c / 1000000)
+  local part = c - whole * 1000000
+  return whole * fee_ppm + math.floor((part * fee_ppm + 999999) / 1000000)
+end
 
 local hold = redis.call('HGET', KEYS[2], hold_id)
 local lost = 0
 local charged
+local room  -- what cost + fee may take from the balance
 if hold then
   hold = tonumber(hold)
   charged = math.min(cost, hold)
+  room = hold
+  if postpaid then charged, room = cost, -1 end  -- -1: no bound
 else
   -- Neither resolved nor held: Redis lost the hold (restarted empty) while the call ran. The call
   -- still happened, so it is still recorded once; it is charged only what the balance has free.
   if redis.call('HEXISTS', KEYS[1], 'balance') == 0 then return {2} end
   lost, hold = 1, 0
   local acct = redis.call('HMGET', KEYS[1], 'balance', 'held')
-  charged = math.min(cost, math.max(tonumber(acct[1]) - tonumber(acct[2]), 0))
+  room = math.max(tonumber(acct[1]) - tonumber(acct[2]), 0)
+  charged = math.min(cost, room)
 end
-local debit = 0
+local debit, fee, waived = 0, 0, 0
 if billed then
-  debit = charged
+  fee = fee_of(charged)
+  if fee > 0 then
+    local w = redis.call('HMGET', KEYS[1], 'wtotal', 'waived')
+    waived = math.min(fee, math.max(tonumber(w[1] or '0') - tonumber(w[2] or '0'), 0))
+    fee = fee - waived
+  end
+  if room >= 0 and charged + fee > room then fee = room - charged end  -- only a lost hold: at most what is free
+  debit = charged + fee
 else
   charged = cost  -- BYOK: the cost is recorded for the customer to see; nothing is held or debited
 end
@@ -50,6 +97,7 @@ if redis.call('HEXISTS', KEYS[1], 'balance') == 1 then
   if hold > 0 and redis.call('HINCRBY', KEYS[1], 'held', string.format('%d', -hold)) < 0 then
     redis.call('HSET', KEYS[1], 'held', 0)
   end
+  if waived > 0 then redis.call('HINCRBY', KEYS[1], 'waived', string.format('%d', waived)) end
   if debit > 0 then
     balance_after = string.format('%d', redis.call('HINCRBY', KEYS[1], 'balance', string.format('%d', -debit)))
   else
@@ -63,6 +111,21 @@ local owner = redis.call('HGET', KEYS[9], hold_id)
 if owner then
   if redis.call('HINCRBY', KEYS[10], owner, -1) <= 0 then redis.call('HDEL', KEYS[10], owner) end
   redis.call('HDEL', KEYS[9], hold_id)
+  -- The key budget: its hold released, what was debited counted as spent in the period of now.
+  local kb_held = redis.call('HGET', KEYS[14], hold_id)
+  if kb_held then
+    if redis.call('HINCRBY', KEYS[13], owner .. ':h', string.format('%d', -tonumber(kb_held))) < 0 then
+      redis.call('HSET', KEYS[13], owner .. ':h', 0)
+    end
+    redis.call('HDEL', KEYS[14], hold_id)
+  end
+  if ARGV[14] ~= '' and debit > 0 and redis.call('HEXISTS', KEYS[13], owner .. ':p') == 1 then
+    local period = period_id(ARGV[14], now_ms)
+    if redis.call('HGET', KEYS[13], owner .. ':p') ~= period then
+      redis.call('HSET', KEYS[13], owner .. ':p', period, owner .. ':s', 0)
+    end
+    redis.call('HINCRBY', KEYS[13], owner .. ':s', string.format('%d', debit))
+  end
 end
 redis.call('HDEL', KEYS[11], hold_id)
 redis.call('HDEL', KEYS[2], hold_id)
@@ -72,7 +135,8 @@ redis.call('ZADD', KEYS[5], string.format('%d', now_ms), hold_id)
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', string.format('%d', now_ms - tonumber(ARGV[10])))
 redis.call('XADD', KEYS[6], '*', 'e', ARGV[4], 'cost', string.format('%d', charged),
   'impact', string.format('%d', -debit), 'after', balance_after, 'at', string.format('%d', now_ms),
-  'gen', gen, 'lost', lost, 'status', '')
+  'gen', gen, 'lost', lost, 'status', '', 'fee', string.format('%d', fee), 'waived', string.format('%d', waived),
+  'postpaid', postpaid and 1 or 0)
 
 -- The token window counted this call at its ceiling; from now on it counts what it used.
 local counted = redis.call('HGET', KEYS[8], hold_id)
@@ -94,4 +158,4 @@ if ARGV[5] ~= '' and redis.call('HGET', KEYS[7], 'hold') == hold_id then
     redis.call('DEL', KEYS[7])
   end
 end
-return {0, charged, balance_after, hold, lost, now_ms, record}
+return {0, charged, balance_after, hold, lost, now_ms, record, fee, waived}
