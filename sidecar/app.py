@@ -194,15 +194,16 @@ class Runtime:
             self._open_spool(journal=True)
             await self._serve(build_data_app(svc), host, port, limits, reuse_port=svc.config.server.reuse_port)
             self._data_runner = self._runners[-1]
+        if self.data_plane or self.background:
+            # The prices this process bills at, so each ledger row's price_version names its prices.
+            self._tasks.append(
+                asyncio.create_task(price_versions.keep_registered(svc.pool, svc.config.pricing, self.stop))
+            )
         if self.background:
             if not self.data_plane:
                 self._open_spool(journal=False)
             served = frozenset(svc.config.server.workspaces)
             self._tasks.append(asyncio.create_task(settlement.run_spool(svc, self.stop)))
-            # The prices this process bills at, so each ledger row's price_version names its prices.
-            self._tasks.append(
-                asyncio.create_task(price_versions.keep_registered(svc.pool, svc.config.pricing, self.stop))
-            )
             self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
             self._tasks.append(
                 asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop, served))
