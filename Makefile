@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-from-pyproject
 TEST_TIMEOUT_S ?= 1500
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint run soak chaos fuzz bench schema rules-check wheelhouse image image-check image-smoke chart-check
+.PHONY: browser-deps venv test lint run soak chaos fuzz bench schema rules-check wheelhouse image image-check image-smoke chart-check
 
 # The container image (docs/deploy.md). PYTHON_IMAGE: a base with python3 >= 3.11 and its venv module;
 # empty: the Dockerfile's default, python:3.11-slim pinned by digest.
@@ -124,3 +124,7 @@ image-smoke: venv image
 chart-check: venv
 	@command -v $(HELM) >/dev/null 2>&1 || { echo "chart-check: no helm binary (set HELM=/path/to/helm)"; exit 2; }
 	$(BIN)/python -m tests.chart_check --helm $(HELM) --chart $(CHART)
+
+# Debian's Chromium for the console's browser tests (tests/test_console_browser.py); .ci/run does this.
+browser-deps:
+	apt-get install -y chromium chromium-driver

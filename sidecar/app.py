@@ -19,12 +19,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar import db, expiry, price_versions, scrub, serving, sweeper, wallet
 from sidecar.auth import Authenticator, FailedAuthLimiter
 from sidecar.balances import Balances
+from sidecar.billing.payments import Payments, open_payments
 from sidecar.byok import keys as byok_keys
 from sidecar.byok.keys import Resolver
 from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, check_startup
 from sidecar.config import Config
-from sidecar.control.admin import build_control_app
+from sidecar.control.server import build_control_app
 from sidecar.ledger.flusher import Flusher
+from sidecar.notify import endpoints as notify_endpoints
+from sidecar.notify import expiry as notify_expiry
+from sidecar.notify.delivery import DeliveryWorker
 from sidecar.observability.metrics import Metrics
 from sidecar.ops import build_ops_app, warn_if_evicting
 from sidecar.proxy import handler, settlement
@@ -32,8 +36,12 @@ from sidecar.proxy.budget import ByteBudget
 from sidecar.proxy.inflight import Inflight
 from sidecar.proxy.spool import Spool
 from sidecar.proxy.upstream import Upstreams
+from sidecar.reload.orders_gateway import OrdersReloadGateway, order_listener
+from sidecar.reload.worker import ReloadWorker
 from sidecar.services import Services
 from sidecar.state.store import State, StateLimits
+from sidecar.statements import data_route
+from sidecar.watch import BalanceWatch
 
 log = logging.getLogger("sidecar.app")
 
@@ -113,7 +121,12 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     except Exception:
         log.warning("could not load Lua scripts at start; they load on first use")
     await warn_if_evicting(client)
+    payments, payments_problem = open_payments(
+        config, pg_pool, balances, metrics.payments, dict(os.environ) if env is None else env
+    )
     return Services(
+        payments=payments,
+        payments_problem=payments_problem,
         spool=Spool(config.holds.spool_dir, config.holds.spool_entries_max),
         inflight=Inflight(config.holds.spool_dir),
         buffer_budget=ByteBudget(config.upstream.buffered_answers_bytes_max),
@@ -125,9 +138,23 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         upstreams=upstreams,
         metrics=metrics,
         flusher=flusher,
-        byok=Resolver(pg_pool),
+        byok=Resolver(pg_pool, config.notifications.pending_deliveries_per_workspace_max),
         vault=vault,
+        watch=BalanceWatch(pg_pool, config, metrics),
+        reloads=_reloads(pg_pool, state, config, metrics, payments),
+        notifier=DeliveryWorker(pg_pool, vault, config.notifications, metrics),
     )
+
+
+def _reloads(pool, state: State, config: Config, metrics: Metrics, payments: Payments | None) -> ReloadWorker:
+    """Reloads are payment orders charged through Stripe (without Stripe, auto-reload cannot be turned
+    on); the webhook that ends a reload order ends its reload at once."""
+    if payments is None or payments.gateway is None:
+        return ReloadWorker(pool, state, config, metrics, gateway=None)
+    gateway = OrdersReloadGateway(payments)
+    worker = ReloadWorker(pool, state, config, metrics, gateway)
+    payments.listeners.append(order_listener(gateway, worker))
+    return worker
 
 
 async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
@@ -138,7 +165,8 @@ async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
     except VaultError as exc:  # a malformed SIDECAR_KEK / SIDECAR_KEK_FILE: say which, in one line
         raise SystemExit(f"sidecar: {exc}") from None
     async with pg_pool.acquire() as conn:
-        stored_kek_ids = await byok_keys.kek_ids(conn)
+        # Notification endpoints' signing secrets are sealed by the same vault.
+        stored_kek_ids = await byok_keys.kek_ids(conn) + await notify_endpoints.kek_ids(conn)
     try:
         check_startup(ring, stored_kek_ids)
     except KekMissing as exc:
@@ -147,6 +175,10 @@ async def _open_vault(pg_pool, env: dict[str, str] | None) -> Vault | None:
 
 
 async def close_services(svc: Services) -> None:
+    if svc.notifier is not None:
+        await svc.notifier.close()
+    if svc.payments is not None:
+        await svc.payments.close()
     await svc.upstreams.close()
     await svc.pool.close()
     await svc.state.aclose()
@@ -160,6 +192,7 @@ def build_data_app(svc: Services) -> web.Application:
     app[serving.ERROR_BODY] = serving.protocol_error_body
     app[handler.SERVICES] = svc
     handler.add_routes(app)
+    data_route.add_route(app)
     return app
 
 
@@ -194,6 +227,8 @@ class Runtime:
             self._open_spool(journal=True)
             await self._serve(build_data_app(svc), host, port, limits, reuse_port=svc.config.server.reuse_port)
             self._data_runner = self._runners[-1]
+            if svc.watch is not None:  # fed in memory by this process's settlements: runs where they do
+                self._tasks.append(asyncio.create_task(svc.watch.run(self.stop)))
         if self.data_plane or self.background:
             # The prices this process bills at, so each ledger row's price_version names its prices.
             self._tasks.append(
@@ -213,8 +248,14 @@ class Runtime:
                     asyncio.create_task(expiry.run(svc.balances, svc.config.wallet, svc.metrics, self.stop, served))
                 )
         if self.control_plane:
+            if svc.payments_problem:  # the control plane takes Stripe's webhooks: it cannot run without them
+                raise SystemExit(f"sidecar: {svc.payments_problem}")
             control_port = control_port if control_port is not None else port
             await self._serve(build_control_app(svc), host, control_port, limits)
+            for worker in (svc.reloads, svc.notifier):
+                if worker is not None:
+                    self._tasks.append(asyncio.create_task(worker.run(self.stop)))
+            self._tasks.append(asyncio.create_task(notify_expiry.run(svc.pool, svc.config.notifications, self.stop)))
         if not (self.data_plane or self.control_plane):
             return  # the background process of --workers N: the workers answer the probes
         # Its own listener and connection budget: /healthz answers while the data port is flooded.

@@ -14,7 +14,9 @@ It reads Postgres and Redis only (it shares no state with a running sidecar) and
 - stream_backlog: ledger events waiting longer than the allowed age (the flusher is stuck);
 - dead_letters: events the flusher could not write;
 - default_partition: ledger rows in the default partition (a month had no partition);
-- owed_to_redis: changes committed in Postgres and still not applied to Redis after the grace.
+- owed_to_redis: changes committed in Postgres and still not applied to Redis after the grace;
+- rollup_vs_ledger: a daily roll-up (ledger_daily, what summaries and margin reports read) differs from
+  the ledger rows it summarises (months archived out of the ledger are not compared).
 
 A Redis finding is confirmed by looking again (a call settling between the Redis and the Postgres
 read looks like drift for an instant). Every finding is drift: the exit code is 1 when there is any.
@@ -61,6 +63,7 @@ class Kind(StrEnum):
     DEAD_LETTERS = "dead_letters"
     DEFAULT_PARTITION = "default_partition"
     OWED_TO_REDIS = "owed_to_redis"
+    ROLLUP_VS_LEDGER = "rollup_vs_ledger"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +148,10 @@ async def _postgres_findings(conn: asyncpg.Connection, workspaces: list[str]) ->
     found = []
     sums = await conn.fetch(
         "SELECT w.id, coalesce(a.balance_micro, 0) AS account, "
-        "(SELECT coalesce(sum(balance_impact_micro), 0) FROM ledger l WHERE l.workspace_id = w.id)::bigint AS ledger "
+        "((SELECT coalesce(sum(balance_impact_micro), 0) FROM ledger l WHERE l.workspace_id = w.id) "
+        # plus the months archived out of the ledger (`sidecar ledger archive`), by their recorded totals
+        "+ (SELECT coalesce(sum(balance_impact_micro), 0) FROM ledger_archive_totals t WHERE t.workspace_id = w.id)"
+        ")::bigint AS ledger "
         "FROM workspaces w LEFT JOIN accounts a ON a.workspace_id = w.id WHERE w.id = ANY($1::text[])",
         workspaces,
     )
@@ -180,15 +186,61 @@ async def _postgres_findings(conn: asyncpg.Connection, workspaces: list[str]) ->
     )
     for row in events[:LIST_MAX]:
         found.append(Finding(Kind.DOUBLED_EVENT, row["workspace_id"], f"event {row['event_id']} has {row['n']} rows"))
+    return found + await _rollup_findings(conn, workspaces)
+
+
+# Each roll-up row against the ledger rows of its group (the GROUP BY of migration 009), days of archived
+# months left out: their rows left the ledger, their roll-ups stay.
+_ROLLUP_DRIFT = (
+    "WITH raw AS (SELECT workspace_id, (created_at AT TIME ZONE 'UTC')::date AS day, kind, status, "
+    "coalesce(provider, '') AS provider, coalesce(model, '') AS model, byok, count(*) AS rows, "
+    "sum(input_tokens + output_tokens + cache_read_tokens + cache_write_5m_tokens + cache_write_1h_tokens "
+    "+ reasoning_tokens) AS tokens, sum(cost_micro) AS cost, sum(upstream_cost_micro) AS upstream, "
+    "sum(balance_impact_micro) AS impact FROM ledger WHERE workspace_id = ANY($1::text[]) "
+    "GROUP BY 1, 2, 3, 4, 5, 6, 7), "
+    "rolled AS (SELECT workspace_id, day, kind, status, provider, model, byok, rows, input_tokens + output_tokens "
+    "+ cache_read_tokens + cache_write_5m_tokens + cache_write_1h_tokens + reasoning_tokens AS tokens, "
+    "cost_micro AS cost, upstream_cost_micro AS upstream, balance_impact_micro AS impact FROM ledger_daily "
+    "WHERE workspace_id = ANY($1::text[]) "
+    "AND date_trunc('month', day)::date NOT IN (SELECT month FROM ledger_archives)) "
+    "SELECT workspace_id, day, kind, status, provider, model, byok, coalesce(raw.rows, 0) AS ledger_rows, "
+    "coalesce(rolled.rows, 0) AS rollup_rows, coalesce(raw.impact, 0)::bigint AS ledger_impact, "
+    "coalesce(rolled.impact, 0) AS rollup_impact "
+    "FROM raw FULL JOIN rolled USING (workspace_id, day, kind, status, provider, model, byok) "
+    "WHERE (raw.rows, raw.tokens, raw.cost, raw.upstream, raw.impact) "
+    "IS DISTINCT FROM (rolled.rows, rolled.tokens, rolled.cost, rolled.upstream, rolled.impact) "
+    "ORDER BY workspace_id, day, kind, status, provider, model, byok"
+)
+
+
+async def _rollup_findings(conn: asyncpg.Connection, workspaces: list[str]) -> list[Finding]:
+    listed: Counter[str] = Counter()
+    found = []
+    for row in await conn.fetch(_ROLLUP_DRIFT, workspaces):
+        listed[row["workspace_id"]] += 1
+        if listed[row["workspace_id"]] > LIST_MAX:
+            continue
+        group = f"{row['day']} {row['kind']}/{row['status']} {row['provider']}/{row['model']} byok={row['byok']}"
+        found.append(
+            Finding(
+                Kind.ROLLUP_VS_LEDGER,
+                row["workspace_id"],
+                f"{group}: the ledger has {row['ledger_rows']} row(s) for {format_micro(row['ledger_impact'])}, "
+                f"the roll-up {row['rollup_rows']} for {format_micro(row['rollup_impact'])}",
+            )
+        )
     return found
 
 
 _IDENTITY = (
-    "SELECT w.id, coalesce(a.balance_micro, 0) AS account, ("
+    "SELECT w.id, coalesce(a.balance_micro, 0) AS account, (("
     "  SELECT coalesce(sum(balance_impact_micro) FILTER (WHERE kind IN ('grant', 'topup', 'allowance')), 0)"
     "       + coalesce(sum(balance_impact_micro) FILTER (WHERE kind IN ('refund', 'expiry')), 0)"
     "       - coalesce(sum(cost_micro + fee_micro) FILTER (WHERE kind = 'usage' AND NOT byok), 0)"
-    "  FROM ledger l WHERE l.workspace_id = w.id)::bigint AS identity "
+    "  FROM ledger l WHERE l.workspace_id = w.id)"
+    # months archived out of the ledger count by their recorded net amount (they passed this check before)
+    " + (SELECT coalesce(sum(balance_impact_micro), 0) FROM ledger_archive_totals t WHERE t.workspace_id = w.id)"
+    ")::bigint AS identity "
     "FROM workspaces w LEFT JOIN accounts a ON a.workspace_id = w.id WHERE w.id = ANY($1::text[])"
 )
 

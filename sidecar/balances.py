@@ -138,14 +138,31 @@ class Balances:
         """A credit movement (grant, topup, allowance): see sidecar/movements.py. With expiry on, a
         top-up first forfeits a balance already expired (it must not be revived by the purchase),
         and moves the expiry in its own transaction."""
+        extends = await self.before_credit(ws, kind)
+        async with self.pool.acquire() as conn:
+            result = await db.credit(conn, ws, movement_id, kind, amount_micro, self.expiry_months(extends))
+        return await self.after_credit(ws, result, extends)
+
+    async def before_credit(self, ws: str, kind: str) -> bool:
+        """What must precede a credit's transaction; True when the credit moves the expiry (a top-up
+        with expiry on: an expired balance is forfeited first, so a purchase never revives it)."""
         extends = kind == Kind.TOPUP and self.policy.expiry_enabled
         if extends:
             await self.forfeit_if_expired(ws)
-        result = await self.grant(ws, movement_id, kind, amount_micro, extend_expiry=extends)
-        if extends:
+        return extends
+
+    def expiry_months(self, extends: bool) -> tuple[int, int] | None:
+        """db.credit's expiry_months for a credit that moves the expiry (before_credit said so)."""
+        return (self.policy.expiry_extend_months, self.policy.expiry_ahead_months_max) if extends else None
+
+    async def after_credit(self, ws: str, result: db.GrantResult, extended: bool) -> db.GrantResult:
+        """The Redis side of a credit Postgres committed (db.credit, possibly inside a caller's larger
+        transaction, as an order's crediting is): the balance, the moved expiry, the metric."""
+        await self.apply_grant(ws, result)
+        if extended:
             await self.push_wallet(ws)
         if result.created:
-            self.on_movement(kind, amount_micro, 0)
+            self.on_movement(result.kind, result.amount_micro, 0)
         return result
 
     # --- wallet settings ----------------------------------------------------------------------------
@@ -272,19 +289,20 @@ class Balances:
             movement_id, str(event_id), Kind(kind), amount_micro, done.taken_micro, done.short_micro, created
         )
 
-    async def grant(
-        self, ws: str, grant_id: str, kind: str, amount_micro: int, extend_expiry: bool = False
-    ) -> db.GrantResult:
-        """Record the grant in Postgres, then apply it to Redis. The grant's transaction also records
-        it as owed to Redis (balance_sync): if Redis fails here, the data plane's flusher applies it
-        later, so the grant is answered as done once Postgres has it."""
+    async def grant(self, ws: str, grant_id: str, kind: str, amount_micro: int) -> db.GrantResult:
+        """Record the grant in Postgres, then apply it to Redis (no expiry move, no metric: see credit)."""
         async with self.pool.acquire() as conn:
-            expiry = (self.policy.expiry_extend_months, self.policy.expiry_ahead_months_max) if extend_expiry else None
-            result = await db.credit(conn, ws, grant_id, kind, amount_micro, expiry)
-        gen = db.grant_sync_gen(grant_id)
+            result = await db.credit(conn, ws, grant_id, kind, amount_micro)
+        return await self.apply_grant(ws, result)
+
+    async def apply_grant(self, ws: str, result: db.GrantResult) -> db.GrantResult:
+        """The Redis side of a grant Postgres committed. The grant's transaction also recorded it as
+        owed to Redis (balance_sync): if Redis fails here, the data plane's flusher applies it later,
+        so the grant is answered as done once Postgres has it."""
+        gen = db.grant_sync_gen(result.grant_id)
         try:
             # Also on a replayed grant: the first attempt may have died between Postgres and Redis.
-            await self.apply_committed(ws, result.pg_version, amount_micro, sync_token(result.pg_version, gen))
+            await self.apply_committed(ws, result.pg_version, result.amount_micro, sync_token(result.pg_version, gen))
         except RedisError as exc:
             log.warning(
                 "grant committed; redis is unavailable, so the data plane will apply it to the live balance",

@@ -1,4 +1,5 @@
-"""The one CLI: `sidecar serve | control | dev | migrate | audit | mock-provider | kek | token-hash | schema`."""
+"""The one CLI: `sidecar serve | control | dev | migrate | audit | admin | mock-provider | kek | token-hash |
+schema`."""
 
 from __future__ import annotations
 
@@ -163,6 +164,41 @@ def _audit(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _ledger(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    import asyncpg
+
+    from sidecar.statements import archive
+
+    database_url = args.database_url or _load(args.config).database_url
+
+    async def run() -> list[archive.Archived]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            before = archive.parse_month(args.before)
+            today = datetime.now(UTC).date()
+            return await archive.run(conn, before, Path(args.dir), today, args.drop, args.dry_run)
+        finally:
+            await conn.close()
+
+    if not args.dry_run:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+    try:
+        done = asyncio.run(run())
+    except archive.ArchiveRefused as refused:
+        print(f"sidecar ledger archive: refused: {refused}", file=sys.stderr)
+        return 1
+    for item in done:
+        verb = "would archive" if args.dry_run else ("archived and dropped" if item.dropped else "archived")
+        where = f" -> {item.file} (sha256 {item.sha256})" if item.file else ""
+        print(f"{verb} {item.month:%Y-%m}: {item.rows} rows{where}")
+    if not done:
+        print(f"nothing to archive before {args.before}")
+    return 0
+
+
 def _catalog(args: argparse.Namespace) -> int:
     from sidecar import catalog_report
 
@@ -240,6 +276,18 @@ def _main(argv: list[str] | None) -> int:
     shown.add_argument("--provider", help="only this configured provider")
     shown.add_argument("--all", action="store_true", help="also the catalog's models not offered, and why")
     shown.add_argument("--json", action="store_true", help="one JSON object per line")
+    ledger = sub.add_parser("ledger", help="the ledger's retention: archive old monthly partitions")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    archive = ledger_sub.add_parser(
+        "archive", help="detach monthly partitions before a month, write each to a CSV file (README, retention)"
+    )
+    archive.add_argument("--before", required=True, help="archive the months before this one (YYYY-MM)")
+    archive.add_argument("--dir", required=True, help="where the month files (ledger-YYYY-MM.csv) are written")
+    archive.add_argument("--drop", action="store_true", help="drop each detached table once its file is verified")
+    archive.add_argument("--dry-run", action="store_true", help="say what would be archived, change nothing")
+    archive.add_argument("--config", default=CONFIG_PATH_DEFAULT, help="YAML config file, for the database URL")
+    archive.add_argument("--database-url", default=os.environ.get("SIDECAR_DATABASE_URL"))
+    archive.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "WARNING"))
     sub.add_parser("token-hash", help="read an admin token on stdin, print the SHA-256 to put in admin_tokens")
     sub.add_parser("schema", help="print the JSON Schema of the Helm chart's values (make schema writes it)")
     dev = sub.add_parser("dev", help="everything on one machine, with embedded Redis/Postgres and a mock provider")
@@ -247,8 +295,13 @@ def _main(argv: list[str] | None) -> int:
     dev.add_argument("--port", type=int, default=8080)
     dev.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "WARNING"))
     sub.add_parser("mock-provider", help="the deterministic OpenAI-compatible provider", add_help=False)
+    sub.add_parser("admin", help="operate over the admin API (SIDECAR_ADMIN_URL, SIDECAR_ADMIN_TOKEN)", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
+    if args.command == "admin":
+        from sidecar import admin_cli
+
+        return admin_cli.run(rest)
     if args.command == "mock-provider":
         if (mock_provider := _devtool(args.command, "mock_provider")) is None:
             return 2
@@ -278,6 +331,8 @@ def _main(argv: list[str] | None) -> int:
     _event_loop_policy()
     if args.command == "audit":
         return _audit(args)
+    if args.command == "ledger":
+        return _ledger(args)
     if args.command == "dev":
         if (dev_mode := _devtool(args.command, "dev")) is None:
             return 2

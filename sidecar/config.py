@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 Protocol = Literal["openai", "anthropic"]  # the wire-protocol family a provider's base URL speaks
 PROTOCOLS = get_args(Protocol)
-Permission = Literal["WORKSPACES_MANAGE", "KEYS_MANAGE", "CREDITS_MANAGE", "TENANT_MANAGE", "READ"]
+Permission = Literal[
+    "WORKSPACES_MANAGE", "KEYS_MANAGE", "CREDITS_MANAGE", "TENANT_MANAGE", "NOTIFICATIONS_MANAGE", "READ"
+]
 PERMISSIONS = get_args(Permission)
 RoutingField = Literal[ROUTING_FIELDS]  # OpenRouter's request fields a model may allow
 # How a model's targets are ordered for a call (proxy/routing.py): as listed, by `priority` (lowest
@@ -180,6 +182,9 @@ class LedgerConfig(_Strict):
     claim_idle_ms: Natural = 30_000
     retry_backoff_ms_max: Natural = 5_000
     workspace_refresh_ms: Natural = 5_000
+    # A CSV statement (admin GET .../ledger.csv) streams for at most this long: a year of a busy workspace
+    # takes well under a minute (bench/statements.py); a client reading slower than that is cut off.
+    statement_export_timeout_ms: Annotated[int, Meta(ge=1_000)] = 600_000
 
 
 class BillingConfig(_Strict):
@@ -232,6 +237,59 @@ class LimitsConfig(_Strict):
 class ByokConfig(_Strict):
     failure_cooldown_ms: Natural = 300_000  # a refused customer key is not tried again for this long
     validate_timeout_ms: Natural = 10_000
+
+
+class NotificationsConfig(_Strict):
+    """Signed webhooks to each workspace's endpoint (sidecar/notify/), delivered by the control plane."""
+
+    delivery_timeout_ms: TimeoutMs = 5_000  # one POST to the customer's endpoint
+    attempts_max: Annotated[int, Meta(ge=1, le=50)] = 8  # then the delivery is recorded failed
+    retry_backoff_ms_min: Annotated[int, Meta(ge=100)] = 10_000  # doubled after each failed attempt
+    retry_backoff_ms_max: Annotated[int, Meta(ge=100)] = 3_600_000
+    batch_deliveries_max: Annotated[int, Meta(ge=1, le=1_000)] = 50  # claimed per round
+    poll_interval_ms: Annotated[int, Meta(ge=10)] = 1_000
+    # Past this many undelivered events a workspace's new events are dropped (counted, logged).
+    pending_deliveries_per_workspace_max: Positive = 1_000
+    expiry_warning_ms: Natural = 7 * 86_400_000  # `credits.expiring` fires this long before the expiry
+    expiry_check_interval_ms: Annotated[int, Meta(ge=1_000)] = 60_000
+
+    def __post_init__(self) -> None:
+        if self.retry_backoff_ms_min > self.retry_backoff_ms_max:
+            raise ValueError("retry_backoff_ms_min: must not exceed retry_backoff_ms_max")
+
+
+class AutoReloadConfig(_Strict):
+    """Reloads started when a settlement leaves a workspace under its threshold (sidecar/reload/)."""
+
+    failures_max: Annotated[int, Meta(ge=1, le=100)] = 3  # consecutive failures, then auto-reload turns off
+    retry_backoff_ms_min: Annotated[int, Meta(ge=100)] = 300_000  # after the first failure; doubled each time
+    retry_backoff_ms_max: Annotated[int, Meta(ge=100)] = 86_400_000
+    poll_interval_ms: Annotated[int, Meta(ge=10)] = 1_000
+    batch_reloads_max: Annotated[int, Meta(ge=1, le=1_000)] = 20  # started per round
+    # A reload whose payment neither started nor was confirmed by a webhook within this is failed.
+    stuck_timeout_ms: Annotated[int, Meta(ge=1_000)] = 86_400_000
+
+    def __post_init__(self) -> None:
+        if self.retry_backoff_ms_min > self.retry_backoff_ms_max:
+            raise ValueError("retry_backoff_ms_min: must not exceed retry_backoff_ms_max")
+
+
+class BalanceWatchConfig(_Strict):
+    """How the data plane notices a settlement crossing a threshold, off the call's path (watch.py)."""
+
+    settings_cache_ms: Natural = 5_000  # a changed threshold reaches every replica within this
+    pending_workspaces_max: Positive = 10_000  # workspaces waiting to be checked; past it, counted and skipped
+    batch_workspaces_max: Annotated[int, Meta(ge=1, le=10_000)] = 200
+
+
+class ConsoleConfig(_Strict):
+    """The billing console under /console (control plane)."""
+
+    session_ttl_ms: Annotated[int, Meta(ge=60_000)] = 8 * 3_600_000  # a log-in lasts this long at most
+    sessions_per_token_max: Positive = 50  # past it, the token's oldest session is ended
+    # Secure cookies even when the request arrived over plain HTTP (behind a TLS-terminating proxy).
+    # Requests that arrive over TLS always get Secure cookies.
+    secure_cookies: bool = False
 
 
 class ProviderConfig(_Strict):
@@ -322,12 +380,118 @@ def parse_markup_percent(text: str) -> Decimal:
     return Decimal(parse_decimal_scaled(text, 6)) / 10**6
 
 
+class StripeConfig(_Strict):
+    """Stripe, through its official SDK. The secret key and the webhook endpoint's signing secret are
+    read at start from a file (a mounted secret; wins) or else an environment variable, never from
+    this file, and never written anywhere."""
+
+    secret_key_env: str = "STRIPE_SECRET_KEY"
+    secret_key_file: str = ""
+    webhook_secret_env: str = "STRIPE_WEBHOOK_SECRET"
+    webhook_secret_file: str = ""
+    # "": Stripe's own API. The dev tools and the tests point it at the local fake (devtools/fake_stripe.py).
+    api_base: str = ""
+    # Where Checkout sends the customer back; {ORDER_ID} is replaced by the order's id.
+    success_url: Name = "http://localhost:3000/credits/success?order={ORDER_ID}"
+    cancel_url: Name = "http://localhost:3000/credits/canceled?order={ORDER_ID}"
+    # A webhook signed longer ago than this is refused (400): a replayed capture cannot be used later.
+    webhook_tolerance_ms: Annotated[int, Meta(ge=1_000, le=3_600_000)] = 300_000
+    timeout_ms: TimeoutMs = 10_000
+    max_network_retries: Annotated[int, Meta(ge=0, le=5)] = 2
+    product_name: Name = "Credits"
+
+    def __post_init__(self) -> None:
+        if self.api_base and not self.api_base.startswith(("http://", "https://")):
+            raise ValueError(f"api_base: must start with http:// or https://, got {self.api_base!r}")
+
+
+class PaymentsConfig(_Strict):
+    """Buying credits (README, "Buying credits"): payment orders, paid through Stripe or by hand."""
+
+    # The currency customers pay in; credits are units of it, so it is the cost profile's currency.
+    # "": the cost profile's currency.
+    currency: str = ""
+    order_amount_min: str = "1"  # credits, a decimal string
+    order_amount_max: str = "100000"
+    stripe: StripeConfig | None = None  # absent: only the manual provider (an operator marks orders paid)
+
+    def __post_init__(self) -> None:
+        for key in ("order_amount_min", "order_amount_max"):
+            try:
+                parse_credits(getattr(self, key))
+            except MoneyError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        if parse_credits(self.order_amount_min) <= 0 or parse_credits(self.order_amount_min) > parse_credits(
+            self.order_amount_max
+        ):
+            raise ValueError("order_amount_min: must be positive and at most order_amount_max")
+        if self.currency and not re.fullmatch(r"[A-Za-z]{3}", self.currency):
+            raise ValueError(f"currency: must be a 3-letter ISO 4217 code, got {self.currency!r}")
+
+
+class FeesConfig(_Strict):
+    # Added on top of a purchase: the customer pays amount + fee + tax and receives amount in credits.
+    purchase_percent: str = "0"
+
+    def __post_init__(self) -> None:
+        _check_percent(self.purchase_percent, "purchase_percent", "1000")
+
+
+class TaxConfig(_Strict):
+    """Tax on purchases (sidecar/billing/tax.py): a rate per buyer country, else the default rate;
+    an EU business (a tax id) in another EU country than the invoice issuer's: reverse charge, 0."""
+
+    rates_percent: dict[str, str] = {}  # ISO 3166 alpha-2 country -> percent, e.g. {DE: "19"}
+    default_rate_percent: str = "0"
+    eu_reverse_charge: bool = True
+
+    def __post_init__(self) -> None:
+        _check_percent(self.default_rate_percent, "default_rate_percent", "100")
+        for country, rate in self.rates_percent.items():
+            if not re.fullmatch(r"[A-Z]{2}", country):
+                raise ValueError(f"rates_percent: {country!r} is not an ISO 3166 alpha-2 country code (e.g. DE)")
+            _check_percent(rate, f"rates_percent.{country}", "100")
+
+
+class InvoiceIssuerConfig(_Strict):
+    """Who issues the invoices of credited orders; the numbers run per issuer id and year."""
+
+    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "default"
+    number_prefix: Annotated[str, Meta(pattern=r"^[A-Z]{1,8}$")] = "INV"
+    legal_name: str = ""
+    address: str = ""  # lines separated by "\n"
+    country: str = ""  # ISO 3166 alpha-2; the reverse-charge rule compares the buyer's with it
+    tax_id: str = ""
+    email: str = ""
+
+    def __post_init__(self) -> None:
+        if self.country and not re.fullmatch(r"[A-Z]{2}", self.country):
+            raise ValueError(f"country: must be an ISO 3166 alpha-2 code (e.g. DE), got {self.country!r}")
+
+
+class InvoicesConfig(_Strict):
+    issuer: InvoiceIssuerConfig = InvoiceIssuerConfig()
+
+
+def _check_percent(text: str, key: str, high: str) -> None:
+    try:
+        scaled = parse_decimal_scaled(text, 4)
+    except MoneyError as exc:
+        raise ValueError(f"{key}: {exc} (a percent with at most 4 decimals)") from None
+    if scaled > parse_decimal_scaled(high, 4):
+        raise ValueError(f"{key}: must be at most {high} percent")
+
+
 class AdminTokenEntry(_Strict):
     name: Name
     sha256: str  # of the token: `sidecar token-hash`
     permissions: Annotated[frozenset[Permission], Meta(min_length=1)]
+    # Limits the token (and console sessions opened with it) to this one workspace; null: every one.
+    workspace: str | None = None
 
     def __post_init__(self) -> None:
+        if self.workspace is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.workspace):
+            raise ValueError("workspace: must be a workspace id (1-64 letters, digits, '_', '.', '-')")
         if not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
             raise ValueError("sha256: must be the 64 hex digits of the token's SHA-256 (`sidecar token-hash`)")
 
@@ -349,7 +513,15 @@ class ConfigFile(_Strict):
     wallet: WalletConfig = WalletConfig()
     limits: LimitsConfig = LimitsConfig()
     byok: ByokConfig = ByokConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
+    auto_reload: AutoReloadConfig = AutoReloadConfig()
+    balance_watch: BalanceWatchConfig = BalanceWatchConfig()
+    console: ConsoleConfig = ConsoleConfig()
     admin_tokens: tuple[AdminTokenEntry, ...] = ()
+    payments: PaymentsConfig = PaymentsConfig()
+    fees: FeesConfig = FeesConfig()
+    tax: TaxConfig = TaxConfig()
+    invoices: InvoicesConfig = InvoicesConfig()
 
 
 @dataclass(frozen=True)
@@ -359,6 +531,7 @@ class AdminToken:
     name: str
     sha256: bytes
     permissions: frozenset[str]
+    workspace: str | None = None  # None: platform-wide
 
 
 @dataclass(frozen=True)
@@ -379,8 +552,16 @@ class Config:
     pricing: CostProfile
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     wallet: WalletConfig = field(default_factory=WalletConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    auto_reload: AutoReloadConfig = field(default_factory=AutoReloadConfig)
+    balance_watch: BalanceWatchConfig = field(default_factory=BalanceWatchConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     source: str = field(default="<defaults>", compare=False)
     pricing_by_hand: frozenset[str] = frozenset()  # the price entries of pricing.yaml; the rest: the catalog
+    payments: PaymentsConfig = field(default_factory=PaymentsConfig)
+    fees: FeesConfig = field(default_factory=FeesConfig)
+    tax: TaxConfig = field(default_factory=TaxConfig)
+    invoices: InvoicesConfig = field(default_factory=InvoicesConfig)
 
     def model(self, public_name: str) -> ModelConfig | None:
         return self.models.get(public_name)
@@ -435,7 +616,7 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
     by_hand = frozenset(pricing.models)
     pricing = CostProfile(pricing.name, pricing.currency, pricing.charge_micro_min, priced.models, priced.changes)
     bootstrap = env.get("SIDECAR_ADMIN_TOKEN") or None
-    admin_tokens = [AdminToken(t.name, bytes.fromhex(t.sha256), t.permissions) for t in file.admin_tokens]
+    admin_tokens = [AdminToken(t.name, bytes.fromhex(t.sha256), t.permissions, t.workspace) for t in file.admin_tokens]
     if bootstrap:  # the environment's token may do everything
         admin_tokens.insert(
             0, AdminToken("bootstrap", hashlib.sha256(bootstrap.encode()).digest(), frozenset(PERMISSIONS))
@@ -455,15 +636,24 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
         billing=file.billing,
         wallet=file.wallet,
         byok=file.byok,
+        console=file.console,
         limits=file.limits,
+        notifications=file.notifications,
+        auto_reload=file.auto_reload,
+        balance_watch=file.balance_watch,
         admin_tokens=tuple(admin_tokens),
         providers=providers,
         models=models,
         pricing=pricing,
         source=source,
         pricing_by_hand=by_hand,
+        payments=file.payments,
+        fees=file.fees,
+        tax=file.tax,
+        invoices=file.invoices,
     )
     _check_hold_outlives_call(config)
+    _check_payment_currency(config)
     return config
 
 
@@ -631,6 +821,17 @@ def _offered_models(
         offered = ModelConfig(name=model_id, provider=provider.name, upstream_model=model_id)
         added.append(_with_targets(offered, providers, pricing, priced, at, f"{path}offer: {model_id}: "))
     return added
+
+
+def _check_payment_currency(config: Config) -> None:
+    # Credits are units of the cost profile's currency: a purchase in another currency would need an
+    # exchange rate, which the sidecar does not keep.
+    currency = config.payments.currency
+    if currency and currency.lower() != config.pricing.currency.lower():
+        raise ConfigError(
+            f"payments.currency: {currency!r} differs from the cost profile's currency "
+            f"{config.pricing.currency!r}; credits are bought in the currency they are priced in"
+        )
 
 
 def _check_hold_outlives_call(config: Config) -> None:
@@ -841,7 +1042,10 @@ def _type_at(kind: type, path: str, why: bool = False) -> Any:
     for step in re.findall(r"[^.\[\]]+|\[\d+\]", path):
         node = node.item_type if step.startswith("[") else next(f.type for f in node.fields if f.name == step)
         reason = ""
-        while isinstance(node, msgspec.inspect.Metadata):
+        while isinstance(node, msgspec.inspect.Metadata | msgspec.inspect.UnionType):
+            if isinstance(node, msgspec.inspect.UnionType):  # `X | None`: the section, when given, is an X
+                node = next(t for t in node.types if not isinstance(t, msgspec.inspect.NoneType))
+                continue
             reason = reason or (node.extra_json_schema or {}).get("description", "")
             node = node.type
     return (f" ({reason})" if reason else "") if why else node

@@ -94,6 +94,26 @@ async def workspace_exists(conn: asyncpg.Connection, workspace_id: str) -> bool:
     return await conn.fetchval("SELECT true FROM workspaces WHERE id = $1", workspace_id) is not None
 
 
+@dataclass(frozen=True, slots=True)
+class WorkspaceRecord:
+    id: str
+    name: str
+    created_at: datetime
+
+
+WORKSPACES_LISTED_MAX = 10_000  # a list past this is cut (the admin API says so): no unbounded answer
+
+
+async def list_workspaces(conn: asyncpg.Connection, limit: int = WORKSPACES_LISTED_MAX) -> list[WorkspaceRecord]:
+    rows = await conn.fetch("SELECT id, name, created_at FROM workspaces ORDER BY id LIMIT $1", limit)
+    return [WorkspaceRecord(**r) for r in rows]
+
+
+async def get_workspace(conn: asyncpg.Connection, workspace_id: str) -> WorkspaceRecord | None:
+    row = await conn.fetchrow("SELECT id, name, created_at FROM workspaces WHERE id = $1", workspace_id)
+    return WorkspaceRecord(**row) if row else None
+
+
 async def workspace_ids(conn: asyncpg.Connection) -> list[str]:
     return [r["id"] for r in await conn.fetch("SELECT id FROM workspaces ORDER BY id")]
 

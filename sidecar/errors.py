@@ -26,9 +26,28 @@ re-based here; this module imports nothing of the package, so anything may impor
     │   │   └── KekMissing          its KEK is not configured -> at start, the sidecar refuses to start
     │   ├── WorkspaceNotServed      a valid key of a workspace this data plane does not serve
     │   │                           (server.workspaces) -> proxy 401 workspace_not_served
+    │   ├── ReloadDeclined          the payment provider refused an auto-reload's payment -> the reload
+    │   │                           fails, counts toward disabling, and is notified; never reaches a client
+    │   ├── SignatureInvalid        (notify/signing.py) a webhook signature that does not verify: what a
+    │   │                           customer's receiver raises; the sidecar only signs
     │   ├── BudgetExceeded          buffered answers past the process's byte budget -> proxy 503, unbilled
+    │   ├── QueryRefused            (ValueError) a read-side filter, period or cursor that cannot be read
+    │   │                           (statements/filters.py) -> admin 400 with its code
+    │   ├── ArchiveRefused          `sidecar ledger archive` will not archive a month (an open statement
+    │   │                           period, an invoice pointing into it) -> one line, exit 1
     │   ├── InvalidEvent            (ValueError) a stream entry that cannot become a ledger row -> the
     │   │                           flusher dead-letters it; never reaches a client
+    │   ├── OrderConflict           a client order id reused with other figures -> admin 409 order_conflict
+    │   ├── OrderNotFound           no such payment order in the workspace -> admin 404 order_not_found
+    │   ├── OrderStateError         the order's state forbids the action (mark-paid of a closed order) ->
+    │   │                           admin 409 order_state
+    │   ├── StripeNotConfigured     a Stripe order or webhook without payments.stripe -> admin 409
+    │   │                           provider_not_configured; the webhook route 404
+    │   ├── PaymentsUnavailable     Stripe unreachable or refusing -> admin 502 payment_provider_error (the
+    │   │                           order is kept; the same request retries with the same idempotency key)
+    │   ├── PaymentDeclined         an off-session PaymentIntent declined -> its reload order fails
+    │   ├── WebhookRefused          a webhook not verifiably Stripe's (signature, stale, malformed) ->
+    │   │                           400 invalid_signature, nothing changes
     │   ├── SSEError                (ValueError) a provider's stream breaks a framing bound -> the stream
     │   │                           ends as the provider's failure (docs/architecture.md, the lifecycle)
     │   └── RedirectRefused         (aiohttp.ClientError) a provider answered 3xx -> as if unreachable:
@@ -43,7 +62,11 @@ re-based here; this module imports nothing of the package, so anything may impor
         ├── _Unreachable            proxy/handler.py: the provider was not reached -> next target, else
         │                           proxy 502 (504 on a timeout) upstream_unavailable
         ├── _ClientGone             proxy/relay.py: the client left mid-stream -> relay.StreamEnd
-        └── _BadRequest             devtools/mock_provider.py: the mock provider's own 400
+        ├── _BadRequest             devtools/mock_provider.py: the mock provider's own 400
+        ├── _Malformed              (ValueError) billing/webhooks.py: a signed event of a shape not read
+                                    -> kept for review
+        └── _CliError               admin_cli.py: `sidecar admin` cannot build or send its request ->
+                                    one line on stderr, exit 2
 
 Anything else that escapes a handler is a bug: logged whole, answered 500 in the port's envelope (or, once
 a stream has begun, ended with the protocol's error event); an admitted call is still settled exactly once.

@@ -85,3 +85,17 @@ async def sidecar(
 
 
 __all__ = ["migrated"]
+
+
+# --- money in: a sidecar with payments against the fake Stripe ----------------------------------------
+
+from support.payments import Shop, start_shop, stop_shop  # noqa: E402
+
+
+@pytest_asyncio.fixture
+async def shop(redis_client: redis.asyncio.Redis, redis_url: str, migrated_database_url: str) -> AsyncIterator[Shop]:
+    instance = await start_shop(redis_url, migrated_database_url)
+    try:
+        yield instance
+    finally:
+        await stop_shop(instance)

@@ -58,7 +58,8 @@ async def test_a_doubled_row_written_around_the_triggers_is_found(sidecar: Sidec
         await conn.execute("INSERT INTO ledger SELECT * FROM doubled")
     report = await audit(sidecar.svc.state.redis, sidecar.svc.pool, Limits(), [ws.id])
     kinds = sorted(f.kind for f in report.findings)
-    assert kinds == [Kind.DOUBLED_REQUEST, Kind.IDENTITY, Kind.LEDGER_VS_ACCOUNT], report.text()
+    # Around the triggers the roll-up trigger was skipped too: the daily roll-up no longer matches.
+    assert kinds == [Kind.DOUBLED_REQUEST, Kind.IDENTITY, Kind.LEDGER_VS_ACCOUNT, Kind.ROLLUP_VS_LEDGER], report.text()
     assert "has 2 rows" in report.text()
 
 

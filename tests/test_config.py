@@ -189,7 +189,7 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
         (
             minimal(admin_tokens=[{"name": "a", "sha256": "a" * 64, "permissions": ["READ", "ALL"]}]),
             "admin_tokens[0].permissions: must be a list of WORKSPACES_MANAGE, KEYS_MANAGE, CREDITS_MANAGE, "
-            "TENANT_MANAGE, READ, got 'ALL'",
+            "TENANT_MANAGE, NOTIFICATIONS_MANAGE, READ, got 'ALL'",
         ),
         (
             minimal(admin_tokens=[{"name": "a", "sha256": "a" * 64, "permissions": []}]),

@@ -4,6 +4,7 @@ no ledger row; a second run on the same data directory finds the same key, balan
 
 from __future__ import annotations
 
+import http.cookiejar
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from contextlib import suppress
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from support.services import run_sync
 
 from sidecar.config import parse_config
 from sidecar.devtools import dev, embedded
+from sidecar.money import format_micro
 
 SIDECAR = Path(sys.executable).with_name("sidecar")
 READY_LINE = "Ctrl-C stops everything."
@@ -37,6 +40,7 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
 CALL_TIMEOUT_S = 15.0
 INITIAL_GRANT_MICRO = 10_000_000
+TOP_UP_MICRO = 5_000_000  # bought through the fake Stripe
 MOCK_ANSWER = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
 # Anything that would point `sidecar dev` at outside servers or a real provider.
 FOREIGN_ENV = (
@@ -145,6 +149,10 @@ class Banner:
         return self.field(r"^Admin API\s+\S+\s+token: (\S+)")
 
     @property
+    def console_url(self) -> str:
+        return self.field(r"^Console\s+(\S+)")
+
+    @property
     def metrics_url(self) -> str:
         return self.field(r"^Metrics\s+(\S+)")
 
@@ -249,6 +257,43 @@ def _balance_micro(banner: Banner) -> int:
         return json.loads(response.read())["balance_micro"]
 
 
+def _admin_post(banner: Banner, path: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        f"{banner.admin_url}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {banner.admin_token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=CALL_TIMEOUT_S) as response:
+        return json.loads(response.read())
+
+
+def _top_up(banner: Banner, amount_micro: int) -> None:
+    """A customer's top-up in `sidecar dev`, without network: an order, the fake Stripe's checkout page,
+    Pay, and the balance once the signed webhook has credited it."""
+    before = _balance_micro(banner)
+    order = _admin_post(
+        banner, "/workspaces/demo/orders", {"client_order_id": "dev-top-up", "amount_micro": amount_micro}
+    )
+    with urllib.request.urlopen(order["checkout_url"], timeout=CALL_TIMEOUT_S) as page:
+        assert b"Pay" in page.read()
+    with urllib.request.urlopen(urllib.request.Request(order["checkout_url"], data=b""), timeout=CALL_TIMEOUT_S):
+        pass  # the Pay button; redirected to the success page
+    deadline = time.monotonic() + 10
+    while _balance_micro(banner) != before + amount_micro:
+        assert time.monotonic() < deadline, "the top-up was not credited"
+        time.sleep(0.05)
+
+
+def _console_overview(banner: Banner) -> str:
+    """Logs in to the printed console URL with the printed token, as a browser would; the page it lands on."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    with opener.open(banner.console_url, timeout=CALL_TIMEOUT_S) as response:  # -> the log-in page
+        csrf = re.search(r'name="csrf" value="([^"]+)"', response.read().decode()).group(1)
+    form = urllib.parse.urlencode({"token": banner.admin_token, "csrf": csrf}).encode()
+    with opener.open(banner.console_url + "/login", data=form, timeout=CALL_TIMEOUT_S) as response:
+        return response.read().decode()
+
+
 def _run_printed(argv: list[str]) -> str:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=CALL_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
@@ -312,6 +357,13 @@ def test_dev_runs_meters_stops_cleanly_and_keeps_its_state(tmp_path: Path) -> No
         assert first.ready_s < 15, "a new user should be running in seconds"
         assert (data_dir / "dev-state.json").stat().st_mode & 0o077 == 0, "the key file must be private"
         assert _balance_micro(banner) == INITIAL_GRANT_MICRO
+        assert banner.console_url == f"http://127.0.0.1:{port + 1}/console"
+        landing = _console_overview(banner)  # the bootstrap token sees every workspace
+        assert "<h1>Workspaces</h1>" in landing and "/console/w/demo" in landing
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        printed_cli = banner.block("SIDECAR_ADMIN_URL=", lines=1)
+        answer = subprocess.run(["bash", "-c", printed_cli], capture_output=True, text=True, env=env, timeout=60)
+        assert answer.returncode == 0 and format_micro(INITIAL_GRANT_MICRO) in answer.stdout, answer.stderr
 
         assert _chat(banner) == MOCK_ANSWER
         snippet = banner.block("from openai import OpenAI", lines=3)
@@ -324,6 +376,7 @@ def test_dev_runs_meters_stops_cleanly_and_keeps_its_state(tmp_path: Path) -> No
         with urllib.request.urlopen(banner.metrics_url, timeout=CALL_TIMEOUT_S) as response:
             assert b"sidecar_requests_total" in response.read()
         assert _balance_micro(banner) < INITIAL_GRANT_MICRO
+        _top_up(banner, TOP_UP_MICRO)
         # The last call right before Ctrl-C: its row is the one most likely still waiting in Redis.
         assert _chat_streamed(banner) == MOCK_ANSWER
         calls += 1
@@ -335,7 +388,7 @@ def test_dev_runs_meters_stops_cleanly_and_keeps_its_state(tmp_path: Path) -> No
     ledger = _ledger_at_rest(data_dir / "postgres")
     assert ledger["usage_rows"] == calls and ledger["statuses"] == {"completed"}
     assert ledger["grant_rows"] == 1
-    assert ledger["balance"] == INITIAL_GRANT_MICRO - ledger["debits"]
+    assert ledger["balance"] == INITIAL_GRANT_MICRO + TOP_UP_MICRO - ledger["debits"]
 
     second = DevProcess(data_dir, port, tmp_path / "second.stderr")
     try:

@@ -19,6 +19,8 @@ import asyncpg
 
 from sidecar.byok.vault import Sealed
 from sidecar.db import POSTGRES_ERRORS
+from sidecar.notify import events as notify_events
+from sidecar.notify.events import EventType
 
 log = logging.getLogger("sidecar.byok")
 
@@ -168,8 +170,9 @@ async def kek_ids(conn: asyncpg.Connection) -> list[str]:
 class Resolver:
     """The BYOK key for (workspace, office, provider), or None: the platform key is used."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, pending_notifications_max: int = 1_000) -> None:
         self.pool = pool
+        self.pending_notifications_max = pending_notifications_max
         self._cache: OrderedDict[tuple, tuple[float, StoredKey | None]] = OrderedDict()
         self._used_at: dict[str, float] = {}  # key id -> when `last_used_at` was last written
 
@@ -204,19 +207,39 @@ class Resolver:
         """Best effort: the call falls back to the platform key whether or not this is recorded."""
         self.forget(key.workspace_id)
         try:
-            async with self.pool.acquire() as conn:
-                await conn.execute(
-                    "UPDATE byok_keys SET failing_until = now() + make_interval(secs => $2), failure_reason = $3, "
-                    "updated_at = now() WHERE id = $1",
+            async with self.pool.acquire() as conn, conn.transaction():
+                # The row lock orders concurrent failures: only the one that finds the key healthy
+                # starts a failure episode, and only that one notifies the customer.
+                row = await conn.fetchrow(
+                    "WITH prior AS (SELECT id, failing_until FROM byok_keys WHERE id = $1 FOR UPDATE) "
+                    "UPDATE byok_keys k SET failing_until = now() + make_interval(secs => $2), failure_reason = $3, "
+                    "updated_at = now() FROM prior WHERE k.id = prior.id "
+                    "RETURNING prior.failing_until IS NULL OR prior.failing_until <= now() AS newly, k.failing_until",
                     key.id,
                     cooldown_s,
                     reason[:200],
                 )
+                if row is not None and row["newly"]:
+                    await self._notify_failing(conn, key, reason, row["failing_until"])
         except POSTGRES_ERRORS:
             pass
         except asyncpg.PostgresError:  # a bug, not an outage: said loudly, but bookkeeping never fails a call
             log.exception("could not record a failing BYOK key")
         self.forget(key.workspace_id)
+
+    async def _notify_failing(self, conn: asyncpg.Connection, key: StoredKey, reason: str, until: datetime) -> None:
+        data = {
+            "key_id": key.id,
+            "provider": key.provider,
+            "office_id": key.office_id,
+            "last4": key.last4,
+            "reason": reason[:200],
+            "failing_until": _iso(until),
+        }
+        dedup = f"byok_key.failing:{key.id}:{int(until.timestamp() * 1000)}"
+        await notify_events.enqueue(
+            conn, key.workspace_id, EventType.BYOK_KEY_FAILING, dedup, data, self.pending_notifications_max
+        )
 
     async def mark_used(self, key: StoredKey) -> None:
         """Best effort, at most once a minute per key: bookkeeping must never fail or slow a call."""

@@ -14,6 +14,7 @@ import asyncpg
 
 from sidecar.byok import keys
 from sidecar.byok.vault import KekMissing, KeyRing, Vault, VaultError, binding
+from sidecar.notify import endpoints as notify_endpoints
 
 
 async def rotate_all(database_url: str, env: Mapping[str, str]) -> tuple[int, int, list[str]]:
@@ -37,6 +38,18 @@ async def rotate_all(database_url: str, env: Mapping[str, str]) -> tuple[int, in
                 continue
             if await keys.replace_sealed(conn, key.id, key.sealed, new):
                 rewrapped += 1
-        return rewrapped, len(stored), failed
+        # Notification endpoints' signing secrets are sealed under the same KEKs.
+        sealed_secrets = await notify_endpoints.all_sealed(conn)
+        for endpoint in sealed_secrets:
+            if endpoint.kek_id == ring.newest_id:
+                continue
+            try:
+                new = vault.rewrap(endpoint.sealed, notify_endpoints.aad(endpoint.workspace_id))
+            except VaultError:
+                failed.append(f"notification endpoint of {endpoint.workspace_id}")
+                continue
+            if await notify_endpoints.replace_sealed(conn, endpoint.workspace_id, endpoint.sealed, new):
+                rewrapped += 1
+        return rewrapped, len(stored) + len(sealed_secrets), failed
     finally:
         await conn.close()

@@ -5,30 +5,29 @@ Every route needs `Authorization: Bearer <admin token>` holding the route's perm
 configured as SHA-256 digests (`admin_tokens`), plus SIDECAR_ADMIN_TOKEN with every permission. A
 created API key is returned once and never again; lists show its last 4 characters only.
 
-Admin tokens are PLATFORM-WIDE: a permission holds for every workspace (README, "Admin API"). Until
-workspace-scoped tokens exist, no token may be handed to a tenant.
+A token may be limited to one workspace (`admin_tokens[].workspace`); each route below declares where
+its workspace comes from and control/access.py refuses a scoped token anything else (README, "Admin API").
+
+Each route is a thin handler over a function taking the services and plain values: the console
+(control/console/) calls the same functions, so there is one copy of each rule.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import secrets
 
 from aiohttp import web
 
-from sidecar import db, serving
-from sidecar.auth import FailedAuthLimiter, hash_key, new_key
-from sidecar.control import byok
+from sidecar import db
+from sidecar.auth import hash_key, new_key
 from sidecar.control import wallet as wallet_api
+from sidecar.control.access import ANY_PERMISSION, IN_PATH, PLATFORM, SELF, Route
 from sidecar.control.http import (
     INT32_MAX,
-    PERMISSION,
+    PRINCIPAL,
     SERVICES,
     AdminError,
     bounded_int,
-    error_body,
-    error_response,
     existing_workspace,
     json_response,
     read_object,
@@ -40,36 +39,6 @@ from sidecar.movements import CREDIT_KINDS
 from sidecar.services import Services
 
 GRANT_MICRO_MAX = AMOUNT_MICRO_MAX  # a typo guard, far above any real grant; keeps Redis arithmetic exact
-
-
-def _permissions_of(svc: Services, authorization: str) -> frozenset[str] | None:
-    if authorization[:7].lower() != "bearer ":
-        return None
-    token = authorization[7:].strip()
-    if not token.isascii():  # a token is ASCII; other bytes (e.g. Latin-1 from a broken client) match nothing
-        return None
-    digest = hashlib.sha256(token.encode()).digest()
-    found = None
-    for configured in svc.config.admin_tokens:  # every token compared, in constant time each
-        if hmac.compare_digest(configured.sha256, digest):
-            found = configured.permissions
-    return found
-
-
-@web.middleware
-async def _admin_guard(request: web.Request, handler):
-    svc = request.app[SERVICES]
-    try:
-        permissions = _permissions_of(svc, request.headers.get("Authorization", ""))
-        if permissions is None:
-            raise AdminError(401, "missing or invalid admin token", "invalid_admin_token")
-        route = request.match_info.route.resource
-        needed = request.app[PERMISSION].get((request.method, route.canonical if route else ""))
-        if needed is None or needed not in permissions:
-            raise AdminError(403, f"this admin token lacks the {needed or 'required'} permission", "permission_denied")
-        return await handler(request)
-    except AdminError as error:
-        return error_response(error.status, error.message, error.code)
 
 
 async def create_workspace(request: web.Request) -> web.Response:
@@ -109,10 +78,25 @@ def _key_view(record: db.ApiKeyRecord) -> dict:
     }
 
 
-async def create_key(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
-    ws = await existing_workspace(request)
-    payload = await read_object(request)
+# --- the functions the routes and the console share -------------------------------------------------
+
+
+async def workspaces_list(svc: Services) -> list[dict]:
+    async with svc.pool.acquire() as conn:
+        rows = await db.list_workspaces(conn)
+    return [{"id": r.id, "name": r.name, "created_at": r.created_at.isoformat()} for r in rows]
+
+
+async def workspace_view(svc: Services, ws: str) -> dict:
+    async with svc.pool.acquire() as conn:
+        found = await db.get_workspace(conn, ws)
+    if found is None:
+        raise AdminError(404, f"workspace {ws!r} does not exist", "workspace_not_found")
+    return {"id": found.id, "name": found.name, "created_at": found.created_at.isoformat()}
+
+
+async def key_create(svc: Services, ws: str, payload: dict) -> dict:
+    """A new API key of `ws`: its view plus the key itself, which is never shown again."""
     rpm = bounded_int(
         payload.get("rate_limit_rpm", svc.config.auth.rpm_default), "rate_limit_rpm", 1, 1_000_000, "invalid_rate_limit"
     )
@@ -138,24 +122,22 @@ async def create_key(request: web.Request) -> web.Response:
             tokens_per_minute=tpm,
         )
         await db.insert_api_key(conn, record)
-    return json_response({**_key_view(record), "key": raw}, 201)
+    return {**_key_view(record), "key": raw}
 
 
-async def list_keys(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
-    ws = await existing_workspace(request)
+async def keys_list(svc: Services, ws: str) -> list[dict]:
+    """The workspace's keys (last 4 characters only), each with its budget."""
     async with svc.pool.acquire() as conn:
         records = await db.list_api_keys(conn, ws)
-    return json_response({"data": [{**_key_view(r), **await wallet_api.key_budget_view(svc, r)} for r in records]})
+    return [{**_key_view(r), **await wallet_api.key_budget_view(svc, r)} for r in records]
 
 
-async def revoke_key(request: web.Request) -> web.Response:
-    ws = await existing_workspace(request)
-    async with request.app[SERVICES].pool.acquire() as conn:
-        record = await db.revoke_api_key(conn, ws, valid_id(request.match_info["key_id"], "key id"))
+async def key_revoke(svc: Services, ws: str, key_id: str) -> dict:
+    async with svc.pool.acquire() as conn:
+        record = await db.revoke_api_key(conn, ws, valid_id(key_id, "key id"))
     if record is None:
         raise AdminError(404, "no such key in this workspace", "key_not_found")
-    return json_response(_key_view(record))
+    return _key_view(record)
 
 
 def _amount_micro(payload: dict) -> int:
@@ -173,10 +155,7 @@ def _amount_micro(payload: dict) -> int:
     return amount
 
 
-async def grant(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
-    ws = await existing_workspace(request)
-    payload = await read_object(request)
+async def grant_credits(svc: Services, ws: str, payload: dict) -> dict:
     grant_id = valid_id(payload.get("grant_id"), "grant_id")
     kind = payload.get("kind", "grant")
     if kind not in CREDIT_KINDS:
@@ -190,7 +169,7 @@ async def grant(request: web.Request) -> web.Response:
         ) from None
     except db.BalanceLimitExceeded as exc:
         raise AdminError(409, str(exc), "balance_limit") from None
-    body = {
+    return {
         "grant_id": grant_id,
         "event_id": str(result.event_id),
         "kind": kind,
@@ -198,51 +177,83 @@ async def grant(request: web.Request) -> web.Response:
         "amount": format_micro(amount),
         "created": result.created,
     }
-    return json_response(body, 201 if result.created else 200)
 
 
-async def balance(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
-    ws = await existing_workspace(request)
+async def balance_view(svc: Services, ws: str) -> dict:
     await svc.balances.ensure_loaded(ws)
     account = await svc.state.account(ws)
     async with svc.pool.acquire() as conn:
         settled_micro, _ = await db.account_snapshot(conn, ws)
+    return {
+        "workspace_id": ws,
+        "balance_micro": account.balance_micro,
+        "held_micro": account.held_micro,
+        "available_micro": account.available_micro,
+        "balance": format_micro(account.balance_micro),
+        "held": format_micro(account.held_micro),
+        "available": format_micro(account.available_micro),
+        "ledger_balance_micro": settled_micro,  # what Postgres has flushed so far
+    }
+
+
+# --- the routes ---------------------------------------------------------------------------------------
+
+
+async def list_workspaces(request: web.Request) -> web.Response:
+    return json_response({"data": await workspaces_list(request.app[SERVICES])})
+
+
+async def get_workspace(request: web.Request) -> web.Response:
+    ws = valid_id(request.match_info["ws"], "workspace id")
+    return json_response(await workspace_view(request.app[SERVICES], ws))
+
+
+async def whoami(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
     return json_response(
-        {
-            "workspace_id": ws,
-            "balance_micro": account.balance_micro,
-            "held_micro": account.held_micro,
-            "available_micro": account.available_micro,
-            "balance": format_micro(account.balance_micro),
-            "available": format_micro(account.available_micro),
-            "ledger_balance_micro": settled_micro,  # what Postgres has flushed so far
-        }
+        {"name": principal.name, "permissions": sorted(principal.permissions), "workspace": principal.workspace}
     )
+
+
+async def create_key(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    return json_response(await key_create(request.app[SERVICES], ws, await read_object(request)), 201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    return json_response({"data": await keys_list(request.app[SERVICES], ws)})
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    return json_response(await key_revoke(request.app[SERVICES], ws, request.match_info["key_id"]))
+
+
+async def grant(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    body = await grant_credits(request.app[SERVICES], ws, await read_object(request))
+    return json_response(body, 201 if body["created"] else 200)
+
+
+async def balance(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    return json_response(await balance_view(svc, await existing_workspace(request)))
 
 
 PREFIX = "/admin/v1/workspaces"
 ROUTES = (
-    ("POST", "", create_workspace, "WORKSPACES_MANAGE"),
-    ("POST", "/{ws}/offices", create_office, "WORKSPACES_MANAGE"),
-    ("POST", "/{ws}/keys", create_key, "KEYS_MANAGE"),
-    ("GET", "/{ws}/keys", list_keys, "READ"),
-    ("POST", "/{ws}/keys/{key_id}/revoke", revoke_key, "KEYS_MANAGE"),
-    ("DELETE", "/{ws}/keys/{key_id}", revoke_key, "KEYS_MANAGE"),
-    ("POST", "/{ws}/grants", grant, "CREDITS_MANAGE"),
-    ("GET", "/{ws}/balance", balance, "READ"),
+    Route("POST", "", create_workspace, "WORKSPACES_MANAGE", PLATFORM),
+    Route("GET", "", list_workspaces, "READ", PLATFORM),
+    Route("GET", "/{ws}", get_workspace, "READ", IN_PATH),
+    Route("POST", "/{ws}/offices", create_office, "WORKSPACES_MANAGE", IN_PATH),
+    Route("POST", "/{ws}/keys", create_key, "KEYS_MANAGE", IN_PATH),
+    Route("GET", "/{ws}/keys", list_keys, "READ", IN_PATH),
+    Route("POST", "/{ws}/keys/{key_id}/revoke", revoke_key, "KEYS_MANAGE", IN_PATH),
+    Route("DELETE", "/{ws}/keys/{key_id}", revoke_key, "KEYS_MANAGE", IN_PATH),
+    Route("POST", "/{ws}/grants", grant, "CREDITS_MANAGE", IN_PATH),
+    Route("GET", "/{ws}/balance", balance, "READ", IN_PATH),
 )
-
-
-def build_control_app(svc: Services) -> web.Application:
-    config = svc.config
-    limiter = FailedAuthLimiter(config.auth.failed_auth_max, config.auth.failed_auth_window_ms)
-    guard = serving.guard(error_body, config.server.body_read_timeout_ms / 1000, limiter)
-    app = web.Application(middlewares=[guard, _admin_guard], client_max_size=1024 * 1024)
-    app[serving.ERROR_BODY] = error_body
-    app[SERVICES] = svc
-    app[PERMISSION] = {}
-    for method, path, handler, permission in ROUTES + byok.ROUTES + wallet_api.ROUTES:
-        app.router.add_route(method, PREFIX + path, handler)
-        app[PERMISSION][(method, PREFIX + path)] = permission
-    return app
+# Routes about the caller, not a workspace.
+SELF_PREFIX = "/admin/v1"
+SELF_ROUTES = (Route("GET", "/whoami", whoami, ANY_PERMISSION, SELF),)

@@ -10,26 +10,29 @@ from sidecar import db
 from sidecar.byok import keys as byok_keys
 from sidecar.byok.validate import KeyRejected, ValidationUnavailable, validate
 from sidecar.byok.vault import binding
+from sidecar.control.access import IN_PATH, Route
 from sidecar.control.http import SERVICES, AdminError, existing_workspace, json_response, read_object, valid_id
+from sidecar.services import Services
 
 KEY_CHARS_MAX = 512
 
 
-async def _scope(request: web.Request) -> tuple[str, str | None]:
-    ws = await existing_workspace(request)
-    office = request.match_info.get("office")
+async def _office_of(svc: Services, ws: str, office: str | None) -> str | None:
+    """`office`, checked to be an office of `ws` (None: the workspace itself)."""
     if office is not None:
         valid_id(office, "office id")
-        async with request.app[SERVICES].pool.acquire() as conn:
+        async with svc.pool.acquire() as conn:
             if await db.office_workspace(conn, office) != ws:
                 raise AdminError(404, f"office {office!r} does not exist in this workspace", "office_not_found")
-    return ws, office
+    return office
 
 
-async def add_key(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
-    ws, office = await _scope(request)
-    payload = await read_object(request)
+# --- the functions the routes and the console share -------------------------------------------------
+
+
+async def key_add(svc: Services, ws: str, office: str | None, payload: dict) -> dict:
+    """Validates the key with its provider, seals and stores it; its view (last 4 characters only)."""
+    office = await _office_of(svc, ws, office)
     provider_name = payload.get("provider")
     provider = svc.config.providers.get(provider_name) if isinstance(provider_name, str) else None
     if provider is None:
@@ -58,27 +61,44 @@ async def add_key(request: web.Request) -> web.Response:
     async with svc.pool.acquire() as conn:
         stored = await byok_keys.insert(conn, ws, office, provider.name, sealed, key[-4:])
     svc.byok.forget(ws)
-    return json_response(stored.view(), 201)
+    return stored.view()
 
 
-async def list_keys(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
-    ws, office = await _scope(request)
+async def keys_list(svc: Services, ws: str, office: str | None) -> list[dict]:
+    office = await _office_of(svc, ws, office)
     async with svc.pool.acquire() as conn:
         stored = await byok_keys.list_keys(conn, ws, office)
-    return json_response({"data": [k.view() for k in stored]})
+    return [k.view() for k in stored]
 
 
-async def _set_status(request: web.Request, status: str) -> web.Response:
-    svc = request.app[SERVICES]
-    ws, office = await _scope(request)
+async def key_set_status(svc: Services, ws: str, office: str | None, key_id: str, status: str) -> dict:
+    office = await _office_of(svc, ws, office)
     async with svc.pool.acquire() as conn:
-        key_id = valid_id(request.match_info["key_id"], "key id")
-        stored = await byok_keys.set_status(conn, ws, office, key_id, status)
+        stored = await byok_keys.set_status(conn, ws, office, valid_id(key_id, "key id"), status)
     if stored is None:
         raise AdminError(404, "no such BYOK key in this scope", "byok_key_not_found")
     svc.byok.forget(ws)
-    return json_response(stored.view())
+    return stored.view()
+
+
+# --- the routes ---------------------------------------------------------------------------------------
+
+
+async def add_key(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    payload = await read_object(request)
+    return json_response(await key_add(request.app[SERVICES], ws, request.match_info.get("office"), payload), 201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    return json_response({"data": await keys_list(request.app[SERVICES], ws, request.match_info.get("office"))})
+
+
+async def _set_status(request: web.Request, status: str) -> web.Response:
+    ws = await existing_workspace(request)
+    office, key_id = request.match_info.get("office"), request.match_info["key_id"]
+    return json_response(await key_set_status(request.app[SERVICES], ws, office, key_id, status))
 
 
 async def deactivate(request: web.Request) -> web.Response:
@@ -90,7 +110,7 @@ async def reactivate(request: web.Request) -> web.Response:
 
 
 ROUTES = tuple(
-    (method, scope + path, handler, "TENANT_MANAGE")
+    Route(method, scope + path, handler, "TENANT_MANAGE", IN_PATH)
     for scope in ("/{ws}/byok-keys", "/{ws}/offices/{office}/byok-keys")
     for method, path, handler in (
         ("POST", "", add_key),

@@ -11,10 +11,12 @@ from aiohttp import web
 
 from sidecar import db
 from sidecar.errors import ApiError
+from sidecar.money import MoneyError, format_micro, parse_credits
 from sidecar.services import Services
 
 SERVICES = web.AppKey("control_services", Services)
-PERMISSION = web.AppKey("route_permissions", dict)
+ROUTE_TABLE = web.AppKey("route_table", dict)  # (method, canonical path) -> access.Route
+PRINCIPAL = web.RequestKey("principal", object)  # the access.Principal the guard let through
 
 # \Z, not $: `$` also matches before a trailing newline, which let "wsA\n" pass as a new id.
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
@@ -72,9 +74,40 @@ def bounded_int(value: object, what: str, low: int, high: int, code: str) -> int
     return value
 
 
-async def existing_workspace(request: web.Request) -> str:
-    ws = valid_id(request.match_info["ws"], "workspace id")
-    async with request.app[SERVICES].pool.acquire() as conn:
+async def ensure_workspace(svc: Services, ws: str) -> str:
+    """`ws`, checked to be an id of an existing workspace; else AdminError 400 or 404."""
+    valid_id(ws, "workspace id")
+    async with svc.pool.acquire() as conn:
         if not await db.workspace_exists(conn, ws):
             raise AdminError(404, f"workspace {ws!r} does not exist", "workspace_not_found")
     return ws
+
+
+def credits_field(payload: dict, name: str, high: int) -> int | None:
+    """An amount given as `<name>` (credits, a decimal string) or `<name>_micro` (an integer); None if
+    neither is given. Positive and at most `high` micro-credits."""
+    if f"{name}_micro" in payload:
+        amount = payload[f"{name}_micro"]
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise AdminError(400, f"{name}_micro must be an integer", "invalid_amount")
+    elif payload.get(name) is not None:
+        try:
+            amount = parse_credits(payload[name])
+        except MoneyError as exc:
+            raise AdminError(400, f"{name} (credits, a decimal string) {exc}", "invalid_amount") from None
+    else:
+        return None
+    if not 0 < amount <= high:
+        raise AdminError(400, f"{name} must be positive and at most {format_micro(high)}", "invalid_amount")
+    return amount
+
+
+def query_limit(request: web.Request, default: int, high: int) -> int:
+    text = request.query.get("limit", str(default))
+    if not text.isdigit() or not 1 <= int(text) <= high:
+        raise AdminError(400, f"limit must be an integer from 1 to {high}", "invalid_limit")
+    return int(text)
+
+
+async def existing_workspace(request: web.Request) -> str:
+    return await ensure_workspace(request.app[SERVICES], request.match_info["ws"])

@@ -51,7 +51,7 @@ def _expires_at(payload: dict) -> object:
     return parsed.astimezone(UTC)
 
 
-async def _wallet_view(svc: Services, ws: str) -> dict:
+async def wallet_view(svc: Services, ws: str) -> dict:
     await svc.balances.ensure_loaded(ws)
     async with svc.pool.acquire() as conn:
         row = await db.wallet(conn, ws)
@@ -80,7 +80,7 @@ async def _wallet_view(svc: Services, ws: str) -> dict:
 
 async def get_wallet(request: web.Request) -> web.Response:
     ws = await existing_workspace(request)
-    return json_response(await _wallet_view(request.app[SERVICES], ws))
+    return json_response(await wallet_view(request.app[SERVICES], ws))
 
 
 async def set_wallet(request: web.Request) -> web.Response:
@@ -110,7 +110,7 @@ async def set_wallet(request: web.Request) -> web.Response:
     async with svc.pool.acquire() as conn:
         await db.update_wallet(conn, ws, **changes)
     await svc.balances.push_wallet(ws)
-    return json_response(await _wallet_view(svc, ws))
+    return json_response(await wallet_view(svc, ws))
 
 
 # --- key budgets ------------------------------------------------------------------------------------
@@ -143,11 +143,9 @@ async def key_budget_view(svc: Services, record: db.ApiKeyRecord) -> dict:
     }
 
 
-async def set_key_budget(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
-    ws = await existing_workspace(request)
-    key_id = valid_id(request.match_info["key_id"], "key id")
-    payload = await read_object(request)
+async def key_budget_set(svc: Services, ws: str, key_id: str, payload: dict) -> dict:
+    """Sets (or, with budget null, removes) a key's budget; the admin route's and the console's."""
+    key_id = valid_id(key_id, "key id")
     budget = _credits(payload, "budget", nullable=True)
     if budget is _UNSET:
         raise AdminError(400, "budget (credits, a decimal string, or null to remove it) is required", "invalid_amount")
@@ -160,7 +158,13 @@ async def set_key_budget(request: web.Request) -> web.Response:
         raise AdminError(404, "no such key in this workspace", "key_not_found")
     # The next admission rebuilds the record from Postgres (a 'total' budget counts from now).
     await svc.state.forget_key_budget(ws, key_id)
-    return json_response({"id": key_id, "workspace_id": ws, **await key_budget_view(svc, record)})
+    return {"id": key_id, "workspace_id": ws, **await key_budget_view(svc, record)}
+
+
+async def set_key_budget(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    payload = await read_object(request)
+    return json_response(await key_budget_set(request.app[SERVICES], ws, request.match_info["key_id"], payload))
 
 
 ROUTES = (

@@ -32,7 +32,7 @@ from aiohttp import web
 from sidecar import db
 from sidecar.auth import hash_key, new_key
 from sidecar.config import ConfigError, parse_config
-from sidecar.devtools import embedded, mock_provider
+from sidecar.devtools import embedded, fake_stripe, mock_provider
 from sidecar.errors import StartupError
 from sidecar.money import format_micro
 
@@ -270,6 +270,25 @@ def dev_config_raw(port: int, redis_url: str, database_url: str, upstream: Upstr
     }
 
 
+def dev_payments_raw(fake_url: str) -> dict[str, Any]:
+    """`payments` for `sidecar dev`: Stripe is the local fake (no network), with its dev secrets."""
+    return {
+        "stripe": {
+            "api_base": fake_url,
+            "success_url": f"{fake_url}/done?order={{ORDER_ID}}",
+            "cancel_url": f"{fake_url}/done?order={{ORDER_ID}}&canceled=1",
+        }
+    }
+
+
+async def start_fake_stripe(control_port: int) -> tuple[web.AppRunner, str]:
+    """The fake Stripe for top-ups in `sidecar dev`: its Pay page completes the Checkout Session and it
+    delivers the signed webhooks to the control plane, as Stripe would."""
+    fake = fake_stripe.FakeStripe(webhook_url=f"http://{HOST}:{control_port}/webhooks/stripe")
+    runner, _, url = await fake_stripe.start(HOST, 0, fake)
+    return runner, url
+
+
 def _admin_token(env: dict[str, str], state: dict[str, Any]) -> str:
     if env.get("SIDECAR_ADMIN_TOKEN"):
         return env["SIDECAR_ADMIN_TOKEN"]
@@ -390,6 +409,10 @@ def render_banner(info: BannerInfo) -> str:
         f"Admin API    {admin_url}   token: {info.admin_token}",
         "  Balance:",
         balance_curl,
+        "  or with the operator CLI:",
+        f"  SIDECAR_ADMIN_URL=http://{HOST}:{info.port + 1} SIDECAR_ADMIN_TOKEN={info.admin_token} "
+        f"sidecar admin balance {DEMO_WORKSPACE}",
+        f"Console      http://{HOST}:{info.port + 1}/console   log in with the admin token above",
         f"Metrics      {ops_url}/metrics   (health: {ops_url}/healthz, {ops_url}/readyz)",
         "Ledger       (settled calls reach Postgres within a second)",
         f"  {info.psql} {info.database_url} -c {shlex.quote(ledger_sql)}",
@@ -482,6 +505,7 @@ async def serve(
     mock_url = ""
     if not env.get("OPENAI_API_KEY") and not env.get("OPENROUTER_API_KEY"):
         mock_runner, mock_url = await start_mock_provider()
+    stripe_runner, stripe_url = await start_fake_stripe(args.port + 1)
     try:
         upstream = choose_upstream(env, lambda: mock_url)
         for note in provider_notes(env, upstream):
@@ -492,9 +516,16 @@ async def serve(
             "SIDECAR_ADMIN_TOKEN": _admin_token(env, state),
         }
         _write_state(data_dir, state)
-        raw = dev_config_raw(args.port, urls.redis, urls.database, upstream)
+        raw = {
+            **dev_config_raw(args.port, urls.redis, urls.database, upstream),
+            "payments": dev_payments_raw(stripe_url),
+        }
         config = parse_config(raw, PRICING, config_env, source="dev")
-        svc = await open_services(config, env={**env, MOCK_KEY_ENV: MOCK_KEY})
+        stripe_env = {
+            "STRIPE_SECRET_KEY": fake_stripe.DEV_SECRET_KEY,
+            "STRIPE_WEBHOOK_SECRET": fake_stripe.DEV_WEBHOOK_SECRET,
+        }
+        svc = await open_services(config, env={**env, MOCK_KEY_ENV: MOCK_KEY, **stripe_env})
         runtime = Runtime(svc, data_plane=True, control_plane=True)
         runtime.install_signal_handlers()
         if early_stop.is_set():
@@ -505,12 +536,14 @@ async def serve(
             info = await _banner_info(args, data_dir, svc, key, upstream, servers, started_at)
             if not runtime.stop.is_set():
                 print(render_banner(info), file=out, flush=True)
+                print(f"Top-ups: the fake Stripe is on {stripe_url} (README, Buying credits).", file=out, flush=True)
             await runtime.stop.wait()
             print("stopping: draining calls and flushing the ledger ...", file=out, flush=True)
         finally:
             # Drains in-flight calls (which still need the provider) and flushes the ledger.
             await runtime.shutdown()
     finally:
+        await stripe_runner.cleanup()
         if mock_runner is not None:
             await mock_runner.cleanup()
 

@@ -2,7 +2,9 @@
 
 Each cycle reads up to `batch_rows_max` entries through one consumer group, workspaces taken in
 turn, and writes them in ONE transaction: COPY into a staging table, INSERT ... ON CONFLICT DO
-NOTHING, account balances updated from the rows actually inserted. Only then are the entries
+NOTHING, account balances updated from the rows actually inserted, and the daily roll-ups the read
+side answers from (ledger_daily: the ledger's statement trigger adds exactly the rows this INSERT wrote,
+migration 009). Only then are the entries
 acknowledged and deleted from the streams. A crash anywhere before the acknowledgement replays the
 batch, which the dedup key absorbs. Entries left pending by a dead consumer are claimed after
 `claim_idle_ms`. While Postgres is down nothing is acknowledged, so nothing is lost; the admission

@@ -10,6 +10,8 @@ from enum import IntEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from sidecar.observability.payment_metrics import PaymentMetrics
+
 _CHILDREN_MAX = 10_000
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -21,6 +23,9 @@ class RedisCheck(IntEnum):
     UNKNOWN = -1  # not read yet, or Redis refused both CONFIG and INFO
     OFF = 0
     ON = 1
+
+
+READ_REPORTS = ("history", "csv", "summary", "margin")
 
 
 class Metrics:
@@ -114,8 +119,50 @@ class Metrics:
         self.settlements_lost = Counter(
             "sidecar_settlements_lost", "Settlements neither taken by Redis nor spooled (alert on any)", registry=r
         )
+        # The read side (sidecar/statements): how long each report takes, and what CSV statements stream.
+        self.read_seconds = Histogram(
+            "sidecar_read_seconds",
+            "Read-side answers (history page, CSV statement, usage summary, margin report), by report",
+            ["report"],
+            buckets=(*_LATENCY_BUCKETS, 600),
+            registry=r,
+        )
+        for report in READ_REPORTS:  # every series exists from the start, so panels and alerts always read it
+            self.read_seconds.labels(report)
+        self.rows_exported = Counter(
+            "sidecar_statement_rows_exported", "Ledger rows streamed in CSV statements", registry=r
+        )
         self.dependency_errors = Counter(
             "sidecar_dependency_errors", "Redis or Postgres errors on the request path", ["dependency"], registry=r
+        )
+        # Money in: auto-reload, the balance watch that triggers it, notifications (README, "Auto-reload").
+        self.auto_reloads = Counter(
+            "sidecar_auto_reloads",
+            "Auto-reloads by step: created, started (payment begun), succeeded, failed, disabled (turned off)",
+            ["outcome"],
+            registry=r,
+        )
+        self.auto_reload_disabled_workspaces = Gauge(
+            "sidecar_auto_reload_disabled_workspaces",
+            "Workspaces whose auto-reload turned itself off after repeated failures (control plane)",
+            registry=r,
+        )
+        self.balance_crossings = Counter(
+            "sidecar_balance_crossings", "Thresholds crossed downward, by watch (notify, reload)", ["kind"], registry=r
+        )
+        self.balance_watch_skipped = Counter(
+            "sidecar_balance_watch_skipped",
+            "Settlement observations skipped: too many workspaces waiting to be checked",
+            registry=r,
+        )
+        self.notification_deliveries = Counter(
+            "sidecar_notification_deliveries",
+            "Webhook delivery attempts by outcome: delivered, retry, failed (gave up)",
+            ["outcome"],
+            registry=r,
+        )
+        self.notifications_pending = Gauge(
+            "sidecar_notifications_pending", "Notification events not yet delivered (control plane)", registry=r
         )
         # Read by /readyz and by each /metrics scrape (sidecar/ops.py), so alerts need no probe.
         self.redis_noeviction = Gauge(
@@ -128,6 +175,7 @@ class Metrics:
         )
         self.redis_noeviction.set(RedisCheck.UNKNOWN)
         self.redis_aof_enabled.set(RedisCheck.UNKNOWN)
+        self.payments = PaymentMetrics(r)
 
     def child(self, metric, *labels: str):
         """`metric.labels(*labels)`, cached: the hot path asks for the same few children every call."""

@@ -240,10 +240,19 @@ async def _settle_once(svc: Services, args: dict) -> SettleResult:
     result = await svc.state.settle(**args)
     for _ in range(2):  # not loaded -> load -> settle
         if result.outcome is not SettleOutcome.NEED_LOAD:
+            _watch(svc, args["ws"], result)
             return result
         await svc.balances.ensure_loaded(args["ws"])
         result = await svc.state.settle(**args)
     raise RedisError("the workspace's balance could not be loaded for settlement")
+
+
+def _watch(svc: Services, ws: str, result: SettleResult) -> None:
+    """Hand the balance the script returned to the threshold watch (watch.py): no I/O, no await, so
+    auto-reload and low-balance notifications add nothing to the call's answer."""
+    available = result.available_after_micro
+    if svc.watch is not None and available is not None and result.resolved_now:
+        svc.watch.observe(ws, available, result.at_ms)
 
 
 # --- the spool: settlements Redis could not take in time --------------------------------------------

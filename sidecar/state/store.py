@@ -207,6 +207,14 @@ class SettleResult:
     replay_stored: bool = False  # the response body was kept for replay under the idempotency key
     fee_micro: int = 0  # the usage fee charged on top of charged_micro
     fee_waived_micro: int = 0  # the part of the fee the workspace's waiver took
+    held_after_micro: int | None = None  # with balance_after_micro: what the account holds after this
+    at_ms: int = 0  # Redis time of the settlement
+
+    @property
+    def available_after_micro(self) -> int | None:
+        if self.balance_after_micro is None or self.held_after_micro is None:
+            return None
+        return self.balance_after_micro - self.held_after_micro
 
     @property
     def resolved_now(self) -> bool:
@@ -297,6 +305,8 @@ def _decode_settle(reply: list, with_body: bool) -> SettleResult:
         replay_stored=with_body and int(reply[6]) == 1,  # reply[6]: the record was this hold's
         fee_micro=int(reply[7]),
         fee_waived_micro=int(reply[8]),
+        held_after_micro=_int_or_none(reply[9]),
+        at_ms=int(reply[5]),
     )
 
 

@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestServer
 
 from sidecar import db, price_versions
 from sidecar.app import build_data_app, close_services, open_services
-from sidecar.config import Config, parse_config
-from sidecar.control.admin import build_control_app
+from sidecar.config import PERMISSIONS, Config, parse_config
+from sidecar.control.server import build_control_app
 from sidecar.devtools import mock_provider
 from sidecar.services import Services
 from sidecar.state import keys
@@ -32,7 +32,24 @@ TEST_KEK = "testkek1:" + base64.b64encode(bytes(range(32))).decode()
 # Admin tokens with fewer permissions than the bootstrap one, stored (as configured) by their SHA-256.
 TENANT_ADMIN_TOKEN = "tenant-admin-token"
 KEYS_ADMIN_TOKEN = "keys-admin-token"
+# Tokens limited to one workspace (admin_tokens[].workspace): every permission, and READ only.
+SCOPED_WORKSPACE = "ws_scoped"
+SCOPED_ADMIN_TOKEN = "scoped-admin-token"
+SCOPED_READER_TOKEN = "scoped-reader-token"
+ALL_PERMISSIONS = list(PERMISSIONS)  # every permission the config knows
 ADMIN_TOKENS = [
+    {
+        "name": "scoped",
+        "sha256": hashlib.sha256(SCOPED_ADMIN_TOKEN.encode()).hexdigest(),
+        "permissions": ALL_PERMISSIONS,
+        "workspace": SCOPED_WORKSPACE,
+    },
+    {
+        "name": "scoped-reader",
+        "sha256": hashlib.sha256(SCOPED_READER_TOKEN.encode()).hexdigest(),
+        "permissions": ["READ"],
+        "workspace": SCOPED_WORKSPACE,
+    },
     {
         "name": "tenant",
         "sha256": hashlib.sha256(TENANT_ADMIN_TOKEN.encode()).hexdigest(),

@@ -18,7 +18,9 @@
 -- debited cost + fee. A hold covers its worst-case cost plus that cost's fee, so cost + fee <= hold.
 -- Returns: {0 settled, cost recorded (charged when billed), balance_after ('' if not loaded), hold_micro,
 --           lost_hold (0/1), now_ms, record (1 the idempotency record was written or deleted, 0 untouched),
---           fee charged, fee waived}
+--           fee charged, fee waived,
+--           held_after ('' if not loaded): with balance_after, the available balance the balance watch
+--           compares to its thresholds, with no second round trip}
 --          {1 already_resolved}   {2 need_load}
 
 -- A key budget's period id (the same function as admit.lua's; see sidecar/wallet.py).
@@ -92,6 +94,7 @@ else
 end
 
 local balance_after = ''
+local held_after = ''
 if redis.call('HEXISTS', KEYS[1], 'balance') == 1 then
   -- `held` never goes below zero, even if the account was rebuilt while this hold lived.
   if hold > 0 and redis.call('HINCRBY', KEYS[1], 'held', string.format('%d', -hold)) < 0 then
@@ -103,6 +106,7 @@ if redis.call('HEXISTS', KEYS[1], 'balance') == 1 then
   else
     balance_after = redis.call('HGET', KEYS[1], 'balance')
   end
+  held_after = redis.call('HGET', KEYS[1], 'held') or '0'
 end
 local gen = redis.call('HGET', KEYS[1], 'gen') or ''
 
@@ -158,4 +162,4 @@ if ARGV[5] ~= '' and redis.call('HGET', KEYS[7], 'hold') == hold_id then
     redis.call('DEL', KEYS[7])
   end
 end
-return {0, charged, balance_after, hold, lost, now_ms, record, fee, waived}
+return {0, charged, balance_after, hold, lost, now_ms, record, fee, waived, held_after}

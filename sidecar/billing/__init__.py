@@ -1,0 +1,1 @@
+"""Money in: payment orders, the payment provider, fees and tax, refunds and invoices (DESIGN.md section 11)."""

@@ -1,0 +1,1 @@
+"""The billing console: server-rendered pages under /console on the control plane."""
