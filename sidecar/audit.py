@@ -35,14 +35,13 @@ from enum import StrEnum
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, write_to_textfile
 from redis.exceptions import RedisError
 
 from sidecar.balances import sync_token
 from sidecar.ledger.migrate import default_partition_rows
 from sidecar.money import format_micro
-from sidecar.state import keys
+from sidecar.state import keys, servers
 
 STREAM_READ_MAX = 10_000  # stream entries read per workspace; beyond it the Redis balance is not compared
 CONFIRM_ATTEMPTS = 3  # a Redis difference must persist this many looks to be reported
@@ -126,7 +125,7 @@ class _RedisView:
 
 
 async def audit(
-    redis: aioredis.Redis, pool: asyncpg.Pool, limits: Limits | None = None, workspaces: list[str] | None = None
+    redis: servers.Client, pool: asyncpg.Pool, limits: Limits | None = None, workspaces: list[str] | None = None
 ) -> Report:
     limits = limits or Limits()
     report = Report()
@@ -263,7 +262,7 @@ async def _identity_findings(conn: asyncpg.Connection, workspaces: list[str]) ->
 
 
 async def _redis_findings(
-    redis: aioredis.Redis, pool: asyncpg.Pool, ws: str, limits: Limits, report: Report
+    redis: servers.Client, pool: asyncpg.Pool, ws: str, limits: Limits, report: Report
 ) -> list[Finding]:
     found: list[Finding] = []
     for attempt in range(CONFIRM_ATTEMPTS):
@@ -280,9 +279,15 @@ async def _redis_findings(
     return found
 
 
-async def _read_redis(redis: aioredis.Redis, ws: str) -> _RedisView:
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.time()
+_TIME_SCRIPT = "return redis.call('TIME')"
+
+
+async def _read_redis(redis: servers.Client, ws: str) -> _RedisView:
+    # One MULTI: a consistent view. redis-py's cluster pipeline cannot run this one (its transactions
+    # hand response callbacks arguments some do not take), so on a cluster the reads are pipelined
+    # without MULTI, and _redis_findings confirms a balance or held finding by reading again.
+    async with redis.pipeline(transaction=not servers.is_cluster(redis)) as pipe:
+        pipe.eval(_TIME_SCRIPT, 1, keys.acct(ws))  # Redis time on the workspace's own server (a cluster's shard)
         pipe.hmget(keys.acct(ws), "balance", "held", "gen", "pgv")
         pipe.hgetall(keys.holds(ws))
         pipe.zrange(keys.hold_deadlines(ws), 0, -1, withscores=True)
@@ -419,8 +424,9 @@ def export_metrics(report: Report, textfile: str | None = None, pushgateway: str
 
 
 async def run(redis_url: str, database_url: str, limits: Limits, workspaces: list[str] | None) -> Report:
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = servers.from_url(redis_url)
     try:
+        await servers.ready(redis)
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
         try:
             return await audit(redis, pool, limits, workspaces)

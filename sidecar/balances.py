@@ -61,7 +61,8 @@ class Balances:
         # Told of every movement that changed something (kind, amount taken or credited, short): metrics.
         self.on_movement: Callable[[str, int, int], None] = lambda kind, amount, short: None
         self._loading: dict[str, asyncio.Task[None]] = {}
-        self._run_id_seen: str | None = None  # the Redis run_id every known workspace was checked against
+        # The Redis run_ids (per primary: a cluster's shards) every known workspace was checked against.
+        self._run_ids_seen: dict[str, str] | None = None
 
     async def ensure_loaded(self, ws: str) -> None:
         """Load the workspace's balance into Redis unless it is there. Concurrent callers in this
@@ -80,7 +81,7 @@ class Balances:
         from a balance read before it."""
         if not replacing_gen:
             await self._allowance_on_first_use(ws)
-        run_id = await self.state.run_id()
+        run_id = await self.state.run_id(ws)
         hold_ids = await self.state.hold_ids(ws)
         async with self.pool.acquire() as conn, conn.transaction():
             balance_micro, version, waived = await db.account_state(conn, ws, lock=bool(replacing_gen))
@@ -105,14 +106,20 @@ class Balances:
 
     async def revalidate(self, workspaces: Iterable[str]) -> int:
         """Reload from Postgres every workspace whose Redis balance was loaded under another Redis
-        run_id (see the module docstring). Cheap when nothing changed: one INFO per call. Returns
-        the number of workspaces reloaded."""
-        run_id = await self.state.run_id()
-        if not run_id or run_id == self._run_id_seen:
+        run_id (see the module docstring); in a Redis Cluster, the run_id of the primary that owns the
+        workspace's slot now, so a failover of one shard reloads that shard's workspaces. Cheap when
+        nothing changed: one INFO per primary per call. Returns the number of workspaces reloaded."""
+        run_ids = await self.state.run_ids()
+        if not run_ids or run_ids == self._run_ids_seen:
             return 0
         reloaded = 0
+        checked_all = True
         for ws in workspaces:
             gen, loaded_under = await self.state.load_marks(ws)
+            run_id = run_ids.get(self.state.server_of(ws), "")
+            if not run_id:  # its shard moved since the run_ids were read: check again next time
+                checked_all = False
+                continue
             if gen is None or loaded_under == run_id:
                 continue  # not loaded (the next use loads it), or loaded by this Redis
             log.warning(
@@ -121,7 +128,8 @@ class Balances:
             )
             if await self._load(ws, replacing_gen=gen):
                 reloaded += 1
-        self._run_id_seen = run_id
+        if checked_all:
+            self._run_ids_seen = run_ids
         return reloaded
 
     async def apply_committed(

@@ -239,6 +239,18 @@ class ByokConfig(_Strict):
     validate_timeout_ms: Natural = 10_000
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry traces of each call (observability/tracing.py). Off unless otlp_endpoint is set;
+    the caller's `traceparent` is forwarded upstream either way."""
+
+    otlp_endpoint: str = ""  # OTLP/HTTP traces URL, e.g. http://otel-collector:4318/v1/traces; "": no export
+    service_name: Name = "ai-metering-sidecar"
+    # Of the traces this sidecar starts; a caller's traceparent carries its own sampled flag.
+    sampled_percent: Annotated[int, Meta(ge=0, le=100)] = 100
+    export_timeout_ms: TimeoutMs = 10_000
+    export_queue_spans_max: Positive = 2048  # spans waiting for export; past it, new spans are dropped
+
+
 class NotificationsConfig(_Strict):
     """Signed webhooks to each workspace's endpoint (sidecar/notify/), delivered by the control plane."""
 
@@ -513,6 +525,7 @@ class ConfigFile(_Strict):
     wallet: WalletConfig = WalletConfig()
     limits: LimitsConfig = LimitsConfig()
     byok: ByokConfig = ByokConfig()
+    tracing: TracingConfig = TracingConfig()
     notifications: NotificationsConfig = NotificationsConfig()
     auto_reload: AutoReloadConfig = AutoReloadConfig()
     balance_watch: BalanceWatchConfig = BalanceWatchConfig()
@@ -551,6 +564,7 @@ class Config:
     models: dict[str, ModelConfig]  # public name and every alias -> model
     pricing: CostProfile
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     wallet: WalletConfig = field(default_factory=WalletConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     auto_reload: AutoReloadConfig = field(default_factory=AutoReloadConfig)
@@ -638,6 +652,7 @@ def parse_config(raw: Any, pricing_raw: Any, env: dict[str, str], source: str = 
         byok=file.byok,
         console=file.console,
         limits=file.limits,
+        tracing=file.tracing,
         notifications=file.notifications,
         auto_reload=file.auto_reload,
         balance_watch=file.balance_watch,

@@ -6,13 +6,13 @@ import asyncio
 import logging
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from sidecar.observability.metrics import Metrics, RedisCheck
 from sidecar.services import Services
+from sidecar.state import servers
 
 log = logging.getLogger("sidecar.ops")
 
@@ -60,34 +60,50 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json")
 
 
-async def eviction_policy(redis: aioredis.Redis) -> str | None:
+async def eviction_policy(redis: servers.Client) -> str | None:
     """Redis's maxmemory-policy: from CONFIG GET, or, where a managed Redis disables CONFIG, from
-    INFO memory. None when neither answers."""
+    INFO memory. None when neither answers. In a cluster, every primary's: the first that is not
+    noeviction, else None if one would not say."""
+    policies = await servers.on_each_primary(redis, _eviction_policy_of)
+    unsafe = [p for p in policies if p is not None and p != "noeviction"]
+    if unsafe:
+        return unsafe[0]
+    return None if None in policies else "noeviction"
+
+
+async def _eviction_policy_of(redis: servers.Client, **routing) -> str | None:
     try:
-        reply = await redis.config_get("maxmemory-policy")
+        reply = await redis.config_get("maxmemory-policy", **routing)
         for key, value in reply.items():
             if _text(key) == "maxmemory-policy":
                 return _text(value)
     except RedisError:
         pass
     try:
-        policy = (await redis.info("memory")).get("maxmemory_policy")
+        policy = (await redis.info("memory", **routing)).get("maxmemory_policy")
     except RedisError:
         return None
     return _text(policy) if policy is not None else None
 
 
-async def aof_enabled(redis: aioredis.Redis) -> bool | None:
+async def aof_enabled(redis: servers.Client) -> bool | None:
     """Whether Redis writes an append-only file, from INFO persistence (allowed where CONFIG is not).
-    None when Redis will not say."""
+    None when Redis will not say. In a cluster: False if any primary has it off."""
+    found = await servers.on_each_primary(redis, _aof_enabled_of)
+    if False in found:
+        return False
+    return None if None in found else True
+
+
+async def _aof_enabled_of(redis: servers.Client, **routing) -> bool | None:
     try:
-        value = (await redis.info("persistence")).get("aof_enabled")
+        value = (await redis.info("persistence", **routing)).get("aof_enabled")
     except RedisError:
         return None
     return None if value is None else int(value) == 1
 
 
-async def check_redis_safety(redis: aioredis.Redis, metrics: Metrics) -> tuple[str | None, bool | None]:
+async def check_redis_safety(redis: servers.Client, metrics: Metrics) -> tuple[str | None, bool | None]:
     """Read the eviction policy and AOF state, and export both as gauges (the alerts read them)."""
     policy = await eviction_policy(redis)
     aof = await aof_enabled(redis)
@@ -115,7 +131,7 @@ def eviction_problem(policy: str | None) -> str | None:
     )
 
 
-async def warn_if_evicting(redis: aioredis.Redis) -> None:
+async def warn_if_evicting(redis: servers.Client) -> None:
     """At start: say it in the log too, not only on /readyz."""
     try:
         problem = eviction_problem(await eviction_policy(redis))

@@ -68,7 +68,8 @@ class Usage:
 
 # Classes a model may price on its own; None: no price of its own. A token of such a class is then billed
 # at its parent class (audio and image input as input, audio and image output and reasoning as output),
-# as the price database does, and a request that would incur the class on purpose is refused (400).
+# as the price database does; a request asking for audio in or out of a target without an audio price is
+# refused (400: the provider bills audio apart, TokenPrices.unpriced_for).
 EXTRA_TOKEN_CLASSES = ("input_audio", "input_image", "output_audio", "output_image", "reasoning")
 # Per-call fees of server tools; None: not priced, and a request using the tool is refused (400).
 TOOL_FEES = ("web_search_fee", "file_search_fee")

@@ -1,5 +1,8 @@
-"""Check the Helm chart with a real helm binary: lint, render several value sets, and load every rendered
-sidecar.yaml with the sidecar's own loader (`make chart-check`).
+"""Check the Helm chart with a real helm binary: `helm lint --strict`, `helm template` of every documented
+shape (value set), a Kubernetes schema check of every rendered object (the `kubernetes-validate`
+package's bundled schemas, offline; the Prometheus Operator's kinds against their required fields), and
+every rendered sidecar.yaml loaded with the sidecar's own loader (`make chart-check`; in `make test` via
+tests/test_chart_render.py, with a helm fetched by tests/helm_binary.py).
 
 The chart's default `config:` block is also checked without helm by tests/test_chart_config.py; this
 adds what only a render shows: the templates, the overrides, and that the workloads agree with the config
@@ -44,6 +47,16 @@ PER_WORKSPACE = (
 AGENT = ("data.enabled=false", "agent.enabled=true", "agent.container.name=agent", "agent.container.image=agent:1")
 SIDECAR_COMMANDS = ("serve", "control", "migrate", "audit")
 
+OPERATOR = (
+    "metrics.serviceMonitor.enabled=true",
+    "metrics.prometheusRule.enabled=true",
+    "metrics.dashboard.enabled=true",
+    "networkPolicy.enabled=true",
+)
+# The Kubernetes version whose schemas every object must pass: the oldest the chart supports (native
+# sidecar containers, agent.nativeSidecar, need 1.29).
+KUBERNETES_VERSION = "1.29.0"
+
 VALUE_SETS = (
     ValueSet("defaults", (), {"hpa": False, "audit": True, "spool_claim": None}),
     ValueSet(
@@ -79,6 +92,26 @@ VALUE_SETS = (
         (*PER_WORKSPACE, *AGENT, "agent.nativeSidecar=false", "config.server.port=8181"),
         {"data": 0, "agent": True, "control": False, "migrate": False, "audit": False},
     ),
+    # With the Prometheus Operator's objects, the dashboard and NetworkPolicies, in both shapes.
+    ValueSet(
+        "operator+network-policy",
+        (*OPERATOR, "networkPolicy.egress[0].to[0].ipBlock.cidr=10.0.0.0/8"),
+        {"hpa": False, "audit": True, "spool_claim": None, "monitors": ("ServiceMonitor",), "policies": 2},
+    ),
+    ValueSet(
+        "agent-pod+operator+network-policy",
+        (*PER_WORKSPACE, *AGENT, *OPERATOR, "config.server.workspaces={ws_acme}"),
+        {
+            "data": 0,
+            "agent": True,
+            "control": False,
+            "migrate": False,
+            "audit": False,
+            "workspaces": ("ws_acme",),
+            "monitors": ("PodMonitor",),
+            "policies": 1,
+        },
+    ),
     ValueSet(
         "custom-ports+spool-dir",
         (
@@ -112,6 +145,11 @@ def load_configmap_config(configmap: dict, env: dict[str, str]) -> Config:
         return load_config(Path(tmp, "sidecar.yaml"), env=env)
 
 
+def sidecar_configmaps(by_kind: dict[str, list[dict]]) -> list[dict]:
+    """The ConfigMaps with a sidecar.yaml (not the dashboard's)."""
+    return [c for c in by_kind.get("ConfigMap", []) if "sidecar.yaml" in c.get("data", {})]
+
+
 def check_rendered(docs: list[dict], expect: dict[str, object]) -> list[str]:
     """The problems of one render (empty: good)."""
     problems: list[str] = []
@@ -119,7 +157,7 @@ def check_rendered(docs: list[dict], expect: dict[str, object]) -> list[str]:
     for doc in docs:
         by_kind.setdefault(doc["kind"], []).append(doc)
     configs: dict[str, Config] = {}
-    for configmap in by_kind.get("ConfigMap", []):
+    for configmap in sidecar_configmaps(by_kind):
         name = configmap["metadata"]["name"]
         try:
             configs[name] = load_configmap_config(configmap, SECRET_ENV)
@@ -131,6 +169,70 @@ def check_rendered(docs: list[dict], expect: dict[str, object]) -> list[str]:
         for workload in by_kind.get(kind, []):
             problems += check_workload(kind, workload, configs)
     problems += check_expectations(by_kind, expect)
+    problems += check_operator_objects(by_kind, expect)
+    return problems
+
+
+def check_schemas(docs: list[dict]) -> list[str]:
+    """Every object against the Kubernetes API's schema (strict: an unknown field is an error too)."""
+    import kubernetes_validate
+
+    problems = []
+    for doc in docs:
+        name = f"{doc.get('kind')} {doc.get('metadata', {}).get('name')}"
+        if doc.get("kind") in OPERATOR_KINDS:
+            problems += [f"{name}: {p}" for p in OPERATOR_KINDS[doc["kind"]](doc)]
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            problems.append(f"{name}: {'.'.join(map(str, exc.path))}: {exc.message}")
+        except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as exc:
+            problems.append(f"{name}: no schema: {exc.message}")
+    return problems
+
+
+def _check_monitor(doc: dict, endpoints_key: str) -> list[str]:
+    spec = doc.get("spec", {})
+    problems = [] if spec.get("selector", {}).get("matchLabels") else ["spec.selector.matchLabels is empty"]
+    endpoints = spec.get(endpoints_key) or []
+    if not endpoints:
+        problems.append(f"spec.{endpoints_key} is empty")
+    for endpoint in endpoints:
+        if endpoint.get("port") != "ops" or endpoint.get("path") != "/metrics":
+            problems.append(f"an endpoint scrapes {endpoint.get('port')}{endpoint.get('path')}, not ops/metrics")
+    return problems
+
+
+def _check_prometheus_rule(doc: dict) -> list[str]:
+    groups = doc.get("spec", {}).get("groups") or []
+    problems = [] if groups else ["spec.groups is empty"]
+    for group in groups:
+        for rule in group.get("rules") or []:
+            if not isinstance(rule.get("expr"), str) or not (rule.get("alert") or rule.get("record")):
+                problems.append(f"group {group.get('name')}: a rule without expr, or without alert/record")
+    return problems
+
+
+# The Prometheus Operator's kinds (CRDs, not in the Kubernetes schemas): their required fields.
+OPERATOR_KINDS = {
+    "ServiceMonitor": lambda doc: _check_monitor(doc, "endpoints"),
+    "PodMonitor": lambda doc: _check_monitor(doc, "podMetricsEndpoints"),
+    "PrometheusRule": _check_prometheus_rule,
+}
+
+
+def check_operator_objects(by_kind: dict[str, list[dict]], expect: dict[str, object]) -> list[str]:
+    problems = []
+    monitors = tuple(k for k in ("ServiceMonitor", "PodMonitor") if by_kind.get(k))
+    if monitors != tuple(expect.get("monitors", ())):
+        problems.append(f"monitors rendered: {monitors}, expected {expect.get('monitors', ())}")
+    policies = len(by_kind.get("NetworkPolicy", []))
+    if policies != expect.get("policies", 0):
+        problems.append(f"{policies} NetworkPolicies rendered, expected {expect.get('policies', 0)}")
+    tests = [p for p in by_kind.get("Pod", []) if p["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    if expect.get("data", 1) and not tests:
+        problems.append("no `helm test` pod rendered")
     return problems
 
 
@@ -226,7 +328,7 @@ def check_expectations(by_kind: dict[str, list[dict]], expect: dict[str, object]
 def check_workspaces(by_kind: dict[str, list[dict]], expected: tuple[str, ...]) -> list[str]:
     """Every rendered sidecar.yaml restricts the data plane to the expected workspaces (none: all)."""
     problems = []
-    for configmap in by_kind.get("ConfigMap", []):
+    for configmap in sidecar_configmaps(by_kind):
         config = load_configmap_config(configmap, SECRET_ENV)
         if config.server.workspaces != expected:
             name = configmap["metadata"]["name"]
@@ -245,7 +347,7 @@ def check_chart(helm: str, chart: str) -> list[str]:
             problems.append(f"[{value_set.name}] {exc}")
             continue
         docs = [d for d in yaml.safe_load_all(rendered) if d]
-        found = check_rendered(docs, value_set.expect)
+        found = check_schemas(docs) + check_rendered(docs, value_set.expect)
         problems += [f"[{value_set.name}] {p}" for p in found]
         print(f"chart-check [{value_set.name}]: {len(docs)} objects, {'ok' if not found else 'FAILED'}")
     return problems
@@ -253,10 +355,12 @@ def check_chart(helm: str, chart: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--helm", default="helm")
+    parser.add_argument("--helm", default=None, help="default: HELM, else a cached or fetched one")
     parser.add_argument("--chart", default="helm/ai-metering-sidecar")
     args = parser.parse_args(argv)
-    problems = check_chart(args.helm, args.chart)
+    from tests.helm_binary import ensure_helm
+
+    problems = check_chart(args.helm or str(ensure_helm()), args.chart)
     for problem in problems:
         print(f"chart-check: {problem}", file=sys.stderr)
     return 1 if problems else 0

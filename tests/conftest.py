@@ -1,10 +1,14 @@
 # ======================================================================================================
 # Base service fixtures: real Redis and Postgres (DESIGN.md §10). Helpers live in tests/support/services.py.
 #
-#   redis_url         session  SIDECAR_TEST_REDIS_URL, else the machine's Redis db 15, else a private one
+#   redis_url         session  SIDECAR_TEST_REDIS_URL, else the machine's Redis db 15, else a private one;
+#                              in a test marked `both_redis`, also a three-primary Redis Cluster's URL
+#                              (the test runs twice: [single] and [cluster])
+#   redis_cluster     session  a real Redis Cluster (3 primaries, 3 replicas) started on first use
 #   database_url      session  a fresh database on SIDECAR_TEST_DATABASE_URL's server, else the machine's
 #                              Postgres, else a private one; dropped at the end of the session
-#   redis_client      function redis.asyncio.Redis on redis_url, FLUSHDB'd before each test (bytes replies)
+#   redis_client      function a client of redis_url (redis.asyncio.Redis, or RedisCluster for the cluster),
+#                              emptied before each test (bytes replies)
 #   private_redis     function an embedded RedisServer (AOF on) the test may kill()/restart()
 #   private_postgres  function an embedded PostgresServer the test may kill()/restart()
 # ======================================================================================================
@@ -18,14 +22,37 @@ import pytest
 import pytest_asyncio
 import redis.asyncio
 from support import services
+from support.redis_cluster import RedisClusterProcesses, running_cluster
 
 from sidecar.devtools.embedded import PostgresServer, RedisServer
+from sidecar.state import servers
+
+REDIS_MODES = ("single", "cluster")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # The money-path tests run against one Redis and against a Redis Cluster (DESIGN.md §10).
+    if metafunc.definition.get_closest_marker("both_redis") and "redis_url" in metafunc.fixturenames:
+        metafunc.parametrize("redis_url", REDIS_MODES, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def single_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with services.session_redis_url(tmp_path_factory.mktemp("redis")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_url(request: pytest.FixtureRequest) -> str:
+    if getattr(request, "param", "single") == "cluster":
+        return request.getfixturevalue("redis_cluster").url
+    return request.getfixturevalue("single_redis_url")
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +62,14 @@ def database_url() -> Iterator[str]:
 
 
 @pytest_asyncio.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url)
+async def redis_client(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[servers.Client]:
+    client = servers.from_url(redis_url)
+    await servers.ready(client)
     # Each test starts from an empty db, so no test sees another's keys.
-    await client.flushdb()
+    if servers.is_cluster(client):
+        request.getfixturevalue("redis_cluster").flush()
+    else:
+        await client.flushdb()
     try:
         yield client
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import pytest
 from support.harness import Sidecar, Workspace, chat_body
 
 from sidecar.audit import Kind, Limits, audit, export_metrics
@@ -23,6 +24,7 @@ async def _kinds(sidecar: Sidecar, ws: str, limits: Limits | None = None) -> lis
     return sorted(f.kind for f in report.findings)
 
 
+@pytest.mark.both_redis  # the audit reads each workspace in one transaction: on a cluster, on its shard
 async def test_a_clean_state_passes_flushed_or_not(sidecar: Sidecar) -> None:
     ws = await _with_calls(sidecar)
     await sidecar.grant(ws.id, 5)
@@ -63,6 +65,7 @@ async def test_a_doubled_row_written_around_the_triggers_is_found(sidecar: Sidec
     assert "has 2 rows" in report.text()
 
 
+@pytest.mark.both_redis
 async def test_stale_holds_and_a_wrong_held_are_found(sidecar: Sidecar, redis_client) -> None:
     ws = await _with_calls(sidecar)
     await sidecar.flush()

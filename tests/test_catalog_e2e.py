@@ -14,12 +14,14 @@ import orjson
 from support.harness import chat_body, start_sidecar, stop_sidecar
 
 from sidecar import price_versions
-from sidecar.pricing import ModelPrice, TokenPrices
+from sidecar.pricing import ModelPrice, Reach, TokenPrices
+from sidecar.protocols.base import TOOL_CALLS_MAX_DEFAULT
 
 CREDITS = 10_000_000
 CATALOG_MODELS = [
     {"name": "cat-4o", "provider": "mock-catalog", "upstream_model": "gpt-4o", "markup_percent": "20"},
     {"name": "cat-o3-mini", "provider": "mock-catalog", "upstream_model": "o3-mini"},
+    {"name": "cat-sonnet", "provider": "mock-anthropic-catalog", "upstream_model": "claude-sonnet-4-5"},
 ]
 
 
@@ -137,6 +139,50 @@ async def test_a_dated_price_change_bills_each_call_at_the_version_in_force_when
             registered = await price_versions.at_version(conn, later.version)
         assert registered["effective_at"].timestamp() * 1000 == effective_ms
         assert registered["prices"]["sell"]["input"] == 2 * now.sell.input
+    finally:
+        await stop_sidecar(sidecar)
+
+
+async def test_anthropic_web_searches_are_bounded_held_and_billed_per_search(
+    redis_client, redis_url, migrated_database_url
+) -> None:
+    """A web_search tool without `max_uses` gets the default bound injected upstream; the hold covers that
+    many searches; the searches the provider reports are billed at the catalog's fee, as genai-prices
+    computes the call."""
+    sidecar = await start_sidecar(redis_url, migrated_database_url, more_models=CATALOG_MODELS)
+    try:
+        ws = await sidecar.workspace(credits_micro=CREDITS)
+        body = {
+            "model": "cat-sonnet",
+            "max_tokens": 20,
+            "messages": [{"role": "user", "content": "search the web for something"}],
+            "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+        }
+        url = sidecar.data.make_url("/v1/messages")
+        headers = {"x-api-key": ws.key, "anthropic-version": "2023-06-01", "x-mock-web-searches": "3"}
+        async with sidecar.http.post(url, json=body, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            answer = await resp.json()
+        assert sidecar.recorded[-1].json_body["tools"][0]["max_uses"] == TOOL_CALLS_MAX_DEFAULT
+        assert answer["usage"]["server_tool_use"]["web_search_requests"] == 3
+        [row] = await sidecar.ledger_eventually(ws.id)
+        price = sidecar.svc.config.pricing.price_of("cat-sonnet")
+        fee_micro = price.sell.web_search_fee // 10**9
+        assert row["web_searches"] == 3 and fee_micro == 10_000
+        window = sidecar.svc.config.model("cat-sonnet").context_window_tokens  # a server tool: input unbounded
+        assert row["hold_micro"] == sidecar.svc.config.pricing.ceiling_micro(
+            price, window, 20, Reach(web_searches_max=TOOL_CALLS_MAX_DEFAULT)
+        )
+        usage = answer["usage"]
+        theirs = genai_prices.calc_price(
+            genai_prices.Usage(
+                input_tokens=usage["input_tokens"], output_tokens=usage["output_tokens"], web_searches=3
+            ),
+            "claude-sonnet-4-5",
+            provider_id="anthropic",
+        )
+        assert row["cost_micro"] == math.ceil(Fraction(theirs.total_price) * 1_000_000) > 3 * fee_micro
+        await sidecar.assert_identity(ws.id)
     finally:
         await stop_sidecar(sidecar)
 

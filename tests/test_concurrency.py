@@ -6,7 +6,11 @@ import asyncio
 import random
 
 import orjson
+import pytest
 from support.harness import Sidecar, chat_body
+
+# The money path runs against a single Redis and against a Redis Cluster (conftest.py).
+pytestmark = pytest.mark.both_redis
 
 CALLS = 240
 

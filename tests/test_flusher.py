@@ -3,10 +3,16 @@ that restarted empty (recorded durably in the flush transaction)."""
 
 from __future__ import annotations
 
+import uuid
+
 import orjson
+import pytest
 from support.harness import Sidecar, chat_body
 
 from sidecar.state import keys
+
+# The money path runs against a single Redis and against a Redis Cluster (conftest.py).
+pytestmark = pytest.mark.both_redis
 
 
 async def test_a_bad_event_is_dead_lettered_and_the_rest_flushes(sidecar: Sidecar, redis_client) -> None:
@@ -44,7 +50,7 @@ async def test_a_busy_workspace_does_not_starve_the_others(sidecar: Sidecar, red
     template = (await redis_client.xrange(keys.stream(quiet.id)))[0][1]
     event = orjson.loads(template[b"e"])
     for i in range(1200):  # a backlog far larger than one batch
-        event.update(workspace_id=busy.id, event_id=f"00000000-0000-4000-8000-{i:012d}", request_id=str(i))
+        event.update(workspace_id=busy.id, event_id=str(uuid.uuid4()), request_id=str(i))
         await redis_client.xadd(keys.stream(busy.id), {**template, b"e": orjson.dumps(event), b"impact": b"0"})
     for ws in (busy.id, quiet.id):
         sidecar.svc.flusher.note_workspace(ws)

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import os
 import shutil
+import uuid
 
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
@@ -20,6 +22,9 @@ from support.harness import Sidecar, chat_body, start_sidecar, stop_sidecar
 from sidecar.devtools.mock_provider import prompt_tokens_for
 from sidecar.proxy.settlement import replay_spool
 from sidecar.sweeper import sweep_all
+
+# The money path runs against a single Redis and against a Redis Cluster (conftest.py).
+pytestmark = pytest.mark.both_redis
 
 CREDITS = 1_000_000
 INPUT_MICRO, OUTPUT_MICRO = 5, 25
@@ -466,7 +471,8 @@ async def test_a_dead_process_call_whose_hold_redis_lost_is_recorded_expired(sid
     await sidecar.svc.balances.ensure_loaded(ws.id)
     dead = Inflight(sidecar.svc.spool.directory)  # the process that will die
     dead.open()
-    held, lost = "a" * 32, "b" * 32
+    # Fresh ids: the ledger keeps each event id once per database, and this test runs once per Redis.
+    held, lost = uuid.uuid4().hex, uuid.uuid4().hex
     for hold_id in (held, lost):
         admitted = await admit(sidecar.svc.state, ws.id, ceiling=100, hold_id=hold_id, key_id=ws.key_id)
         assert admitted.outcome.name == "ADMITTED"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import uuid
 
 import aiohttp
 import orjson
@@ -13,6 +14,9 @@ from support.scripts import admit, settle
 
 from sidecar.money import AMOUNT_MICRO_MAX
 from sidecar.sweeper import sweep_all
+
+# The money path runs against a single Redis and against a Redis Cluster (conftest.py).
+pytestmark = pytest.mark.both_redis
 
 PROMPT_TOKENS = 101
 BODY = chat_body("y" * 400)
@@ -136,22 +140,24 @@ async def test_sidecar_death_hold_expires_and_is_recorded(redis_client, redis_ur
     sidecar = await start_sidecar(redis_url, migrated_database_url)
     try:
         ws = await sidecar.workspace(credits_micro=1_000_000)
+        # Fresh ids: the ledger keeps each event id once per database, and this test runs once per Redis.
+        hold = uuid.uuid4()
         # A hold taken by a process that then died: admitted, never settled, deadline in the past.
         result = await admit(
             sidecar.svc.state,
             ws.id,
             ceiling=5_000,
             limit=10,
-            hold_id="0" * 31 + "1",
+            hold_id=hold.hex,
             key_id=ws.key_id,
             hold_ttl_ms=1,
             meta=orjson.dumps(
                 {
-                    "event_id": "00000000-0000-0000-0000-000000000001",
+                    "event_id": str(hold),
                     "status": "expired",
                     "workspace_id": ws.id,
                     "key_id": ws.key_id,
-                    "request_id": "0" * 31 + "1",
+                    "request_id": hold.hex,
                     "model": "gpt-4o-mini",
                     "hold_micro": 5_000,
                     "started_at": 1,
@@ -167,7 +173,7 @@ async def test_sidecar_death_hold_expires_and_is_recorded(redis_client, redis_ur
         [row] = await sidecar.ledger(ws.id)
         assert (row["status"], row["cost_micro"], row["hold_micro"]) == ("expired", 0, 5_000)
         # A late settle of the same hold changes nothing.
-        late = await settle(sidecar.svc.state, ws.id, "0" * 31 + "1", 4_000, key_id=ws.key_id)
+        late = await settle(sidecar.svc.state, ws.id, hold.hex, 4_000, key_id=ws.key_id)
         assert late.resolved_now is False
         await sidecar.assert_identity(ws.id)
         assert len(await sidecar.ledger(ws.id)) == 1

@@ -10,12 +10,16 @@ from collections import Counter
 
 import aiohttp
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from support.harness import Sidecar, Workspace, start_sidecar, stop_sidecar
 from test_faults import CREDITS, JSON, calls, expected_hold, pg_account, read_until
 
 from sidecar.state import keys
 from sidecar.sweeper import sweep_all
+
+# The money path runs against a single Redis and against a Redis Cluster (conftest.py).
+pytestmark = pytest.mark.both_redis
 
 
 async def _open_stream(sc: Sidecar, ws: Workspace, http: aiohttp.ClientSession, chunks: int = 20):

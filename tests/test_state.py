@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-import redis.asyncio as aioredis
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.scripts import admit, settle
 
-from sidecar.state import keys
+from sidecar.state import keys, servers
 from sidecar.state.store import Admission, Applied, State
+
+# The money path runs against a single Redis and against a Redis Cluster (conftest.py).
+pytestmark = pytest.mark.both_redis
 
 WINDOW_MS = 150
 
@@ -24,7 +27,8 @@ def new_ws() -> str:
 
 
 async def _rate_case(redis_url: str, limit: int, gaps_ms: list[int]) -> None:
-    client = aioredis.Redis.from_url(redis_url)
+    client = servers.from_url(redis_url)
+    await servers.ready(client)
     state = State(client)
     ws = new_ws()
     admitted_us: list[int] = []
@@ -73,7 +77,8 @@ async def test_refusals_leave_no_trace(redis_client) -> None:
 
 
 async def test_concurrent_holds_never_exceed_the_balance(redis_url, redis_client) -> None:
-    state = State(aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(redis_url)))
+    state = State(servers.open_client(redis_url, connections_max=64, pool_wait_s=5))
+    await servers.ready(state.redis)
     ws = new_ws()
     await state.load(ws, 1_000_000, 0)
     ceilings = [secrets.randbelow(20_000) + 1 for _ in range(400)]

@@ -18,6 +18,9 @@ from support.scripts import admit
 
 from sidecar import sweeper
 
+# The money path runs against a single Redis and against a Redis Cluster (conftest.py).
+pytestmark = pytest.mark.both_redis
+
 
 @pytest.mark.parametrize(
     "error",

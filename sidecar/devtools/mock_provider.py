@@ -40,6 +40,8 @@ Usage is a pure function of the request, so tests can predict it exactly ("chars
     = W5 + W1 and `cache_creation` = {ephemeral_5m_input_tokens: W5, ephemeral_1h_input_tokens: W1}.
   Anthropic honours the three only when the request has a `cache_control` marker (top level, on a `system`
   block, a message content block or a tool); without one its cache fields are all 0, as Anthropic's would be.
+- `x-mock-web-searches: S` (Anthropic only): the call ran S web searches, at most the sum of its
+  `web_search*` tools' `max_uses` (as Anthropic stops there): `usage.server_tool_use.web_search_requests`.
 
 Streaming follows each wire format:
 - Chat: data-only SSE: a role chunk, one chunk per content token, a chunk with the finish_reason, then (only
@@ -218,6 +220,7 @@ FAULT_HEADERS = (
     "x-mock-full-delta-usage",
     "x-mock-served-model",
     "x-mock-usage-lie",
+    "x-mock-web-searches",
 )
 
 # How `x-mock-usage-lie` falsifies an OpenAI chat/completions usage object (a provider that lies).
@@ -455,6 +458,7 @@ class _Faults:
     progress_deltas: bool
     full_delta_usage: bool
     usage_lie: str | None = None
+    web_searches: int = 0
 
 
 def _int_header(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:
@@ -508,7 +512,20 @@ def _faults_for(request: web.Request, options: MockOptions) -> _Faults:
         progress_deltas=_flag_header(request, "x-mock-progress-deltas"),
         full_delta_usage=_flag_header(request, "x-mock-full-delta-usage"),
         usage_lie=_usage_lie_header(request),
+        web_searches=tokens("x-mock-web-searches"),
     )
+
+
+def _web_search_uses_max(body: dict[str, Any]) -> int:
+    """The searches an Anthropic request allows: the sum of its web_search tools' `max_uses` (one without
+    it: unbounded, as far as the mock goes)."""
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    total = 0
+    for tool in tools:
+        if isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search"):
+            uses = tool.get("max_uses")
+            total += uses if isinstance(uses, int) and uses > 0 else CACHE_TOKENS_MAX
+    return total
 
 
 def _usage_lie_header(request: web.Request) -> str | None:
@@ -1109,12 +1126,16 @@ class _MockProvider:
             "cache_read_input_tokens": faults.cache_read if cached else 0,
         }
 
+        searches = min(faults.web_searches, _web_search_uses_max(body))
+        tool_use = {"server_tool_use": {"web_search_requests": searches}} if searches else {}
+
         def usage(output: int) -> dict[str, Any]:
             return {
                 **input_usage,
                 "cache_creation": {"ephemeral_5m_input_tokens": write_5m, "ephemeral_1h_input_tokens": write_1h},
                 "output_tokens": output,
                 "service_tier": "standard",
+                **tool_use,
             }
 
         def message(content: list[Any], reason: str | None, output: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Structured JSON logs, one object per line, with the request id of the call being served.
+"""Structured JSON logs, one object per line, with the request id and trace id of the call being served.
 
 Log records carry facts through `extra=`; only the keys in _FIELDS are emitted, so nothing secret
 can ride along by accident. And every line, tracebacks included, goes through scrub.for_logs before
@@ -18,6 +18,8 @@ import orjson
 from sidecar import scrub
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# The call's trace id (observability/tracing.py): its own span's, or the caller's traceparent's.
+trace_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 
 _FIELDS = (
     "workspace_id",
@@ -53,6 +55,9 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id:
             entry["request_id"] = request_id
+        trace_id = trace_id_var.get()
+        if trace_id:
+            entry["trace_id"] = trace_id
         for name in _FIELDS:
             value = record.__dict__.get(name)
             if value is not None:

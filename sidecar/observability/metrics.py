@@ -14,6 +14,8 @@ from sidecar.observability.payment_metrics import PaymentMetrics
 
 _CHILDREN_MAX = 10_000
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# The OpenTelemetry GenAI conventions' advised boundaries for gen_ai.client.token.usage.
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
@@ -59,6 +61,22 @@ class Metrics:
             "sidecar_overhead_seconds",
             "Time spent in the sidecar before forwarding (auth, admission)",
             buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        # Named as the OpenTelemetry GenAI semantic conventions name them (gen_ai.client.operation.duration,
+        # gen_ai.client.token.usage), in Prometheus form; README "Traces" maps the rest.
+        self.genai_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "GenAI operation duration: the upstream call, from sending to its last byte",
+            ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.genai_tokens = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per GenAI operation, by token type (input, output)",
+            ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"],
+            buckets=_TOKEN_BUCKETS,
             registry=r,
         )
         self.tokens = Counter(

@@ -88,6 +88,7 @@ class Protocol:
     route: str  # the sidecar's route
     upstream_path: str  # appended to the provider's base URL
     family: str  # "openai" or "anthropic": which providers can serve it
+    operation = "chat"  # gen_ai.operation.name (OpenTelemetry GenAI conventions): in spans and gen_ai_* metrics
     has_output = True  # False for embeddings: input-only pricing, no output cap
     cap_field: str | None = None  # injected when the client sent no output cap
     cap_fields: tuple[str, ...] = ()  # every field a provider may read as the output cap

@@ -21,6 +21,7 @@ PROMPTS_MAX = 32  # with CHOICES_MAX: bounds the worst case a hold is priced at
 class Completions(ChatCompletions):
     name = "openai_completions"
     route = "/v1/completions"
+    operation = "text_completion"
     upstream_path = "/completions"
     cap_field = "max_tokens"  # completions has no max_completion_tokens
     cap_fields = ("max_tokens",)

@@ -28,6 +28,7 @@ def usage_from_object(usage: object) -> Usage | None:
 class Embeddings(Protocol):
     name = "openai_embeddings"
     route = "/v1/embeddings"
+    operation = "embeddings"
     upstream_path = "/embeddings"
     family = "openai"
     has_output = False

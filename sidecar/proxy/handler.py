@@ -29,6 +29,7 @@ from sidecar.config import TARGETS_MAX, ModelConfig, ProviderConfig, Target
 from sidecar.db import POSTGRES_ERRORS
 from sidecar.errors import ControlFlow
 from sidecar.money import format_micro
+from sidecar.observability import tracing
 from sidecar.observability.logging import request_id_var
 from sidecar.pricing import Usage, decimal_json
 from sidecar.protocols import ALL as PROTOCOLS
@@ -70,6 +71,7 @@ async def serve(request: web.Request, protocol: Protocol) -> web.StreamResponse:
     svc = request.app[SERVICES]
     call = Call(protocol=protocol, request_id=uuid.uuid4().hex, started_ms=now_ms())
     token = request_id_var.set(call.request_id)
+    traced = tracing.begin_call(request.headers, protocol.route)
     status = 500
     try:
         response = await _lifecycle(request, svc, call)
@@ -90,6 +92,7 @@ async def serve(request: web.Request, protocol: Protocol) -> web.StreamResponse:
             call.buffered.release()
         model = call.model.name if call.model else "unknown"
         svc.metrics.child(svc.metrics.requests, protocol.route, model, str(status)).inc()
+        tracing.end_call(traced, status, model, call.caller.workspace_id if call.caller else None, call.request_id)
         request_id_var.reset(token)
 
 
@@ -114,7 +117,8 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
 
     fingerprint = hashlib.sha256(body).hexdigest() if call.idempotency_key else ""
     try:
-        admitted, first = await _admit_affordable(svc, call, fingerprint, first)
+        with tracing.span("sidecar.admission"):
+            admitted, first = await _admit_affordable(svc, call, fingerprint, first)
     except asyncio.CancelledError:  # the script may have run: release what it held
         await asyncio.shield(_void_lost_admission(svc, call))
         raise
@@ -142,7 +146,8 @@ async def _lifecycle(request: web.Request, svc: Services, call: Call) -> web.Str
     finally:
         svc.metrics.holds_active.dec()
         # THE settlement of the call: every way the call ends passes here, once.
-        settled = await settle(svc, call, outcome)
+        with tracing.span("sidecar.settlement"):
+            settled = await settle(svc, call, outcome)
     return await ending.reply(settled)
 
 
@@ -470,10 +475,15 @@ async def _forward(
             return step
         upstream, sent_at = step
         try:
-            return await _relay(request, svc, call, facts, upstream)
+            with tracing.span("sidecar.relay"):
+                return await _relay(request, svc, call, facts, upstream)
         finally:
             upstream.release()
-            svc.metrics.child(svc.metrics.upstream_latency, provider.name).observe(time.perf_counter() - sent_at)
+            elapsed_s = time.perf_counter() - sent_at
+            svc.metrics.child(svc.metrics.upstream_latency, provider.name).observe(elapsed_s)
+            svc.metrics.child(
+                svc.metrics.genai_duration, call.protocol.operation, provider.name, target.upstream_model
+            ).observe(elapsed_s)
     raise AssertionError("unreachable: the last target always returns an ending")
 
 
@@ -512,7 +522,12 @@ async def _attempt(
             scrub.call_secrets.set((credential.key,))  # and from this call's log lines
         sent_at = time.perf_counter()
         try:
-            upstream = await _open(svc, provider, call, body, client_headers, credential.key)
+            with tracing.upstream_span(
+                call.protocol.operation, provider.name, call.target.upstream_model, call.attempts
+            ):
+                upstream = await _open(svc, provider, call, body, client_headers, credential.key)
+                if tracing.enabled():
+                    tracing.annotate({"http.response.status_code": upstream.status, "sidecar.byok": call.byok})
         except _Unreachable as exc:
             svc.metrics.child(
                 svc.metrics.upstream_attempts, provider.name, "timeout" if exc.timed_out else "unreachable"
@@ -615,17 +630,23 @@ async def _extend_hold(svc: Services, call: Call) -> None:
 async def _open(
     svc: Services, provider: ProviderConfig, call: Call, body: bytes, client_headers, key: str | None
 ) -> aiohttp.ClientResponse:
+    headers = svc.upstreams.headers(provider, client_headers, key)
+    tracing.inject(headers)  # the upstream attempt's traceparent (tracing on); the caller's is forwarded as is
     try:
         async with asyncio.timeout(svc.config.upstream.first_byte_timeout_ms / 1000):
             return await svc.upstreams.session(provider.name).post(
                 provider.base_url + call.protocol.upstream_path,
                 data=body,
-                headers=svc.upstreams.headers(provider, client_headers, key),
+                headers=headers,
                 allow_redirects=False,  # a redirect would carry the key and the prompt elsewhere
             )
     except TimeoutError:
+        if tracing.enabled():
+            tracing.mark_error("timeout")
         raise _Unreachable("timeout", timed_out=True) from None
     except (aiohttp.ClientError, OSError) as exc:
+        if tracing.enabled():
+            tracing.mark_error(type(exc).__name__)
         raise _Unreachable(type(exc).__name__, timed_out=False) from None
 
 

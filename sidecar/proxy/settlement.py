@@ -18,6 +18,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from sidecar.db import POSTGRES_OUTAGE
+from sidecar.observability import tracing
 from sidecar.pricing import Usage
 from sidecar.proxy.call import Call, now_ms
 from sidecar.proxy.outcome import CallStatus, Outcome, Replay
@@ -376,6 +377,18 @@ def _observe(svc: Services, call: Call, outcome: Outcome, result: SettleResult) 
         if call.postpaid:
             svc.metrics.postpaid_calls.inc()
     usage = outcome.usage or Usage()
+    if call.target is not None and outcome.usage is not None:
+        _observe_genai(svc, call, usage)
+    if tracing.enabled():
+        tracing.annotate(
+            {
+                "gen_ai.usage.input_tokens": _genai_input_tokens(usage),
+                "gen_ai.usage.output_tokens": usage.output_tokens,
+                "sidecar.call.status": outcome.status.value,
+                "sidecar.charged_micro": result.charged_micro,
+                "sidecar.hold_micro": result.hold_micro,
+            }
+        )
     if not (result.resolved_now and result.charged_micro) or call.byok:
         return
     model = call.model.name
@@ -384,3 +397,17 @@ def _observe(svc: Services, call: Call, outcome: Outcome, result: SettleResult) 
         tokens = getattr(usage, token_class)
         if tokens:
             svc.metrics.child(svc.metrics.tokens, model, token_class.removesuffix("_tokens")).inc(tokens)
+
+
+def _observe_genai(svc: Services, call: Call, usage: Usage) -> None:
+    """gen_ai.client.token.usage: per call, input and output (the conventions' two token types)."""
+    labels = (call.protocol.operation, call.target.provider, call.target.upstream_model)
+    if input_tokens := _genai_input_tokens(usage):
+        svc.metrics.child(svc.metrics.genai_tokens, *labels, "input").observe(input_tokens)
+    if usage.output_tokens:
+        svc.metrics.child(svc.metrics.genai_tokens, *labels, "output").observe(usage.output_tokens)
+
+
+def _genai_input_tokens(usage: Usage) -> int:
+    """The conventions' input tokens include cached ones; our billing classes keep them apart."""
+    return usage.input_tokens + usage.cache_read_tokens + usage.cache_write_5m_tokens + usage.cache_write_1h_tokens

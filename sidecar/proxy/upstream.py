@@ -22,7 +22,17 @@ from sidecar.errors import DomainError
 
 log = logging.getLogger("sidecar.upstream")
 
-FORWARDED_HEADERS = ("accept", "user-agent", "openai-beta", "x-stainless-lang", "x-stainless-package-version")
+# traceparent/tracestate: the caller's W3C trace context (observability/tracing.py replaces them with the
+# upstream attempt's own when tracing is on).
+FORWARDED_HEADERS = (
+    "accept",
+    "user-agent",
+    "openai-beta",
+    "x-stainless-lang",
+    "x-stainless-package-version",
+    "traceparent",
+    "tracestate",
+)
 ANTHROPIC_HEADERS = ("anthropic-beta",)
 ANTHROPIC_VERSION = "2023-06-01"
 OPENROUTER_HEADERS = ("http-referer", "x-title")

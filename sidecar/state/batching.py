@@ -30,7 +30,7 @@ class _Pending:
 
 
 class ScriptBatcher:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis | aioredis.RedisCluster) -> None:
         self.client = client
         self._pending: list[_Pending] = []
         self._scheduled = False
@@ -86,5 +86,7 @@ class ScriptBatcher:
                 return [exc]
         async with self.client.pipeline(transaction=False) as pipe:
             for p in batch:
-                pipe.evalsha(p.script.sha, len(p.keys), *p.keys, *p.args)
+                # By name, not pipe.evalsha: redis-py's cluster pipeline refuses that method, yet routes
+                # the command by its keys (every key of one call shares a slot, state/keys.py).
+                pipe.execute_command("EVALSHA", p.script.sha, len(p.keys), *p.keys, *p.args)
             return await pipe.execute(raise_on_error=False)

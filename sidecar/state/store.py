@@ -14,11 +14,9 @@ from enum import IntEnum, StrEnum
 from importlib import resources
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from sidecar.money import AMOUNT_MICRO_MAX
-from sidecar.state import keys, transport
+from sidecar.state import keys, servers, transport
 
 SETTLED_RETENTION_MS = 3_600_000  # how long "this hold is resolved" is remembered: far past any retry
 EVICT_ENTRIES_MAX_PER_CALL = 1_000  # rate-window entries one admission may drop: bounds its work inside Redis
@@ -319,7 +317,7 @@ class State:
     rest, off the hot path, use the client. aclose() closes both.
     """
 
-    def __init__(self, client: aioredis.Redis, limits: StateLimits | None = None, lean: bool = False) -> None:
+    def __init__(self, client: servers.Client, limits: StateLimits | None = None, lean: bool = False) -> None:
         self.redis = client
         self.limits = limits or StateLimits()
         self._batcher = transport.hot_path(client, lean)
@@ -515,7 +513,7 @@ class State:
     async def due_holds(self, ws: str, holds_max: int, grace_ms: int = 0) -> list[str]:
         """Ids of holds past their deadline by more than grace_ms (Redis time) when listed; expire()
         checks again."""
-        seconds, micros = await self.redis.time()
+        seconds, micros = await servers.time_of(self.redis, keys.hold_deadlines(ws))
         due_ms = seconds * 1000 + micros // 1000 - grace_ms
         ids = await self.redis.zrangebyscore(keys.hold_deadlines(ws), "-inf", due_ms, start=0, num=holds_max)
         return [i.decode() for i in ids]
@@ -692,15 +690,20 @@ class State:
         return int(waived) if waived is not None else None
 
     async def ping(self) -> None:
-        await self.redis.ping()
+        await self.redis.ping()  # in a cluster: one node; a shard that is down fails its own calls
 
-    async def run_id(self) -> str:
-        """The Redis server's run_id, or '' where INFO is refused (then a stale restart goes unnoticed
-        by the data plane, and only `sidecar audit` reports its drift)."""
-        try:
-            return str((await self.redis.info("server")).get("run_id", ""))
-        except ResponseError:
-            return ""
+    async def run_id(self, ws: str) -> str:
+        """The run_id of the Redis primary that holds the workspace, or '' where INFO is refused (then a
+        stale restart goes unnoticed by the data plane, and only `sidecar audit` reports its drift)."""
+        return (await self.run_ids()).get(self.server_of(ws), "")
+
+    async def run_ids(self) -> dict[str, str]:
+        """Each Redis primary's run_id by server name (one entry for a single server); see servers.py."""
+        return await servers.run_ids(self.redis)
+
+    def server_of(self, ws: str) -> str:
+        """The name of the Redis primary that holds the workspace (a cluster's shard; '' for one server)."""
+        return servers.server_of(self.redis, keys.acct(ws))
 
     async def hold_ids(self, ws: str) -> list[str]:
         return [h.decode() for h in await self.redis.hkeys(keys.holds(ws))]

@@ -107,6 +107,14 @@ def _providers(urls: dict[str, str]) -> list[dict]:
         {"name": "mock-dead", "protocol": "openai", "base_url": urls.get("mock-dead", urls["mock"]), **common},
         # Stands in for OpenAI with OpenAI's catalog prices (issue 16): offers nothing by itself.
         {"name": "mock-catalog", "protocol": "openai", "base_url": urls["mock"], "price_source": "openai", **common},
+        # The same for Anthropic's catalog, over Anthropic Messages.
+        {
+            "name": "mock-anthropic-catalog",
+            "protocol": "anthropic",
+            "base_url": urls["mock"],
+            "price_source": "anthropic",
+            **common,
+        },
         {
             "name": "mock-openrouter",
             "protocol": "openai",

@@ -147,11 +147,18 @@ readinessProbe:
   periodSeconds: 5
   timeoutSeconds: 3
   failureThreshold: 2
+# Liveness waits for the start (Lua scripts loaded, listeners open): up to 60 s, then 10 s periods.
+startupProbe:
+  httpGet:
+    path: /healthz
+    port: ops
+  periodSeconds: 2
+  timeoutSeconds: 3
+  failureThreshold: 30
 livenessProbe:
   httpGet:
     path: /healthz
     port: ops
-  initialDelaySeconds: 10
   periodSeconds: 10
   timeoutSeconds: 3
   failureThreshold: 3
