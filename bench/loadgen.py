@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -520,6 +521,9 @@ async def amain(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    # Blocking writes: a result line is larger than a pipe's buffer, and a busy reader must not turn
+    # it into a partial write (a non-blocking stdout inherited from the harness's event loop would).
+    os.set_blocking(sys.stdout.fileno(), True)
     spec = orjson.loads(argv[0])
     try:
         import uvloop
