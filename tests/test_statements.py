@@ -238,7 +238,7 @@ async def test_a_deep_page_costs_what_the_first_costs(sidecar: Sidecar) -> None:
         filters = parse_filters({"order": "asc"})
         costs = []
         for after in (None, (int(deep["xid"]), deep["event_id"])):
-            query, args = history.page_query(filters, "0::bigint", after, 100)
+            query, args = history.page_query(filters, after, 100)
             [plan] = orjson.loads(await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}", ws.id, *args))
             costs.append(plan)
     for plan in costs:
@@ -266,11 +266,20 @@ async def test_the_csv_statement_has_every_column_and_the_same_rows(sidecar: Sid
         record = dict(zip(CSV_HEADER, line, strict=True))
         assert record["event_id"] == row["event_id"]
         assert record["created_at"] == row["created_at"]  # the same UTC text, from SQL and from Python
-        for name in ("cost", "fee", "balance_impact", "balance_after"):
+        for name in ("cost", "fee", "fee_waived", "balance_impact", "balance_after", "short"):
             micro = row[f"{name}_micro"]
             assert record[name] == (row[name] or "")
             assert record[f"{name}_micro"] == ("" if micro is None else str(micro))
         assert record["byok"] == "false" and record["input_tokens"] == str(row["input_tokens"])
+        assert record["price_version"] == (row["price_version"] or "")
+    # Each call names the price version it was billed at, whose prices the price_versions table keeps.
+    usage = [row for row in rows if row["kind"] == "usage"]
+    assert usage and all(row["price_version"] for row in usage)
+    async with sidecar.svc.pool.acquire() as conn:
+        known = await conn.fetch(
+            "SELECT version FROM price_versions WHERE version = ANY($1::text[])", [r["price_version"] for r in usage]
+        )
+    assert {r["version"] for r in known} == {r["price_version"] for r in usage}
     status, body = await get(sidecar, f"/workspaces/{ws.id}/ledger.csv", kind="grant")
     assert len(body.decode().splitlines()) == 2
     status, body = await get(sidecar, f"/workspaces/{ws.id}/ledger.csv", limit="5")

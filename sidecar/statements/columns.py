@@ -1,8 +1,8 @@
 """The columns of a history row and of a CSV statement, defined once for both. An amount appears twice:
 as a decimal string of credits (`cost`) and as integer micro-credits (`cost_micro`); times are UTC.
 
-The ledger's usage fee (`fee_micro`) comes with the wallet's migration: until the column exists the
-fee reads 0 (`fee_expression` looks once per process)."""
+Each row names the price version it was billed at (`price_version`: the price_versions table holds
+its prices) and why its target was chosen (`route_reason`), so a statement shows the price that applied."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ TEXT = (
     "model",
     "upstream_model",
     "protocol",
+    "price_version",
+    "route_reason",
 )
 TOKENS = (
     "input_tokens",
@@ -32,9 +34,17 @@ TOKENS = (
     "cache_write_5m_tokens",
     "cache_write_1h_tokens",
     "reasoning_tokens",
+    "input_audio_tokens",
+    "input_image_tokens",
+    "output_audio_tokens",
+    "output_image_tokens",
+    "web_searches",  # per-call fees are counted like tokens
+    "file_searches",
 )
-AMOUNTS = ("cost", "fee", "balance_impact", "balance_after")  # each from the ledger column <name>_micro
-FLAGS = ("byok", "estimated")
+# Each from the ledger column <name>_micro. fee_waived: the part of the fee the waiver took; short: the
+# part of a debit (refund, expiry) that could not be taken.
+AMOUNTS = ("cost", "fee", "fee_waived", "balance_impact", "balance_after", "short")
+FLAGS = ("byok", "estimated", "postpaid")
 TRAILING_TEXT = ("error",)
 
 # The CSV header, in order: every column named.
@@ -48,22 +58,8 @@ CSV_HEADER = (
     *TRAILING_TEXT,
 )
 
-_fee_expression: str | None = None
 
-
-async def fee_expression(conn: asyncpg.Connection) -> str:
-    """`fee_micro` once the ledger has the column, else `0::bigint`."""
-    global _fee_expression
-    if _fee_expression is None:
-        present = await conn.fetchval(
-            "SELECT true FROM pg_attribute WHERE attrelid = 'ledger'::regclass AND attname = 'fee_micro' "
-            "AND NOT attisdropped"
-        )
-        _fee_expression = "fee_micro" if present else "0::bigint"
-    return _fee_expression
-
-
-def select_list(fee: str) -> str:
+def select_list() -> str:
     """The ledger's columns a history row is made of (with the ordering key, as text)."""
     return ", ".join(
         (
@@ -72,10 +68,7 @@ def select_list(fee: str) -> str:
             "created_at",
             *TEXT,
             *TOKENS,
-            "cost_micro",
-            f"{fee} AS fee_micro",
-            "balance_impact_micro",
-            "balance_after_micro",
+            *(f"{name}_micro" for name in AMOUNTS),
             *FLAGS,
             *TRAILING_TEXT,
         )
@@ -104,10 +97,8 @@ def sql_credits(column: str) -> str:
     return f"({column} * 0.{'0' * 5}1)::text"
 
 
-def csv_select_list(fee: str) -> str:
+def csv_select_list() -> str:
     """The CSV's columns as Postgres writes them, named as CSV_HEADER says."""
-    amounts = {"cost": "cost_micro", "fee": fee, "balance_impact": "balance_impact_micro"}
-    amounts["balance_after"] = "balance_after_micro"
     parts = [
         "event_id",
         """to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_at""",
@@ -115,7 +106,7 @@ def csv_select_list(fee: str) -> str:
         *TOKENS,
     ]
     for name in AMOUNTS:
-        parts += [f"{sql_credits(amounts[name])} AS {name}", f"{amounts[name]} AS {name}_micro"]
+        parts += [f"{sql_credits(f'{name}_micro')} AS {name}", f"{name}_micro"]
     parts += [f"CASE WHEN {flag} THEN 'true' ELSE 'false' END AS {flag}" for flag in FLAGS]
     parts += list(TRAILING_TEXT)
     return ", ".join(parts)

@@ -15,18 +15,18 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from sidecar.statements.columns import csv_select_list, fee_expression
+from sidecar.statements.columns import csv_select_list
 from sidecar.statements.filters import Filters
 
 _WATERMARK = "insert_xid < pg_snapshot_xmin(pg_current_snapshot())"
 
 
-def export_query(filters: Filters, fee: str) -> tuple[str, list]:
+def export_query(filters: Filters) -> tuple[str, list]:
     conditions, args = filters.where()
     direction = "DESC" if filters.descending else "ASC"
     where = " AND ".join(["workspace_id = $1", _WATERMARK, *conditions])
     query = (
-        f"SELECT {csv_select_list(fee)} FROM ledger WHERE {where} ORDER BY insert_xid {direction}, event_id {direction}"
+        f"SELECT {csv_select_list()} FROM ledger WHERE {where} ORDER BY insert_xid {direction}, event_id {direction}"
     )
     return query, args
 
@@ -39,7 +39,7 @@ async def export(
     timeout_s: float,
 ) -> int:
     """Stream the CSV (header first) through `write`; returns the number of rows."""
-    query, args = export_query(filters, await fee_expression(conn))
+    query, args = export_query(filters)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         status = await conn.copy_from_query(
             query, workspace_id, *args, output=write, format="csv", header=True, timeout=timeout_s

@@ -20,7 +20,7 @@ import uuid
 import asyncpg
 import orjson
 
-from sidecar.statements.columns import fee_expression, json_row, select_list
+from sidecar.statements.columns import json_row, select_list
 from sidecar.statements.filters import Filters, QueryRefused
 
 _WATERMARK = "insert_xid < pg_snapshot_xmin(pg_current_snapshot())"
@@ -48,7 +48,7 @@ def decode_cursor(text: str, filters: Filters) -> tuple[int, uuid.UUID]:
     return xid, event_id
 
 
-def page_query(filters: Filters, fee: str, after: tuple[int, uuid.UUID] | None, limit: int) -> tuple[str, list]:
+def page_query(filters: Filters, after: tuple[int, uuid.UUID] | None, limit: int) -> tuple[str, list]:
     conditions, args = filters.where()
     direction, compare = ("DESC", "<") if filters.descending else ("ASC", ">")
     if after is not None:
@@ -57,7 +57,7 @@ def page_query(filters: Filters, fee: str, after: tuple[int, uuid.UUID] | None, 
         conditions.append(f"(insert_xid, event_id) {compare} (${n - 1}::text::xid8, ${n}::uuid)")
     where = " AND ".join(["workspace_id = $1", _WATERMARK, *conditions])
     query = (
-        f"SELECT {select_list(fee)} FROM ledger WHERE {where} "
+        f"SELECT {select_list()} FROM ledger WHERE {where} "
         f"ORDER BY insert_xid {direction}, event_id {direction} LIMIT {limit + 1}"
     )
     return query, args
@@ -65,7 +65,7 @@ def page_query(filters: Filters, fee: str, after: tuple[int, uuid.UUID] | None, 
 
 async def page(conn: asyncpg.Connection, workspace_id: str, filters: Filters, cursor: str | None, limit: int) -> dict:
     after = decode_cursor(cursor, filters) if cursor else None
-    query, args = page_query(filters, await fee_expression(conn), after, limit)
+    query, args = page_query(filters, after, limit)
     rows = await conn.fetch(query, workspace_id, *args)
     more = len(rows) > limit
     rows = rows[:limit]
