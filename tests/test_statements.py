@@ -463,3 +463,63 @@ async def test_a_client_leaving_a_csv_download_midway_frees_its_connection(sidec
             await resp.content.readany()  # the first chunk, then the client goes away
     status, body = await asyncio.wait_for(get(sidecar, f"/workspaces/{ws.id}/ledger", limit="1"), 30)
     assert status == 200 and len(body["data"]) == 1
+
+
+# --- the monthly usage statement ------------------------------------------------------------------------
+
+
+async def test_the_monthly_statement_matches_the_raw_rows_as_csv_and_pdf(sidecar: Sidecar) -> None:
+    """Opening balance, each kind's net, the usage lines and the closing balance, from the roll-ups,
+    equal the same figures recomputed from the raw ledger rows; the PDF prints them."""
+    from pypdf import PdfReader
+
+    ws = await sidecar.workspace(credits_micro=3_000_000)
+    await _calls(sidecar, ws, 3)
+    await sidecar.grant(ws.id, 250_000, grant_id="statement-extra")
+    await sidecar.flush()
+    await visible_eventually(sidecar, ws.id)
+    async with sidecar.svc.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT * FROM ledger WHERE workspace_id = $1", ws.id)
+    now = datetime.now(UTC)
+    start = datetime(now.year, now.month, 1, tzinfo=UTC)
+    month = f"{start:%Y-%m}"
+    inside = [r for r in rows if r["created_at"] >= start]
+    opening = sum(r["balance_impact_micro"] for r in rows if r["created_at"] < start)
+    closing = sum(r["balance_impact_micro"] for r in rows)
+    assert closing == (await sidecar.assert_identity(ws.id))["account_balance"]
+
+    status, body = await get(sidecar, f"/workspaces/{ws.id}/statements/{month}", format="csv")
+    assert status == 200
+    lines = list(csv.DictReader(io.StringIO(body.decode())))
+    by_section = {}
+    for line in lines:
+        by_section.setdefault(line["section"], []).append(line)
+    assert int(by_section["opening_balance"][0]["balance_impact_micro"]) == opening
+    assert int(by_section["closing_balance"][0]["balance_impact_micro"]) == closing
+    nets = {line["kind"]: int(line["balance_impact_micro"]) for line in by_section["kind_total"]}
+    expected_nets: dict[str, int] = {}
+    for r in inside:
+        expected_nets[r["kind"]] = expected_nets.get(r["kind"], 0) + r["balance_impact_micro"]
+    assert nets == expected_nets
+    [usage] = by_section["usage"]  # one model, one provider
+    calls = [r for r in inside if r["kind"] == "usage"]
+    assert int(usage["calls"]) == len(calls) == 3
+    assert int(usage["input_tokens"]) == sum(r["input_tokens"] for r in calls)
+    assert int(usage["balance_impact_micro"]) == sum(r["balance_impact_micro"] for r in calls)
+
+    status, pdf = await get(sidecar, f"/workspaces/{ws.id}/statements/{month}")
+    assert status == 200 and pdf[:5] == b"%PDF-"
+    text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
+    assert f"Usage statement {month}" in text
+    for figure in (opening, closing, *expected_nets.values(), -usage_sum(calls)):
+        assert format_micro(figure) in text, figure
+
+    for bad in ("2026-13", "26-01", "1999-12"):
+        status, answer = await get(sidecar, f"/workspaces/{ws.id}/statements/{bad}")
+        assert status == 400 and answer["error"]["code"] == "invalid_filter"
+    status, answer = await get(sidecar, f"/workspaces/{ws.id}/statements/{month}", format="xls")
+    assert status == 400
+
+
+def usage_sum(calls: list) -> int:
+    return sum(r["balance_impact_micro"] for r in calls)

@@ -104,7 +104,7 @@ async def invoice_of_order(conn: asyncpg.Connection, order_id: str) -> str | Non
 # --- the PDF -----------------------------------------------------------------------------------------
 
 
-def _latin1(text: str) -> str:
+def pdf_text(text: str) -> str:
     """The PDF's core font covers Latin-1; anything else is shown as '?', never dropped silently."""
     return text.encode("latin-1", "replace").decode("latin-1")
 
@@ -132,7 +132,7 @@ def render_pdf(inv: Invoice, order: Order) -> bytes:
     pdf.set_creator("ai-metering-sidecar")
     pdf.add_page()
     pdf.set_font("Helvetica", "B", 16)
-    pdf.cell(0, 10, _latin1(f"Invoice {inv.number}"), new_x="LMARGIN", new_y="NEXT")
+    pdf.cell(0, 10, pdf_text(f"Invoice {inv.number}"), new_x="LMARGIN", new_y="NEXT")
     pdf.set_font("Helvetica", size=10)
     issuer = inv.issuer_snapshot
     buyer = order.tax_snapshot.get("profile") or {}
@@ -148,12 +148,12 @@ def render_pdf(inv: Invoice, order: Order) -> bytes:
         *(_party(buyer) if buyer else [f"Workspace {order.workspace_id}"]),
         "",
     ):
-        pdf.cell(0, 5, _latin1(text), new_x="LMARGIN", new_y="NEXT")
+        pdf.cell(0, 5, pdf_text(text), new_x="LMARGIN", new_y="NEXT")
     pdf.set_font("Helvetica", size=11)
     with pdf.table(col_widths=(130, 50), text_align=("LEFT", "RIGHT")) as table:
         table.row(("Description", f"Amount ({order.currency.upper()})"))
         for label, amount in lines(order):
-            table.row((_latin1(label), amount))
+            table.row((pdf_text(label), amount))
     pdf.set_font("Helvetica", size=9)
     if order.tax_snapshot["rule"] == "reverse_charge":
         pdf.cell(0, 8, "Reverse charge: VAT to be accounted for by the recipient.", new_x="LMARGIN", new_y="NEXT")

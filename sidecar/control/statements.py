@@ -3,6 +3,8 @@
     GET /admin/v1/workspaces/{ws}/ledger          the ledger history, a page at a time (cursor)
     GET /admin/v1/workspaces/{ws}/ledger.csv      the same rows as a streamed CSV statement
     GET /admin/v1/workspaces/{ws}/usage-summary   the usage summary for any period (from, to: UTC days)
+    GET /admin/v1/workspaces/{ws}/statements/{month}?format=pdf|csv
+                                                  the monthly usage statement (month: YYYY-MM, UTC)
     GET /admin/v1/reports/margin                  the margin report (format=json|csv, workspace_id=...)
 
 Postgres only (DESIGN.md section 12). A bad filter changes nothing and gets a 400 in the admin envelope.
@@ -20,7 +22,7 @@ from aiohttp import web
 from sidecar import db
 from sidecar.control.http import SERVICES, AdminError, existing_workspace, json_response, valid_id
 from sidecar.services import Services
-from sidecar.statements import csv_export, history, margin, summary
+from sidecar.statements import csv_export, history, margin, monthly, summary
 from sidecar.statements.filters import QueryRefused, parse_filters, parse_limit, parse_period
 
 SUMMARY_DAYS_DEFAULT = 30
@@ -170,10 +172,40 @@ async def margin_report(request: web.Request) -> web.Response:
     return json_response(report)
 
 
+async def monthly_statement(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    _only(request, frozenset(("format",)))
+    fmt = request.query.get("format", "pdf")
+    if fmt not in ("pdf", "csv"):
+        raise AdminError(400, "format must be pdf or csv", "invalid_filter")
+    try:
+        month = monthly.parse_month(request.match_info["month"])
+    except QueryRefused as error:
+        raise _refused(error) from None
+    svc = request.app[SERVICES]
+    try:
+        with _timed(svc, "monthly_statement"):
+            async with svc.pool.acquire() as conn:
+                statement = await monthly.build(conn, ws, month)
+    except db.POSTGRES_OUTAGE:
+        raise _unavailable() from None
+    name = f"statement-{ws}-{month:%Y-%m}.{fmt}"
+    if fmt == "csv":
+        body, content_type = monthly.to_csv(statement), "text/csv"
+    else:
+        body, content_type = monthly.render_pdf(statement), "application/pdf"
+    return web.Response(
+        body=body,
+        content_type=content_type,
+        headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"},
+    )
+
+
 WORKSPACE_ROUTES = (
     ("GET", "/admin/v1/workspaces/{ws}/ledger", ledger_page, "READ"),
     ("GET", "/admin/v1/workspaces/{ws}/ledger.csv", ledger_csv, "READ"),
     ("GET", "/admin/v1/workspaces/{ws}/usage-summary", usage_summary, "READ"),
+    ("GET", "/admin/v1/workspaces/{ws}/statements/{month}", monthly_statement, "READ"),
 )
 # The margin report shows what the platform pays upstream: platform-wide tokens only.
 PLATFORM_ROUTES = (("GET", "/admin/v1/reports/margin", margin_report, "READ"),)
