@@ -4,6 +4,7 @@ freezes, a confirmation sent twice is one order, a reader sees the page but no w
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from support.console import signed_in
@@ -81,3 +82,26 @@ async def test_a_reader_sees_credits_but_cannot_buy(shop: Shop) -> None:
     finally:
         await client.close()
     assert len(await _orders(shop, SCOPED_WORKSPACE)) == 1
+
+
+async def test_a_confirmation_sent_at_once_twice_is_one_order_and_after_payment_goes_back(shop: Shop) -> None:
+    ws = (await shop.sidecar.workspace(credits_micro=0)).id
+    client = await signed_in(shop.sidecar, ADMIN_TOKEN)
+    try:
+        form = {"amount": "10.00", "client_order_id": "console-race"}
+        answers = await asyncio.gather(*(client.post(f"/console/w/{ws}/credits/orders", form) for _ in range(4)))
+        assert [status for status, _, _ in answers] == [200] * 4
+        (order,) = await _orders(shop, ws)
+        assert all(order["checkout_url"] in page for _, page, _ in answers)
+        url = f"{shop.fake.public_url}/_fake/sessions/{order['provider_session_id']}/complete"
+        async with shop.sidecar.http.post(url) as resp:
+            assert resp.status == 200 and (await resp.json())["deliveries"] == [200, 200]
+        assert await shop.balance(ws) == 10_000_000
+        # The same confirmation again (a reload of the page): no second order, back to the credits page.
+        status, _, resp = await client.post(f"/console/w/{ws}/credits/orders", form)
+        assert status == 303 and resp.headers["Location"].endswith("/credits?notice=order_closed")
+        assert len(await _orders(shop, ws)) == 1 and await shop.balance(ws) == 10_000_000
+        status, page, _ = await client.get(f"/console/w/{ws}/credits")
+        assert "credited" in page and "INV-" in page
+    finally:
+        await client.close()
