@@ -5,7 +5,8 @@ session (console/sessions.py); the cookie is HttpOnly, SameSite=Strict, and Secu
 with `console.secure_cookies`). Every form carries the session's CSRF token (the log-in form a
 double-submit one). Each route is declared like an admin route (control/access.py): its permission and
 where its workspace comes from, checked by the control plane's one guard (control/server.py) before the
-handler runs. The data comes from the same functions the admin API calls (control/admin.py, byok.py).
+handler runs. The data comes from the same functions the admin API calls (control/admin.py, byok.py,
+orders.py for quotes, orders and invoices, reload.py for auto-reload).
 """
 
 from __future__ import annotations
