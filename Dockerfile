@@ -84,4 +84,6 @@ ENV SIDECAR_HEALTHCHECK_URL=http://127.0.0.1:9090/healthz
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
   CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['SIDECAR_HEALTHCHECK_URL'], timeout=2)"]
 ENTRYPOINT ["sidecar"]
-CMD ["serve", "--config", "/etc/sidecar/sidecar.yaml"]
+# One serving process per CPU the container may use (its cgroup quota; --workers N for another count):
+# they share the port, and one more process runs the ledger flusher and the hold sweeper.
+CMD ["serve", "--config", "/etc/sidecar/sidecar.yaml", "--workers", "0"]

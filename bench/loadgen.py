@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -392,6 +393,7 @@ class StreamLoop(Driver):
         self.ttfb: list[int] = []
         self.head: list[int] = []
         self.gaps: list[int] = []
+        self.totals: list[int] = []  # from the request to the stream's last event
         self.events_per_stream: collections.Counter[int] = collections.Counter()
         self.streams = 0
         self.gap_events = spec.get("gap_events", 64)
@@ -417,6 +419,7 @@ class StreamLoop(Driver):
         self.head.append(_us(conn.head_at - conn.sent_at))
         if events:
             self.ttfb.append(_us(events[0] - conn.sent_at))
+            self.totals.append(_us(events[-1] - conn.sent_at))
             # Gaps before each content event: events[0] is the role chunk, 1..N the content chunks.
             last = min(len(events), self.gap_events + 1)
             self.gaps.extend(_us(events[i] - events[i - 1]) for i in range(1, last))
@@ -443,6 +446,7 @@ class StreamLoop(Driver):
             "ttfb_us": self.ttfb,
             "head_us": self.head,
             "gap_us": self.gaps,
+            "total_us": self.totals,
         }
 
 
@@ -517,6 +521,9 @@ async def amain(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    # Blocking writes: a result line is larger than a pipe's buffer, and a busy reader must not turn
+    # it into a partial write (a non-blocking stdout inherited from the harness's event loop would).
+    os.set_blocking(sys.stdout.fileno(), True)
     spec = orjson.loads(argv[0])
     try:
         import uvloop

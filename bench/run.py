@@ -58,7 +58,7 @@ class Settings:
     levels: tuple[int, ...] = (16, 64, 256)
     gen_procs: int = 1
     load_fraction: float = 0.5
-    stream_concurrency: int = 100
+    stream_concurrency: int = 200
     stream_chunks: int = 64
     stream_delay_ms: float = 20.0
     stream_warmup_s: float = 1.5
@@ -69,6 +69,8 @@ class Settings:
     hold_ramp_s: float = 1.0
     flush_events: int = 50_000
     sidecar_log_level: str = "INFO"
+    sidecar_workers: int = 1  # `sidecar serve --workers N`
+    single_duration_s: float = 6.0  # one call at a time: seconds counted per target, over all rounds
     profile: bool = False
     quiet_wait_s: float = 60.0
     profile_s: float = 8.0
@@ -87,6 +89,7 @@ class Settings:
             hold_delay_ms=50.0,
             flush_events=10_000,
             profile_s=4.0,
+            single_duration_s=2.0,
         )
 
 
@@ -195,12 +198,13 @@ class Bench:
         self.children["mock"] = mock
         passthrough = await start_passthrough(log_dir, mock.url)
         self.children["passthrough"] = passthrough
-        sidecar, _ = await start_sidecar(
-            log_dir, mock.url, stores.redis_url, stores.database_url, self.s.sidecar_log_level
+        sidecar, self.sidecar_ops_url = await start_sidecar(
+            log_dir, mock.url, stores.redis_url, stores.database_url, self.s.sidecar_log_level, self.s.sidecar_workers
         )
         self.children["sidecar"] = sidecar
         for name in ("mock", "passthrough", "sidecar"):
-            self.watched.append(procstat.Watched(name, self.children[name].pid))
+            # The sidecar with its children: its serving workers and its flusher/sweeper process.
+            self.watched.append(procstat.Watched(name, self.children[name].pid, with_children=name == "sidecar"))
         self.watched.append(procstat.Watched("bench", os.getpid()))  # this orchestrator (and its pollers)
         if stores.redis is not None:
             self.watched.append(procstat.Watched("redis", stores.redis.process.pid))
@@ -376,6 +380,35 @@ class Bench:
             name: {"runs": runs[name], "best": max(runs[name], key=lambda r: r["rps"])} for name in TARGETS
         }
 
+    async def phase_single(self) -> None:
+        """One call at a time (closed loop, one connection): the latency a lone agent sees, and each
+        process's CPU per call when nothing is batched."""
+        s = self.s
+
+        def spec(target: Target) -> dict[str, Any]:
+            return target.spec(
+                "closed",
+                chat_body(False),
+                concurrency=1,
+                warmup_s=s.warmup_s,
+                duration_s=s.single_duration_s / s.rounds,
+            )
+
+        out: dict[str, Any] = {}
+        for name, run in (await self._rounds(spec, s.rounds)).items():
+            calls = max(run.total("completed"), 1)
+            out[name] = {
+                "rps": run.total("completed") / run.window_s,
+                "errors": run.errors(),
+                "latency": summarize(run.merged("latency_us")),
+                "cpu": run.cpu,
+                "cpu_us_per_call": {k: v * run.window_s / calls * 1e6 for k, v in run.cpu.items()},
+                "machine_busy_cores": run.machine_busy_cores,
+            }
+            lat = out[name]["latency"]
+            _progress(f"single     {name:<11} p50 {lat['p50']:.0f} us  p99 {lat['p99']:.0f} us")
+        self.results["phases"]["single"] = out
+
     async def _rounds(self, make_spec: Any, rounds: int) -> dict[str, GenRun]:
         """`rounds` runs per target, the targets taking turns; each target's runs merged into one."""
         per_target: dict[str, list[GenRun]] = {name: [] for name in TARGETS}
@@ -453,6 +486,7 @@ class Bench:
                 "ttfb": summarize(run.merged("ttfb_us")),
                 "head": summarize(run.merged("head_us")),
                 "gap": summarize(run.merged("gap_us")),
+                "total": summarize(run.merged("total_us")),
                 "cpu": run.cpu,
                 "machine_busy_cores": run.machine_busy_cores,
             }
@@ -520,6 +554,7 @@ class Bench:
             "rss_after": watched.rss(),
             "ttfb": summarize(result["ttfb_us"]),
             "gap": summarize(result["gap_us"]),
+            "total": summarize(result.get("total_us", [])),
             "cpu": run.cpu,
             "machine_busy_cores": run.machine_busy_cores,
         }
@@ -792,6 +827,7 @@ async def run_all(settings: Settings, stores: Stores, work_dir: Path) -> dict[st
         _progress("starting the mock provider, the pass-through and the sidecar ...")
         await bench.start()
         await bench.phase_throughput()
+        await bench.phase_single()
         await bench.phase_latency()
         await bench.phase_streaming()
         await bench.phase_hold()
@@ -817,6 +853,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--flush-events", type=int, help="synthetic backlog drained by the flusher")
     parser.add_argument("--sidecar-log-level", help="the sidecar's log level (default INFO, as in production)")
     parser.add_argument("--profile", action="store_true", help="then profile the sidecar with py-spy, if installed")
+    parser.add_argument("--workers", type=int, help="the sidecar's `serve --workers N` (default 1: one process)")
     parser.add_argument(
         "--quiet-wait", type=float, help="seconds to wait for other load on the machine to stop (default 60; 0: no)"
     )
@@ -837,6 +874,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     if args.sidecar_log_level:
         settings.sidecar_log_level = args.sidecar_log_level
     settings.profile = args.profile
+    if args.workers:
+        settings.sidecar_workers = args.workers
     if args.quiet_wait is not None:
         settings.quiet_wait_s = args.quiet_wait
     return settings, args

@@ -114,7 +114,7 @@ def sidecar_config(directory: Path, provider_url: str, port: int, ops_port: int)
 
 
 async def start_sidecar(
-    log_dir: Path, provider_url: str, redis_url: str, database_url: str, log_level: str
+    log_dir: Path, provider_url: str, redis_url: str, database_url: str, log_level: str, workers: int = 1
 ) -> tuple[Child, str]:
     port, ops_port = supervisor.free_ports(2)
     config = sidecar_config(log_dir / "sidecar-config", provider_url, port, ops_port)
@@ -126,6 +126,8 @@ async def start_sidecar(
         PROVIDER_KEY_ENV: UPSTREAM_KEY,
     }
     argv = [_bin("sidecar"), "serve", "--config", str(config), "--log-level", log_level]
+    if workers != 1:
+        argv += ["--workers", str(workers)]
     child = spawn("sidecar", argv, log_dir, env)
     child.url = f"http://{HOST}:{port}/v1"
     ops_url = f"http://{HOST}:{ops_port}"

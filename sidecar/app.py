@@ -69,7 +69,8 @@ async def open_services(config: Config, env: dict[str, str] | None = None) -> Se
     limits = config.limits
     state = State(
         client,
-        StateLimits(
+        lean=True,  # the hot path on its own pipelined connection (state/transport.py says when it can)
+        limits=StateLimits(
             concurrent_calls_per_key=limits.concurrent_calls_per_key,
             concurrent_calls_per_workspace=limits.concurrent_calls_per_workspace,
             replay_bytes_per_workspace=limits.idempotency_replay_bytes_per_workspace,
@@ -190,7 +191,7 @@ async def close_services(svc: Services) -> None:
         await svc.payments.close()
     await svc.upstreams.close()
     await svc.pool.close()
-    await svc.state.redis.aclose()
+    await svc.state.aclose()
     if svc.config.tracing.otlp_endpoint:  # export what is queued; a provider a test installed is its own
         await asyncio.to_thread(tracing.shutdown)
 
@@ -211,9 +212,20 @@ class Runtime:
     """Runs a process's apps and background tasks; stops them in the safe order:
     stop accepting -> drain in-flight calls -> settle them -> flush the ledger -> close."""
 
-    def __init__(self, svc: Services, data_plane: bool, control_plane: bool) -> None:
+    def __init__(
+        self,
+        svc: Services,
+        data_plane: bool,
+        control_plane: bool,
+        background: bool | None = None,
+        shared_ops_port: bool = False,
+    ) -> None:
         self.svc = svc
         self.data_plane, self.control_plane = data_plane, control_plane
+        # The ledger flusher, the hold sweeper and the spool replayer: in the one data-plane process, or
+        # (sidecar serve --workers N) in a background process of their own, once per host.
+        self.background = data_plane if background is None else background
+        self.shared_ops_port = shared_ops_port  # --workers N: every worker answers probes on the same port
         self.stop = asyncio.Event()
         self._runners: list[web.AppRunner] = []
         self.ports: list[int] = []  # as bound, in start order (data, control, ops): port 0 picks one
@@ -224,22 +236,21 @@ class Runtime:
         svc = self.svc
         limits = serving.data_limits(svc.config.server, serving.raise_file_limit())
         if self.data_plane:
-            try:
-                svc.spool.open()
-                svc.inflight.open()
-            except OSError as exc:
-                raise SystemExit(
-                    f"sidecar: holds.spool_dir {svc.config.holds.spool_dir!r} is not writable ({exc.strerror}); "
-                    "set it (or SIDECAR_SPOOL_DIR) to a durable directory the sidecar may write"
-                ) from None
+            self._open_spool(journal=True)
             await self._serve(build_data_app(svc), host, port, limits, reuse_port=svc.config.server.reuse_port)
             self._data_runner = self._runners[-1]
-            served = frozenset(svc.config.server.workspaces)
-            self._tasks.append(asyncio.create_task(settlement.run_spool(svc, self.stop)))
+            if svc.watch is not None:  # fed in memory by this process's settlements: runs where they do
+                self._tasks.append(asyncio.create_task(svc.watch.run(self.stop)))
+        if self.data_plane or self.background:
             # The prices this process bills at, so each ledger row's price_version names its prices.
             self._tasks.append(
                 asyncio.create_task(price_versions.keep_registered(svc.pool, svc.config.pricing, self.stop))
             )
+        if self.background:
+            if not self.data_plane:
+                self._open_spool(journal=False)
+            served = frozenset(svc.config.server.workspaces)
+            self._tasks.append(asyncio.create_task(settlement.run_spool(svc, self.stop)))
             self._tasks.append(asyncio.create_task(svc.flusher.run(self.stop)))
             self._tasks.append(
                 asyncio.create_task(sweeper.run(svc.state, svc.pool, svc.config.holds, svc.metrics, self.stop, served))
@@ -248,8 +259,6 @@ class Runtime:
                 self._tasks.append(
                     asyncio.create_task(expiry.run(svc.balances, svc.config.wallet, svc.metrics, self.stop, served))
                 )
-            if svc.watch is not None:
-                self._tasks.append(asyncio.create_task(svc.watch.run(self.stop)))
         if self.control_plane:
             if svc.payments_problem:  # the control plane takes Stripe's webhooks: it cannot run without them
                 raise SystemExit(f"sidecar: {svc.payments_problem}")
@@ -259,9 +268,25 @@ class Runtime:
                 if worker is not None:
                     self._tasks.append(asyncio.create_task(worker.run(self.stop)))
             self._tasks.append(asyncio.create_task(notify_expiry.run(svc.pool, svc.config.notifications, self.stop)))
+        if not (self.data_plane or self.control_plane):
+            return  # the background process of --workers N: the workers answer the probes
         # Its own listener and connection budget: /healthz answers while the data port is flooded.
         ops_host = svc.config.server.ops_host or host
-        await self._serve(build_ops_app(svc), ops_host, ops_port, serving.ops_limits(svc.config.server))
+        await self._serve(
+            build_ops_app(svc), ops_host, ops_port, serving.ops_limits(svc.config.server), self.shared_ops_port
+        )
+
+    def _open_spool(self, journal: bool) -> None:
+        """The spool directory (and, where calls are served, this process's journal of admitted calls)."""
+        try:
+            self.svc.spool.open()
+            if journal:
+                self.svc.inflight.open()
+        except OSError as exc:
+            raise SystemExit(
+                f"sidecar: holds.spool_dir {self.svc.config.holds.spool_dir!r} is not writable ({exc.strerror}); "
+                "set it (or SIDECAR_SPOOL_DIR) to a durable directory the sidecar may write"
+            ) from None
 
     async def _serve(
         self, app: web.Application, host: str, port: int, limits: serving.Limits, reuse_port: bool = False
@@ -300,6 +325,6 @@ class Runtime:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.data_plane:
+        if self.background:
             await svc.flusher.drain(timeout_s=10)
         await close_services(svc)

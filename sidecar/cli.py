@@ -45,16 +45,51 @@ def _event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _run(config: Config, data_plane: bool, control_plane: bool, port: int, control_port: int | None) -> None:
+async def _run(
+    config: Config,
+    data_plane: bool,
+    control_plane: bool,
+    port: int,
+    control_port: int | None,
+    background: bool | None = None,
+    shared_ops_port: bool = False,
+) -> None:
     from sidecar.app import Runtime, open_services
 
     svc = await open_services(config)
     _tune_gc()
-    runtime = Runtime(svc, data_plane=data_plane, control_plane=control_plane)
+    runtime = Runtime(
+        svc, data_plane=data_plane, control_plane=control_plane, background=background, shared_ops_port=shared_ops_port
+    )
     runtime.install_signal_handlers()
     await runtime.start(config.server.host, port, config.server.ops_port, control_port)
     await runtime.stop.wait()
     await runtime.shutdown()
+
+
+def _serve(config: Config, workers: int | None) -> int:
+    """`sidecar serve`: one process, or a supervisor of `workers` (sidecar/workers.py)."""
+    from sidecar import workers as supervisor
+
+    workers = config.server.workers if workers is None else workers
+    workers = workers or supervisor.usable_cpus()
+    if workers == 1:
+        asyncio.run(_run(config, True, False, config.server.port, None))
+        return 0
+    if not config.server.reuse_port:
+        print("sidecar serve: --workers above 1 needs server.reuse_port: true", file=sys.stderr)
+        return 2
+    from sidecar.app import SHUTDOWN_SETTLE_S
+
+    def body(role: supervisor.Role, index: int) -> int:
+        serving = role is supervisor.Role.WORKER
+        port = config.server.port
+        asyncio.run(_run(config, serving, False, port, None, background=not serving, shared_ops_port=True))
+        return 0
+
+    # A worker's drain: its connections (drain_timeout_ms), then its settlements, with a margin.
+    stop_timeout_s = config.server.drain_timeout_ms / 1000 + SHUTDOWN_SETTLE_S + 10
+    return supervisor.supervise(workers, body, stop_timeout_s)
 
 
 async def _migrate(config: Config) -> None:
@@ -204,6 +239,16 @@ def _main(argv: list[str] | None) -> int:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", default=CONFIG_PATH_DEFAULT, help="YAML config file (env SIDECAR_CONFIG)")
         cmd.add_argument("--log-level", default=os.environ.get("SIDECAR_LOG_LEVEL", "INFO"))
+        if name == "serve":
+            cmd.add_argument(
+                "--workers",
+                type=int,
+                choices=range(0, 257),
+                metavar="N",
+                default=os.environ.get("SIDECAR_WORKERS") or None,  # a string default goes through type=int
+                help="serving processes sharing the port, plus one for the flusher and sweeper; 0: one per "
+                "usable CPU (env SIDECAR_WORKERS; default: config server.workers)",
+            )
     kek = sub.add_parser("kek", help="key-encryption keys of the BYOK vault")
     kek_sub = kek.add_subparsers(dest="kek_command", required=True)
     kek_sub.add_parser("generate", help="print a new random KEK (id:base64) for SIDECAR_KEK / SIDECAR_KEK_FILE")
@@ -296,7 +341,7 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "migrate":
         asyncio.run(_migrate(config))
     elif args.command == "serve":
-        asyncio.run(_run(config, True, False, config.server.port, None))
+        return _serve(config, args.workers)
     elif args.command == "control":
         asyncio.run(_run(config, False, True, config.server.port, None))
     return 0

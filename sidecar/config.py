@@ -103,6 +103,11 @@ class ServerConfig(_Strict):
     # new process starts beside the old one, which drains on SIGTERM while the new one takes every new
     # connection. Each process still needs its own ops_port.
     reuse_port: bool = True
+    # Serving processes on the data port (`sidecar serve --workers N` overrides it). 1: one process
+    # does everything. N > 1: N workers share the port (SO_REUSEPORT, so reuse_port must stay on) and
+    # the ops port, and one background process per host runs the ledger flusher, the hold sweeper and
+    # the spool replayer (docs/performance.md). 0: one per CPU the process may use (its cgroup quota).
+    workers: Annotated[int, Meta(ge=0, le=256)] = 1
     body_bytes_max: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
     drain_timeout_ms: Natural = 30_000
     # Slow and idle clients (README, security): a request's head must arrive within
@@ -124,6 +129,8 @@ class ServerConfig(_Strict):
     def __post_init__(self) -> None:
         if len(set(self.workspaces)) != len(self.workspaces):
             raise ValueError("workspaces: a workspace is listed twice")
+        if self.workers != 1 and not self.reuse_port:
+            raise ValueError("workers: more than one worker shares the data port, which needs reuse_port: true")
 
 
 class AuthConfig(_Strict):

@@ -12,7 +12,7 @@ from sidecar.errors import DomainError
 from sidecar.ledger.events import COLUMNS
 from sidecar.money import AMOUNT_MICRO_MAX, format_micro
 from sidecar.movements import CREDIT_KINDS, DEBIT_KINDS, DebitResult, Kind
-from sidecar.wallet import extended_expiry
+from sidecar.wallet import epoch_ms, extended_expiry
 
 # A Postgres that is down, starting, stopping, failing over, overloaded or cut off mid-query: an
 # outage, answered "unavailable, retry shortly". Every other PostgresError (a syntax error, an
@@ -66,6 +66,19 @@ class GrantResult:
 
 class GrantConflict(DomainError):
     """The same grant (movement) id was used before with a different amount or kind."""
+
+
+class ExpiryPending(DomainError):
+    """A top-up of a workspace whose credits expired, while that balance is not forfeited yet (calls
+    admitted before the expiry still hold part of it): crediting now would move the expiry past the
+    forfeiture and revive the expired credits. Nothing is recorded; the credit is retried once the
+    holds have settled and the expiry loop (or the next attempt) has forfeited the balance."""
+
+    def __init__(self, workspace_id: str, expired_at: datetime) -> None:
+        super().__init__(
+            f"the credits of {workspace_id} expired at {expired_at.isoformat()} and are not forfeited yet "
+            "(calls still hold part of them): the top-up is credited once they settle, retry shortly"
+        )
 
 
 class BalanceLimitExceeded(DomainError):
@@ -374,6 +387,7 @@ async def credit(
         if expiry_months is not None:
             now = await conn.fetchval("SELECT now()")
             current = await wallet(conn, workspace_id, lock=True)
+            await _refuse_reviving(conn, workspace_id, now, current.expires_at)
             await update_wallet(conn, workspace_id, expires_at=extended_expiry(now, current.expires_at, *expiry_months))
         # Owed to Redis until applied there: if this process cannot reach Redis after the commit, the
         # data plane's flusher applies it (sidecar/balances.py, Flusher._sync_balances).
@@ -388,6 +402,23 @@ async def credit(
 
 
 grant = credit  # the name every caller used before movements
+
+
+async def _refuse_reviving(
+    conn: asyncpg.Connection, workspace_id: str, now: datetime, expires_at: datetime | None
+) -> None:
+    """A credit that moves the expiry must not move it past an expiry whose forfeiture is not recorded:
+    the balance that expired would survive into the new period (ExpiryPending, the transaction rolls
+    back). Decided under the wallet's row lock, so a purchase racing the expiry instant is caught too."""
+    if expires_at is None or expires_at > now:
+        return
+    forfeited = await conn.fetchval(
+        "SELECT taken_micro IS NOT NULL FROM grants WHERE workspace_id = $1 AND grant_id = $2",
+        workspace_id,
+        f"expiry:{epoch_ms(expires_at)}",
+    )
+    if not forfeited:
+        raise ExpiryPending(workspace_id, expires_at)
 
 
 async def begin_debit(

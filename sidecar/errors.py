@@ -19,6 +19,8 @@ re-based here; this module imports nothing of the package, so anything may impor
     │   │                           config, a ConfigError naming the model; in `sidecar catalog`, its note
     │   ├── GrantConflict           a grant id reused with another amount or kind -> admin 409 grant_conflict
     │   ├── BalanceLimitExceeded    a grant past money.AMOUNT_MICRO_MAX -> admin 409 balance_limit
+    │   ├── ExpiryPending           a top-up while the expired balance is still held by calls (not
+    │   │                           forfeited yet) -> webhook 503 (redelivered), admin 409 expiry_pending
     │   ├── KeyRejected             the provider refused a BYOK key -> admin 400 key_rejected
     │   ├── ValidationUnavailable   the provider could not be asked -> admin 502 validation_unavailable
     │   ├── VaultError              a sealed key cannot be opened -> proxy 500 byok_key_unusable;

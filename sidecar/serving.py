@@ -125,8 +125,11 @@ def guard(error_body: ErrorBody, body_read_timeout_s: float, limiter: FailedAuth
 async def _read_body(request: web.Request, timeout_s: float) -> web.Response | None:
     """Reads (and caches, for the handler) the whole body; an error response if it cannot."""
     try:
-        async with asyncio.timeout(timeout_s):
+        if request.content.is_eof():  # the whole body came with the head (most calls): no timer to arm
             await request.read()
+        else:
+            async with asyncio.timeout(timeout_s):
+                await request.read()
     except TimeoutError:
         return error_response(
             request, 408, f"the request body did not arrive within {timeout_s:g} s", "request_body_timeout"

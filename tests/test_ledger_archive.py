@@ -100,31 +100,43 @@ async def test_archiving_old_months_keeps_the_identity_and_the_files_match(sidec
     assert hashlib.sha256(done.file.read_bytes()).hexdigest() == done.sha256
 
 
-async def test_a_month_whose_statement_period_is_open_is_refused(sidecar: Sidecar, tmp_path) -> None:
+async def test_months_a_statement_or_an_invoice_points_to_are_refused(sidecar: Sidecar, tmp_path) -> None:
     ws = await sidecar.workspace()
     july = date(2001, 7, 1)
     async with sidecar.svc.pool.acquire() as conn:
-        await _old_month(conn, ws.id, july, [10_000])
+        ids = await _old_month(conn, ws.id, july, [10_000])
         # Its statement period is open until September starts.
         with pytest.raises(archive.ArchiveRefused, match="statement period is still open"):
             await archive.run(conn, date(2001, 8, 1), tmp_path, date(2001, 8, 31), False, False)
-        await archive.check(conn, july, date(2001, 9, 1))  # no invoice points into July: archivable
+        # Its row is the crediting of a payment order that has an invoice.
+        order = f"ord_{uuid.uuid4().hex[:12]}"
+        await conn.execute(
+            "INSERT INTO payment_orders (id, workspace_id, client_order_id, provider, purpose, status, amount_micro, "
+            "fee_micro, tax_micro, total_micro, currency, total_minor, tax_snapshot) "
+            "VALUES ($1, $2, $1, 'manual', 'manual', 'created', 10000, 0, 0, 10000, 'usd', 1, '{}')",
+            order,
+            ws.id,
+        )
+        await conn.execute(
+            "INSERT INTO grants (workspace_id, grant_id, kind, amount_micro, event_id) "
+            "VALUES ($1, $2, 'topup', 10000, $3)",
+            ws.id,
+            f"order:{order}",
+            ids[0],
+        )
+        seq = await conn.fetchval("SELECT coalesce(max(seq), 0) + 1 FROM invoices WHERE issuer = 'archive-test'")
+        await conn.execute(
+            "INSERT INTO invoices (number, issuer, year, seq, order_id, workspace_id, issuer_snapshot) "
+            "VALUES ($1, 'archive-test', 2001, $2, $3, $4, '{}')",
+            f"INV-TEST-{order}",
+            seq,
+            order,
+            ws.id,
+        )
+        with pytest.raises(archive.ArchiveRefused, match="invoiced payment orders"):
+            await archive.run(conn, date(2001, 8, 1), tmp_path, datetime.now(UTC).date(), False, False)
         assert july in await archive.partitions(conn), "a refused month stays in the ledger"
         assert not await _postgres_findings(conn, [ws.id])
-
-
-async def test_a_month_an_invoice_points_to_is_refused(shop) -> None:
-    """An invoiced order's credit row keeps its month in the ledger, whatever the date."""
-    ws = (await shop.sidecar.workspace()).id
-    order = await shop.order(ws, "3.00", provider="manual")
-    path = f"/workspaces/{ws}/orders/{order['id']}/mark-paid"
-    status, body = await shop.sidecar.admin("POST", path, {"reference": "wire 9"})
-    assert status == 200 and body["outcome"] == "applied"
-    async with shop.sidecar.svc.pool.acquire() as conn:
-        [credit] = await conn.fetch("SELECT created_at FROM ledger WHERE workspace_id = $1 AND kind = 'topup'", ws)
-        month = date(credit["created_at"].year, credit["created_at"].month, 1)
-        with pytest.raises(archive.ArchiveRefused, match="invoice line"):
-            await archive.check(conn, month, archive.add_months(month, 3))
 
 
 def test_the_command_says_what_it_would_do(migrated_database_url: str, tmp_path) -> None:

@@ -91,6 +91,13 @@ def review(kind: Review, reason: str, order: Order | None = None) -> Result:
 
 
 async def credit(books: Books, order_id: str, payment: Payment) -> Result:
+    try:
+        return await _credit(books, order_id, payment)
+    except db.ExpiryPending as exc:  # nothing recorded: the provider delivers it again, the operator retries
+        return Result(EventOutcome.DEFERRED, str(exc))
+
+
+async def _credit(books: Books, order_id: str, payment: Payment) -> Result:
     async with books.pool.acquire() as conn:
         found = await orders.order_by_id(conn, order_id)
     if found is None:

@@ -169,6 +169,8 @@ async def grant_credits(svc: Services, ws: str, payload: dict) -> dict:
         ) from None
     except db.BalanceLimitExceeded as exc:
         raise AdminError(409, str(exc), "balance_limit") from None
+    except db.ExpiryPending as exc:
+        raise AdminError(409, str(exc), "expiry_pending") from None
     return {
         "grant_id": grant_id,
         "event_id": str(result.event_id),

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from sidecar import db
 from sidecar.billing import invoices, orders
 from sidecar.billing.crediting import Result
-from sidecar.billing.orders import Order, OrderConflict, OrderStatus, Provider
+from sidecar.billing.orders import EventOutcome, Order, OrderConflict, OrderStatus, Provider
 from sidecar.billing.payments import OrderNotFound, OrderStateError, Payments, StripeNotConfigured
 from sidecar.billing.stripe_gateway import PaymentsUnavailable, WebhookRefused
 from sidecar.billing.tax import EU_COUNTRIES, Profile, format_money
@@ -245,6 +245,8 @@ async def mark_paid(request: web.Request) -> web.Response:
         raise AdminError(409, str(exc), "order_state") from None
     if result.review is not None:
         raise AdminError(409, result.reason or "refused", "order_state")
+    if result.outcome is EventOutcome.DEFERRED:  # an expired balance still held by calls: nothing changed
+        raise AdminError(409, result.reason or "retry shortly", "expiry_pending")
     return json_response(_result_view(result))
 
 

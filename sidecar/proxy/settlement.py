@@ -147,6 +147,7 @@ def settle_args(svc: Services, call: Call, outcome: Outcome) -> dict:
         "fee_ppm": svc.balances.policy.fee_ppm,
         "postpaid": call.postpaid,
         "key_budget_period": caller.budget_period or "" if caller.budget_micro is not None else "",
+        "key_budget_micro": caller.budget_micro,
     }
 
 

@@ -67,6 +67,7 @@ class Upstreams:
             scrub.remember(key)  # a platform key never reaches a log line
         # Compiled once per provider: the hot path scrubs every answer of the platform's key.
         self._scrubbers = {name: scrub.Scrubber((key,)) for name, key in self._keys.items()}
+        self._forwarded = {name: _forwarded_headers(p) for name, p in config.providers.items()}
 
     async def start(self) -> None:
         timeouts = self.config.upstream
@@ -111,12 +112,7 @@ class Upstreams:
 
     def headers(self, provider: ProviderConfig, client_headers, key: str | None = None) -> dict[str, str]:
         """`key`: the customer's own key for this call (BYOK); None sends the platform key."""
-        allowed = FORWARDED_HEADERS + provider.forward_headers
-        if provider.protocol == "anthropic":
-            allowed += ANTHROPIC_HEADERS
-        if provider.openrouter:
-            allowed += OPENROUTER_HEADERS
-        out = {name: client_headers[name] for name in allowed if name in client_headers}
+        out = {name: client_headers[name] for name in self._forwarded[provider.name] if name in client_headers}
         out["Content-Type"] = "application/json"
         key = key or self._keys[provider.name]
         if provider.protocol == "anthropic":
@@ -126,3 +122,13 @@ class Upstreams:
         elif key:
             out["Authorization"] = f"Bearer {key}"
         return out
+
+
+def _forwarded_headers(provider: ProviderConfig) -> tuple[str, ...]:
+    """The client headers a provider is sent (the rest never leave the sidecar)."""
+    allowed = FORWARDED_HEADERS + provider.forward_headers
+    if provider.protocol == "anthropic":
+        allowed += ANTHROPIC_HEADERS
+    if provider.openrouter:
+        allowed += OPENROUTER_HEADERS
+    return allowed

@@ -16,8 +16,7 @@ from importlib import resources
 import orjson
 
 from sidecar.money import AMOUNT_MICRO_MAX
-from sidecar.state import keys, servers
-from sidecar.state.batching import ScriptBatcher
+from sidecar.state import keys, servers, transport
 
 SETTLED_RETENTION_MS = 3_600_000  # how long "this hold is resolved" is remembered: far past any retry
 EVICT_ENTRIES_MAX_PER_CALL = 1_000  # rate-window entries one admission may drop: bounds its work inside Redis
@@ -313,13 +312,15 @@ class State:
     """One instance per process; wraps a redis.asyncio client and the registered scripts.
 
     Scripts run by EVALSHA and are loaded again on NOSCRIPT (after a Redis restart). The two hot-path
-    scripts (admit, settle) go through the batcher, which pipelines concurrent calls.
+    scripts (admit, settle) go through the transport state/transport.py chooses (lean: a pipelined
+    connection of their own, on a single Redis server; else redis-py's auto-pipelining batcher). The
+    rest, off the hot path, use the client. aclose() closes both.
     """
 
-    def __init__(self, client: servers.Client, limits: StateLimits | None = None) -> None:
+    def __init__(self, client: servers.Client, limits: StateLimits | None = None, lean: bool = False) -> None:
         self.redis = client
         self.limits = limits or StateLimits()
-        self._batcher = ScriptBatcher(client)
+        self._batcher = transport.hot_path(client, lean)
         self._admit = client.register_script(_script_source("admit"))
         self._settle = client.register_script(_script_source("settle"))
         self._expire = client.register_script(_script_source("expire"))
@@ -436,6 +437,7 @@ class State:
         fee_ppm: int = 0,
         postpaid: bool = False,
         key_budget_period: str = "",
+        key_budget_micro: int | None = None,
     ) -> SettleResult:
         """Resolve the hold once (the money rules: settle.lua's header). NEED_LOAD: Redis lost the workspace
         (restarted empty) during the call.
@@ -480,6 +482,8 @@ class State:
                 fee_ppm,
                 "1" if postpaid else "0",
                 key_budget_period,
+                key_id,
+                "" if key_budget_micro is None else key_budget_micro,
             ],
         )
         result = _decode_settle(reply, replaying and bool(body))
@@ -678,6 +682,10 @@ class State:
         if balance is None:
             return None
         return Account(int(balance), int(held or 0))
+
+    async def aclose(self) -> None:
+        await transport.close(self._batcher)
+        await self.redis.aclose()
 
     async def fee_waived(self, ws: str) -> int | None:
         """The fee waiver used so far, as the live account knows it (None: not loaded)."""

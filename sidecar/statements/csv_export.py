@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from sidecar.statements.columns import CSV_HEADER, csv_select_list, fee_expression
+from sidecar.statements.columns import csv_select_list, fee_expression
 from sidecar.statements.filters import Filters
 
 _WATERMARK = "insert_xid < pg_snapshot_xmin(pg_current_snapshot())"
@@ -45,7 +45,3 @@ async def export(
             query, workspace_id, *args, output=write, format="csv", header=True, timeout=timeout_s
         )
     return int(status.split()[-1])
-
-
-def header_line() -> bytes:
-    return (",".join(CSV_HEADER) + "\n").encode()

@@ -27,7 +27,7 @@ from sidecar.statements.summary import usage_summary
 PATH = "/v1/credits/projections/usage-summary"
 TOTAL_DAYS = 30
 SERIES_DAYS = 7
-SUMMARIES_CONCURRENT_MAX = 8
+SUMMARIES_CONCURRENT_MAX = 4  # of the pool's connections, the rest stay for auth and the flusher
 _BUSY = web.AppKey("usage_summaries_running", asyncio.Semaphore)
 
 

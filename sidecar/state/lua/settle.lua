@@ -11,7 +11,8 @@
 --       9 idem_ttl_ms  10 settled_retention_ms  11 tokens_used
 --       12 fee_ppm (the usage fee, parts per million of the cost; 0 none)  13 postpaid ('1': admitted
 --       post-charge: nothing was held, the actual cost and fee are debited even below zero)
---       14 the key budget's period kind ('' = the key has none)
+--       14 the key budget's period kind ('' = the key has none)  15 the call's key id
+--       16 the key's budget (micro; '' = none)
 --
 -- Money: cost = min(actual, hold) (postpaid: the actual cost); fee = ceil(cost * ppm / 10^6), of which
 -- the workspace's fee waiver (acct `wtotal` - `waived`) takes what it still has; the balance is
@@ -52,6 +53,19 @@ local cost = tonumber(ARGV[2])
 local billed = ARGV[3] == '1'
 local fee_ppm = tonumber(ARGV[12] or '0')
 local postpaid = ARGV[13] == '1'
+local key_id = ARGV[15] or ''
+local key_budget = tonumber(ARGV[16] or '')
+
+-- What the key's budget has left now, when Redis has its record (nil: no budget, or no record: the
+-- next admission rebuilds it from Postgres and the stream, this call's entry included).
+local function key_budget_room()
+  if (ARGV[14] or '') == '' or key_id == '' or not key_budget then return nil end
+  local kb = redis.call('HMGET', KEYS[13], key_id .. ':p', key_id .. ':s', key_id .. ':h')
+  if not kb[1] then return nil end
+  local spent = tonumber(kb[2] or '0')
+  if kb[1] ~= period_id(ARGV[14], now_ms) then spent = 0 end
+  return math.max(key_budget - spent - tonumber(kb[3] or '0'), 0)
+end
 
 -- ceil(c * ppm / 10^6) exactly: c splits into whole credits and micro-credits, so no product passes 2^53.
 local function fee_of(c)
@@ -73,11 +87,18 @@ if hold then
 else
   -- Neither resolved nor held: Redis lost the hold (restarted empty) while the call ran. The call
   -- still happened, so it is still recorded once; it is charged only what the balance has free.
+  -- A post-charge call was admitted to be debited its actual cost even below zero: losing its hold
+  -- changes nothing (it held nothing). Either way, the key's budget: calls admitted since the loss
+  -- counted what this one held as free, so it takes at most what the budget has left.
   if redis.call('HEXISTS', KEYS[1], 'balance') == 0 then return {2} end
   lost, hold = 1, 0
   local acct = redis.call('HMGET', KEYS[1], 'balance', 'held')
   room = math.max(tonumber(acct[1]) - tonumber(acct[2]), 0)
-  charged = math.min(cost, room)
+  if postpaid then room = -1 end
+  local key_room = key_budget_room()
+  if key_room and (room < 0 or key_room < room) then room = key_room end
+  charged = cost
+  if room >= 0 then charged = math.min(cost, room) end
 end
 local debit, fee, waived = 0, 0, 0
 if billed then
@@ -123,13 +144,17 @@ if owner then
     end
     redis.call('HDEL', KEYS[14], hold_id)
   end
-  if ARGV[14] ~= '' and debit > 0 and redis.call('HEXISTS', KEYS[13], owner .. ':p') == 1 then
-    local period = period_id(ARGV[14], now_ms)
-    if redis.call('HGET', KEYS[13], owner .. ':p') ~= period then
-      redis.call('HSET', KEYS[13], owner .. ':p', period, owner .. ':s', 0)
-    end
-    redis.call('HINCRBY', KEYS[13], owner .. ':s', string.format('%d', debit))
+end
+-- What was debited counts as the key's spending in the period of now (a lost hold's too: its key is the
+-- call's, and a record rebuilt after the loss did not see this debit).
+local spender = owner
+if not spender and lost == 1 and key_id ~= '' then spender = key_id end
+if spender and ARGV[14] ~= '' and debit > 0 and redis.call('HEXISTS', KEYS[13], spender .. ':p') == 1 then
+  local period = period_id(ARGV[14], now_ms)
+  if redis.call('HGET', KEYS[13], spender .. ':p') ~= period then
+    redis.call('HSET', KEYS[13], spender .. ':p', period, spender .. ':s', 0)
   end
+  redis.call('HINCRBY', KEYS[13], spender .. ':s', string.format('%d', debit))
 end
 redis.call('HDEL', KEYS[11], hold_id)
 redis.call('HDEL', KEYS[2], hold_id)
