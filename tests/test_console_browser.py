@@ -1,7 +1,8 @@
 """The console in a real browser (issue 11.3): headless Chromium (Debian's `chromium`, driven by
 Playwright without a browser download of its own) against a whole sidecar: log in, see the balance,
 make calls with the OpenAI SDK and see them appear, create and revoke an API key, add, deactivate and
-reactivate a BYOK key, log out, and be refused by a token scoped to another workspace.
+reactivate a BYOK key, log out, and be refused by a token scoped to another workspace; buy credits
+through the local fake Stripe's checkout and download the invoice.
 
 Each page is photographed into SIDECAR_SCREENSHOTS_DIR (default: artifacts/console/, see README);
 docs/console/ keeps a committed set."""
@@ -9,6 +10,7 @@ docs/console/ keeps a committed set."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 from collections.abc import AsyncIterator
@@ -17,7 +19,9 @@ from pathlib import Path
 import openai
 import pytest
 import pytest_asyncio
+from pypdf import PdfReader
 from support.harness import ADMIN_TOKEN, SCOPED_ADMIN_TOKEN, SCOPED_WORKSPACE, Sidecar
+from support.payments import Shop
 
 from sidecar.money import format_micro
 
@@ -220,3 +224,85 @@ async def test_a_token_scoped_to_another_workspace_is_refused(sidecar: Sidecar, 
     assert not [k for k in keys["data"] if k["name"] == "forged"]
     await shot(page, "10-refused-bad-csrf")
     assert re.search(r"403", await page.inner_text(".status"))
+
+
+async def test_a_customer_buys_credits_through_checkout_and_gets_the_invoice(shop: Shop, browser) -> None:
+    sidecar = shop.sidecar
+    ws = await sidecar.workspace(credits_micro=1_000_000)
+    profile = {"legal_name": "Kunde GmbH", "address": "Weg 1\n80331 Muenchen", "country": "DE"}
+    status, _ = await sidecar.admin("PUT", f"/workspaces/{ws.id}/billing-profile", profile)
+    assert status == 200
+    shop.fake.auto_deliver = True  # Pay sends the signed webhooks, as Stripe would
+    page = await _page(browser)
+    # After paying, Checkout sends the customer to the configured success_url (the shop's own site).
+    await page.route(
+        "http://localhost:3000/**", lambda route: route.fulfill(body="<p>Thank you</p>", content_type="text/html")
+    )
+    await log_in(page, sidecar, ADMIN_TOKEN)
+    await page.goto(str(sidecar.control.make_url(f"/console/w/{ws.id}")))
+    await page.click("nav >> text=Credits")
+    assert await _text(page, "[data-test=balance]") == "1.000000"
+    assert "No order yet" in await _text(page, ".orders")
+
+    # The amount, then every figure before paying: 10.00 + 5% fee (0.50) + 19% DE tax on 10.50 (2.00 rounded).
+    await page.fill("input[name=amount]", "10.00")
+    await page.click("text=Review purchase")
+    confirm = await _text(page, ".confirm")
+    for line in ("Purchase fee (5%)\t0.50", "tax 19% (DE)\t2.00", "10.00"):
+        assert line in confirm, confirm
+    currency = sidecar.svc.payments.currency.upper()
+    assert await _text(page, "[data-test=total]") == f"12.50 {currency}"
+    await shot(page, "11-credits-confirm")
+    assert await shop.balance(ws.id) == 1_000_000  # nothing bought yet
+
+    # Confirm: the order is created and the browser lands on the provider's checkout page.
+    await page.click("[data-test=confirm]")
+    await page.wait_for_url(re.compile(r".*/pay/cs_.*"))
+    assert "Fake Stripe Checkout" in await page.content()
+    assert f"1250 {currency}" in await page.inner_text("body")
+    await page.click("text=Pay")
+    await page.wait_for_url("http://localhost:3000/**")
+    for _ in range(100):  # the signed webhook credits the workspace
+        if await shop.balance(ws.id) == 11_000_000:
+            break
+        await asyncio.sleep(0.05)
+    assert await shop.balance(ws.id) == 11_000_000
+
+    # Back in the console: the new balance, the paid order and its invoice.
+    await page.goto(str(sidecar.control.make_url(f"/console/w/{ws.id}/credits")))
+    assert await _text(page, "[data-test=balance]") == "11.000000"
+    order_row = await _text(page, ".orders tbody tr")
+    assert "credited" in order_row and "10.000000" in order_row and f"12.50 {currency}" in order_row
+    assert len(await page.locator(".invoices tbody tr").all_inner_texts()) == 1
+    await shot(page, "12-credits")
+    async with page.expect_download() as info:
+        await page.click("[data-test=invoice-pdf]")
+    download = await info.value
+    assert download.suggested_filename.endswith(".pdf")
+    body = await asyncio.to_thread(Path(await download.path()).read_bytes)
+    assert body.startswith(b"%PDF")
+    text = "\n".join(p.extract_text() for p in PdfReader(io.BytesIO(body)).pages)
+    assert "12.50" in text and "Kunde GmbH" in text
+
+    # The ledger CSV has the top-up.
+    await page.click("nav >> text=Ledger")
+    async with page.expect_download() as info:
+        await page.click("[data-test=csv]")
+    statement = await asyncio.to_thread(Path(await (await info.value).path()).read_text)
+    topups = [line for line in statement.splitlines() if ",topup," in line]
+    assert len(topups) == 1 and "10.000000" in topups[0], statement
+
+    # Auto-reload: saved from the form (the paid checkout saved the payment method).
+    await page.click("nav >> text=Credits")
+    await page.fill(".auto-reload input[name=threshold]", "2.00")
+    await page.fill(".auto-reload input[name=amount]", "20.00")
+    await page.check(".auto-reload input[name=enabled]")
+    await page.click("text=Save auto-reload")
+    assert "auto-reload settings were saved" in await _text(page, ".notice")
+    _, settings = await sidecar.admin("GET", f"/workspaces/{ws.id}/auto-reload")
+    assert settings["enabled"] and settings["threshold_micro"] == 2_000_000 and settings["amount_micro"] == 20_000_000
+    await page.fill(".auto-reload input[name=amount]", "1.00")  # below the threshold: refused, unchanged
+    await page.click("text=Save auto-reload")
+    assert "at least the threshold" in await _text(page, ".notice.error")
+    _, again = await sidecar.admin("GET", f"/workspaces/{ws.id}/auto-reload")
+    assert again["amount_micro"] == 20_000_000

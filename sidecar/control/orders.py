@@ -27,6 +27,7 @@ from sidecar.control.http import (
     valid_id,
 )
 from sidecar.money import AMOUNT_MICRO_MAX, MoneyError, format_micro, parse_credits
+from sidecar.services import Services
 
 log = logging.getLogger("sidecar.control.orders")
 
@@ -103,23 +104,39 @@ def _text(payload: dict, key: str, required: bool = False) -> str | None:
     return value
 
 
-async def create_order(request: web.Request) -> web.Response:
-    ws = await existing_workspace(request)
-    payload = await read_object(request)
-    payments = _payments(request)
-    client_order_id = valid_id(payload.get("client_order_id"), "client_order_id")
-    try:
-        provider = Provider(payload.get("provider", "stripe"))
-    except ValueError:
-        raise AdminError(400, "provider must be 'stripe' or 'manual'", "invalid_provider") from None
+def order_amount(payments: Payments, payload: dict) -> int:
+    """The amount of a new order (`amount` credits or `amount_micro`), within the configured bounds."""
     amount = _amount(payload)
     low, high = payments.amount_micro_min, min(payments.amount_micro_max, AMOUNT_MICRO_MAX)
     if not low <= amount <= high:
         raise AdminError(
             400, f"amount must be from {format_micro(low)} to {format_micro(high)} credits", "invalid_amount"
         )
+    return amount
+
+
+async def quote_view(svc: Services, ws: str, amount_micro: int) -> dict:
+    """What an order of this amount would cost now (Payments.quote, as create_order freezes it)."""
+    async with svc.pool.acquire() as conn:
+        try:
+            q, snapshot = await svc.payments.quote(conn, ws, amount_micro)
+        except MoneyError as exc:
+            raise AdminError(400, f"amount {exc}", "invalid_amount") from None
+    return {
+        **snapshot,
+        "amount": format_money(q.amount_micro, q.decimals),
+        "fee": format_money(q.fee_micro, q.decimals),
+        "tax": format_money(q.tax_micro, q.decimals),
+        "total": format_money(q.total_micro, q.decimals),
+    }
+
+
+async def order_create(
+    svc: Services, ws: str, client_order_id: str, amount_micro: int, provider: Provider = Provider.STRIPE
+) -> tuple[Order, bool]:
+    """An order through Payments.create_order, its refusals as AdminErrors (the admin API and the console)."""
     try:
-        order, created = await payments.create_order(ws, client_order_id, amount, provider)
+        return await svc.payments.create_order(ws, client_order_id, amount_micro, provider)
     except MoneyError as exc:
         raise AdminError(400, f"amount {exc}", "invalid_amount") from None
     except OrderConflict:
@@ -132,6 +149,18 @@ async def create_order(request: web.Request) -> web.Response:
         raise AdminError(
             502, f"{exc}; the order is kept, send the same request again", "payment_provider_error"
         ) from None
+
+
+async def create_order(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    payload = await read_object(request)
+    client_order_id = valid_id(payload.get("client_order_id"), "client_order_id")
+    try:
+        provider = Provider(payload.get("provider", "stripe"))
+    except ValueError:
+        raise AdminError(400, "provider must be 'stripe' or 'manual'", "invalid_provider") from None
+    amount = order_amount(_payments(request), payload)
+    order, created = await order_create(request.app[SERVICES], ws, client_order_id, amount, provider)
     return json_response({**order_view(order), "created": created}, 201 if created else 200)
 
 
@@ -163,6 +192,12 @@ async def list_orders(request: web.Request) -> web.Response:
         found = await orders.list_orders(conn, ws, OrderStatus(status) if status else None, limit, _after(request))
     cursor = f"{found[-1].created_at.isoformat()}|{found[-1].id}" if len(found) == limit else None
     return json_response({"data": [order_view(o) for o in found], "next_cursor": cursor})
+
+
+async def orders_page(svc: Services, ws: str, limit: int) -> list[dict]:
+    """The workspace's first orders, oldest first (the console's list)."""
+    async with svc.pool.acquire() as conn:
+        return [order_view(o) for o in await orders.list_orders(conn, ws, None, limit, None)]
 
 
 async def _order(request: web.Request) -> tuple[str, Order]:
@@ -286,6 +321,12 @@ def _invoice_view(inv: invoices.Invoice) -> dict:
     }
 
 
+async def invoices_page(svc: Services, ws: str, limit: int) -> list[dict]:
+    """The workspace's first invoices, oldest first (the console's list)."""
+    async with svc.pool.acquire() as conn:
+        return [_invoice_view(i) for i in await invoices.list_invoices(conn, ws, limit, None)]
+
+
 async def list_invoices(request: web.Request) -> web.Response:
     ws = await existing_workspace(request)
     limit = _limit(request)
@@ -298,10 +339,10 @@ async def list_invoices(request: web.Request) -> web.Response:
     return json_response({"data": [_invoice_view(i) for i in found], "next_cursor": cursor})
 
 
-async def invoice_pdf(request: web.Request) -> web.Response:
-    ws = await existing_workspace(request)
-    number = valid_id(request.match_info["number"], "invoice number")
-    async with request.app[SERVICES].pool.acquire() as conn:
+async def invoice_pdf_response(svc: Services, ws: str, number: str) -> web.Response:
+    """The invoice's PDF as a download (the admin API and the console)."""
+    number = valid_id(number, "invoice number")
+    async with svc.pool.acquire() as conn:
         inv = await invoices.invoice(conn, ws, number)
         order = await orders.order_by_id(conn, inv.order_id) if inv else None
     if inv is None or order is None:
@@ -311,6 +352,11 @@ async def invoice_pdf(request: web.Request) -> web.Response:
         content_type="application/pdf",
         headers={"Content-Disposition": f'attachment; filename="{inv.number}.pdf"'},
     )
+
+
+async def invoice_pdf(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    return await invoice_pdf_response(request.app[SERVICES], ws, request.match_info["number"])
 
 
 # --- the provider's webhook ---------------------------------------------------------------------------

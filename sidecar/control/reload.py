@@ -21,6 +21,7 @@ from sidecar.control.http import (
 from sidecar.money import AMOUNT_MICRO_MAX
 from sidecar.reload import store
 from sidecar.reload.gateway import SavedMethod
+from sidecar.services import Services
 
 PROVIDER_ID_CHARS_MAX = 255
 RECENT_RELOADS = 10
@@ -37,7 +38,8 @@ def _provider_id(payload: dict, name: str) -> str | None:
     return value
 
 
-async def _view(svc, ws: str) -> dict:
+async def settings_view(svc: Services, ws: str) -> dict:
+    """The settings and the recent reloads (the admin API and the console)."""
     async with svc.pool.acquire() as conn:
         settings = await store.get_settings(conn, ws)
         reloads = await store.list_reloads(conn, ws, RECENT_RELOADS)
@@ -48,13 +50,11 @@ async def _view(svc, ws: str) -> dict:
 
 async def get_settings(request: web.Request) -> web.Response:
     ws = await existing_workspace(request)
-    return json_response(await _view(request.app[SERVICES], ws))
+    return json_response(await settings_view(request.app[SERVICES], ws))
 
 
-async def put_settings(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
-    ws = await existing_workspace(request)
-    payload = await read_object(request)
+async def settings_put(svc: Services, ws: str, payload: dict) -> dict:
+    """Checks and saves the settings (the admin API and the console); the view after."""
     enabled = payload.get("enabled", True)
     if not isinstance(enabled, bool):
         raise AdminError(400, "enabled must be true or false", "invalid_enabled")
@@ -81,7 +81,13 @@ async def put_settings(request: web.Request) -> web.Response:
         await store.put_settings(conn, ws, enabled, threshold, amount, method)
     if svc.watch is not None:
         svc.watch.forget(ws)
-    return json_response(await _view(svc, ws))
+    return await settings_view(svc, ws)
+
+
+async def put_settings(request: web.Request) -> web.Response:
+    ws = await existing_workspace(request)
+    payload = await read_object(request)
+    return json_response(await settings_put(request.app[SERVICES], ws, payload))
 
 
 async def disable(request: web.Request) -> web.Response:
@@ -94,7 +100,7 @@ async def disable(request: web.Request) -> web.Response:
         await store.put_settings(conn, ws, False, prior.threshold_micro, prior.amount_micro, None)
     if svc.watch is not None:
         svc.watch.forget(ws)
-    return json_response(await _view(svc, ws))
+    return json_response(await settings_view(svc, ws))
 
 
 async def list_reloads(request: web.Request) -> web.Response:

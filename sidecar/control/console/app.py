@@ -5,7 +5,8 @@ session (console/sessions.py); the cookie is HttpOnly, SameSite=Strict, and Secu
 with `console.secure_cookies`). Every form carries the session's CSRF token (the log-in form a
 double-submit one). Each route is declared like an admin route (control/access.py): its permission and
 where its workspace comes from, checked by the control plane's one guard (control/server.py) before the
-handler runs. The data comes from the same functions the admin API calls (control/admin.py, byok.py).
+handler runs. The data comes from the same functions the admin API calls (control/admin.py, byok.py,
+orders.py for quotes, orders and invoices, reload.py for auto-reload).
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from sidecar.billing.orders import OrderStatus
 from sidecar.control import access, admin, byok, statements
+from sidecar.control import orders as orders_api
+from sidecar.control import reload as reload_api
 from sidecar.control import wallet as wallet_api
 from sidecar.control.access import ANY_PERMISSION, IN_PATH, PLATFORM, PUBLIC, SELF, Route
 from sidecar.control.console import pages, sessions
 from sidecar.control.console.pages import Frame, Markup, badge, card, code, esc, post_button, stat, table
-from sidecar.control.http import PRINCIPAL, SERVICES, AdminError, ensure_workspace
+from sidecar.control.http import PRINCIPAL, SERVICES, AdminError, ensure_workspace, valid_id
+from sidecar.money import format_micro
 
 PREFIX = "/console"
 COOKIE = "sidecar_console"
@@ -46,6 +51,8 @@ NOTICES = {
     "byok_added": "The provider key was validated and stored. Only its last 4 characters are shown.",
     "byok_deactivated": "The provider key was deactivated: calls use the platform key.",
     "byok_reactivated": "The provider key was reactivated.",
+    "reload_saved": "The auto-reload settings were saved.",
+    "order_closed": "That order is no longer waiting for payment: see its status below.",
 }
 
 
@@ -117,7 +124,7 @@ def setup(app: web.Application) -> None:
 
 
 def _nav(principal: access.Principal) -> list[tuple[str, str]]:
-    items = [("", "Overview"), ("/ledger", "Ledger"), ("/keys", "API keys")]
+    items = [("", "Overview"), ("/ledger", "Ledger"), ("/credits", "Credits"), ("/keys", "API keys")]
     if principal.may("TENANT_MANAGE"):
         items.append(("/byok", "BYOK keys"))
     return items
@@ -528,6 +535,223 @@ async def revoke_key(request: web.Request) -> web.Response:
     raise _see(f"{PREFIX}/w/{ws['id']}/keys", "key_revoked")
 
 
+ORDERS_SHOWN = 50
+INVOICES_SHOWN = 50
+_ORDER_STATUS = {
+    OrderStatus.CREATED: "warn",
+    OrderStatus.PENDING: "warn",
+    OrderStatus.PAID: "ok",
+    OrderStatus.CREDITED: "ok",
+    OrderStatus.REFUNDED: "info",
+}
+
+
+def _buy_form(ws: str, frame: Frame, payments, amount: str, error: str) -> str:
+    low, high = format_micro(payments.amount_micro_min), format_micro(payments.amount_micro_max)
+    return (
+        f"<p>Credits are bought through the payment provider's checkout: enter an amount, review the fee "
+        f"and tax, then pay. One credit costs 1 {esc(payments.currency.upper())}; "
+        f"from {esc(low)} to {esc(high)} per order.</p>"
+        + pages.notice(error, "error")
+        + f'<form class="row" method="post" action="{PREFIX}/w/{esc(ws)}/credits/quote">'
+        f'<label>Credits <input name="amount" inputmode="decimal" value="{esc(amount)}" '
+        'placeholder="e.g. 10.00" required></label>'
+        f'{pages.csrf_field(frame.csrf)}<button type="submit">Review purchase</button></form>'
+    )
+
+
+def _orders_table(found: list[dict]) -> str:
+    rows = [
+        (
+            _when(o["created_at"]),
+            code(o["id"]),
+            o["purpose"],
+            badge(o["status"], _ORDER_STATUS.get(o["status"], "off")),
+            o["amount"],
+            o["price"]["fee"],
+            o["price"]["tax"],
+            f"{o['price']['total']} {o['currency'].upper()}",
+        )
+        for o in found
+    ]
+    headers = ("Created (UTC)", "Order", "Kind", "Status", "Credits", "Fee", "Tax", "Total")
+    return table(headers, rows, "No order yet.", numeric=(4, 5, 6, 7))
+
+
+def _invoices_table(ws: str, found: list[dict]) -> str:
+    rows = [
+        (
+            code(i["number"]),
+            code(i["order_id"]),
+            _when(i["issued_at"]),
+            Markup(
+                f'<a class="button small" href="{PREFIX}/w/{esc(ws)}/invoices/{esc(i["number"])}/pdf" '
+                f'data-test="invoice-pdf">PDF</a>'
+            ),
+        )
+        for i in found
+    ]
+    return table(("Number", "Order", "Issued (UTC)", ""), rows, "No invoice yet: one is issued per paid order.")
+
+
+def _reload_card(ws: str, frame: Frame, settings: dict, may_manage: bool, error: str) -> str:
+    if settings.get("configured") is False:
+        state = "<p>Auto-reload is off: it has never been set up.</p>"
+    else:
+        word = badge("on", "ok") if settings["enabled"] else badge("off", "off")
+        why = f" ({esc(settings['disabled_reason'])})" if settings.get("disabled_reason") else ""
+        state = (
+            f"<p>Auto-reload is {word}{why}: when the available balance falls below "
+            f"<strong>{esc(settings['threshold'])}</strong> credits, "
+            f"<strong>{esc(settings['amount'])}</strong> credits are bought with the saved payment method "
+            f"({'saved' if settings['payment_method_saved'] else 'the one of the latest paid checkout'}).</p>"
+        )
+    if not may_manage:
+        return card("Auto-reload", state, "auto-reload")
+    checked = " checked" if settings.get("enabled") else ""
+    form = (
+        pages.notice(error, "error") + f'<form class="row" method="post" action="{PREFIX}/w/{esc(ws)}/auto-reload">'
+        f'<label>Threshold (credits) <input name="threshold" inputmode="decimal" '
+        f'value="{esc(settings.get("threshold", ""))}" placeholder="e.g. 5.00"></label>'
+        f'<label>Reload amount (credits) <input name="amount" inputmode="decimal" '
+        f'value="{esc(settings.get("amount", ""))}" placeholder="e.g. 20.00"></label>'
+        f'<label class="check"><input type="checkbox" name="enabled" value="on"{checked}> Enabled</label>'
+        f'{pages.csrf_field(frame.csrf)}<button type="submit">Save auto-reload</button></form>'
+    )
+    return card("Auto-reload", state + form, "auto-reload")
+
+
+async def _credits_page(
+    request: web.Request, ws: dict, amount: str = "", error: str = "", reload_error: str = "", status: int = 200
+) -> web.Response:
+    svc = request.app[SERVICES]
+    frame = _frame(request, ws, "/credits")
+    may_manage = request[PRINCIPAL].may("CREDITS_MANAGE")
+    money = await admin.balance_view(svc, ws["id"])
+    stats = "".join(
+        (
+            stat("Balance", money["balance"], "credits", "balance"),
+            stat("Available", money["available"], "balance less held", "available"),
+        )
+    )
+    parts = [f'<div class="stats">{stats}</div>']
+    if svc.payments is None or svc.payments.gateway is None:
+        no_provider = "<p>No payment provider is configured: credits are granted by an operator.</p>"
+        parts.append(card("Buy credits", no_provider, "buy"))
+    elif may_manage:
+        parts.append(card("Buy credits", _buy_form(ws["id"], frame, svc.payments, amount, error), "buy"))
+    if svc.payments is not None:
+        listed = await orders_api.orders_page(svc, ws["id"], ORDERS_SHOWN)
+        parts.append(card("Orders", _orders_table(listed), "orders"))
+        found = await orders_api.invoices_page(svc, ws["id"], INVOICES_SHOWN)
+        parts.append(card("Invoices", _invoices_table(ws["id"], found), "invoices"))
+    settings = await reload_api.settings_view(svc, ws["id"])
+    parts.append(_reload_card(ws["id"], frame, settings, may_manage, reload_error))
+    return _html(pages.page("Credits", "".join(parts), frame, _notice(request)), status)
+
+
+async def credits_page(request: web.Request) -> web.Response:
+    return await _credits_page(request, await _workspace(request))
+
+
+def _payments_of(request: web.Request):
+    payments = request.app[SERVICES].payments
+    if payments is None or payments.gateway is None:
+        message = "No payment provider is configured: credits cannot be bought here."
+        raise AdminError(409, message, "provider_not_configured")
+    return payments
+
+
+async def quote(request: web.Request) -> web.Response:
+    """The purchase's figures before paying: the same Payments.quote an order freezes."""
+    svc = request.app[SERVICES]
+    ws = await _workspace(request)
+    amount_text = (await _form(request)).get("amount", "").strip()
+    try:
+        amount_micro = orders_api.order_amount(_payments_of(request), {"amount": amount_text})
+        figures = await orders_api.quote_view(svc, ws["id"], amount_micro)
+    except AdminError as exc:
+        if exc.status != 400:
+            raise
+        return await _credits_page(request, ws, amount_text, exc.message, status=400)
+    frame = _frame(request, ws, "/credits")
+    currency = figures["currency"].upper()
+    rows = [
+        ("Credits", format_micro(amount_micro)),
+        (f"Amount ({currency})", figures["amount"]),
+        (f"Purchase fee ({figures['fee_percent']}%)", figures["fee"]),
+        (f"Tax: {figures['label']}", figures["tax"]),
+        (
+            Markup("<strong>Total</strong>"),
+            Markup(f'<strong data-test="total">{esc(figures["total"])} {esc(currency)}</strong>'),
+        ),
+    ]
+    confirm = (
+        f'<form class="row" method="post" action="{PREFIX}/w/{esc(ws["id"])}/credits/orders">'
+        f'<input type="hidden" name="amount" value="{esc(format_micro(amount_micro))}">'
+        f'<input type="hidden" name="client_order_id" value="console-{secrets.token_hex(8)}">'
+        f'{pages.csrf_field(frame.csrf)}<button type="submit" data-test="confirm">'
+        f"Pay {esc(figures['total'])} {esc(currency)}</button>"
+        f'<a href="{PREFIX}/w/{esc(ws["id"])}/credits">Cancel</a></form>'
+    )
+    body = card(
+        "Confirm your purchase",
+        "<p>Nothing is charged yet: confirming opens the payment provider's checkout for this total.</p>"
+        + table(("", ""), rows, "", numeric=(1,)).replace("<table>", '<table class="figures">', 1)
+        + confirm,
+        "confirm",
+    )
+    return _html(pages.page("Buy credits", body, frame))
+
+
+async def create_order(request: web.Request) -> web.Response:
+    """Creates the order (idempotent by the confirmation's client_order_id) and sends the browser on to
+    the provider's checkout. A page whose script follows the link, not a 303: the console's
+    Content-Security-Policy (form-action 'self') forbids a form's redirect to another origin."""
+    svc = request.app[SERVICES]
+    ws = await _workspace(request)
+    form = await _form(request)
+    try:
+        client_order_id = valid_id(form.get("client_order_id"), "client_order_id")
+        amount_micro = orders_api.order_amount(_payments_of(request), {"amount": form.get("amount", "").strip()})
+        order, _ = await orders_api.order_create(svc, ws["id"], client_order_id, amount_micro)
+    except AdminError as exc:
+        if exc.status not in (400, 409, 502):
+            raise
+        return await _credits_page(request, ws, form.get("amount", ""), exc.message, status=exc.status)
+    if order.status is not OrderStatus.PENDING or not order.checkout_url:
+        raise _see(f"{PREFIX}/w/{ws['id']}/credits", "order_closed")
+    body = card(
+        "Opening the payment page",
+        f"<p>Order <code>{esc(order.id)}</code> is waiting for payment. If the payment page does not open, "
+        f'<a href="{esc(order.checkout_url)}" data-redirect data-test="checkout">continue to payment</a>.</p>',
+    )
+    return _html(pages.page("Buy credits", body, _frame(request, ws, "/credits")))
+
+
+async def invoice_pdf(request: web.Request) -> web.Response:
+    """The admin API's invoice PDF, behind the console's session."""
+    ws = await _workspace(request)
+    return await orders_api.invoice_pdf_response(request.app[SERVICES], ws["id"], request.match_info["number"])
+
+
+async def save_reload(request: web.Request) -> web.Response:
+    ws = await _workspace(request)
+    form = await _form(request)
+    payload = {
+        "enabled": form.get("enabled") == "on",
+        "threshold": form.get("threshold", "").strip() or None,
+        "amount": form.get("amount", "").strip() or None,
+    }
+    try:
+        await reload_api.settings_put(request.app[SERVICES], ws["id"], payload)
+    except AdminError as exc:
+        if exc.status not in (400, 409):
+            raise
+        return await _credits_page(request, ws, reload_error=exc.message, status=exc.status)
+    raise _see(f"{PREFIX}/w/{ws['id']}/credits", "reload_saved")
+
+
 _BYOK_STATUS = {"active": "ok", "failing": "warn", "inactive": "off"}
 
 
@@ -614,6 +838,11 @@ ROUTES = (
     Route("GET", "/w/{ws}", overview, "READ", IN_PATH),
     Route("GET", "/w/{ws}/ledger", ledger, "READ", IN_PATH),
     Route("GET", "/w/{ws}/ledger.csv", ledger_csv, "READ", IN_PATH),
+    Route("GET", "/w/{ws}/credits", credits_page, "READ", IN_PATH),
+    Route("POST", "/w/{ws}/credits/quote", quote, "CREDITS_MANAGE", IN_PATH),
+    Route("POST", "/w/{ws}/credits/orders", create_order, "CREDITS_MANAGE", IN_PATH),
+    Route("GET", "/w/{ws}/invoices/{number}/pdf", invoice_pdf, "READ", IN_PATH),
+    Route("POST", "/w/{ws}/auto-reload", save_reload, "CREDITS_MANAGE", IN_PATH),
     Route("GET", "/w/{ws}/keys", keys_page, "READ", IN_PATH),
     Route("POST", "/w/{ws}/keys", create_key, "KEYS_MANAGE", IN_PATH),
     Route("POST", "/w/{ws}/keys/{key_id}/revoke", revoke_key, "KEYS_MANAGE", IN_PATH),

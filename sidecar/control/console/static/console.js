@@ -17,3 +17,8 @@ document.addEventListener("submit", (event) => {
   const message = event.target.dataset.confirm;
   if (message && !window.confirm(message)) event.preventDefault();
 });
+// After a purchase is confirmed: on to the payment provider's checkout (the page has the link too).
+document.addEventListener("DOMContentLoaded", () => {
+  const next = document.querySelector("a[data-redirect]");
+  if (next) window.location.assign(next.href);
+});
