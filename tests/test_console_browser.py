@@ -99,6 +99,7 @@ async def test_an_operator_sees_the_balance_calls_and_manages_keys(sidecar: Side
     await shot(page, "02-workspaces")
     await page.click(f"a[href='/console/w/{ws.id}']")
     assert await _text(page, "[data-test=balance]") == "25.000000"
+    assert await _text(page, "[data-test=auto-reload]") == "off"
     assert "No call yet" in await _text(page, ".calls")
 
     # Calls made with the SDK appear on the overview, and the balance reflects them.
@@ -306,3 +307,6 @@ async def test_a_customer_buys_credits_through_checkout_and_gets_the_invoice(sho
     assert "at least the threshold" in await _text(page, ".notice.error")
     _, again = await sidecar.admin("GET", f"/workspaces/{ws.id}/auto-reload")
     assert again["amount_micro"] == 20_000_000
+    await page.goto(str(sidecar.control.make_url(f"/console/w/{ws.id}")))  # the overview says it is on
+    assert await _text(page, "[data-test=auto-reload]") == "on"
+    assert "buys 20.000000 below 2.000000" in await _text(page, ".stat:has([data-test=auto-reload])")

@@ -245,6 +245,17 @@ def _recent_rows(rows: list[dict]) -> list[tuple]:
     ]
 
 
+def _reload_state(reload: dict) -> tuple[str, str]:
+    """The overview's auto-reload card: on or off, and what it does or why it stopped."""
+    if reload.get("in_flight"):
+        return "reloading", f"buying {reload['in_flight']['amount']} credits now"
+    if reload["enabled"]:
+        return "on", f"buys {reload['amount']} below {reload['threshold']}"
+    if reload.get("disabled_reason"):
+        return "off", f"turned off: {reload['disabled_reason']}"
+    return "off", "set it on the Credits page" if not reload.get("configured", True) else "turned off"
+
+
 async def overview(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
     ws = await _workspace(request)
@@ -254,12 +265,14 @@ async def overview(request: web.Request) -> web.Response:
     usage = await statements.summary_view(svc, ws["id"], {})
     totals, byok_totals = usage["totals"], usage["byok"]
     expires = wallet["expires_at"][:10] if wallet["expires_at"] else "never"
+    reload = await reload_api.settings_view(svc, ws["id"])
     balances = "".join(
         (
             stat("Balance", money["balance"], "credits", "balance"),
             stat("Available", money["available"], "balance less held", "available"),
             stat("Held", money["held"], "reserved by calls in flight", "held"),
             stat("Credits expire", expires, f"{wallet['mode']} wallet", "expiry"),
+            stat("Auto-reload", *_reload_state(reload), "auto-reload"),
         )
     )
     month = "".join(
