@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-from-pyproject
 TEST_TIMEOUT_S ?= 1500
 PYTEST_ARGS ?=
 
-.PHONY: browser-deps tools venv test lint run soak chaos fuzz bench schema rules-check wheelhouse image image-check image-smoke chart-check
+.PHONY: browser-deps tools venv test test-cluster lint run soak chaos fuzz bench schema rules-check wheelhouse image image-check image-smoke chart-check
 
 # The container image (docs/deploy.md). PYTHON_IMAGE: a base with python3 >= 3.11 and its venv module;
 # empty: the Dockerfile's default, python:3.11-slim pinned by digest.
@@ -37,6 +37,11 @@ lint: venv
 
 run: venv
 	$(BIN)/sidecar dev $(ARGS)
+
+# The money-path tests against a real three-primary Redis Cluster (the [cluster] runs of the tests
+# marked both_redis, and the failover tests); about 80 s. .ci/run runs it after `make test`.
+test-cluster: venv
+	timeout --signal=INT --kill-after=60 $(TEST_TIMEOUT_S) $(BIN)/pytest -q -m cluster $(PYTEST_ARGS)
 
 soak: venv
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)

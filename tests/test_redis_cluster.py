@@ -21,6 +21,8 @@ from sidecar.proxy.settlement import replay_spool
 from sidecar.state import keys, servers
 from sidecar.state.store import State
 
+pytestmark = pytest.mark.cluster  # make test-cluster
+
 CALLS = 120
 
 
