@@ -28,13 +28,14 @@ from sidecar.control.http import (
     SERVICES,
     AdminError,
     bounded_int,
+    credits_field,
     existing_workspace,
     json_response,
     read_object,
     valid_id,
     valid_name,
 )
-from sidecar.money import AMOUNT_MICRO_MAX, MoneyError, format_micro, parse_credits
+from sidecar.money import AMOUNT_MICRO_MAX, format_micro
 from sidecar.movements import CREDIT_KINDS
 from sidecar.services import Services
 
@@ -140,27 +141,12 @@ async def key_revoke(svc: Services, ws: str, key_id: str) -> dict:
     return _key_view(record)
 
 
-def _amount_micro(payload: dict) -> int:
-    if "amount_micro" in payload:
-        amount = payload["amount_micro"]
-        if isinstance(amount, bool) or not isinstance(amount, int):
-            raise AdminError(400, "amount_micro must be an integer", "invalid_amount")
-    else:
-        try:
-            amount = parse_credits(payload.get("amount"))
-        except MoneyError as exc:
-            raise AdminError(400, f"amount (credits, a decimal string) {exc}", "invalid_amount") from None
-    if not 0 < amount <= GRANT_MICRO_MAX:
-        raise AdminError(400, f"amount must be positive and at most {format_micro(GRANT_MICRO_MAX)}", "invalid_amount")
-    return amount
-
-
 async def grant_credits(svc: Services, ws: str, payload: dict) -> dict:
     grant_id = valid_id(payload.get("grant_id"), "grant_id")
     kind = payload.get("kind", "grant")
     if kind not in CREDIT_KINDS:
         raise AdminError(400, "kind must be 'grant', 'topup' or 'allowance'", "invalid_kind")
-    amount = _amount_micro(payload)
+    amount = credits_field(payload, "amount", GRANT_MICRO_MAX, required=True)
     try:
         result = await svc.balances.credit(ws, grant_id, kind, amount)
     except db.GrantConflict:

@@ -83,20 +83,26 @@ async def ensure_workspace(svc: Services, ws: str) -> str:
     return ws
 
 
-def credits_field(payload: dict, name: str, high: int) -> int | None:
-    """An amount given as `<name>` (credits, a decimal string) or `<name>_micro` (an integer); None if
-    neither is given. Positive and at most `high` micro-credits."""
+def credits_amount(payload: dict, name: str) -> int:
+    """An amount given as `<name>_micro` (an integer) or `<name>` (credits, a decimal string), not yet
+    bounded; a missing one is refused like a malformed one."""
     if f"{name}_micro" in payload:
         amount = payload[f"{name}_micro"]
         if isinstance(amount, bool) or not isinstance(amount, int):
             raise AdminError(400, f"{name}_micro must be an integer", "invalid_amount")
-    elif payload.get(name) is not None:
-        try:
-            amount = parse_credits(payload[name])
-        except MoneyError as exc:
-            raise AdminError(400, f"{name} (credits, a decimal string) {exc}", "invalid_amount") from None
-    else:
+        return amount
+    try:
+        return parse_credits(payload.get(name))
+    except MoneyError as exc:
+        raise AdminError(400, f"{name} (credits, a decimal string) {exc}", "invalid_amount") from None
+
+
+def credits_field(payload: dict, name: str, high: int, required: bool = False) -> int | None:
+    """credits_amount, positive and at most `high` micro-credits; None if neither is given (unless
+    `required`: then that is refused)."""
+    if not required and f"{name}_micro" not in payload and payload.get(name) is None:
         return None
+    amount = credits_amount(payload, name)
     if not 0 < amount <= high:
         raise AdminError(400, f"{name} must be positive and at most {format_micro(high)}", "invalid_amount")
     return amount

@@ -20,13 +20,14 @@ from sidecar.control.http import (
     SERVICES,
     AdminError,
     bounded_int,
+    credits_amount,
     error_response,
     existing_workspace,
     json_response,
     read_object,
     valid_id,
 )
-from sidecar.money import AMOUNT_MICRO_MAX, MoneyError, format_micro, parse_credits
+from sidecar.money import AMOUNT_MICRO_MAX, MoneyError, format_micro
 from sidecar.services import Services
 
 log = logging.getLogger("sidecar.control.orders")
@@ -80,19 +81,6 @@ def order_view(order: Order) -> dict:
     }
 
 
-def _amount(payload: dict) -> int:
-    if "amount_micro" in payload:
-        amount = payload["amount_micro"]
-        if isinstance(amount, bool) or not isinstance(amount, int):
-            raise AdminError(400, "amount_micro must be an integer", "invalid_amount")
-    else:
-        try:
-            amount = parse_credits(payload.get("amount"))
-        except MoneyError as exc:
-            raise AdminError(400, f"amount (credits, a decimal string) {exc}", "invalid_amount") from None
-    return amount
-
-
 def _text(payload: dict, key: str, required: bool = False) -> str | None:
     value = payload.get(key)
     if value is None or value == "":
@@ -106,7 +94,7 @@ def _text(payload: dict, key: str, required: bool = False) -> str | None:
 
 def order_amount(payments: Payments, payload: dict) -> int:
     """The amount of a new order (`amount` credits or `amount_micro`), within the configured bounds."""
-    amount = _amount(payload)
+    amount = credits_amount(payload, "amount")
     low, high = payments.amount_micro_min, min(payments.amount_micro_max, AMOUNT_MICRO_MAX)
     if not low <= amount <= high:
         raise AdminError(
